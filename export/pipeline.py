@@ -1,0 +1,156 @@
+"""`gpt2onnx export`: check inputs, load, build, verify, publish atomically — the same steps every time.
+
+The model is written into a hidden temporary directory beside OUT_DIR and renamed into place only after
+verification passed and the manifest was written, so an interrupted or failed export leaves nothing that
+loads as a model.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpt2onnx import __version__
+from gpt2onnx import contract as c
+from gpt2onnx.errors import ExportError, InvalidArgumentError
+from gpt2onnx.session import OnnxSession
+from gpt2onnx.tokenizer import Tokenizer
+
+from . import builder, sources, verify
+from .reference import torch_model
+
+PARTIAL_MARK = ".partial-"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to export."""
+
+    precision: str = "fp32"  # weight precision of the graph
+    seed: int = 0  # seed of random:NAME weights and of the verification inputs
+    revision: str | None = None  # hub revision (branch, tag or commit)
+    allow_pickle: bool = False  # accept pytorch_model.bin checkpoints (pickle can run code: trusted sources only)
+    force: bool = False  # replace an existing export at OUT_DIR
+    atol: float = verify.DEFAULT_ATOL  # largest |difference| from PyTorch accepted for logits and cache
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def export_model(model: str, out_dir: str | Path, options: ExportOptions = ExportOptions(), *,
+                 progress: Callable[[str], None] = _stderr) -> dict:
+    """Export MODEL (hub id, local directory or random:NAME) to OUT_DIR. Returns the manifest."""
+    out = _check_output(Path(out_dir), options)
+    if options.precision not in c.PRECISIONS:
+        raise InvalidArgumentError(f"precision must be one of {', '.join(c.PRECISIONS)}, got {options.precision!r}")
+    start = time.perf_counter()
+
+    def step(message: str) -> None:
+        progress(f"[{time.perf_counter() - start:6.1f}s] {message}")
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL_MARK}", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the published model is not
+    try:
+        with tempfile.TemporaryDirectory(prefix="gpt2onnx-work-") as work:
+            step(f"loading {model}")
+            source = sources.load_source(model, workdir=Path(work), seed=options.seed, revision=options.revision,
+                                         allow_pickle=options.allow_pickle)
+            config = source.config
+            step(f"building the graph: {config.n_layer} layers, n_embd {config.n_embd}, "
+                 f"{sum(w.size for w in source.weights.values()) / 1e6:.1f}M stored parameters")
+            files = builder.save_model(builder.build_graph(config), source.weights, config, staging)
+            files += _write_side_files(source, staging)
+        step("verifying against PyTorch")
+        session = OnnxSession(staging / c.MODEL_FILE, config)
+        reference = torch_model(source.config_dict, source.weights)
+        report = verify.verify(session, reference, Tokenizer(staging / c.TOKENIZER_FILE), atol=options.atol,
+                               seed=options.seed)
+        del session, reference
+        worst = max(report["max_abs_diff"].values())
+        step(f"verified: largest |difference| {worst:.2e} (atol {options.atol:g}), "
+             f"greedy {report['greedy']['tokens']} tokens identical")
+        manifest = _manifest(source, options, staging, files, report)
+        _publish(staging, out)
+        step(f"wrote {out}")
+        return manifest
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_output(out: Path, options: ExportOptions) -> Path:
+    """Refuse to overwrite without --force, and never delete something that is not an export of ours."""
+    out = out.expanduser().absolute()
+    if out.exists() or out.is_symlink():
+        if not options.force:
+            raise ExportError(f"{out} already exists", hint="pass --force to replace it, or choose another OUT_DIR")
+        if not out.is_dir() or (any(out.iterdir()) and not _is_export(out)):
+            raise ExportError(f"{out} exists and is not a gpt2onnx export; refusing to replace it even with --force",
+                              hint="choose another OUT_DIR or remove it yourself")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _is_export(path: Path) -> bool:
+    try:
+        return json.loads((path / c.MANIFEST_FILE).read_text()).get(c.M_FORMAT) == c.FORMAT_NAME
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _write_side_files(source: sources.Source, directory: Path) -> list[str]:
+    (directory / c.CONFIG_FILE).write_text(json.dumps(source.config_dict, indent=2) + "\n")
+    (directory / c.GENERATION_CONFIG_FILE).write_text(json.dumps(source.generation_config, indent=2) + "\n")
+    files = [c.CONFIG_FILE, c.GENERATION_CONFIG_FILE]
+    for name in (c.TOKENIZER_FILE, *c.TOKENIZER_EXTRA_FILES):
+        if (source.tokenizer_dir / name).is_file():
+            shutil.copyfile(source.tokenizer_dir / name, directory / name)
+            files.append(name)
+    return files
+
+
+def _manifest(source: sources.Source, options: ExportOptions, directory: Path, files: list[str],
+              report: dict) -> dict:
+    """Written last: a directory without it is not a model."""
+    from gpt2onnx.manifest import hash_files, write_manifest
+
+    manifest = {c.M_FORMAT: c.FORMAT_NAME, c.M_FORMAT_VERSION: c.FORMAT_VERSION, c.M_PRECISION: options.precision,
+                c.M_OPSET: c.OPSET, c.M_SOURCE: source.description, c.M_VERSIONS: _versions(),
+                c.M_CREATED: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                c.M_FILES: hash_files(directory, files), c.M_PARITY: report}
+    write_manifest(directory, manifest)
+    return manifest
+
+
+def _versions() -> dict:
+    import numpy
+    import onnx
+    import onnxruntime
+    import tokenizers
+    import torch
+    import transformers
+
+    return {"gpt2onnx": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "torch": torch.__version__, "transformers": transformers.__version__, "numpy": numpy.__version__,
+            "tokenizers": tokenizers.__version__, "python": sys.version.split()[0]}
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move the finished export into place; an existing export is swapped out and then removed."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.rename(out, old / "model")
+        os.rename(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staging, out)

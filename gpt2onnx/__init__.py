@@ -1,0 +1,17 @@
+"""gpt2onnx: GPT-2 on ONNX Runtime, verified against PyTorch, without PyTorch at run time.
+
+    import gpt2onnx
+    model = gpt2onnx.load("out/gpt2")
+    print(model.generate("Hello, I'm a language model,", max_new_tokens=30).text)
+"""
+
+from .errors import (ExportError, GenerationError, Gpt2OnnxError, InvalidArgumentError, MissingDependencyError,
+                     ModelLoadError, VerificationError)
+from .model import Generation, Model, load
+from .settings import GenerationSettings
+
+__version__ = "0.1.0"
+
+__all__ = ["load", "Model", "Generation", "GenerationSettings", "Gpt2OnnxError", "InvalidArgumentError",
+           "ModelLoadError", "ExportError", "VerificationError", "GenerationError", "MissingDependencyError",
+           "__version__"]

@@ -1,0 +1,102 @@
+"""The ONNX contract: every name, dimension and file the export writes and the runtime reads.
+
+Both sides import this module and nothing else spells these strings. Changing anything here that an
+existing export depends on means bumping FORMAT_VERSION.
+
+The graph (one graph for prefill and decode):
+
+  inputs
+    input_ids                    int64   [batch_size, sequence_length]
+    attention_mask               int64   [batch_size, total_sequence_length]   1 = attend, 0 = padding
+    position_ids                 int64   [batch_size, sequence_length]
+    past_key_values.{i}.key      float32 [batch_size, n_head, past_sequence_length, head_dim]
+    past_key_values.{i}.value    float32 [batch_size, n_head, past_sequence_length, head_dim]
+  outputs
+    logits                       float32 [batch_size, sequence_length, vocab_size]
+    present.{i}.key              float32 [batch_size, n_head, total_sequence_length, head_dim]
+    present.{i}.value            float32 [batch_size, n_head, total_sequence_length, head_dim]
+
+total_sequence_length = past_sequence_length + sequence_length. The first step passes a past of length 0.
+Weights are ONNX initializers named exactly as in the Hugging Face state dict
+(`transformer.h.0.attn.c_attn.weight`, ...); the tied `lm_head.weight` is not stored, the graph reuses
+`transformer.wte.weight`.
+"""
+
+from __future__ import annotations
+
+FORMAT_NAME = "gpt2onnx"
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+OPSET = 17
+
+# Files of an exported model directory.
+MODEL_FILE = "model.onnx"
+MODEL_DATA_FILE = "model.onnx.data"  # external weights, only when the model is over 2 GB
+MANIFEST_FILE = "manifest.json"
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+TOKENIZER_FILE = "tokenizer.json"  # what the runtime reads (the `tokenizers` library)
+TOKENIZER_EXTRA_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+# Graph inputs and outputs.
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+POSITION_IDS = "position_ids"
+LOGITS = "logits"
+
+# Symbolic dimensions.
+DIM_BATCH = "batch_size"
+DIM_SEQUENCE = "sequence_length"
+DIM_PAST = "past_sequence_length"
+DIM_TOTAL = "total_sequence_length"
+
+ID_DTYPE = "int64"
+FLOAT_DTYPE = "float32"
+
+# Precisions an export can have.
+PRECISIONS = ("fp32",)
+
+# Manifest keys.
+M_FORMAT = "format"
+M_FORMAT_VERSION = "format_version"
+M_PRECISION = "precision"
+M_OPSET = "opset"
+M_SOURCE = "source"
+M_VERSIONS = "versions"
+M_FILES = "files"
+M_PARITY = "parity"
+M_CREATED = "created"
+
+
+def past_key(layer: int) -> str:
+    return f"past_key_values.{layer}.key"
+
+
+def past_value(layer: int) -> str:
+    return f"past_key_values.{layer}.value"
+
+
+def present_key(layer: int) -> str:
+    return f"present.{layer}.key"
+
+
+def present_value(layer: int) -> str:
+    return f"present.{layer}.value"
+
+
+def past_names(n_layer: int) -> list[str]:
+    """Cache inputs in graph order: key then value, layer by layer."""
+    return [name for i in range(n_layer) for name in (past_key(i), past_value(i))]
+
+
+def present_names(n_layer: int) -> list[str]:
+    """Cache outputs in graph order, matching past_names."""
+    return [name for i in range(n_layer) for name in (present_key(i), present_value(i))]
+
+
+def input_names(n_layer: int) -> list[str]:
+    return [INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *past_names(n_layer)]
+
+
+def output_names(n_layer: int) -> list[str]:
+    return [LOGITS, *present_names(n_layer)]

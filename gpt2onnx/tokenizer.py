@@ -1,0 +1,32 @@
+"""Text <-> token ids with the model's own tokenizer.json (the `tokenizers` library, no transformers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import tokenizers
+
+from .errors import ModelLoadError
+
+ENDOFTEXT = "<|endoftext|>"
+
+
+class Tokenizer:
+    """GPT-2's byte-level BPE. Special tokens typed in text stay text unless `allow_special=True`."""
+
+    def __init__(self, path: Path):
+        try:
+            self._special = tokenizers.Tokenizer.from_file(str(path))
+            self._plain = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as error:
+            raise ModelLoadError(f"cannot read the tokenizer {path}: {error}") from error
+        self._plain.encode_special_tokens = True  # "<|endoftext|>" typed by a user is just text
+        self.eos_token_id = self._special.token_to_id(ENDOFTEXT)
+        self.vocab_size = self._special.get_vocab_size()
+
+    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+        tokenizer = self._special if allow_special else self._plain
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self._special.decode([int(i) for i in ids], skip_special_tokens=False)
