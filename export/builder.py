@@ -98,12 +98,12 @@ def _attention(g: _Graph, x: str, layer: int, config: ModelConfig, allowed: str)
     qkv = _linear(g, x, p + ".c_attn")
     q, k, v = g.op("Split", qkv, "c_split3", axis=2, outputs=3)
 
-    def heads(t: str) -> str:  # [B, S, E] -> [B, H, S, D]
-        return g.op("Transpose", g.op("Reshape", t, "c_heads_shape"), perm=[0, 2, 1, 3])
+    def heads(t: str, name: str | None = None) -> str:  # [B, S, E] -> [B, H, S, D]
+        return g.op("Transpose", g.op("Reshape", t, "c_heads_shape"), perm=[0, 2, 1, 3], name=name)
 
     key = g.op("Concat", c.past_key(layer), heads(k), axis=2, name=c.present_key(layer))
     value = g.op("Concat", c.past_value(layer), heads(v), axis=2, name=c.present_value(layer))
-    scores = g.op("MatMul", heads(q), g.op("Transpose", key, perm=[0, 1, 3, 2]))
+    scores = g.op("MatMul", heads(q, c.attention_query(layer)), g.op("Transpose", key, perm=[0, 1, 3, 2]))
     scale = 1.0
     if config.scale_attn_weights:
         scale /= math.sqrt(config.head_dim)

@@ -70,7 +70,7 @@ def verify(session: OnnxSession, reference, tokenizer, *, atol: float = DEFAULT_
         logits, presents = session.run(prompt, mask, positions, session.empty_cache(1))
         ref_logits, ref_presents = torch_forward(prompt, mask, positions)
         report.compare(f"prefill[{length}]", c.LOGITS, logits, ref_logits)
-        for name, ours, ref in zip(c.present_names(config.n_layer), presents, ref_presents):
+        for name, ours, ref in zip(c.present_names(config.n_layer), presents.tensors, ref_presents):
             report.compare(f"prefill[{length}]", name, ours, ref)
         if length + 1 < config.n_positions and length in (7, 128):
             # one cached step must equal the uncached forward over prompt + that token
@@ -79,7 +79,7 @@ def verify(session: OnnxSession, reference, tokenizer, *, atol: float = DEFAULT_
             full_logits, full_presents = torch_forward(ids, np.ones((1, length + 1), np.int64),
                                                        np.arange(length + 1)[None])
             report.compare(f"decode[past={length}]", c.LOGITS, step_logits, full_logits[:, -1:])
-            for name, ours, ref in zip(c.present_names(config.n_layer), step_presents, full_presents):
+            for name, ours, ref in zip(c.present_names(config.n_layer), step_presents.tensors, full_presents):
                 report.compare(f"decode[past={length}]", name, ours, ref)
 
     # a left-padded batch: rows of different lengths give the logits they give alone

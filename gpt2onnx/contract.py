@@ -17,6 +17,11 @@ The graph (one graph for prefill and decode):
     present.{i}.value            float32 [batch_size, n_head, total_sequence_length, head_dim]
 
 total_sequence_length = past_sequence_length + sequence_length. The first step passes a past of length 0.
+Every graph also computes, per layer, the tensor `transformer.h.{i}.attn.query` (float32
+[batch_size, n_head, sequence_length, head_dim], the query after the head split, before scaling). It is
+not a graph output; analysis tools expose it to compute real attention maps from any export (fused or
+quantized) together with the present keys.
+
 Weights are ONNX initializers named exactly as in the Hugging Face state dict
 (`transformer.h.0.attn.c_attn.weight`, ...); the tied `lm_head.weight` is not stored, the graph reuses
 `transformer.wte.weight`.
@@ -82,6 +87,11 @@ def present_key(layer: int) -> str:
 
 def present_value(layer: int) -> str:
     return f"present.{layer}.value"
+
+
+def attention_query(layer: int) -> str:
+    """Internal tensor: layer's query [batch, n_head, sequence_length, head_dim] (see the module docstring)."""
+    return f"transformer.h.{layer}.attn.query"
 
 
 def past_names(n_layer: int) -> list[str]:

@@ -11,6 +11,7 @@ import onnxruntime as ort
 from . import contract as c
 from .config import ModelConfig
 from .errors import InvalidArgumentError, ModelLoadError
+from .kv_cache import KVCache
 
 
 @dataclass(frozen=True)
@@ -56,15 +57,14 @@ class OnnxSession:
             raise ModelLoadError(f"{path} does not have the inputs and outputs of format {c.FORMAT_VERSION} "
                                  f"(missing inputs: {sorted(want - have)}, unexpected: {sorted(have - want)})")
 
-    def empty_cache(self, batch: int) -> list[np.ndarray]:
+    def empty_cache(self, batch: int) -> KVCache:
         """The cache before the first step: every past tensor with length 0."""
-        shape = (batch, self.config.n_head, 0, self.config.head_dim)
-        return [np.zeros(shape, np.float32) for _ in self._past_names]
+        return KVCache.empty(self.config, batch)
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-            past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Logits for the new positions and the cache extended by them."""
+            cache: KVCache) -> tuple[np.ndarray, KVCache]:
+        """Logits [batch, new positions, vocab] and the cache extended by the new positions."""
         feeds = {c.INPUT_IDS: input_ids, c.ATTENTION_MASK: attention_mask, c.POSITION_IDS: position_ids}
-        feeds.update(zip(self._past_names, past))
+        feeds.update(zip(self._past_names, cache.tensors))
         logits, *present = self._session.run(self._output_names, feeds)
-        return logits, present
+        return logits, KVCache(present)
