@@ -1,12 +1,22 @@
 """Build the GPT-2 ONNX graph directly from the weights (no tracing of transformers code).
 
-Every block is a small function that emits ONNX nodes, so a fused operator or a quantized matmul can
-replace a block without touching the rest. Names of inputs and outputs come from gpt2onnx.contract.
+Every block is a small function that emits ONNX nodes. The graph uses ONNX Runtime's fused CPU operators
+(domain com.microsoft), chosen by measurement (benchmarks/fusions.py):
+
+  GroupQueryAttention      attention with the KV cache; reads past and writes present in one buffer when the
+                           runtime binds the same memory to both (no per-step copy of the cache)
+  SkipLayerNormalization   residual add + projection bias + layer norm in one pass
+  FastGelu / BiasGelu      the MLP's bias and activation (tanh GELU / exact GELU)
+  MatMulNBits              block-quantized weight matmuls at int8 / int4 (accuracy_level 4: int8 activations)
+
+Names of inputs, outputs and weights come from gpt2onnx.contract. `build_graph` leaves the weights as named
+slots; `save_model` fills each slot from the Hugging Face weights, quantizing where the graph asks for it.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +26,37 @@ from onnx import TensorProto, helper
 from gpt2onnx import contract as c
 from gpt2onnx.config import TANH_GELUS, ModelConfig
 
+from . import quantize
+
 # A model whose weights pass this size is saved with external data (protobuf's limit is 2 GB).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 _ALIGN = 4096
 _MASK_VALUE = float(np.finfo(np.float32).min)  # what transformers puts in masked attention scores
+_MS = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """Weight-only block quantization of the block matmuls and the head (MatMulNBits)."""
+
+    bits: int  # 8 or 4
+    block_size: int = c.DEFAULT_BLOCK_SIZE  # inputs per block: a power of two >= 16
+    symmetric: bool = False  # True: no zero points (smaller, slightly less accurate)
+    accuracy_level: int = 4  # MatMulNBits compute type; 4 = int8 activations (0 is a slow path for 8 bits)
+
+    def as_dict(self) -> dict:
+        return {"bits": self.bits, "block_size": self.block_size, "symmetric": self.symmetric,
+                "accuracy_level": self.accuracy_level}
+
+
+def quantization_for(precision: str, block_size: int = c.DEFAULT_BLOCK_SIZE) -> Quantization | None:
+    """The quantization a precision name means (None for fp32)."""
+    bits = c.PRECISION_BITS.get(precision)
+    return None if bits is None else Quantization(bits=bits, block_size=block_size)
 
 
 def weight_names(config: ModelConfig) -> list[str]:
-    """The Hugging Face state-dict names of the weights the graph stores, in graph order."""
+    """The Hugging Face state-dict names of the weights the graph reads, in graph order."""
     names = ["transformer.wte.weight", "transformer.wpe.weight"]
     for i in range(config.n_layer):
         p = f"transformer.h.{i}."
@@ -53,121 +86,175 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 class _Graph:
-    """Collects nodes and initializers; `op` emits one node and returns its output name."""
+    """Collects nodes and initializers; `op` emits one node and returns its output name(s).
+
+    `outputs` is a count, or a list of names where "" leaves an optional output unused.
+    """
 
     def __init__(self):
         self.nodes: list[onnx.NodeProto] = []
         self.constants: list[onnx.TensorProto] = []
         self._count = 0
 
-    def op(self, op_type: str, *inputs: str, name: str | None = None, outputs: int = 1, **attrs):
+    def op(self, op_type: str, *inputs: str, name: str | None = None, outputs: int | list[str] = 1,
+           domain: str = "", **attrs):
         self._count += 1
         base = name or f"{op_type.lower()}_{self._count}"
-        outs = [base] if outputs == 1 else [f"{base}_{k}" for k in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=f"n{self._count}_{op_type}", **attrs))
-        return outs[0] if outputs == 1 else outs
+        if isinstance(outputs, list):
+            outs = outputs
+        else:
+            outs = [base] if outputs == 1 else [f"{base}_{k}" for k in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=f"n{self._count}_{op_type}",
+                                           domain=domain or None, **attrs))
+        return outs[0] if len(outs) == 1 else outs
 
     def const(self, name: str, value, dtype=np.int64) -> str:
         self.constants.append(onnx.numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
 
 
-def _layer_norm(g: _Graph, x: str, prefix: str, eps: float) -> str:
-    return g.op("LayerNormalization", x, prefix + ".weight", prefix + ".bias", axis=-1, epsilon=eps)
+def _linear(g: _Graph, x: str, prefix: str, n_in: int, n_out: int, q: Quantization | None,
+            bias: bool = True) -> str:
+    """GPT-2's Conv1D: x @ W (+ b), W stored [in, out]; MatMulNBits over W^T when quantized."""
+    if q is None:
+        y = g.op("MatMul", x, prefix + ".weight")
+        return g.op("Add", y, prefix + ".bias") if bias else y
+    return _matmul_nbits(g, x, prefix + ".weight", n_in, n_out, q, prefix + ".bias" if bias else "")
 
 
-def _linear(g: _Graph, x: str, prefix: str) -> str:
-    """GPT-2's Conv1D: x @ W + b with W stored [in, out]."""
-    return g.op("Add", g.op("MatMul", x, prefix + ".weight"), prefix + ".bias")
+def _matmul_nbits(g: _Graph, x: str, weight: str, n_in: int, n_out: int, q: Quantization, bias: str = "",
+                  name: str | None = None) -> str:
+    """x @ W^T with W [n_out, n_in] block-quantized; zero points only for asymmetric schemes."""
+    codes, scales, zero_points = c.quantized_names(weight)
+    inputs = [x, codes, scales, "" if q.symmetric else zero_points, "", bias]  # "" g_idx: deprecated
+    while not inputs[-1]:
+        inputs.pop()
+    return g.op("MatMulNBits", *inputs, domain=_MS, name=name, K=n_in, N=n_out, bits=q.bits,
+                block_size=q.block_size, accuracy_level=q.accuracy_level)
 
 
-def _activation(g: _Graph, x: str, kind: str) -> str:
-    if kind == "relu":
-        return g.op("Relu", x)
+def _skip_layer_norm(g: _Graph, x: str, residual: str, norm: str, bias: str, eps: float) -> tuple[str, str]:
+    """(layer_norm(residual + x + bias), residual + x + bias): the residual add and the next norm at once."""
+    normed, _, _, total = g.op("SkipLayerNormalization", x, residual, norm + ".weight", norm + ".bias", bias,
+                               domain=_MS, epsilon=eps, outputs=[f"{norm}.out", "", "", f"{norm}.residual"])
+    return normed, total
+
+
+def _mlp(g: _Graph, x: str, layer: int, config: ModelConfig, q: Quantization | None) -> str:
+    """c_fc, activation, c_proj without its bias (the next SkipLayerNormalization adds it)."""
+    p = f"transformer.h.{layer}.mlp"
+    e, f = config.n_embd, config.inner_dim
+    hidden = _linear(g, x, p + ".c_fc", e, f, q, bias=False)
+    kind = config.activation_function
     if kind in TANH_GELUS:  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-        cube = g.op("Mul", g.op("Mul", x, x), x)
-        inner = g.op("Mul", g.op("Add", x, g.op("Mul", cube, "c_gelu_a")), "c_gelu_b")
-        return g.op("Mul", g.op("Mul", x, "c_half"), g.op("Add", g.op("Tanh", inner), "c_one"))
-    # exact GELU: 0.5 x (1 + erf(x / sqrt(2)))
-    return g.op("Mul", g.op("Mul", x, "c_half"), g.op("Add", g.op("Erf", g.op("Mul", x, "c_inv_sqrt2")), "c_one"))
+        hidden = g.op("FastGelu", hidden, p + ".c_fc.bias", domain=_MS)
+    elif kind == "relu":
+        hidden = g.op("Relu", g.op("Add", hidden, p + ".c_fc.bias"))
+    else:  # exact GELU: 0.5 x (1 + erf(x / sqrt(2)))
+        hidden = g.op("BiasGelu", hidden, p + ".c_fc.bias", domain=_MS)
+    return _linear(g, hidden, p + ".c_proj", f, e, q, bias=False)
 
 
-def _attention(g: _Graph, x: str, layer: int, config: ModelConfig, allowed: str) -> str:
-    """Causal self-attention over the past plus the new positions; emits present.{layer}.key/value."""
+def _attention(g: _Graph, x: str, layer: int, config: ModelConfig, q: Quantization | None, lengths: dict) -> str:
+    """Causal self-attention over the past plus the new positions; emits present.{layer}.key/value.
+
+    Returns the output before c_proj's bias (the next SkipLayerNormalization adds it).
+    """
     p = f"transformer.h.{layer}.attn"
-    qkv = _linear(g, x, p + ".c_attn")
-    q, k, v = g.op("Split", qkv, "c_split3", axis=2, outputs=3)
-
-    def heads(t: str, name: str | None = None) -> str:  # [B, S, E] -> [B, H, S, D]
-        return g.op("Transpose", g.op("Reshape", t, "c_heads_shape"), perm=[0, 2, 1, 3], name=name)
-
-    key = g.op("Concat", c.past_key(layer), heads(k), axis=2, name=c.present_key(layer))
-    value = g.op("Concat", c.past_value(layer), heads(v), axis=2, name=c.present_value(layer))
-    scores = g.op("MatMul", heads(q, c.attention_query(layer)), g.op("Transpose", key, perm=[0, 1, 3, 2]))
+    e, h, d = config.n_embd, config.n_head, config.head_dim
+    qkv = _linear(g, x, p + ".c_attn", e, 3 * e, q)  # [B, S, 3E] = q | k | v, GroupQueryAttention's packing
+    _query_for_analysis(g, qkv, layer)
     scale = 1.0
     if config.scale_attn_weights:
-        scale /= math.sqrt(config.head_dim)
+        scale /= math.sqrt(d)
     if config.scale_attn_by_inverse_layer_idx:
         scale /= layer + 1
-    if scale != 1.0:
-        scores = g.op("Mul", scores, g.const(f"c_scale_{layer}", scale, np.float32))
-    scores = g.op("Where", allowed, scores, "c_mask_value")
-    probs = g.op("Softmax", scores, axis=-1)
-    context = g.op("Transpose", g.op("MatMul", probs, value), perm=[0, 2, 1, 3])  # [B, S, H, D]
-    context = g.op("Reshape", context, "c_merge_shape")
-    return _linear(g, context, p + ".c_proj")
+    # causal=0: the causal and padding masks both come in through attention_bias, built once per step
+    context = g.op("GroupQueryAttention", qkv, "", "", c.past_key(layer), c.past_value(layer), lengths["seqlens_k"],
+                   lengths["total"], "", "", "", lengths["bias"], domain=_MS, num_heads=h, kv_num_heads=h,
+                   scale=scale, causal=0, outputs=[f"{p}.context", c.present_key(layer), c.present_value(layer)])[0]
+    return _linear(g, context, p + ".c_proj", e, e, q, bias=False)
 
 
-def _attention_allowed(g: _Graph) -> str:
-    """Bool [B, 1, S, T]: query i (at absolute position past + i) may see key j when j <= past + i and
-    the attention mask keeps j."""
+def _query_for_analysis(g: _Graph, qkv: str, layer: int) -> None:
+    """The query after the head split, [B, H, S, D], for analysis tools (see the contract). Nothing in the
+    graph reads it (GroupQueryAttention takes q, k and v packed), so it is off the path to the outputs."""
+    query = g.op("Slice", qkv, "c_zero_1d", "c_embd_1d", "c_axis2")
+    g.op("Transpose", g.op("Reshape", query, "c_heads_shape"), perm=[0, 2, 1, 3], name=c.attention_query(layer))
+
+
+def _attention_inputs(g: _Graph) -> dict:
+    """GroupQueryAttention's per-step inputs, from the attention mask's shape and values.
+
+    Every row counts all total_sequence_length positions (left padding included), so seqlens_k is total - 1
+    for each row and the new keys go at the same offset for all rows; padding and the causal order are
+    masked by attention_bias [B, 1, S, T]: 0 where query i (at absolute position past + i) may see key j,
+    i.e. j <= past + i and the attention mask keeps j, and the mask value elsewhere.
+    """
     total = g.op("Gather", g.op("Shape", c.ATTENTION_MASK), "c_one_i", axis=0)
     seq = g.op("Gather", g.op("Shape", c.INPUT_IDS), "c_one_i", axis=0)
+    batch = g.op("Shape", c.INPUT_IDS, start=0, end=1)
     past = g.op("Sub", total, seq)
     query_pos = g.op("Unsqueeze", g.op("Range", past, total, "c_one_i"), "c_axis1")  # [S, 1]
     key_pos = g.op("Unsqueeze", g.op("Range", "c_zero_i", total, "c_one_i"), "c_axis0")  # [1, T]
     causal = g.op("LessOrEqual", key_pos, query_pos)  # [S, T]
     keep = g.op("Unsqueeze", g.op("Cast", c.ATTENTION_MASK, to=TensorProto.BOOL), "c_axes12")  # [B,1,1,T]
-    return g.op("And", causal, keep, name="attention_allowed")
+    allowed = g.op("And", causal, keep, name="attention_allowed")
+    bias = g.op("Where", allowed, "c_zero_f", g.const("c_mask_value", _MASK_VALUE, np.float32), name="attention_bias")
+    total_i32 = g.op("Cast", total, to=TensorProto.INT32, name="total_sequence_length")
+    last = g.op("Sub", total_i32, "c_one_i32")
+    seqlens_k = g.op("Expand", last, batch, name="seqlens_k")
+    return {"total": total_i32, "seqlens_k": seqlens_k, "bias": bias}
 
 
-def build_graph(config: ModelConfig) -> onnx.ModelProto:
+def _keep_last(g: _Graph, x: str) -> str:
+    """x[:, -logits_to_keep:] (all positions when logits_to_keep is 0)."""
+    keep = g.op("Unsqueeze", c.LOGITS_TO_KEEP, "c_axis0")  # [1]
+    start = g.op("Where", g.op("Greater", keep, "c_zero_1d"), g.op("Neg", keep), "c_zero_1d")
+    return g.op("Slice", x, start, "c_int_max_1d", "c_axis1")
+
+
+def build_graph(config: ModelConfig, quantization: Quantization | None = None) -> onnx.ModelProto:
     """The graph with weights as named (empty) initializer slots; `save_model` fills in the data."""
     g = _Graph()
-    e, h, d = config.n_embd, config.n_head, config.head_dim
-    g.const("c_split3", [e, e, e])
+    q = quantization
+    e, h, d, v = config.n_embd, config.n_head, config.head_dim, config.vocab_size
     g.const("c_heads_shape", [0, 0, h, d])
-    g.const("c_merge_shape", [0, 0, e])
-    g.const("c_flat_shape", [-1, e])
-    g.const("c_vocab", [config.vocab_size])
     g.const("c_one_i", 1)
+    g.const("c_one_i32", 1, np.int32)
     g.const("c_zero_i", 0)
+    g.const("c_zero_f", 0.0, np.float32)
+    g.const("c_zero_1d", [0])
+    g.const("c_embd_1d", [e])
+    g.const("c_int_max_1d", [np.iinfo(np.int64).max])
     g.const("c_axis0", [0])
     g.const("c_axis1", [1])
+    g.const("c_axis2", [2])
     g.const("c_axes12", [1, 2])
-    g.const("c_mask_value", _MASK_VALUE, np.float32)
-    g.const("c_half", 0.5, np.float32)
-    g.const("c_one", 1.0, np.float32)
-    g.const("c_gelu_a", 0.044715, np.float32)
-    g.const("c_gelu_b", math.sqrt(2.0 / math.pi), np.float32)
-    g.const("c_inv_sqrt2", 1.0 / math.sqrt(2.0), np.float32)
 
-    allowed = _attention_allowed(g)
+    lengths = _attention_inputs(g)
     hidden = g.op("Add", g.op("Gather", "transformer.wte.weight", c.INPUT_IDS, axis=0),
                   g.op("Gather", "transformer.wpe.weight", c.POSITION_IDS, axis=0))
     eps = config.layer_norm_epsilon
+    x = g.op("LayerNormalization", hidden, "transformer.h.0.ln_1.weight", "transformer.h.0.ln_1.bias",
+             axis=-1, epsilon=eps)
     for i in range(config.n_layer):
         p = f"transformer.h.{i}"
-        hidden = g.op("Add", hidden, _attention(g, _layer_norm(g, hidden, p + ".ln_1", eps), i, config, allowed))
-        mlp = _linear(g, _layer_norm(g, hidden, p + ".ln_2", eps), p + ".mlp.c_fc")
-        mlp = _linear(g, _activation(g, mlp, config.activation_function), p + ".mlp.c_proj")
-        hidden = g.op("Add", hidden, mlp)
-    hidden = _layer_norm(g, hidden, "transformer.ln_f", eps)
-    # lm_head: hidden @ wte^T, reading the tied embedding (stored once) through Gemm's transB.
-    head = "transformer.wte.weight" if config.tie_word_embeddings else "lm_head.weight"
-    flat = g.op("Gemm", g.op("Reshape", hidden, "c_flat_shape"), head, transB=1)
-    out_shape = g.op("Concat", g.op("Shape", c.INPUT_IDS), "c_vocab", axis=0)
-    g.op("Reshape", flat, out_shape, name=c.LOGITS)
+        attn = _attention(g, x, i, config, q, lengths)
+        x, hidden = _skip_layer_norm(g, attn, hidden, p + ".ln_2", p + ".attn.c_proj.bias", eps)
+        mlp = _mlp(g, x, i, config, q)
+        after = f"transformer.h.{i + 1}.ln_1" if i + 1 < config.n_layer else "transformer.ln_f"
+        x, hidden = _skip_layer_norm(g, mlp, hidden, after, p + ".mlp.c_proj.bias", eps)
+    x = _keep_last(g, x)
+    # lm_head: x @ wte^T. fp32 reads the tied embedding (stored once) through Gemm's transB; quantized
+    # exports quantize a copy of it under lm_head.weight's name.
+    head = "lm_head.weight" if q is not None or not config.tie_word_embeddings else "transformer.wte.weight"
+    if q is None:
+        flat = g.op("Gemm", g.op("Reshape", x, g.const("c_flat_shape", [-1, e])), head, transB=1)
+        out_shape = g.op("Concat", g.op("Shape", x, start=0, end=2), g.const("c_vocab", [v]), axis=0)
+        g.op("Reshape", flat, out_shape, name=c.LOGITS)
+    else:
+        _matmul_nbits(g, x, head, e, v, q, name=c.LOGITS)
 
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     cache = [c.DIM_BATCH, h, c.DIM_PAST, d]
@@ -176,13 +263,50 @@ def build_graph(config: ModelConfig) -> onnx.ModelProto:
               helper.make_tensor_value_info(c.ATTENTION_MASK, i64, [c.DIM_BATCH, c.DIM_TOTAL]),
               helper.make_tensor_value_info(c.POSITION_IDS, i64, [c.DIM_BATCH, c.DIM_SEQUENCE])]
     inputs += [helper.make_tensor_value_info(n, f32, cache) for n in c.past_names(config.n_layer)]
-    outputs = [helper.make_tensor_value_info(c.LOGITS, f32, [c.DIM_BATCH, c.DIM_SEQUENCE, config.vocab_size])]
+    inputs.append(helper.make_tensor_value_info(c.LOGITS_TO_KEEP, i64, []))
+    outputs = [helper.make_tensor_value_info(c.LOGITS, f32, [c.DIM_BATCH, "logits_sequence_length", v])]
     outputs += [helper.make_tensor_value_info(n, f32, present) for n in c.present_names(config.n_layer)]
     graph = helper.make_graph(g.nodes, "gpt2", inputs, outputs, initializer=g.constants)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", c.OPSET)],
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", c.OPSET), helper.make_opsetid(_MS, 1)],
                               producer_name="gpt2onnx")
     model.ir_version = 8  # readable by onnxruntime >= 1.14
     return model
+
+
+def initializer_slots(model: onnx.ModelProto) -> list[str]:
+    """Names the graph reads that are neither graph inputs, node outputs nor already-stored constants."""
+    known = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
+    known |= {o for n in model.graph.node for o in n.output}
+    slots: list[str] = []
+    for node in model.graph.node:
+        for name in node.input:
+            if name and name not in known and name not in slots:
+                slots.append(name)
+    return slots
+
+
+def _weight_arrays(model: onnx.ModelProto, weights: dict[str, np.ndarray], config: ModelConfig):
+    """(name, array) for every slot of the graph, quantizing on the way; one weight at a time."""
+    matmuls = {n.input[1]: n for n in model.graph.node if n.op_type == "MatMulNBits"}
+    quantized: dict[str, quantize.QuantizedWeight] = {}
+    for name in initializer_slots(model):
+        source = c.quantized_source(name)
+        if source is None:
+            yield name, np.ascontiguousarray(weights[name], dtype=np.float32)
+            continue
+        if source not in quantized:
+            node = matmuls[c.quantized_names(source)[0]]
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if source == "lm_head.weight":  # [vocab, n_embd] is already [out, in]; tied: a copy of wte
+                w = weights.get(source, weights["transformer.wte.weight"])
+            else:
+                w = weights[source].T  # Conv1D stores [in, out]
+            symmetric = len(node.input) < 4 or not node.input[3]
+            quantized = {source: quantize.quantize(w, bits=attrs["bits"], block_size=attrs["block_size"],
+                                                   symmetric=symmetric)}
+        codes, scales, zero_points = c.quantized_names(source)
+        qw = quantized[source]
+        yield name, {codes: qw.codes, scales: qw.scales, zero_points: qw.zero_points}[name]
 
 
 def save_model(model: onnx.ModelProto, weights: dict[str, np.ndarray], config: ModelConfig,
@@ -191,19 +315,19 @@ def save_model(model: onnx.ModelProto, weights: dict[str, np.ndarray], config: M
 
     Large weights are streamed straight into the data file, so no second in-memory copy is made.
     """
-    names = weight_names(config)
-    arrays = [np.ascontiguousarray(weights[n], dtype=np.float32) for n in names]
-    external = sum(a.nbytes for a in arrays) > EXTERNAL_DATA_THRESHOLD
+    arrays = list(_weight_arrays(model, weights, config))
+    external = sum(a.nbytes for _, a in arrays) > EXTERNAL_DATA_THRESHOLD
     files = [c.MODEL_FILE]
     tensors = []
     if external:
         files.append(c.MODEL_DATA_FILE)
         with open(Path(directory) / c.MODEL_DATA_FILE, "wb") as data:
-            for name, array in zip(names, arrays):
+            for name, array in arrays:
                 data.write(b"\0" * (-data.tell() % _ALIGN))
                 offset = data.tell()
-                data.write(memoryview(array).cast("B"))
-                t = onnx.TensorProto(name=name, data_type=TensorProto.FLOAT, dims=array.shape)
+                data.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+                t = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+                                     dims=array.shape)
                 t.data_location = onnx.TensorProto.EXTERNAL
                 for key, value in (("location", c.MODEL_DATA_FILE), ("offset", str(offset)),
                                    ("length", str(array.nbytes))):
@@ -211,7 +335,7 @@ def save_model(model: onnx.ModelProto, weights: dict[str, np.ndarray], config: M
                     entry.key, entry.value = key, value
                 tensors.append(t)
     else:
-        tensors = [onnx.numpy_helper.from_array(a, n) for n, a in zip(names, arrays)]
+        tensors = [onnx.numpy_helper.from_array(a, n) for n, a in arrays]
     model.graph.initializer.extend(tensors)
     with open(Path(directory) / c.MODEL_FILE, "wb") as f:
         f.write(model.SerializeToString())

@@ -34,12 +34,17 @@ PARTIAL_MARK = ".partial-"
 class ExportOptions:
     """How to export."""
 
-    precision: str = "fp32"  # weight precision of the graph
+    precision: str = "fp32"  # weight precision of the graph: fp32, int8 or int4 (weight-only, block-wise)
+    block_size: int = c.DEFAULT_BLOCK_SIZE  # int8/int4: weights per quantization block (power of two >= 16)
     seed: int = 0  # seed of random:NAME weights and of the verification inputs
     revision: str | None = None  # hub revision (branch, tag or commit)
     allow_pickle: bool = False  # accept pytorch_model.bin checkpoints (pickle can run code: trusted sources only)
     force: bool = False  # replace an existing export at OUT_DIR
     atol: float = verify.DEFAULT_ATOL  # largest |difference| from PyTorch accepted for logits and cache
+    # quantized exports: the quality gate (None = the precision's default in verify.QUALITY_THRESHOLDS)
+    max_perplexity_increase: float | None = None  # relative to PyTorch fp32, e.g. 0.01 = 1%
+    min_top1_agreement: float | None = None  # share of positions whose top next token equals PyTorch's
+    eval_text: str | None = None  # text file to score (default: heldout.txt beside a local checkpoint, else a sample)
 
 
 def _stderr(message: str) -> None:
@@ -52,6 +57,10 @@ def export_model(model: str, out_dir: str | Path, options: ExportOptions = Expor
     out = _check_output(Path(out_dir), options)
     if options.precision not in c.PRECISIONS:
         raise InvalidArgumentError(f"precision must be one of {', '.join(c.PRECISIONS)}, got {options.precision!r}")
+    if not isinstance(options.block_size, int) or options.block_size < 16 or options.block_size & (options.block_size - 1):
+        raise InvalidArgumentError(f"block size must be a power of two >= 16, got {options.block_size!r}",
+                                   hint="32 (the default) is a good trade of size and quality; 16 is more accurate")
+    quantization = builder.quantization_for(options.precision, options.block_size)
     start = time.perf_counter()
 
     def step(message: str) -> None:
@@ -67,20 +76,35 @@ def export_model(model: str, out_dir: str | Path, options: ExportOptions = Expor
             source = sources.load_source(model, workdir=Path(work), seed=options.seed, revision=options.revision,
                                          allow_pickle=options.allow_pickle)
             config = source.config
-            step(f"building the graph: {config.n_layer} layers, n_embd {config.n_embd}, "
+            step(f"building the {options.precision} graph: {config.n_layer} layers, n_embd {config.n_embd}, "
                  f"{sum(w.size for w in source.weights.values()) / 1e6:.1f}M stored parameters")
-            files = builder.save_model(builder.build_graph(config), source.weights, config, staging)
+            files = builder.save_model(builder.build_graph(config, quantization), source.weights, config, staging)
             files += _write_side_files(source, staging)
         step("verifying against PyTorch")
         session = OnnxSession(staging / c.MODEL_FILE, config)
         reference = torch_model(source.config_dict, source.weights)
-        report = verify.verify(session, reference, Tokenizer(staging / c.TOKENIZER_FILE), atol=options.atol,
-                               seed=options.seed)
+        tokenizer = Tokenizer(staging / c.TOKENIZER_FILE)
+        if quantization is None:
+            report = verify.verify(session, reference, tokenizer, atol=options.atol, seed=options.seed)
+            worst = max(report["max_abs_diff"].values())
+            summary = (f"largest |difference| {worst:.2e} (atol {options.atol:g}), "
+                       f"greedy {report['greedy']['tokens']} tokens identical")
+        else:
+            eval_source, eval_ids = _eval_tokens(model, options, tokenizer)
+            step(f"scoring quality on {eval_source}")
+            top1 = options.min_top1_agreement
+            if top1 is None and model.startswith(sources.RANDOM_PREFIX):
+                top1 = 0.0  # random weights barely prefer any token: agreement measures ties, not quality
+            report = verify.verify_quality(session, reference, tokenizer, precision=options.precision,
+                                           eval_ids=eval_ids, eval_source=eval_source, seed=options.seed,
+                                           max_perplexity_increase=options.max_perplexity_increase,
+                                           min_top1_agreement=top1)
+            ppl = report["perplexity"]
+            summary = (f"perplexity {ppl['export']:.3f} vs PyTorch fp32 {ppl['reference']:.3f} "
+                       f"({100 * ppl['increase']:+.2f}%), top-1 agreement {100 * report['top1_agreement']:.1f}%")
         del session, reference
-        worst = max(report["max_abs_diff"].values())
-        step(f"verified: largest |difference| {worst:.2e} (atol {options.atol:g}), "
-             f"greedy {report['greedy']['tokens']} tokens identical")
-        manifest = _manifest(source, options, staging, files, report)
+        step(f"verified: {summary}")
+        manifest = _manifest(source, options, staging, files, report, quantization)
         _publish(staging, out)
         step(f"wrote {out}")
         return manifest
@@ -119,8 +143,22 @@ def _write_side_files(source: sources.Source, directory: Path) -> list[str]:
     return files
 
 
+def _eval_tokens(model: str, options: ExportOptions, tokenizer: Tokenizer) -> tuple[str, list[int]]:
+    """The text the quality gate scores: --eval-text, else heldout.txt in a local checkpoint, else a sample."""
+    path = Path(options.eval_text) if options.eval_text else None
+    if path is None and not model.startswith(sources.RANDOM_PREFIX) and (Path(model).expanduser() / "heldout.txt").is_file():
+        path = Path(model).expanduser() / "heldout.txt"
+    if path is None:
+        return "built-in sample text", tokenizer.encode(verify.SAMPLE_TEXT)[:verify.QUALITY_TOKENS]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ExportError(f"cannot read the evaluation text {path}: {error}", hint="pass a UTF-8 text file") from error
+    return str(path.resolve()), tokenizer.encode(text)[:verify.QUALITY_TOKENS]
+
+
 def _manifest(source: sources.Source, options: ExportOptions, directory: Path, files: list[str],
-              report: dict) -> dict:
+              report: dict, quantization: builder.Quantization | None = None) -> dict:
     """Written last: a directory without it is not a model."""
     from gpt2onnx.manifest import hash_files, write_manifest
 
@@ -128,6 +166,8 @@ def _manifest(source: sources.Source, options: ExportOptions, directory: Path, f
                 c.M_OPSET: c.OPSET, c.M_SOURCE: source.description, c.M_VERSIONS: _versions(),
                 c.M_CREATED: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 c.M_FILES: hash_files(directory, files), c.M_PARITY: report}
+    if quantization is not None:
+        manifest[c.M_QUANTIZATION] = quantization.as_dict()
     write_manifest(directory, manifest)
     return manifest
 

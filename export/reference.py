@@ -5,8 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 
-def torch_model(config_dict: dict, weights: dict[str, np.ndarray], *, attn_implementation: str | None = None):
-    """GPT2LMHeadModel in eval mode whose parameters are views of `weights` (no second copy in memory)."""
+def torch_model(config_dict: dict, weights: dict[str, np.ndarray], *, attn_implementation: str = "eager"):
+    """GPT2LMHeadModel in eval mode whose parameters are views of `weights` (no second copy in memory).
+
+    Eager attention by default: it is GPT-2's own arithmetic, and transformers 4.57's sdpa path ignores
+    `scale_attn_by_inverse_layer_idx`.
+    """
     import torch
     import transformers
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -14,8 +18,7 @@ def torch_model(config_dict: dict, weights: dict[str, np.ndarray], *, attn_imple
     transformers.logging.set_verbosity_error()  # its notes on generation defaults are not ours to show
 
     config = GPT2Config(**{k: v for k, v in config_dict.items() if k not in ("transformers_version",)})
-    if attn_implementation:
-        config._attn_implementation = attn_implementation
+    config._attn_implementation = attn_implementation
     with torch.device("meta"):
         model = GPT2LMHeadModel(config)
     model.to_empty(device="cpu")  # storage without initialisation: the weights come next

@@ -5,6 +5,11 @@ Checks (fp32, max |difference| <= atol):
   * a cached decode step against the uncached forward of the same tokens;
   * a left-padded batch of two prompts of different lengths (logits at the real positions);
   * a greedy continuation (32 tokens, EOS ignored) that must equal transformers' generate token for token.
+
+Quantized exports (int8, int4) cannot match fp32 PyTorch to 1e-4, so `verify_quality` gates them on
+quality instead: perplexity on a text within a relative margin of PyTorch's fp32 perplexity, top-1
+agreement with PyTorch's next-token choice, and the same structural checks as above run against the
+export itself (cached step = uncached forward, padded rows = the rows alone).
 """
 
 from __future__ import annotations
@@ -19,6 +24,28 @@ from gpt2onnx.settings import GenerationSettings
 
 GREEDY_PROMPT = "Hello, I'm a language model,"
 DEFAULT_ATOL = 1e-4
+
+# Quality gate of quantized exports: largest relative perplexity increase over PyTorch fp32, and the
+# smallest share of positions whose most likely next token equals PyTorch's (both settable on export).
+QUALITY_THRESHOLDS = {"int8": {"max_perplexity_increase": 0.01, "min_top1_agreement": 0.95},
+                      "int4": {"max_perplexity_increase": 0.05, "min_top1_agreement": 0.85}}
+# Cached vs uncached and padded vs alone, the export against itself: quantized matmuls round their
+# activations (one-token steps take another kernel than prompts), so these differ by a little noise, about
+# 1% of the logits' spread (RMS difference / standard deviation) for random GPT-2 124M at int8 and int4; a
+# cache read at the wrong place or the wrong position differs by 30% or more.
+SELF_CONSISTENCY_RTOL = 0.05
+QUALITY_TOKENS = 8192  # tokens of the evaluation text scored (in windows of up to 512)
+# Scored when the checkpoint brings no held-out text of its own (ordinary English prose, written for this).
+SAMPLE_TEXT = """The lighthouse stood at the end of a long spit of sand, and for most of the year nobody but the
+keeper walked out to it. She kept a log of every ship that passed, the weather at dawn and at dusk, and the
+birds that rested on the rail of the gallery. In winter the storms came in from the north-east and the
+whole tower hummed like a struck bell; in summer the sea lay flat and bright, and fishing boats drifted past
+so slowly that she could count the crew. Her predecessor had left a shelf of books, a drawer of charts and a
+note asking whoever came next to oil the clockwork every Sunday. She did, and the lamp turned through the
+night as it had for eighty years. When the engineers finally arrived to replace the mechanism with an
+electric motor, they found the old brass gears in perfect order and asked her how she had managed it. She
+showed them the note. One of them copied it into his own notebook, and years later, when he was in charge
+of all the lights along that coast, he sent a copy of it to every keeper he hired."""
 
 
 class _Report:
@@ -131,3 +158,92 @@ def _cache_layer(cache, layer: int):
     if hasattr(cache, "layers"):
         return cache.layers[layer].keys, cache.layers[layer].values
     return cache[layer][0], cache[layer][1]
+
+
+def verify_quality(session: OnnxSession, reference, tokenizer, *, precision: str, eval_ids: list[int],
+                   eval_source: str, max_perplexity_increase: float | None = None,
+                   min_top1_agreement: float | None = None, seed: int = 0) -> dict:
+    """Gate a quantized export on quality against the torch `reference`. Returns the report; raises
+    VerificationError (with the report) when a threshold or a structural check fails."""
+    import torch
+
+    limits = dict(QUALITY_THRESHOLDS[precision])
+    if max_perplexity_increase is not None:
+        limits["max_perplexity_increase"] = max_perplexity_increase
+    if min_top1_agreement is not None:
+        limits["min_top1_agreement"] = min_top1_agreement
+    config = session.config
+    window = min(512, config.n_positions)
+    nll_ours = nll_ref = 0.0
+    agree = scored = 0
+    worst = 0.0
+    for start in range(0, max(len(eval_ids) - 1, 1), window):
+        ids = np.array([eval_ids[start:start + window]], np.int64)
+        if ids.shape[1] < 2:
+            break
+        n = ids.shape[1]
+        ours, _ = session.run(ids, np.ones((1, n), np.int64), np.arange(n)[None], session.empty_cache(1))
+        with torch.inference_mode():
+            ref = reference(input_ids=torch.from_numpy(ids), use_cache=False).logits.float().numpy()
+        worst = max(worst, float(np.abs(ours - ref).max()))
+        targets = ids[0, 1:]
+        nll_ours += _nll(ours[0, :-1], targets)
+        nll_ref += _nll(ref[0, :-1], targets)
+        agree += int((ours[0, :-1].argmax(-1) == ref[0, :-1].argmax(-1)).sum())
+        scored += n - 1
+    ppl_ours, ppl_ref = float(np.exp(nll_ours / scored)), float(np.exp(nll_ref / scored))
+    increase = ppl_ours / ppl_ref - 1.0
+    top1 = agree / scored
+    structure = _self_consistency(session, np.random.default_rng(seed))
+    greedy = _greedy_parity(session, reference, tokenizer, 32)
+    failures = []
+    if increase > limits["max_perplexity_increase"]:
+        failures.append(f"perplexity {ppl_ours:.3f} is {100 * increase:.2f}% above PyTorch fp32's {ppl_ref:.3f} "
+                        f"(limit {100 * limits['max_perplexity_increase']:g}%)")
+    if top1 < limits["min_top1_agreement"]:
+        failures.append(f"top-1 agreement with PyTorch {100 * top1:.1f}% (limit {100 * limits['min_top1_agreement']:g}%)")
+    for name, diff in structure.items():
+        if diff > SELF_CONSISTENCY_RTOL:
+            failures.append(f"{name}: RMS difference {100 * diff:.2g}% of the logits' spread "
+                            f"(limit {100 * SELF_CONSISTENCY_RTOL:g}%)")
+    report = {"reference": "transformers GPT2LMHeadModel (PyTorch, fp32)", "kind": "quality", "precision": precision,
+              "passed": not failures, "failures": failures, "thresholds": limits,
+              "eval_text": eval_source, "eval_tokens": scored, "window": window,
+              "perplexity": {"export": ppl_ours, "reference": ppl_ref, "increase": increase},
+              "top1_agreement": top1, "max_abs_diff_logits": worst,
+              "self_consistency": {"rtol": SELF_CONSISTENCY_RTOL, "relative_rms_diff": structure}, "greedy": greedy}
+    if failures:
+        raise VerificationError(f"the {precision} export is below the quality gate: " + "; ".join(failures),
+                                report=report,
+                                hint="try a smaller --block-size, int8 instead of int4, or relax the thresholds "
+                                     "(--max-perplexity-increase, --min-top1-agreement); nothing was published")
+    return report
+
+
+def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
+    """Summed negative log-likelihood of `targets` under `logits` [n, vocab] (float64 log-softmax)."""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    log_probs = z[np.arange(len(targets)), targets] - np.log(np.exp(z).sum(axis=-1))
+    return float(-log_probs.sum())
+
+
+def _self_consistency(session: OnnxSession, rng: np.random.Generator) -> dict[str, float]:
+    """The export against itself: a cached step equals the uncached forward; padded rows equal the rows alone.
+    Each difference as RMS(difference) / standard deviation of the logits compared with."""
+    vocab, n = session.config.vocab_size, min(9, session.config.n_positions - 1)
+    ids = rng.integers(0, vocab, (1, n), dtype=np.int64)
+    full, _ = session.run(ids, np.ones((1, n), np.int64), np.arange(n)[None], session.empty_cache(1))
+    _, cache = session.run(ids[:, :-1], np.ones((1, n - 1), np.int64), np.arange(n - 1)[None], session.empty_cache(1))
+    step, _ = session.run(ids[:, -1:], np.ones((1, n), np.int64), np.array([[n - 1]]), cache)
+    short = [int(t) for t in rng.integers(0, vocab, 3)]
+    padded_ids, mask = left_pad([short, ids[0].tolist()], pad_id=0)
+    positions = np.where(mask == 1, mask.cumsum(axis=1) - 1, 1)
+    padded, _ = session.run(padded_ids, mask, positions, session.empty_cache(2))
+    alone, _ = session.run(np.array([short]), np.ones((1, 3), np.int64), np.arange(3)[None], session.empty_cache(1))
+
+    def relative(ours: np.ndarray, expected: np.ndarray) -> float:
+        return float(np.sqrt(np.mean((ours - expected) ** 2)) / max(float(expected.std()), 1e-12))
+
+    return {"decode_vs_uncached": relative(step[0, -1], full[0, -1]),
+            "padded_vs_alone": max(relative(padded[1], full[0]), relative(padded[0, -3:], alone[0]))}

@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 
-from .errors import Gpt2OnnxError, MissingDependencyError
+from .errors import Gpt2OnnxError, InvalidArgumentError, MissingDependencyError
 
 EXAMPLES = """examples:
   gpt2onnx export gpt2 out/gpt2                 # download, convert, verify against PyTorch
   gpt2onnx export random:gpt2 out/random-gpt2   # offline: seeded random weights, real tokenizer
+  gpt2onnx export random:gpt2 out/gpt2-int4 --precision int4   # 4-bit weights, gated on quality
   gpt2onnx generate "Hello, I'm a language model," --model out/gpt2
+  gpt2onnx inspect out/gpt2                     # weights, shapes, dtypes, inputs/outputs, ops, manifest
+  gpt2onnx plot out/gpt2 --out plots --prompt "The cat sat on the mat"   # embeddings, weights, attention
+  gpt2onnx bench                                # speed next to torch, Optimum and CTranslate2
+"""
+
+
+GENERATE_EXAMPLES = """examples:
+  gpt2onnx generate "Hello, I'm a language model," -m out/gpt2 --max-length 30 -n 5 --do-sample --seed 42
+  gpt2onnx generate "def main():" -m out/gpt2 --max-new-tokens 64 --stop "\\n\\n" --stream
+  echo "Once upon a time" | gpt2onnx generate - -m out/gpt2 --do-sample --top-p 0.9 --json
 """
 
 
@@ -28,9 +41,42 @@ def _export_module():
 def cmd_export(args: argparse.Namespace) -> int:
     export = _export_module()
     options = export.ExportOptions(precision=args.precision, seed=args.seed, revision=args.revision,
-                                   allow_pickle=args.allow_pickle, force=args.force, atol=args.atol)
+                                   allow_pickle=args.allow_pickle, force=args.force, atol=args.atol,
+                                   block_size=args.block_size, eval_text=getattr(args, "eval_text", None),
+                                   max_perplexity_increase=getattr(args, "max_perplexity_increase", None),
+                                   min_top1_agreement=getattr(args, "min_top1_agreement", None))
     export.export_model(args.model, args.out_dir, options)
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json as json_module
+    import shlex
+    from pathlib import Path
+
+    from . import bench
+
+    options = bench.BenchOptions(model=args.model, runs=args.runs, new_tokens=args.new_tokens,
+                                 long_prompt=args.long_past, long_new_tokens=args.long_new_tokens,
+                                 prefill=args.prefill, batch=args.batch, threads=args.threads,
+                                 frameworks=tuple(args.only.split(",")), precisions=tuple(args.precisions.split(",")),
+                                 work_dir=Path(args.work_dir).expanduser())
+    command = "gpt2onnx bench " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None
+    report = bench.run_bench(options, progress=lambda message: print(message, file=sys.stderr, flush=True),
+                             command=command)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json_module.dumps(report, indent=2) + "\n")
+    chart = bench.write_chart(report, out / "bench.png")
+    print(bench.format_table(report))
+    print(f"\nwrote {out / 'bench.json'}" + (f" and {chart}" if chart else " (no chart: pip install matplotlib)"),
+          file=sys.stderr)
+    return 0
+
+
+def _unescape(text: str) -> str:
+    """Let a shell user type a newline or tab in --stop as \\n or \\t."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -38,13 +84,71 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model = load(args.model, threads=args.threads)
-    result = model.generate(prompt, max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos)
-    print(prompt + result.text)
+    options = dict(max_new_tokens=args.max_new_tokens, max_length=args.max_length,
+                   min_new_tokens=args.min_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                   no_repeat_ngram_size=args.no_repeat_ngram_size, stop=[_unescape(t) for t in args.stop] if args.stop else None, seed=args.seed,
+                   sampler=args.sampler, ignore_eos=args.ignore_eos or None, truncate=args.truncate,
+                   allow_special_tokens=args.allow_special_tokens)
+    if args.stream:
+        if args.json:
+            raise InvalidArgumentError("--stream and --json do not go together", hint="pick one")
+        print(prompt, end="", flush=True)
+        for piece in model.stream(prompt, num_return_sequences=args.num_return_sequences, **options):
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    results = model.generate(prompt, num_return_sequences=args.num_return_sequences, **options)
+    results = results if isinstance(results, list) else [results]
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in results], ensure_ascii=False, indent=2))
+    else:
+        print("\n\n".join(prompt + r.text for r in results))
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect import inspect_model
+
+    report = inspect_model(args.model_dir, check_hashes=args.check_hashes)
+    print(report.to_json() if args.json else report.format())
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import plot_model
+
+    paths = plot_model(args.model_dir, args.out, prompt=args.prompt, weight=args.weight, weight_slice=args.slice,
+                       dims=args.dims, positions=args.positions, layers=args.layers, heads=args.heads,
+                       threads=args.threads)
+    print("\n".join(str(path) for path in paths))
+    return 0
+
+
+def _numbers(text: str) -> list[int]:
+    """"0,2,5" -> [0, 2, 5]."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0,1,2, got {text!r}") from None
+
+
+def _selection(text: str) -> list[int] | None:
+    """"0,2,5" -> [0, 2, 5]; "all" -> None."""
+    return None if text.strip() == "all" else _numbers(text)
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults; an unset option (None) takes the model directory's default; epilogs keep their lines."""
+
+    def _get_help_string(self, action):
+        if action.default is None and action.option_strings and not action.required:
+            return action.help + " (default: the model's)"
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    formatter = _Formatter
     parser = argparse.ArgumentParser(prog="gpt2onnx", description="GPT-2 on ONNX Runtime, verified against PyTorch.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     from . import __version__
@@ -59,7 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "in Hugging Face layout, or random:NAME (tiny, gpt2, gpt2-xl, ...)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="directory to create")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it holds an earlier export")
-    p.add_argument("--precision", default="fp32", help="weight precision of the graph (fp32)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "int8", "int4"],
+                   help="weights: fp32 (verified to --atol) or block-quantized int8/int4 (gated on quality)")
+    p.add_argument("--block-size", type=int, default=32, help="int8/int4: weights per quantization block (16, 32, 64, ...)")
+    p.add_argument("--max-perplexity-increase", type=float, default=argparse.SUPPRESS,
+                   help="int8/int4: largest perplexity increase over PyTorch fp32, as a fraction "
+                        "(default 0.01 for int8, 0.05 for int4)")
+    p.add_argument("--min-top1-agreement", type=float, default=argparse.SUPPRESS,
+                   help="int8/int4: smallest share of positions whose most likely next token equals PyTorch's "
+                        "(default 0.95 for int8, 0.85 for int4)")
+    p.add_argument("--eval-text", default=argparse.SUPPRESS, metavar="FILE",
+                   help="int8/int4: text the quality gate scores (default: heldout.txt in a local MODEL "
+                        "directory, else a built-in sample)")
     p.add_argument("--seed", type=int, default=0, help="seed of random:NAME weights and of the verification inputs")
     p.add_argument("--revision", default=None, help="hub branch, tag or commit")
     p.add_argument("--allow-pickle", action="store_true",
@@ -67,14 +182,88 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=1e-4, help="largest |logit difference| from PyTorch accepted")
     p.set_defaults(func=cmd_export)
 
+    p = commands.add_parser("bench", formatter_class=formatter, help="measure speed against torch, Optimum, CTranslate2",
+                            description="Measure GPT-2 generation speed of gpt2onnx at each precision next to "
+                                        "transformers+torch, Optimum and CTranslate2 (those installed), on one "
+                                        "fixed workload, round-robin in one run. Prints a table; writes "
+                                        "OUT_DIR/bench.json and OUT_DIR/bench.png.")
+    p.add_argument("--model", default="random:gpt2", help="random:NAME or a local Hugging Face directory")
+    p.add_argument("--runs", type=int, default=5, help="rounds; each figure is the median over them")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated after the 8-token prompt")
+    p.add_argument("--long-past", type=int, default=768, help="prompt tokens before the long-past decode")
+    p.add_argument("--long-new-tokens", type=int, default=64, help="tokens generated after the long prompt")
+    p.add_argument("--prefill", type=int, default=512, help="prompt tokens of the prefill figure")
+    p.add_argument("--batch", type=int, default=5, help="sampled continuations of the batch figure")
+    p.add_argument("--threads", type=int, default=0, help="threads of every framework (0: physical cores)")
+    p.add_argument("--only", default="torch,optimum,ctranslate2,gpt2onnx", help="frameworks to measure")
+    p.add_argument("--precisions", default="fp32,int8,int4", help="gpt2onnx precisions to measure")
+    p.add_argument("--work-dir", default="~/.cache/gpt2onnx/bench", help="where the prepared models are kept")
+    p.add_argument("--out-dir", default="bench-results", help="where bench.json and bench.png go")
+    p.set_defaults(func=cmd_bench)
+
     p = commands.add_parser("generate", formatter_class=formatter, help="continue a prompt",
-                            description="Continue PROMPT with an exported model and print prompt + continuation.")
+                            description="Continue PROMPT with an exported model and print prompt + continuation. "
+                                        "Options left unset come from the model directory (generation_config.json, "
+                                        "task_specific_params), then transformers' defaults.",
+                            epilog=GENERATE_EXAMPLES)
     p.add_argument("prompt", metavar="PROMPT", help="text to continue; - reads it from stdin")
     p.add_argument("--model", "-m", required=True, help="exported model directory")
-    p.add_argument("--max-new-tokens", type=int, default=20, help="tokens to add after the prompt")
+    p.add_argument("--max-new-tokens", type=int, help="tokens to add after the prompt (wins over --max-length)")
+    p.add_argument("--max-length", type=int, help="prompt + new tokens")
+    p.add_argument("--min-new-tokens", type=int, help="forbid <|endoftext|> before this many new tokens")
+    p.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None,
+                   help="sample (--do-sample) or take the most likely token (--no-do-sample); default: the model's")
+    p.add_argument("--temperature", type=float, help="divide logits by this before sampling; 0 = greedy")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens; 0 = all")
+    p.add_argument("--top-p", type=float, help="sample among the fewest tokens reaching this probability")
+    p.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeating tokens")
+    p.add_argument("--no-repeat-ngram-size", type=int, help="never repeat an n-gram of this size")
+    p.add_argument("-n", "--num-return-sequences", type=int, default=None, help="continuations (needs sampling)")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="end where the new text contains TEXT "
+                                                                  "(repeatable; \\n is a newline)")
+    p.add_argument("--seed", type=int, help="same seed, same text (the tokens transformers gives after set_seed)")
+    p.add_argument("--sampler", choices=["torch", "numpy"], help="random stream: torch (transformers' tokens, the "
+                                                                 "default) or numpy")
     p.add_argument("--ignore-eos", action="store_true", help="keep going after <|endoftext|>")
+    p.add_argument("--truncate", choices=["left"], help="drop the oldest prompt tokens when it does not fit")
+    p.add_argument("--allow-special-tokens", action="store_true", help="read <|endoftext|> in PROMPT as the token")
+    p.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    p.add_argument("--json", action="store_true", help="print the results (text, token ids, finish reason, seed) "
+                                                       "as JSON")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per physical core)")
     p.set_defaults(func=cmd_generate)
+
+    from . import plot
+
+    p = commands.add_parser("inspect", formatter_class=formatter, help="list the weights, graph and manifest",
+                            description="List an exported model's weights under their Hugging Face state-dict names "
+                                        "(shape, dtype, bytes, quantization scheme), the graph's inputs and outputs, "
+                                        "op counts and the manifest (precision, source, parity report). Needs the "
+                                        "plot extra: pip install 'gpt2onnx[plot]'.")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="exported model directory")
+    p.add_argument("--json", action="store_true", help="print everything as JSON, for scripts")
+    p.add_argument("--check-hashes", action="store_true", help="also verify every file's sha256 against the manifest")
+    p.set_defaults(func=cmd_inspect)
+
+    p = commands.add_parser("plot", formatter_class=formatter, help="draw embeddings, weights and attention maps",
+                            description="Write PNGs of an exported model to DIR: the positional-embedding heat map, "
+                                        "chosen positional dimensions over positions, a weight matrix, and the "
+                                        "attention maps of a prompt (per layer, one square per head; computed by ONNX "
+                                        "Runtime from the export). Needs the plot extra: pip install 'gpt2onnx[plot]'.")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="exported model directory")
+    p.add_argument("--out", "-o", required=True, default=argparse.SUPPRESS, metavar="DIR", help="directory for the PNGs (created if missing)")
+    p.add_argument("--prompt", default=plot.DEFAULT_PROMPT, help="text whose attention maps are drawn")
+    p.add_argument("--weight", default=plot.DEFAULT_WEIGHT, metavar="NAME",
+                   help="state-dict name of the weight to draw (gpt2onnx inspect lists them)")
+    p.add_argument("--slice", default=plot.DEFAULT_SLICE, metavar="SLICE",
+                   help="part of the weight to draw: start:stop or an index per dimension, comma-separated")
+    p.add_argument("--dims", type=_numbers, default=",".join(map(str, plot.DEFAULT_DIMS)),
+                   help="positional-embedding dimensions to draw over the positions")
+    p.add_argument("--positions", type=int, default=plot.DEFAULT_POSITIONS, help="positions those lines cover")
+    p.add_argument("--layers", type=_selection, default="all", help="layers to draw attention for (e.g. 0,5)")
+    p.add_argument("--heads", type=_selection, default="all", help="heads to draw in each of those layers (e.g. 0,1)")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per physical core)")
+    p.set_defaults(func=cmd_plot)
     return parser
 
 
@@ -90,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gpt2onnx: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (| head): not an error of ours
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

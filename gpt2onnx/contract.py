@@ -11,12 +11,21 @@ The graph (one graph for prefill and decode):
     position_ids                 int64   [batch_size, sequence_length]
     past_key_values.{i}.key      float32 [batch_size, n_head, past_sequence_length, head_dim]
     past_key_values.{i}.value    float32 [batch_size, n_head, past_sequence_length, head_dim]
+    logits_to_keep               int64   scalar: logits for the last N positions only, 0 = every position
   outputs
-    logits                       float32 [batch_size, sequence_length, vocab_size]
+    logits                       float32 [batch_size, sequence_length or N, vocab_size]
     present.{i}.key              float32 [batch_size, n_head, total_sequence_length, head_dim]
     present.{i}.value            float32 [batch_size, n_head, total_sequence_length, head_dim]
 
 total_sequence_length = past_sequence_length + sequence_length. The first step passes a past of length 0.
+Generation passes logits_to_keep = 1 (the head's work for the other positions is skipped); checks pass 0.
+
+The past and present of a layer may be one shared buffer [batch_size, n_head, capacity, head_dim]: the
+runtime binds the same memory as both, attention reads the first total_sequence_length positions and the
+step writes its new positions after the past ones, in place. Given separate tensors the graph returns the
+present concatenated, as shaped above. A step of several new positions after a non-empty past needs
+batch_size 1 (ONNX Runtime's GroupQueryAttention); prefill (empty past) and one-token steps take any batch.
+
 Every graph also computes, per layer, the tensor `transformer.h.{i}.attn.query` (float32
 [batch_size, n_head, sequence_length, head_dim], the query after the head split, before scaling). It is
 not a graph output; analysis tools expose it to compute real attention maps from any export (fused or
@@ -25,6 +34,14 @@ quantized) together with the present keys.
 Weights are ONNX initializers named exactly as in the Hugging Face state dict
 (`transformer.h.0.attn.c_attn.weight`, ...); the tied `lm_head.weight` is not stored, the graph reuses
 `transformer.wte.weight`.
+
+Quantized exports (precision int8 / int4, weight-only, block-wise along the input dimension) replace each
+block matmul weight and the head by the three inputs of ONNX Runtime's MatMulNBits, named after the Hugging
+Face weight (see quantized_names): `NAME.qweight` (uint8 [out, in / block_size, block_size * bits / 8], the
+codes, transposed to [out, in] first: Conv1D stores [in, out]), `NAME.scales` (float32 [out, in / block_size])
+and, for asymmetric schemes, `NAME.zero_points` (uint8, packed like the codes). The tied head is quantized as
+its own copy, `lm_head.weight.*`; the embedding `transformer.wte.weight` stays float32 for its Gather. Biases,
+layer norms and `transformer.wpe.weight` stay float32. The manifest's `quantization` entry gives the scheme.
 """
 
 from __future__ import annotations
@@ -47,6 +64,7 @@ TOKENIZER_EXTRA_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "s
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
+LOGITS_TO_KEEP = "logits_to_keep"
 LOGITS = "logits"
 
 # Symbolic dimensions.
@@ -58,8 +76,10 @@ DIM_TOTAL = "total_sequence_length"
 ID_DTYPE = "int64"
 FLOAT_DTYPE = "float32"
 
-# Precisions an export can have.
-PRECISIONS = ("fp32",)
+# Precisions an export can have, and the bits of the quantized ones (weight-only, MatMulNBits).
+PRECISIONS = ("fp32", "int8", "int4")
+PRECISION_BITS = {"int8": 8, "int4": 4}
+DEFAULT_BLOCK_SIZE = 32  # inputs per quantization block (a power of two >= 16)
 
 # Manifest keys.
 M_FORMAT = "format"
@@ -71,6 +91,10 @@ M_VERSIONS = "versions"
 M_FILES = "files"
 M_PARITY = "parity"
 M_CREATED = "created"
+M_QUANTIZATION = "quantization"  # quantized exports only: {"bits", "block_size", "symmetric", "accuracy_level"}
+
+# Suffixes of a quantized weight's tensors (appended to its Hugging Face name).
+Q_WEIGHT, Q_SCALES, Q_ZERO_POINTS = ".qweight", ".scales", ".zero_points"
 
 
 def past_key(layer: int) -> str:
@@ -94,6 +118,19 @@ def attention_query(layer: int) -> str:
     return f"transformer.h.{layer}.attn.query"
 
 
+def quantized_names(weight: str) -> tuple[str, str, str]:
+    """(codes, scales, zero points) initializer names of a quantized Hugging Face weight."""
+    return weight + Q_WEIGHT, weight + Q_SCALES, weight + Q_ZERO_POINTS
+
+
+def quantized_source(initializer: str) -> str | None:
+    """The Hugging Face weight a quantized initializer belongs to, or None if it is not one."""
+    for suffix in (Q_WEIGHT, Q_SCALES, Q_ZERO_POINTS):
+        if initializer.endswith(suffix):
+            return initializer[: -len(suffix)]
+    return None
+
+
 def past_names(n_layer: int) -> list[str]:
     """Cache inputs in graph order: key then value, layer by layer."""
     return [name for i in range(n_layer) for name in (past_key(i), past_value(i))]
@@ -105,7 +142,7 @@ def present_names(n_layer: int) -> list[str]:
 
 
 def input_names(n_layer: int) -> list[str]:
-    return [INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *past_names(n_layer)]
+    return [INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *past_names(n_layer), LOGITS_TO_KEEP]
 
 
 def output_names(n_layer: int) -> list[str]:

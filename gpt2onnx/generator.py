@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -24,44 +24,52 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
 
 
 def generate_tokens(session: OnnxSession, prompts: list[list[int]], settings: GenerationSettings, *,
-                    eos_id: int, rng: np.random.Generator | None = None) -> Iterator[np.ndarray]:
-    """Yield the next token of every row, one step at a time. Finished rows yield `eos_id` (padding).
+                    eos_id: int, rng=None, stopped: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (next token of every row, which rows were still live) step by step.
 
-    Stop early by simply not asking for the next step (break out of the loop, or close the iterator).
+    Rows are prompts x num_return_sequences, prompt-major. A finished row yields `eos_id` as padding
+    (as transformers does) and is not live. `stopped(next_ids, live)` may end rows for reasons of its
+    own (stop strings). To stop early, stop iterating (or close the iterator).
     """
     ids, mask = left_pad(prompts, eos_id)
     # positions count only real tokens, so a padded row starts at position 0 like an unpadded one
     positions = np.where(mask == 1, mask.cumsum(axis=1) - 1, 1)
-    past = session.empty_cache(len(prompts))
-    finished = np.zeros(len(prompts), dtype=bool)
+    logits, cache = session.run(ids, mask, positions, session.empty_cache(len(prompts)))
+    logits = logits[:, -1, :]
+    # num_return_sequences: the prompt was run once; every copy of a row shares its cache
+    if settings.num_return_sequences > 1:
+        n = settings.num_return_sequences
+        ids, mask, logits = np.repeat(ids, n, 0), np.repeat(mask, n, 0), np.repeat(logits, n, 0)
+        positions, cache = np.repeat(positions, n, 0), cache.repeat_rows(n)
+    live = np.ones(len(ids), dtype=bool)
     for step in range(settings.max_new_tokens):
-        # run the new positions through the model, growing the cache, and keep the last logits
-        logits, past = session.run(ids, mask, positions, past)
-        last = logits[:, -1, :]
-        if not np.isfinite(last).all():
+        if not np.isfinite(logits).all():
             raise GenerationError(f"the model produced non-finite logits at step {step}",
                                   hint="the weights may be damaged; run `gpt2onnx verify` on the model")
-        # pick the next token of each row; rows that already ended keep emitting padding
-        next_ids = np.where(finished, eos_id, sample(last, settings, rng))
-        yield next_ids
-        if not settings.ignore_eos:
-            finished |= next_ids == eos_id
-            if finished.all():
-                return
-        # the next step feeds just the new tokens, one position further on
-        ids = next_ids[:, None].astype(np.int64)
+        # pick every row's next token from its processed logits; finished rows emit padding
+        next_ids = np.where(live, sample(logits, ids, step, settings, rng, eos_id=eos_id), eos_id)
+        yield next_ids, live.copy()
+        ended = np.zeros_like(live) if settings.ignore_eos else next_ids == eos_id
+        if stopped is not None:
+            ended |= stopped(next_ids, live)
+        live &= ~ended
+        if not live.any() or step + 1 == settings.max_new_tokens:
+            return
+        # feed just the new tokens, one position further on, through the cached past
+        ids = np.concatenate([ids, next_ids[:, None]], axis=1)
+        mask = np.concatenate([mask, np.ones((len(ids), 1), np.int64)], axis=1)
         positions = positions[:, -1:] + 1
-        mask = np.concatenate([mask, np.ones((len(prompts), 1), np.int64)], axis=1)
+        logits, cache = session.run(ids[:, -1:], mask, positions, cache)
+        logits = logits[:, -1, :]
 
 
-def generate(session: OnnxSession, prompts: list[list[int]], settings: GenerationSettings, *,
-             eos_id: int, rng: np.random.Generator | None = None) -> list[list[int]]:
-    """The new tokens of every row, each ending at (and including) its first EOS unless ignore_eos."""
-    rows: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    for next_ids in generate_tokens(session, prompts, settings, eos_id=eos_id, rng=rng):
-        for row, token in enumerate(next_ids.tolist()):
-            if not done[row]:
-                rows[row].append(token)
-                done[row] = token == eos_id and not settings.ignore_eos
+def generate(session: OnnxSession, prompts: list[list[int]], settings: GenerationSettings, *, eos_id: int,
+             rng=None, stopped: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> list[list[int]]:
+    """The new tokens of every row (prompt-major, then its return sequences), padding left out: a row ends
+    at its EOS (included), at the token that completed a stop string, or at max_new_tokens."""
+    rows: list[list[int]] = [[] for _ in range(len(prompts) * settings.num_return_sequences)]
+    for next_ids, live in generate_tokens(session, prompts, settings, eos_id=eos_id, rng=rng, stopped=stopped):
+        for row in np.flatnonzero(live):
+            rows[row].append(int(next_ids[row]))
     return rows

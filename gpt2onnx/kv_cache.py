@@ -1,4 +1,10 @@
-"""The key/value cache between steps: per layer, keys and values [batch, n_head, length, head_dim]."""
+"""The key/value cache between steps: per layer, keys and values [batch, n_head, length, head_dim].
+
+The cache is preallocated: each tensor is a buffer [batch, n_head, capacity, head_dim] of which the first
+`length` positions hold the past. The session binds every buffer as both the past input and the present
+output of its layer, so a step writes its new keys and values in place after the old ones and nothing is
+copied per step; the buffers grow (doubling, one copy) only when a step needs more than the capacity.
+"""
 
 from __future__ import annotations
 
@@ -6,31 +12,55 @@ import numpy as np
 
 from .config import ModelConfig
 
+_MIN_CAPACITY = 256  # positions reserved at first, so short generations never grow
+
 
 class KVCache:
     """The past of every row, in the contract's order (layer 0 key, layer 0 value, layer 1 key, ...).
 
-    The session returns a new cache each step; nothing outside the session looks inside it except
-    through these methods.
+    `OnnxSession.run` updates the cache it is given in place and returns it; nothing outside the session
+    looks inside it except through these methods and `tensors`.
     """
 
-    def __init__(self, tensors: list[np.ndarray]):
-        self.tensors = tensors
+    def __init__(self, tensors: list[np.ndarray], length: int | None = None):
+        self.buffers = tensors  # each [batch, n_head, capacity, head_dim]
+        self.length = tensors[0].shape[2] if length is None else length  # positions of the past in use
+        self.binding = None  # the session's binding of these buffers (see OnnxSession), rebuilt when they move
 
     @classmethod
-    def empty(cls, config: ModelConfig, batch: int) -> "KVCache":
-        """The cache before the first step: length 0."""
-        shape = (batch, config.n_head, 0, config.head_dim)
-        return cls([np.zeros(shape, np.float32) for _ in range(2 * config.n_layer)])
+    def empty(cls, config: ModelConfig, batch: int, capacity: int = 0) -> "KVCache":
+        """The cache before the first step: length 0 (with room for `capacity` positions)."""
+        shape = (batch, config.n_head, capacity, config.head_dim)
+        return cls([np.zeros(shape, np.float32) for _ in range(2 * config.n_layer)], length=0)
 
     @property
-    def length(self) -> int:
-        return self.tensors[0].shape[2]
+    def tensors(self) -> list[np.ndarray]:
+        """The past itself: views [batch, n_head, length, head_dim] of the buffers (not copies)."""
+        return [b[:, :, :self.length] for b in self.buffers]
 
     @property
     def batch(self) -> int:
-        return self.tensors[0].shape[0]
+        return self.buffers[0].shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.buffers[0].shape[2]
+
+    def reserve(self, total: int, limit: int) -> None:
+        """Make room for `total` positions: at least double the capacity (up to `limit`) when it grows."""
+        if total <= self.capacity:
+            return
+        capacity = max(total, min(limit, max(2 * self.capacity, _MIN_CAPACITY)))
+        self.buffers = [self._moved(b, self.batch, capacity, lambda past: past) for b in self.buffers]
+        self.binding = None
 
     def repeat_rows(self, times: int) -> "KVCache":
-        """Each row repeated `times` times in place (row 0, row 0, ..., row 1, ...): one prefill, many samples."""
-        return KVCache([np.repeat(t, times, axis=0) for t in self.tensors])
+        """Each row repeated `times` times (row 0, row 0, ..., row 1, ...): one prefill, many samples."""
+        buffers = [self._moved(b, self.batch * times, self.capacity, lambda past: np.repeat(past, times, axis=0))
+                   for b in self.buffers]
+        return KVCache(buffers, length=self.length)
+
+    def _moved(self, buffer: np.ndarray, batch: int, capacity: int, rows) -> np.ndarray:
+        new = np.empty((batch, buffer.shape[1], capacity, buffer.shape[3]), np.float32)
+        new[:, :, :self.length] = rows(buffer[:, :, :self.length])
+        return new

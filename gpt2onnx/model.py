@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,65 +12,196 @@ import numpy as np
 
 from . import contract as c
 from .config import ModelConfig
+from .defaults import model_defaults, resolve
 from .errors import InvalidArgumentError
-from .generator import generate
+from .generator import generate, generate_tokens
 from .manifest import read_manifest
 from .session import OnnxSession, SessionOptions
 from .settings import GenerationSettings
+from .stopping import EOS, LENGTH, STOP, StopStrings, cut_at_stop
 from .tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
 class Generation:
-    """One generated continuation."""
+    """One continuation of one prompt."""
 
-    text: str  # the new text (without the prompt)
-    token_ids: list[int]  # the new token ids
-    prompt_token_ids: list[int]
+    text: str  # the new text (prompt + new text with return_full_text=True), cut before any stop string
+    token_ids: list[int]  # the new token ids (ending with <|endoftext|> when finish_reason is "eos")
+    prompt: str
+    prompt_token_ids: list[int]  # what the model saw (after an empty prompt became <|endoftext|>, truncation)
+    finish_reason: str  # "eos", "stop" (a stop string) or "length" (max_new_tokens)
+    seed: int | None  # the seed that reproduces this result (None for greedy)
+
+    def __str__(self) -> str:
+        return self.text
 
 
 class Model:
-    """An exported GPT-2, ready to generate. Build it with `gpt2onnx.load`."""
+    """An exported GPT-2, ready to generate. Build it with `gpt2onnx.load`. Safe to share between threads."""
 
     def __init__(self, directory: Path, *, manifest: dict | None, options: SessionOptions = SessionOptions()):
         self.directory = Path(directory)
         self.manifest = manifest
-        self.config = ModelConfig.from_file(self.directory / c.CONFIG_FILE)
+        self.raw_config = json.loads((self.directory / c.CONFIG_FILE).read_text())
+        self.config = ModelConfig.from_dict(self.raw_config)
         self.tokenizer = Tokenizer(self.directory / c.TOKENIZER_FILE)
         self.session = OnnxSession(self.directory / c.MODEL_FILE, self.config, options)
         path = self.directory / c.GENERATION_CONFIG_FILE
         self.generation_config = json.loads(path.read_text()) if path.is_file() else {}
-        eos = self.config.eos_token_id
-        self.eos_token_id = eos if eos is not None else self.tokenizer.eos_token_id
+        self.defaults = model_defaults(self.generation_config, self.raw_config)
+        eos = self.generation_config.get("eos_token_id", self.config.eos_token_id)
+        self.eos_token_id = eos if isinstance(eos, int) else self.tokenizer.eos_token_id
 
-    def encode_prompt(self, prompt: str) -> list[int]:
-        if not isinstance(prompt, str):
-            raise InvalidArgumentError(f"prompt must be a string, got {type(prompt).__name__}")
-        ids = self.tokenizer.encode(prompt)
-        return ids if ids else [self.eos_token_id]  # an empty prompt starts from <|endoftext|>, as GPT-2 does
+    def generate(self, prompt: str | list[str], *, max_new_tokens: int | None = None, max_length: int | None = None,
+                 min_new_tokens: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
+                 no_repeat_ngram_size: int | None = None, num_return_sequences: int | None = None,
+                 stop: str | list[str] | None = None, seed: int | None = None, sampler: str | None = None,
+                 ignore_eos: bool | None = None, return_full_text: bool = False, truncate: str | None = None,
+                 allow_special_tokens: bool = False):
+        """Continue `prompt` (a string, or a list of strings run as one left-padded batch).
 
-    def generate_ids(self, prompt_ids: list[list[int]], settings: GenerationSettings, *,
-                     rng: np.random.Generator | None = None) -> list[list[int]]:
-        """New token ids for each prompt (lists of ids), after checking they fit the context."""
-        longest = max(len(p) for p in prompt_ids)
-        if longest + settings.max_new_tokens > self.config.n_positions:
-            raise InvalidArgumentError(
-                f"the prompt ({longest} tokens) plus max_new_tokens ({settings.max_new_tokens}) is "
-                f"{longest + settings.max_new_tokens} positions; this model has n_positions="
-                f"{self.config.n_positions}",
-                hint="shorten the prompt or ask for fewer new tokens")
-        return generate(self.session, prompt_ids, settings, eos_id=self.eos_token_id, rng=rng)
+        Returns a Generation for a string prompt, a list of num_return_sequences Generations when that is
+        > 1, and a list of those for a list of prompts. Options left as None come from the model directory
+        (generation_config.json, then config.json's task_specific_params['text-generation']), then from
+        transformers' defaults (greedy, max_length 20, top_k 50 when sampling).
 
-    def generate(self, prompt: str, *, max_new_tokens: int = 20, ignore_eos: bool = False) -> Generation:
-        """Greedy continuation of `prompt`.
-
-        max_new_tokens: how many tokens to add after the prompt.
-        ignore_eos: keep generating after <|endoftext|> (for fixed-length runs).
+        max_new_tokens: tokens to add after the prompt (wins over max_length when both are given).
+        max_length: prompt plus new tokens (the longest prompt of a batch counts).
+        min_new_tokens: forbid <|endoftext|> before this many new tokens.
+        do_sample: sample from the distribution instead of taking the most likely token.
+        temperature: divide the logits by this before sampling; 0 means greedy.
+        top_k: sample among the k most likely tokens (0: all).
+        top_p: sample among the fewest tokens whose probabilities add up to top_p (1: all).
+        repetition_penalty: > 1 makes tokens already in the sequence less likely (1: none).
+        no_repeat_ngram_size: never repeat an n-gram of this size (0: off).
+        num_return_sequences: continuations per prompt, sampled from one shared prefill (at most 64).
+        stop: a string or list of strings; a row ends when its new text contains one (cut from the text).
+        seed: 0 .. 2**32-1; the same seed and settings give the same tokens (None: a fresh seed, reported).
+        sampler: "torch" replays PyTorch's random stream (the tokens of transformers after set_seed(seed));
+            "numpy" uses numpy's generator (faster, different tokens).
+        ignore_eos: keep generating after <|endoftext|> (fixed-length runs).
+        return_full_text: put the prompt in front of the returned text.
+        truncate: "left" drops the oldest prompt tokens when prompt + new tokens exceed the context;
+            None (default) raises an error instead.
+        allow_special_tokens: read "<|endoftext|>" typed in a prompt as the special token, not as text.
         """
-        settings = GenerationSettings(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos)
-        prompt_ids = self.encode_prompt(prompt)
-        new_ids = self.generate_ids([prompt_ids], settings)[0]
-        return Generation(text=self.tokenizer.decode(new_ids), token_ids=new_ids, prompt_token_ids=prompt_ids)
+        options = dict(max_new_tokens=max_new_tokens, max_length=max_length, min_new_tokens=min_new_tokens,
+                       do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                       repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                       num_return_sequences=num_return_sequences, stop=stop, seed=seed, sampler=sampler,
+                       ignore_eos=ignore_eos)
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        prompt_ids, settings = self._prepare(prompts, options, truncate=truncate, allow_special=allow_special_tokens)
+        seed, rng = self._rng(settings)
+        rows = self.generate_rows(prompt_ids, settings, rng)
+        results, n = [], settings.num_return_sequences
+        for index, new_ids in enumerate(rows):
+            p = index // n
+            results.append(self._result(prompts[p], prompt_ids[p], new_ids, settings, seed, return_full_text))
+        grouped = results if n == 1 else [results[i:i + n] for i in range(0, len(results), n)]
+        return grouped[0] if isinstance(prompt, str) else grouped
+
+    def stream(self, prompt: str, *, return_full_text: bool = False, truncate: str | None = None,
+               allow_special_tokens: bool = False, **options) -> Iterator[str]:
+        """Yield the new text piece by piece as tokens are produced; the pieces join to `generate`'s text.
+
+        Takes one prompt and the options of `generate` (num_return_sequences must be 1). A piece never
+        ends inside a multi-byte character or a possible stop string. To stop early, break out of the
+        loop (or call `.close()` on the iterator): no further tokens are computed.
+        """
+        if not isinstance(prompt, str):
+            raise InvalidArgumentError(f"stream() takes one prompt string, got {type(prompt).__name__}",
+                                       hint="use generate() for a batch of prompts")
+        (prompt_ids,), settings = self._prepare([prompt], options, truncate=truncate,
+                                                allow_special=allow_special_tokens)
+        if settings.num_return_sequences != 1:
+            raise InvalidArgumentError("stream() produces one sequence; num_return_sequences must be 1",
+                                       hint="use generate() for several sequences")
+        _, rng = self._rng(settings)
+        hold = max((len(s) for s in settings.stop), default=1) - 1  # a stop string may still be completing
+        tokens, sent = [], 0
+        if return_full_text:
+            yield prompt
+        for next_ids, live in generate_tokens(self.session, [prompt_ids], settings, eos_id=self.eos_token_id,
+                                              rng=rng):
+            token = int(next_ids[0])
+            if token == self.eos_token_id and not settings.ignore_eos:
+                break
+            tokens.append(token)
+            text, hit = cut_at_stop(self.tokenizer.decode(tokens), settings.stop)
+            if hit:
+                break
+            ready = min(len(text.rstrip("\ufffd")), len(text) - hold)  # hold back a partial char or stop
+            if ready > sent:
+                yield text[sent:ready]
+                sent = ready
+        text, _ = cut_at_stop(self.tokenizer.decode(tokens), settings.stop)
+        if len(text) > sent:
+            yield text[sent:]
+
+    def generate_rows(self, prompt_ids: list[list[int]], settings: GenerationSettings, rng) -> list[list[int]]:
+        """New token ids of every row (prompt-major, then its return sequences) from prepared inputs."""
+        stops = StopStrings(settings.stop, self.tokenizer.decode, len(prompt_ids) * settings.num_return_sequences)
+        return generate(self.session, prompt_ids, settings, eos_id=self.eos_token_id, rng=rng,
+                        stopped=stops.update if settings.stop else None)
+
+    def _prepare(self, prompts: list, options: dict, *, truncate: str | None,
+                 allow_special: bool) -> tuple[list[list[int]], GenerationSettings]:
+        """Prompts to token ids and options to settings, with every check made before anything runs."""
+        if not isinstance(prompts, list) or not prompts:
+            raise InvalidArgumentError("prompt must be a string or a non-empty list of strings")
+        if truncate not in (None, "left"):
+            raise InvalidArgumentError(f"truncate must be None or 'left', got {truncate!r}")
+        ids = [self.encode_prompt(p, allow_special=allow_special, index=i if len(prompts) > 1 else None)
+               for i, p in enumerate(prompts)]
+        settings = resolve(self.defaults, options, prompt_length=max(map(len, ids)))
+        room = self.config.n_positions - settings.max_new_tokens
+        longest = max(map(len, ids))
+        if longest > room:
+            if truncate != "left" or room < 1:
+                raise InvalidArgumentError(
+                    f"the prompt ({longest} tokens) plus max_new_tokens ({settings.max_new_tokens}) is "
+                    f"{longest + settings.max_new_tokens} positions; this model has n_positions="
+                    f"{self.config.n_positions}",
+                    hint="shorten the prompt, ask for fewer new tokens, or pass truncate='left' "
+                         "(--truncate left) to drop the oldest prompt tokens")
+            ids = [p[-room:] for p in ids]
+        return ids, settings
+
+    def encode_prompt(self, prompt: str, *, allow_special: bool = False, index: int | None = None) -> list[int]:
+        """Token ids of a prompt; an empty prompt starts from <|endoftext|>, as GPT-2 was trained."""
+        name = "prompt" if index is None else f"prompt {index}"
+        if not isinstance(prompt, str):
+            raise InvalidArgumentError(f"{name} must be a string, got {type(prompt).__name__}")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise InvalidArgumentError(
+                f"{name} contains a lone surrogate ({prompt[error.start]!r} at index {error.start}); "
+                "text must be valid Unicode",
+                hint="decode your input with errors='replace', or remove the stray surrogate") from None
+        ids = self.tokenizer.encode(prompt, allow_special=allow_special)
+        return ids if ids else [self.eos_token_id]
+
+    def _rng(self, settings: GenerationSettings):
+        if settings.greedy:
+            return None, None
+        seed = settings.seed if settings.seed is not None else secrets.randbelow(2**32)
+        if settings.sampler == "numpy":
+            return seed, np.random.default_rng(seed)
+        from .torch_random import TorchGenerator
+
+        return seed, TorchGenerator(seed)
+
+    def _result(self, prompt: str, prompt_ids: list[int], new_ids: list[int], settings: GenerationSettings,
+                seed: int | None, full: bool) -> Generation:
+        ended_by_eos = bool(new_ids) and new_ids[-1] == self.eos_token_id and not settings.ignore_eos
+        text, hit = cut_at_stop(self.tokenizer.decode(new_ids[:-1] if ended_by_eos else new_ids), settings.stop)
+        reason = STOP if hit else EOS if ended_by_eos else LENGTH
+        return Generation(text=prompt + text if full else text, token_ids=new_ids, prompt=prompt,
+                          prompt_token_ids=prompt_ids, finish_reason=reason, seed=seed)
 
 
 def load(directory: str | Path, *, threads: int = 0, check_hashes: bool = True) -> Model:

@@ -1,4 +1,9 @@
-"""Choosing the next token: a pure function of (logits, settings, random generator)."""
+"""Choosing the next token: a pure function of (logits, the sequences so far, settings, random generator).
+
+The logits are processed exactly in transformers' order and arithmetic (float32): repetition penalty,
+no-repeat n-grams, min_new_tokens, then — when sampling — temperature, top-k, top-p; softmax; one draw per
+row. Temperature 0 (or do_sample=False) is greedy: argmax of the processed logits.
+"""
 
 from __future__ import annotations
 
@@ -7,30 +12,76 @@ import numpy as np
 from .settings import GenerationSettings
 
 
-def sample(logits: np.ndarray, settings: GenerationSettings, rng: np.random.Generator | None) -> np.ndarray:
-    """Next token id for each row of `logits` [batch, vocab]. Greedy needs no generator."""
+def sample(logits: np.ndarray, sequences: np.ndarray, new_tokens: int, settings: GenerationSettings, rng, *,
+           eos_id: int | None) -> np.ndarray:
+    """Next token id of every row.
+
+    logits: [batch, vocab] for the last position. sequences: [batch, length] every token so far, left
+    padding included (transformers' processors see it too). new_tokens: tokens generated so far.
+    rng: None for greedy; a numpy Generator, or a gpt2onnx.torch_random.TorchGenerator to replay
+    PyTorch's stream.
+    """
+    scores = process(logits, sequences, new_tokens, settings, eos_id=eos_id)
     if settings.greedy:
-        return logits.argmax(axis=-1)
-    # scale the logits by the temperature, then cut the tail (top-k, then top-p)
-    scores = logits.astype(np.float32) / np.float32(settings.temperature)
-    if 0 < settings.top_k < scores.shape[-1]:
-        kth = np.partition(scores, -settings.top_k, axis=-1)[:, -settings.top_k][:, None]
-        scores = np.where(scores < kth, -np.inf, scores)
+        return scores.argmax(axis=-1)
+    return draw(softmax(scores), rng)
+
+
+def process(logits: np.ndarray, sequences: np.ndarray, new_tokens: int, settings: GenerationSettings, *,
+            eos_id: int | None) -> np.ndarray:
+    """The logits after transformers' processors and (when sampling) warpers, as float32."""
+    scores = np.array(logits, dtype=np.float32)  # a copy: the caller's logits stay untouched
+    if settings.repetition_penalty != 1.0:
+        # tokens already in the row: negative scores are multiplied, positive ones divided
+        seen = np.take_along_axis(scores, sequences, axis=1)
+        penalty = np.float32(settings.repetition_penalty)
+        np.put_along_axis(scores, sequences, np.where(seen < 0, seen * penalty, seen / penalty), axis=1)
+    if settings.no_repeat_ngram_size > 0:
+        for row, banned in enumerate(_banned_ngram_tokens(sequences, settings.no_repeat_ngram_size)):
+            scores[row, banned] = -np.inf
+    if eos_id is not None and new_tokens < settings.min_new_tokens:
+        scores[:, eos_id] = -np.inf
+    if settings.greedy:
+        return scores
+    if settings.temperature != 1.0:
+        scores = scores / np.float32(settings.temperature)
+    if settings.top_k and settings.top_k < scores.shape[-1]:
+        kth = -np.partition(-scores, settings.top_k - 1, axis=-1)[:, settings.top_k - 1 : settings.top_k]
+        scores[scores < kth] = -np.inf  # ties with the k-th score stay, as with torch.topk
     if settings.top_p < 1.0:
-        order = np.argsort(-scores, axis=-1, kind="stable")
-        sorted_probs = _softmax(np.take_along_axis(scores, order, axis=-1))
-        # drop a token when the tokens ranked above it already reach top_p (the top one always stays)
-        drop_sorted = (np.cumsum(sorted_probs, axis=-1) - sorted_probs) >= settings.top_p
-        drop = np.zeros_like(drop_sorted)
+        # sort ascending; drop tokens while the cumulative probability is <= 1 - top_p (the top one stays)
+        order = np.argsort(scores, axis=-1, kind="stable")
+        cumulative = np.cumsum(softmax(np.take_along_axis(scores, order, axis=-1)), axis=-1, dtype=np.float32)
+        drop_sorted = cumulative <= np.float32(1 - settings.top_p)
+        drop_sorted[:, -1] = False
+        drop = np.empty_like(drop_sorted)
         np.put_along_axis(drop, order, drop_sorted, axis=-1)
-        scores = np.where(drop, -np.inf, scores)
-    # draw one token per row from the remaining distribution
-    probs = _softmax(scores).astype(np.float64)
-    coins = rng.random(len(probs))[:, None]
-    cdf = np.cumsum(probs, axis=-1)
-    return np.minimum((cdf < coins * cdf[:, -1:]).sum(axis=-1), probs.shape[-1] - 1)
+        scores[drop] = -np.inf
+    return scores
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+def softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def draw(probs: np.ndarray, rng) -> np.ndarray:
+    """One token per row from `probs` [batch, vocab] (float32)."""
+    if isinstance(rng, np.random.Generator):
+        # inverse CDF with one uniform number per row
+        cdf = np.cumsum(probs, axis=-1, dtype=np.float64)
+        coins = rng.random(len(probs))[:, None] * cdf[:, -1:]
+        return np.minimum((cdf <= coins).sum(axis=-1), probs.shape[-1] - 1)
+    return rng.multinomial_one(probs)  # torch's algorithm on torch's stream
+
+
+def _banned_ngram_tokens(sequences: np.ndarray, n: int) -> list[list[int]]:
+    """Per row, the tokens that would complete an n-gram already present (transformers' rule)."""
+    length = sequences.shape[1]
+    if length + 1 < n:
+        return [[] for _ in sequences]
+    banned = []
+    for row in sequences.tolist():
+        prefix = tuple(row[length - n + 1:]) if n > 1 else ()
+        banned.append([row[i + n - 1] for i in range(length - n + 1) if tuple(row[i:i + n - 1]) == prefix])
+    return banned

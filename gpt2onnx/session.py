@@ -1,4 +1,9 @@
-"""One ONNX Runtime session over an exported graph: feeds in, logits and the grown cache out."""
+"""One ONNX Runtime session over an exported graph: feeds in, logits and the grown cache out.
+
+Steps run through an IO binding: each cache buffer is bound as both the past input and the present output
+of its layer (the graph's attention writes the new positions in place), and the logits land in an array
+allocated for them, so the only per-step work outside ONNX Runtime is binding the three small id arrays.
+"""
 
 from __future__ import annotations
 
@@ -30,8 +35,12 @@ _LEVELS = {
 }
 
 
+# logits_for -> the graph's logits_to_keep input (0 = every position)
+_LOGITS_KEPT = {"all": np.array(0, np.int64), "last": np.array(1, np.int64)}
+
+
 class OnnxSession:
-    """Runs one step of the graph. Safe to use from many threads at once (ONNX Runtime's `run` is)."""
+    """Runs one step of the graph. Safe to use from many threads at once, each with its own cache."""
 
     def __init__(self, path: Path, config: ModelConfig, options: SessionOptions = SessionOptions()):
         if not isinstance(options.threads, int) or options.threads < 0:
@@ -51,20 +60,53 @@ class OnnxSession:
         self.config = config
         self._past_names = c.past_names(config.n_layer)
         self._output_names = c.output_names(config.n_layer)
+        self._present_names = c.present_names(config.n_layer)
         have = {i.name for i in self._session.get_inputs()}
         want = set(c.input_names(config.n_layer))
         if have != want or {o.name for o in self._session.get_outputs()} != set(self._output_names):
             raise ModelLoadError(f"{path} does not have the inputs and outputs of format {c.FORMAT_VERSION} "
                                  f"(missing inputs: {sorted(want - have)}, unexpected: {sorted(have - want)})")
 
-    def empty_cache(self, batch: int) -> KVCache:
-        """The cache before the first step: every past tensor with length 0."""
-        return KVCache.empty(self.config, batch)
+    def empty_cache(self, batch: int, *, capacity: int = 0) -> KVCache:
+        """The cache before the first step: length 0, with room for `capacity` positions (it grows as needed)."""
+        return KVCache.empty(self.config, batch, capacity)
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-            cache: KVCache) -> tuple[np.ndarray, KVCache]:
-        """Logits [batch, new positions, vocab] and the cache extended by the new positions."""
-        feeds = {c.INPUT_IDS: input_ids, c.ATTENTION_MASK: attention_mask, c.POSITION_IDS: position_ids}
-        feeds.update(zip(self._past_names, cache.tensors))
-        logits, *present = self._session.run(self._output_names, feeds)
-        return logits, KVCache(present)
+            cache: KVCache, *, logits_for: str = "all") -> tuple[np.ndarray, KVCache]:
+        """Logits and the cache extended by the new positions: `cache` itself, updated in place.
+
+        logits_for: "all" gives [batch, new positions, vocab]; "last" only the last position's
+        [batch, 1, vocab], and skips the head's work for the others (what generation needs).
+        """
+        if logits_for not in _LOGITS_KEPT:
+            raise InvalidArgumentError(f"logits_for must be 'all' or 'last', got {logits_for!r}")
+        batch, new = input_ids.shape
+        total = attention_mask.shape[1]
+        cache.reserve(total, self.config.n_positions)
+        binding = self._bind_cache(cache)
+        binding.bind_cpu_input(c.INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input(c.ATTENTION_MASK, np.ascontiguousarray(attention_mask, dtype=np.int64))
+        binding.bind_cpu_input(c.POSITION_IDS, np.ascontiguousarray(position_ids, dtype=np.int64))
+        binding.bind_cpu_input(c.LOGITS_TO_KEEP, _LOGITS_KEPT[logits_for])
+        logits = np.empty((batch, new if logits_for == "all" else 1, self.config.vocab_size), np.float32)
+        binding.bind_ortvalue_output(c.LOGITS, ort.OrtValue.ortvalue_from_numpy(logits))
+        try:
+            self._session.run_with_iobinding(binding)
+        except Exception as error:  # onnxruntime raises its own untyped exceptions
+            raise InvalidArgumentError(f"ONNX Runtime rejected the step: {error}",
+                                       hint="check the shapes: input_ids and position_ids [batch, new], "
+                                            "attention_mask [batch, past + new]") from error
+        cache.length = total
+        return logits, cache
+
+    def _bind_cache(self, cache: KVCache) -> ort.IOBinding:
+        """The cache's binding to this session: each buffer is its layer's past input and present output."""
+        if cache.binding is not None and cache.binding[0] is self:
+            return cache.binding[1]
+        binding = self._session.io_binding()
+        values = [ort.OrtValue.ortvalue_from_numpy(b) for b in cache.buffers]  # views of the buffers
+        for past, present, value in zip(self._past_names, self._present_names, values):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        cache.binding = (self, binding, values)
+        return binding

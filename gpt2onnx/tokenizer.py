@@ -30,3 +30,16 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         return self._special.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def decode_text(self, ids, *, clean_up: bool = False) -> str:
+        """Text without special tokens, optionally with transformers' clean_up_tokenization_spaces."""
+        text = self._special.decode([int(i) for i in ids], skip_special_tokens=True)
+        return clean_up_tokenization(text) if clean_up else text
+
+
+def clean_up_tokenization(text: str) -> str:
+    """transformers' clean-up of spaces before punctuation and contractions (its pipeline's default)."""
+    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(before, after)
+    return text

@@ -1,0 +1,571 @@
+"""`gpt2onnx bench`: GPT-2 generation speed next to transformers+torch, Optimum and CTranslate2, in one report.
+
+Every configuration (framework x precision) runs in a worker process of its own, so its load time and
+peak memory are its own. All workers stay alive and the measurements go round-robin: round r measures
+every configuration once before round r+1 starts, so a machine whose load drifts (ours is shared) slows
+them all alike, and the ratios in one report hold. Each figure is the median over the rounds.
+
+The workload is fixed and forced to length (EOS ignored): the same seeded token ids for everyone,
+greedy decoding, threads = physical cores for every framework.
+
+  decode@8      new tokens per second after an 8-token prompt: (N - 1) / (time(N tokens) - time(1 token))
+  decode@768    the same after a 768-token prompt (reading a long KV cache every step)
+  prefill       prompt tokens per second for a 512-token prompt: 512 / time to its first token
+  TTFT          time to the first new token after the 8-token prompt
+  batch-5       tokens per second of 5 sampled continuations of the 8-token prompt (num_return_sequences=5)
+  load, peak RSS, size on disk; for gpt2onnx also the share of a decode step spent outside ONNX Runtime
+
+Each framework is measured through its own generation API: transformers' and Optimum's `generate`,
+CTranslate2's `generate_batch`, and gpt2onnx's generation loop (`gpt2onnx.generator.generate`).
+
+Frameworks that are not installed are skipped (`pip install 'gpt2onnx[bench]'`). Preparing the models
+needs the export extra; they are kept in --work-dir and reused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InvalidArgumentError, MissingDependencyError
+
+# (framework, precision) in report order
+CONFIGS = [("torch", "fp32"), ("optimum", "fp32"), ("ctranslate2", "fp32"), ("ctranslate2", "int8"),
+           ("gpt2onnx", "fp32"), ("gpt2onnx", "int8"), ("gpt2onnx", "int4")]
+LABELS = {"torch": "transformers+torch", "optimum": "Optimum ORTModelForCausalLM", "ctranslate2": "CTranslate2",
+          "gpt2onnx": "gpt2onnx"}
+_MODULES = {"torch": "transformers", "optimum": "optimum.onnxruntime", "ctranslate2": "ctranslate2",
+            "gpt2onnx": "onnxruntime"}
+_WEIGHT_SUFFIXES = (".onnx", ".onnx.data", ".onnx_data", ".safetensors", ".bin")
+_EOS = 50256
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What to measure (defaults: the workload of issue 5)."""
+
+    model: str = "random:gpt2"  # random:NAME or a local Hugging Face directory
+    runs: int = 5  # rounds; every figure is the median over them
+    new_tokens: int = 128  # tokens generated after the short prompt (decode@8, batch-5)
+    short_prompt: int = 8
+    long_prompt: int = 768  # decode at a long past
+    long_new_tokens: int = 64
+    prefill: int = 512  # prompt tokens of the prefill figure
+    batch: int = 5  # num_return_sequences of the batch figure
+    threads: int = 0  # 0 = physical cores, for every framework
+    frameworks: tuple[str, ...] = ("torch", "optimum", "ctranslate2", "gpt2onnx")
+    precisions: tuple[str, ...] = ("fp32", "int8", "int4")
+    work_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "gpt2onnx" / "bench")
+
+    def check(self) -> None:
+        for name in ("runs", "new_tokens", "short_prompt", "long_prompt", "long_new_tokens", "prefill", "batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidArgumentError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.new_tokens < 2 or self.long_new_tokens < 2:
+            raise InvalidArgumentError("new_tokens and long_new_tokens must be at least 2 (decode rates need a step)")
+        unknown = set(self.frameworks) - set(LABELS)
+        if unknown:
+            raise InvalidArgumentError(f"unknown frameworks {sorted(unknown)}", hint=f"choose from {', '.join(LABELS)}")
+
+
+def physical_cores() -> int:
+    """Physical cores available to this process (Linux topology; else os.cpu_count())."""
+    try:
+        cpus = os.sched_getaffinity(0)
+        cores = set()
+        for cpu in cpus:
+            base = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+            cores.add((base / "physical_package_id").read_text().strip() + "/" + (base / "core_id").read_text().strip())
+        return max(1, len(cores))
+    except (OSError, AttributeError):
+        return max(1, os.cpu_count() or 1)
+
+
+def prompts(options: BenchOptions, vocab_size: int = _EOS) -> dict[str, list[int]]:
+    """The token ids everyone gets: seeded, so every framework and every run sees the same prompts."""
+    rng = np.random.default_rng(2024)
+    longest = max(options.short_prompt, options.long_prompt, options.prefill)
+    ids = rng.integers(0, vocab_size, longest).tolist()
+    return {"short": ids[:options.short_prompt], "long": ids[:options.long_prompt], "prefill": ids[:options.prefill]}
+
+
+# --------------------------------------------------------------------------------------------------------
+# The parent: prepare, start workers, measure round-robin, report.
+
+def run_bench(options: BenchOptions, *, progress: Callable[[str], None], command: str | None = None) -> dict:
+    """Run the benchmark; returns the report (see `format_table`, `write_chart`). `command` is recorded."""
+    options.check()
+    threads = options.threads or physical_cores()
+    configs, skipped = [], []
+    for framework, precision in CONFIGS:
+        if framework not in options.frameworks or (framework == "gpt2onnx" and precision not in options.precisions):
+            continue
+        if not _installed(_MODULES[framework]):
+            skipped.append(f"{LABELS[framework]} {precision}: not installed (pip install 'gpt2onnx[bench]')")
+            continue
+        configs.append((framework, precision))
+    if not configs:
+        raise InvalidArgumentError("nothing to measure", hint="check --only and --precisions")
+    for note in skipped:
+        progress(f"skipping {note}")
+    directories = prepare(options, configs, progress=progress)
+    spec = {"prompts": prompts(options), "new_tokens": options.new_tokens, "long_new_tokens": options.long_new_tokens,
+            "batch": options.batch}
+    workers = []
+    try:
+        for framework, precision in configs:
+            progress(f"loading {LABELS[framework]} {precision}")
+            workers.append(_Worker(framework, precision, directories[(framework, precision)], threads,
+                                   options.work_dir / "logs"))
+        for worker in workers:
+            worker.ask({"cmd": "warmup", "spec": spec})
+        for round_ in range(1, options.runs + 1):
+            for worker in workers:
+                timings = worker.ask({"cmd": "round", "spec": spec})
+                worker.rounds.append(_figures(timings, options))
+                f = worker.rounds[-1]
+                progress(f"[round {round_}/{options.runs}] {worker.name:32s} decode@{options.short_prompt} "
+                         f"{f['decode_short']:6.1f} tok/s, decode@{options.long_prompt} {f['decode_long']:6.1f}, "
+                         f"prefill {f['prefill']:6.0f}, batch-{options.batch} {f['batch']:6.1f}")
+        results = []
+        for worker in workers:
+            final = worker.ask({"cmd": "exit"})
+            results.append(_summary(worker, final))
+    finally:
+        for worker in workers:
+            worker.close()
+    return {"command": command, "machine": _machine(threads), "workload": _workload(options), "results": results,
+            "skipped": skipped}
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def prepare(options: BenchOptions, configs: list[tuple[str, str]], *,
+            progress: Callable[[str], None]) -> dict[tuple[str, str], Path]:
+    """Every configuration's model directory under work_dir, made once (a `.done` file marks a finished one)."""
+    try:
+        import gpt2onnx_export  # noqa: F401  (the export extra: torch, transformers, onnx)
+    except ImportError as error:
+        raise MissingDependencyError(f"preparing the benchmark's models needs the export extra ({error})",
+                                     hint="pip install 'gpt2onnx[export,bench]'") from error
+    root = Path(options.work_dir) / options.model.replace(":", "-").replace("/", "_")
+    root.mkdir(parents=True, exist_ok=True)
+    hf = _hf_checkpoint(options.model, root, progress)
+    out = {}
+    for framework, precision in configs:
+        directory = root / f"{framework}-{precision}"
+        if framework == "torch":
+            out[(framework, precision)] = hf
+            continue
+        if not (directory / ".done").is_file():
+            progress(f"preparing {LABELS[framework]} {precision} in {directory}")
+            _convert(framework, precision, options.model, hf, directory)
+            (directory / ".done").write_text("")
+        out[(framework, precision)] = directory
+    return out
+
+
+def _hf_checkpoint(model: str, root: Path, progress) -> Path:
+    """The model in Hugging Face layout (what torch, Optimum and CTranslate2 read)."""
+    if not model.startswith("random:"):
+        path = Path(model).expanduser()
+        if not (path / "config.json").is_file():
+            raise InvalidArgumentError(f"--model must be random:NAME or a local Hugging Face directory, got {model!r}")
+        return path
+    hf = root / "hf"
+    if (hf / ".done").is_file():
+        return hf
+    progress(f"writing {model} in Hugging Face layout to {hf}")
+    import shutil
+    import tempfile
+
+    from gpt2onnx_export.reference import torch_model
+    from gpt2onnx_export.sources import load_source
+
+    with tempfile.TemporaryDirectory() as work:
+        source = load_source(model, workdir=Path(work), seed=0)
+        torch_model(source.config_dict, source.weights).save_pretrained(hf, safe_serialization=True)
+        for path in source.tokenizer_dir.iterdir():
+            shutil.copyfile(path, hf / path.name)
+    (hf / ".done").write_text("")
+    return hf
+
+
+def _convert(framework: str, precision: str, model: str, hf: Path, directory: Path) -> None:
+    import shutil
+
+    shutil.rmtree(directory, ignore_errors=True)
+    if framework == "gpt2onnx":
+        from gpt2onnx_export import ExportOptions, export_model
+
+        spec = model if model.startswith("random:") else str(hf)
+        export_model(spec, directory, ExportOptions(precision=precision, force=True), progress=lambda m: None)
+    elif framework == "optimum":
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        ORTModelForCausalLM.from_pretrained(hf, export=True).save_pretrained(directory)
+        for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+            if (hf / name).is_file():
+                shutil.copyfile(hf / name, directory / name)
+    elif framework == "ctranslate2":
+        import ctranslate2
+
+        ctranslate2.converters.TransformersConverter(str(hf)).convert(
+            str(directory), quantization="int8" if precision == "int8" else "float32", force=True)
+        shutil.copyfile(hf / "tokenizer.json", directory / "tokenizer.json")
+
+
+class _Worker:
+    """A worker process holding one loaded model; speaks one JSON line per request."""
+
+    def __init__(self, framework: str, precision: str, directory: Path, threads: int, logs: Path):
+        logs.mkdir(parents=True, exist_ok=True)
+        self.name = f"{LABELS[framework]} {precision}"
+        self.framework, self.precision, self.directory = framework, precision, directory
+        self.log = logs / f"{framework}-{precision}.log"
+        self.rounds: list[dict] = []
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "gpt2onnx.bench", "worker", framework, precision, str(directory), str(threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(self.log, "w"), text=True)
+        self.loaded = self._read()
+
+    def ask(self, request: dict) -> dict:
+        self._proc.stdin.write(json.dumps(request) + "\n")
+        self._proc.stdin.flush()
+        return self._read()
+
+    def _read(self) -> dict:
+        line = self._proc.stdout.readline()
+        if not line:
+            tail = self.log.read_text()[-2000:] if self.log.is_file() else ""
+            raise RuntimeError(f"the {self.name} worker died; its log ({self.log}) ends with:\n{tail}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"the {self.name} worker failed: {reply['error']}")
+        return reply
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+
+def _figures(t: dict, options: BenchOptions) -> dict:
+    """One round's timings -> its figures."""
+    return {"decode_short": (options.new_tokens - 1) / (t["full_short"] - t["first_short"]),
+            "decode_long": (options.long_new_tokens - 1) / (t["full_long"] - t["first_long"]),
+            "prefill": options.prefill / t["first_prefill"],
+            "ttft_ms": 1000 * t["first_short"],
+            "batch": options.batch * options.new_tokens / t["batch"],
+            **({"outside_ort": t["outside_ort"]} if "outside_ort" in t else {})}
+
+
+def _summary(worker: _Worker, final: dict) -> dict:
+    keys = worker.rounds[0].keys()
+    median = {k: float(np.median([r[k] for r in worker.rounds])) for k in keys}
+    return {"name": worker.name, "framework": worker.framework, "precision": worker.precision,
+            **median, "decode_long_over_short": median["decode_long"] / median["decode_short"],
+            "load_s": worker.loaded["load_s"], "peak_rss_mb": final["peak_rss_bytes"] / 2**20,
+            "size_mb": worker.loaded["size_bytes"] / 2**20, "rounds": worker.rounds}
+
+
+def _machine(threads: int) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for name in ("onnxruntime", "torch", "transformers", "optimum", "ctranslate2", "numpy"):
+        try:
+            from importlib.metadata import version
+
+            versions[name] = version(name)
+        except Exception:
+            pass
+    return {"cpu": cpu, "physical_cores": physical_cores(), "threads": threads, "python": platform.python_version(),
+            "versions": versions}
+
+
+def _workload(options: BenchOptions) -> dict:
+    d = asdict(options)
+    d["work_dir"] = str(options.work_dir)
+    return d
+
+
+# --------------------------------------------------------------------------------------------------------
+# Output: a table, JSON, a chart.
+
+_COLUMNS = [("decode_short", "decode@{short} tok/s", "{:.1f}"), ("decode_long", "decode@{long} tok/s", "{:.1f}"),
+            ("decode_long_over_short", "@{long}/@{short}", "{:.2f}"), ("prefill", "prefill@{prefill} tok/s", "{:.0f}"),
+            ("ttft_ms", "TTFT ms", "{:.1f}"), ("batch", "batch-{batch} tok/s", "{:.1f}"), ("load_s", "load s", "{:.2f}"),
+            ("peak_rss_mb", "peak RSS MB", "{:.0f}"), ("size_mb", "disk MB", "{:.0f}"),
+            ("outside_ort", "outside ORT", "{:.1%}")]
+
+
+def format_table(report: dict) -> str:
+    """The report as a Markdown table (what the README shows), with the machine underneath."""
+    w = report["workload"]
+    names = {"short": w["short_prompt"], "long": w["long_prompt"], "prefill": w["prefill"], "batch": w["batch"]}
+    header = ["configuration"] + [title.format(**names) for _, title, _ in _COLUMNS]
+    rows = []
+    for r in report["results"]:
+        rows.append([r["name"]] + [fmt.format(r[key]) if key in r else "—" for key, _, fmt in _COLUMNS])
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    m = report["machine"]
+    lines.append("")
+    lines.append(f"{m['cpu']}, {m['physical_cores']} physical cores, {m['threads']} threads each; "
+                 f"{w['model']}, medians of {w['runs']} interleaved rounds; "
+                 + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
+    for note in report.get("skipped", []):
+        lines.append(f"skipped: {note}")
+    return "\n".join(lines)
+
+
+def write_chart(report: dict, path: Path) -> Path | None:
+    """A PNG of the main figures; None (and nothing written) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    w = report["workload"]
+    results = report["results"]
+    names = [r["name"].replace("Optimum ORTModelForCausalLM", "Optimum").replace("transformers+torch", "torch")
+             for r in results]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8))
+    y = np.arange(len(results))
+    ax = axes[0, 0]
+    ax.barh(y - 0.2, [r["decode_short"] for r in results], 0.4, label=f"past {w['short_prompt']}")
+    ax.barh(y + 0.2, [r["decode_long"] for r in results], 0.4, label=f"past {w['long_prompt']}")
+    ax.set_title("decode, tokens/s (batch 1, greedy)")
+    ax.legend()
+    panels = [(axes[0, 1], "prefill", f"prefill of {w['prefill']} tokens, tokens/s"),
+              (axes[1, 0], "batch", f"{w['batch']} sampled continuations, tokens/s"),
+              (axes[1, 1], "peak_rss_mb", "peak RSS, MB")]
+    for ax, key, title in panels:
+        ax.barh(y, [r[key] for r in results], 0.6, color="tab:gray" if key == "peak_rss_mb" else "tab:green")
+        ax.set_title(title)
+    for ax in axes.flat:
+        ax.set_yticks(y, names)
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+    m = report["machine"]
+    fig.suptitle(f"GPT-2 ({w['model']}) on {m['cpu']}, {m['threads']} threads; medians of {w['runs']} rounds")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------
+# The worker: one framework, one model, timings on request.
+
+class _Runner:
+    """generate(prompt ids, new tokens, rows) -> the new token ids of every row, forced to length."""
+
+    def generate(self, prompt: list[int], new: int, rows: int = 1) -> list[list[int]]:
+        raise NotImplementedError
+
+
+class _TorchRunner(_Runner):
+    def __init__(self, directory: Path, precision: str, threads: int, *, optimum: bool = False):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        if optimum:
+            import onnxruntime as ort
+            from optimum.onnxruntime import ORTModelForCausalLM
+
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = threads
+            so.log_severity_level = 3
+            self.model = ORTModelForCausalLM.from_pretrained(directory, session_options=so,
+                                                             provider="CPUExecutionProvider")
+        else:
+            from transformers import GPT2LMHeadModel
+
+            self.model = GPT2LMHeadModel.from_pretrained(directory).eval()
+
+    def generate(self, prompt, new, rows=1):
+        ids = self.torch.tensor([prompt])
+        sampling = dict(do_sample=True, top_k=50, num_return_sequences=rows) if rows > 1 else dict(do_sample=False)
+        with self.torch.inference_mode():
+            out = self.model.generate(ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=new,
+                                      min_new_tokens=new, pad_token_id=_EOS, **sampling)
+        return out[:, len(prompt):].tolist()
+
+
+class _CTranslate2Runner(_Runner):
+    def __init__(self, directory: Path, precision: str, threads: int):
+        import ctranslate2
+        import tokenizers
+
+        self.generator = ctranslate2.Generator(str(directory), device="cpu", intra_threads=threads, inter_threads=1,
+                                               compute_type="int8" if precision == "int8" else "float32")
+        self.tokenizer = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+
+    def generate(self, prompt, new, rows=1):
+        tokens = [self.tokenizer.id_to_token(i) for i in prompt]
+        results = self.generator.generate_batch([tokens] * rows, max_length=new, min_length=new, beam_size=1,
+                                                sampling_topk=50 if rows > 1 else 1, include_prompt_in_result=False)
+        return [r.sequences_ids[0] for r in results]
+
+
+class _Gpt2OnnxRunner(_Runner):
+    def __init__(self, directory: Path, precision: str, threads: int):
+        from .model import load
+
+        self.model = load(directory, threads=threads)
+        self.timer = _OrtTimer(self.model.session)
+
+    def generate(self, prompt, new, rows=1):
+        from .generator import generate
+        from .settings import GenerationSettings
+
+        if rows > 1:
+            settings = GenerationSettings(max_new_tokens=new, ignore_eos=True, do_sample=True,
+                                          num_return_sequences=rows, sampler="numpy")
+            rng = np.random.default_rng(0)
+        else:
+            settings, rng = GenerationSettings(max_new_tokens=new, ignore_eos=True), None
+        return generate(self.model.session, [prompt], settings, eos_id=self.model.eos_token_id, rng=rng)
+
+
+class _OrtTimer:
+    """Counts the time spent inside ONNX Runtime's run calls of an OnnxSession."""
+
+    def __init__(self, session):
+        self.seconds = 0.0
+        inner = session._session
+        timer = self
+
+        class Timed:
+            def __getattr__(self, name):
+                return getattr(inner, name)
+
+            def run_with_iobinding(self, *args, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return inner.run_with_iobinding(*args, **kwargs)
+                finally:
+                    timer.seconds += time.perf_counter() - start
+
+            def run(self, *args, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return inner.run(*args, **kwargs)
+                finally:
+                    timer.seconds += time.perf_counter() - start
+
+        session._session = Timed()
+
+
+_RUNNERS = {"torch": _TorchRunner, "optimum": lambda d, p, t: _TorchRunner(d, p, t, optimum=True),
+            "ctranslate2": _CTranslate2Runner, "gpt2onnx": _Gpt2OnnxRunner}
+
+
+def _timed(runner: _Runner, prompt: list[int], new: int, rows: int = 1) -> float:
+    start = time.perf_counter()
+    out = runner.generate(prompt, new, rows)
+    seconds = time.perf_counter() - start
+    if len(out) != rows or any(len(row) != new for row in out):
+        raise RuntimeError(f"asked for {rows} x {new} tokens, got {[len(row) for row in out]}")
+    return seconds
+
+
+def _round(runner: _Runner, spec: dict) -> dict:
+    p = spec["prompts"]
+    t = {"first_short": _timed(runner, p["short"], 1)}
+    timer = getattr(runner, "timer", None)
+    if timer is not None:
+        timer.seconds = 0.0
+    t["full_short"] = _timed(runner, p["short"], spec["new_tokens"])
+    if timer is not None:
+        t["outside_ort"] = 1.0 - timer.seconds / t["full_short"]
+    t["first_long"] = _timed(runner, p["long"], 1)
+    t["full_long"] = _timed(runner, p["long"], spec["long_new_tokens"])
+    t["first_prefill"] = _timed(runner, p["prefill"], 1)
+    t["batch"] = _timed(runner, p["short"], spec["new_tokens"], spec["batch"])
+    return t
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the
+    parent through fork and exec, and the parent holds the models it prepared."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _worker_main(argv: list[str]) -> int:
+    """python -m gpt2onnx.bench worker FRAMEWORK PRECISION DIRECTORY THREADS; JSON lines on stdin/stdout."""
+    framework, precision, directory, threads = argv[0], argv[1], Path(argv[2]), int(argv[3])
+    out = sys.stdout
+    sys.stdout = sys.stderr  # libraries' prints go to the log, not into the protocol
+    start = time.perf_counter()
+    runner = _RUNNERS[framework](directory, precision, threads)
+    load_s = time.perf_counter() - start
+    size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES))
+
+    def reply(message: dict) -> None:
+        out.write(json.dumps(message) + "\n")
+        out.flush()
+
+    reply({"load_s": load_s, "size_bytes": size})
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            if request["cmd"] == "warmup":
+                p = request["spec"]["prompts"]
+                _timed(runner, p["short"], 4)
+                _timed(runner, p["prefill"], 1)
+                _timed(runner, p["short"], 4, request["spec"]["batch"])
+                reply({"ok": True})
+            elif request["cmd"] == "round":
+                reply(_round(runner, request["spec"]))
+            else:
+                reply({"peak_rss_bytes": _peak_rss()})
+                return 0
+        except Exception as error:  # reported to the parent, which names the worker
+            reply({"error": f"{type(error).__name__}: {error}"})
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["worker"]:
+        sys.exit(_worker_main(sys.argv[2:]))
+    sys.exit("usage: gpt2onnx bench (this module's own entry point is for its worker processes)")

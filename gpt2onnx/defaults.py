@@ -1,0 +1,70 @@
+"""Generation defaults the way transformers builds them: its GenerationConfig defaults, then the model's
+generation_config.json, then config.json's task_specific_params['text-generation'] (what its
+text-generation pipeline applies), then what the caller passed. The caller always wins.
+
+Lengths: `max_new_tokens` counts only new tokens, `max_length` counts the prompt too (except that
+transformers reads its own default, max_length=20, as 20 new tokens; so do we). A caller's
+`max_length` beats a `max_new_tokens` that came from the model directory (transformers' pipeline lets its own
+default max_new_tokens=256 silently override a user's max_length; we don't); when the caller passes both,
+max_new_tokens wins, as in transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .errors import InvalidArgumentError
+from .settings import GenerationSettings
+
+# transformers.GenerationConfig() defaults for the options we support
+TRANSFORMERS_DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+                         "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "num_return_sequences": 1,
+                         "min_new_tokens": 0}
+_FROM_MODEL = set(TRANSFORMERS_DEFAULTS) | {"max_new_tokens"}
+OPTIONS = {f.name for f in dataclasses.fields(GenerationSettings)} | {"max_length"}
+
+
+def model_defaults(generation_config: dict, config: dict) -> dict:
+    """The defaults an exported model directory asks for, merged over transformers' own."""
+    merged = dict(TRANSFORMERS_DEFAULTS)
+    task = (config.get("task_specific_params") or {}).get("text-generation") or {}
+    for source in (generation_config, task):
+        for key, value in source.items():
+            if key in _FROM_MODEL and value is not None:
+                if key == "max_length":
+                    merged.pop("max_new_tokens", None)
+                if key == "max_new_tokens":
+                    merged.pop("max_length", None)
+                merged[key] = value
+    if merged.get("max_length") == TRANSFORMERS_DEFAULTS["max_length"]:
+        # transformers reads its untouched default max_length=20 as 20 *new* tokens
+        merged["max_new_tokens"] = merged.pop("max_length")
+    return merged
+
+
+def resolve(defaults: dict, user: dict, *, prompt_length: int) -> GenerationSettings:
+    """Settings for one call: user options over the model's defaults, lengths turned into max_new_tokens."""
+    unknown = sorted(set(user) - OPTIONS)
+    if unknown:
+        raise InvalidArgumentError(f"unknown generation option(s) {', '.join(unknown)}",
+                                   hint=f"allowed: {', '.join(sorted(OPTIONS))}")
+    options = {**defaults, **{k: v for k, v in user.items() if v is not None}}
+    if user.get("max_new_tokens") is not None:
+        options.pop("max_length", None)
+    elif user.get("max_length") is not None:
+        options.pop("max_new_tokens", None)
+    if "max_new_tokens" not in options:
+        max_length = options.pop("max_length")
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+            raise InvalidArgumentError(f"max_length must be an integer >= 1, got {max_length!r}")
+        if max_length <= prompt_length:
+            raise InvalidArgumentError(
+                f"max_length={max_length} counts the prompt, which is already {prompt_length} tokens",
+                hint="raise max_length, or pass max_new_tokens (which counts only new tokens)")
+        options["max_new_tokens"] = max_length - prompt_length
+    options.pop("max_length", None)
+    if isinstance(options.get("stop"), str):
+        options["stop"] = (options["stop"],)
+    elif isinstance(options.get("stop"), list):
+        options["stop"] = tuple(options["stop"])
+    return GenerationSettings(**options)

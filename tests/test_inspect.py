@@ -1,0 +1,276 @@
+"""Looking inside an export: weight names and shapes against the PyTorch state dict, quantized weights and
+their dequantization against ONNX Runtime, external data, the `inspect` command."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from gpt2onnx import contract as c
+from gpt2onnx.cli import main
+from gpt2onnx.errors import InvalidArgumentError
+from gpt2onnx.inspect import ModelFile, dequantize_matmul_nbits, inspect_model
+from gpt2onnx.manifest import hash_files, write_manifest
+
+
+# -- exports made from an fp32 export, the way another exporter could have written them --------------
+
+
+def _rewrite(directory, model: onnx.ModelProto, *, external: bool = False, **manifest_updates) -> None:
+    """Save `model` into `directory` and bring its manifest's file list and hashes up to date."""
+    onnx.save_model(model, str(directory / c.MODEL_FILE), save_as_external_data=external,
+                    location=c.MODEL_DATA_FILE, size_threshold=1024)
+    manifest = json.loads((directory / c.MANIFEST_FILE).read_text())
+    names = set(manifest[c.M_FILES]) | ({c.MODEL_DATA_FILE} if external else set())
+    manifest.update(manifest_updates, **{c.M_FILES: hash_files(directory, sorted(names))})
+    write_manifest(directory, manifest)
+
+
+def external_data_copy(src, dst):
+    """The export with its weights in model.onnx.data, as large models are saved."""
+    shutil.copytree(src, dst)
+    _rewrite(dst, onnx.load(str(dst / c.MODEL_FILE)), external=True)
+    return dst
+
+
+def pack_symmetric(w: np.ndarray, *, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """W [N, K] -> MatMulNBits codes [N, k_blocks, block_size * bits / 8] and scales [N, k_blocks]."""
+    n, k = w.shape
+    k_blocks = -(-k // block_size)
+    blocks = np.pad(w, ((0, 0), (0, k_blocks * block_size - k))).reshape(n, k_blocks, block_size)
+    half = 2 ** (bits - 1)
+    scales = (np.abs(blocks).max(axis=2) / (half - 1)).astype(np.float32)
+    codes = np.clip(np.rint(blocks / scales[..., None]) + half, 0, 2 * half - 1).astype(np.uint8)
+    per_byte = 8 // bits
+    codes = codes.reshape(n, k_blocks, block_size // per_byte, per_byte)
+    packed = sum(codes[..., j] << (bits * j) for j in range(per_byte)).astype(np.uint8)
+    return packed, scales
+
+
+def quantized_copy(src, dst, *, bits: int = 4, block_size: int = 32):
+    """The export with every block matmul and the head as MatMulNBits, named as the contract says: what an
+    int4 export looks like (wte stays float32 for its Gather; the tied head becomes its own copy)."""
+    shutil.copytree(src, dst)
+    model = onnx.load(str(dst / c.MODEL_FILE))
+    weights = {t.name: t for t in model.graph.initializer}
+    nodes, replaced = [], set()
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in weights:  # Conv1D: x @ W, W [in, out]
+            name, w = node.input[1], numpy_helper.to_array(weights[node.input[1]]).T
+            replaced.add(name)
+        elif node.op_type == "Gemm":  # the tied head: x @ wte^T
+            name, w = "lm_head.weight", numpy_helper.to_array(weights[node.input[1]])
+        else:
+            nodes.append(node)
+            continue
+        packed, scales = pack_symmetric(w, bits=bits, block_size=block_size)
+        codes_name, scales_name, _ = c.quantized_names(name)
+        model.graph.initializer.extend([numpy_helper.from_array(packed, codes_name),
+                                        numpy_helper.from_array(scales, scales_name)])
+        nodes.append(helper.make_node("MatMulNBits", [node.input[0], codes_name, scales_name], list(node.output),
+                                      domain="com.microsoft", K=w.shape[1], N=w.shape[0], bits=bits,
+                                      block_size=block_size, accuracy_level=4))
+    kept = [t for t in model.graph.initializer if t.name not in replaced]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _rewrite(dst, model, **{c.M_PRECISION: f"int{bits}", c.M_QUANTIZATION: {"bits": bits, "block_size": block_size,
+                                                                             "symmetric": True, "accuracy_level": 4}})
+    return dst
+
+
+@pytest.fixture(scope="module")
+def quantized_export(tiny_export, tmp_path_factory):
+    return quantized_copy(tiny_export, tmp_path_factory.mktemp("int4") / "model")
+
+
+# -- the listing --------------------------------------------------------------------------------------
+
+
+def test_weights_are_the_pytorch_state_dict(trained_export, trained_reference):
+    state = trained_reference[0].state_dict()
+    report = inspect_model(trained_export)
+    assert [(w.name, w.shape) for w in report.weights] == [(k, tuple(v.shape)) for k, v in state.items()]
+    head = next(w for w in report.weights if w.name == "lm_head.weight")
+    assert head.tied_to == "transformer.wte.weight" and head.nbytes == 0 and not head.parts
+    weights = ModelFile(trained_export)
+    for w in report.weights:
+        if w.tied_to is None:
+            assert w.dtype == "float32" and w.scheme is None and w.nbytes == 4 * math.prod(w.shape), w
+        assert np.array_equal(weights.weight(w.name), state[w.name].numpy()), w.name
+    assert report.parameters == sum(v.numel() for k, v in state.items() if k != "lm_head.weight")
+
+
+def test_report_lists_graph_ops_and_manifest(tiny_export):
+    report = inspect_model(tiny_export, check_hashes=True)
+    graph = onnx.load(str(tiny_export / c.MODEL_FILE)).graph
+    assert [v.name for v in report.inputs] == [v.name for v in graph.input]
+    assert [v.name for v in report.outputs] == [v.name for v in graph.output] == c.output_names(2)
+    assert set(c.input_names(2)) <= {v.name for v in report.inputs}
+    assert report.inputs[0].dtype == "int64" and report.inputs[0].shape == (c.DIM_BATCH, c.DIM_SEQUENCE)
+    assert report.outputs[1].shape == (c.DIM_BATCH, 4, c.DIM_TOTAL, 16)
+    assert report.op_counts == Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
+                                       for n in graph.node)
+    assert report.manifest[c.M_PRECISION] == "fp32" and report.manifest[c.M_PARITY]["passed"]
+    assert c.MODEL_FILE in report.manifest["files"]
+    assert all(not t.name.startswith("transformer.") for t in report.constants)
+    text = report.format()
+    assert "lm_head.weight" in text and "tied to transformer.wte.weight (not stored)" in text
+    assert "transformer.h.1.mlp.c_fc.weight" in text and "[64, 256]" in text and "parity     passed" in text
+    assert json.loads(report.to_json())["weights"][0]["name"] == "transformer.wte.weight"
+
+
+def test_inspect_command(tiny_export, capsys):
+    assert main(["inspect", str(tiny_export), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed == json.loads(inspect_model(tiny_export).to_json())
+    assert main(["inspect", str(tiny_export)]) == 0
+    assert "transformer.wpe.weight" in capsys.readouterr().out
+    assert main(["inspect", str(tiny_export.parent / "missing")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_external_data_is_read_per_tensor(tiny_export, tmp_path):
+    copy = external_data_copy(tiny_export, tmp_path / "external")
+    assert (copy / c.MODEL_DATA_FILE).stat().st_size > (copy / c.MODEL_FILE).stat().st_size
+    ours, original = inspect_model(copy), inspect_model(tiny_export)
+    assert ours.weights == original.weights
+    for name in ("transformer.wpe.weight", "transformer.h.1.attn.c_attn.weight", "lm_head.weight"):
+        assert np.array_equal(ModelFile(copy).weight(name), ModelFile(tiny_export).weight(name))
+
+
+def test_unknown_weight_suggests_close_names(tiny_export):
+    with pytest.raises(InvalidArgumentError) as error:
+        ModelFile(tiny_export).weight("transformer.h.0.attn.c_atn.weight")
+    assert "did you mean transformer.h.0.attn.c_attn.weight" in error.value.message
+    assert "gpt2onnx inspect" in error.value.hint
+
+
+# -- quantized weights --------------------------------------------------------------------------------
+
+
+def test_quantized_export_lists_scheme_and_dequantizes(quantized_export, tiny_export):
+    fp32, q = inspect_model(tiny_export), inspect_model(quantized_export)
+    shapes = {w.name: w.shape for w in fp32.weights}
+    assert {w.name: w.shape for w in q.weights} == shapes  # the same state dict, whatever the storage
+    c_attn = next(w for w in q.weights if w.name == "transformer.h.0.attn.c_attn.weight")
+    assert c_attn.dtype == "uint8" and c_attn.shape == (64, 192)
+    assert c_attn.scheme == "com.microsoft.MatMulNBits accuracy_level=4 bits=4 block_size=32 symmetric"
+    assert [p.name for p in c_attn.parts] == list(c.quantized_names(c_attn.name)[:2])
+    assert c_attn.parts[0].shape == (192, 2, 16) and c_attn.nbytes == 192 * 2 * 16 + 192 * 2 * 4  # fp32: 49152
+    head = next(w for w in q.weights if w.name == "lm_head.weight")
+    assert head.tied_to is None and head.scheme.startswith("com.microsoft.MatMulNBits") and head.shape == (50257, 64)
+    assert "quantized  bits=4 block_size=32 symmetric=True" in q.format()
+
+    originals, dequantized = ModelFile(tiny_export), ModelFile(quantized_export)
+    for name in ("transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_proj.weight", "lm_head.weight"):
+        w, d = originals.weight(name), dequantized.weight(name)
+        assert d.shape == w.shape and d.dtype == np.float32
+        step = np.abs(w).max() / 7  # the largest block scale at 4 bits
+        assert np.abs(d - w).max() <= step / 2 + 1e-6, name
+
+
+def test_other_dtypes_show_the_node_that_reads_them(tiny_export, tmp_path):
+    """A weight stored as float16 and cast by the graph: listed with its dtype and the Cast as its scheme."""
+    copy = tmp_path / "fp16"
+    shutil.copytree(tiny_export, copy)
+    model = onnx.load(str(copy / c.MODEL_FILE))
+    name = "transformer.wpe.weight"
+    wpe = next(t for t in model.graph.initializer if t.name == name)
+    wpe.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(wpe).astype(np.float16), name))
+    for node in model.graph.node:
+        node.input[:] = ["wpe_f32" if i == name else i for i in node.input]
+    model.graph.node.insert(0, helper.make_node("Cast", [name], ["wpe_f32"], to=TensorProto.FLOAT))
+    _rewrite(copy, model)
+    listed = next(w for w in inspect_model(copy).weights if w.name == name)
+    assert (listed.dtype, listed.scheme, listed.nbytes, listed.shape) == ("float16", "Cast to=1", 256 * 64 * 2, (256, 64))
+    expected = ModelFile(tiny_export).weight(name).astype(np.float16).astype(np.float32)
+    assert np.array_equal(ModelFile(copy).weight(name), expected)
+
+
+@pytest.mark.parametrize("bits,zero_points", [(bits, zeros) for bits in (2, 4, 8) for zeros in ("default", "packed", "float")
+                                               if (bits, zeros) != (8, "float")])  # not in ONNX Runtime's CPU kernel
+def test_dequantize_matches_onnxruntime_kernel(bits, zero_points):
+    """ONNX Runtime's own MatMulNBits, multiplying the identity, returns the dequantized matrix: ours must match."""
+    rng = np.random.default_rng(bits)
+    n, k, block = 24, 80, 32  # K is not a whole number of blocks: the last block is padded
+    k_blocks = 3
+    packed = rng.integers(0, 256, (n, k_blocks, block * bits // 8), dtype=np.uint8)
+    scales = rng.uniform(0.01, 0.1, (n, k_blocks)).astype(np.float32)
+    zeros = {"default": None, "packed": rng.integers(0, 256, (n, -(-k_blocks * bits // 8)), dtype=np.uint8),
+             "float": rng.uniform(0, 2 ** bits - 1, (n, k_blocks)).astype(np.float32)}[zero_points]
+    ours = dequantize_matmul_nbits(packed, scales, zeros, k=k, n=n, bits=bits, block_size=block)
+    assert np.abs(ours.T - _run_matmul_nbits(packed, scales, zeros, k=k, n=n, bits=bits, block_size=block)).max() <= 1e-6
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, True), (8, False), (2, False)])
+def test_dequantize_matches_onnxruntime_quantizer(bits, symmetric):
+    """Quantized by ONNX Runtime's MatMulNBitsQuantizer: ours equals its kernel and is close to the original."""
+    pytest.importorskip("onnx_ir", reason="onnxruntime's MatMulNBitsQuantizer needs onnx-ir")
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    k, n, block = 80, 24, 32
+    w = np.random.default_rng(1).standard_normal((k, n)).astype(np.float32)  # MatMul's B: [K, N]
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
+                              initializer=[numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=symmetric)
+    quantizer.process()
+    quantized = quantizer.model.model
+    node = next(x for x in quantized.graph.node if x.op_type == "MatMulNBits")
+    arrays = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    packed, scales = arrays[node.input[1]], arrays[node.input[2]]
+    zeros = arrays[node.input[3]] if len(node.input) > 3 and node.input[3] else None
+    assert (zeros is None) == symmetric
+    ours = dequantize_matmul_nbits(packed, scales, zeros, k=k, n=n, bits=bits, block_size=block)
+    assert np.abs(ours.T - _run_matmul_nbits(packed, scales, zeros, k=k, n=n, bits=bits, block_size=block)).max() <= 1e-6
+    step = np.abs(w).max() * 2 / (2 ** bits - 1)  # an upper bound on any block's scale
+    assert np.abs(ours.T - w).max() <= step
+
+
+def _run_matmul_nbits(packed, scales, zeros, *, k, n, bits, block_size) -> np.ndarray:
+    """ONNX Runtime's MatMulNBits applied to the identity: the dequantized weight, [K, N]."""
+    tensors = [("b", packed), ("s", scales)] + ([("z", zeros)] if zeros is not None else [])
+    node = helper.make_node("MatMulNBits", ["a"] + [name for name, _ in tensors], ["y"], domain="com.microsoft",
+                            K=k, N=n, bits=bits, block_size=block_size)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [k, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [k, n])],
+                              initializer=[numpy_helper.from_array(a, name) for name, a in tensors])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"a": np.eye(k, dtype=np.float32)})[0]
+
+
+# -- without the plot extra ---------------------------------------------------------------------------
+
+BLOCK = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'transformers', 'onnx', 'matplotlib'):
+            raise ImportError('blocked: ' + name, name=name)
+sys.meta_path.insert(0, Block())
+from gpt2onnx.cli import main
+"""
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["plot", "--out", "PLOTS"]])
+def test_without_plot_extra_says_how_to_install(tiny_export, tmp_path, command):
+    argv = [command[0], str(tiny_export)] + [str(tmp_path / "p") if a == "PLOTS" else a for a in command[1:]]
+    done = subprocess.run([sys.executable, "-c", BLOCK + f"sys.exit(main({argv!r}))"], capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr
+    assert "pip install 'gpt2onnx[plot]'" in done.stderr and "Traceback" not in done.stderr

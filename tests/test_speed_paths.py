@@ -1,0 +1,161 @@
+"""The fast paths keep their promises: quantized exports, the in-place KV cache, last-position logits.
+
+These assert behaviour, not speed (speed is `gpt2onnx bench`'s job).
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+import gpt2onnx
+from gpt2onnx import contract as c
+from gpt2onnx.errors import VerificationError
+
+from conftest import export
+
+
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def quantized_export(request, tmp_path_factory):
+    return request.param, export("random:tiny", tmp_path_factory.mktemp(request.param) / "model", precision=request.param)
+
+
+def test_quantized_export_loads_generates_and_names_its_weights(quantized_export):
+    import onnx
+
+    precision, directory = quantized_export
+    manifest = json.loads((directory / c.MANIFEST_FILE).read_text())
+    assert manifest[c.M_PRECISION] == precision
+    assert manifest[c.M_QUANTIZATION]["bits"] == c.PRECISION_BITS[precision]
+    parity = manifest[c.M_PARITY]
+    assert parity["kind"] == "quality" and parity["passed"]
+    assert abs(parity["perplexity"]["increase"]) <= parity["thresholds"]["max_perplexity_increase"]
+    assert set(parity["self_consistency"]["relative_rms_diff"]) == {"decode_vs_uncached", "padded_vs_alone"}
+
+    graph = onnx.load(str(directory / c.MODEL_FILE), load_external_data=False).graph
+    names = {t.name for t in graph.initializer}
+    # every quantized tensor keeps its Hugging Face weight's name as a prefix; the tied head is a copy
+    for weight in ("transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_proj.weight", "lm_head.weight"):
+        codes, scales, zero_points = c.quantized_names(weight)
+        assert {codes, scales, zero_points} <= names and weight not in names
+        assert c.quantized_source(codes) == weight
+    assert "transformer.wte.weight" in names  # the embedding Gather stays float32
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 4 * 2 + 1
+    assert all(c.attention_query(i) in {o for n in graph.node for o in n.output} for i in range(2))
+
+    model = gpt2onnx.load(directory)
+    result = model.generate("Hello", max_new_tokens=12, ignore_eos=True)
+    assert len(result.token_ids) == 12
+
+
+def test_failing_quality_gate_publishes_nothing(tmp_path):
+    with pytest.raises(VerificationError, match="quality gate") as info:
+        export("random:tiny", tmp_path / "out", precision="int4", max_perplexity_increase=-0.5)
+    report = info.value.report
+    assert not report["passed"] and "perplexity" in report["failures"][0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_block_size_is_refused(tmp_path):
+    from gpt2onnx.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="power of two"):
+        export("random:tiny", tmp_path / "out", precision="int8", block_size=24)
+
+
+def _ids(n, seed=0):
+    return np.random.default_rng(seed).integers(0, 50257, (1, n), dtype=np.int64)
+
+
+def test_in_place_cache_at_long_past_equals_fresh_computation(tiny_export):
+    """Decode one token at a time up to a long past (growing the buffers on the way) in place: the
+    logits and the cache equal one uncached forward over the whole sequence."""
+    session = gpt2onnx.load(tiny_export).session
+    n = session.config.n_positions - 1  # 255: the longest past the tiny model has
+    ids = _ids(n)
+    cache = session.empty_cache(1)
+    _, cache = session.run(ids[:, :5], np.ones((1, 5), np.int64), np.arange(5)[None], cache)
+    buffers_seen = {id(cache.buffers[0])}
+    steps = []
+    for t in range(5, n):
+        logits, returned = session.run(ids[:, t:t + 1], np.ones((1, t + 1), np.int64), np.array([[t]]), cache,
+                                       logits_for="last")
+        assert returned is cache and cache.length == t + 1
+        buffers_seen.add(id(cache.buffers[0]))
+        steps.append(logits[0, -1])
+    full, fresh = session.run(ids, np.ones((1, n), np.int64), np.arange(n)[None], session.empty_cache(1))
+    np.testing.assert_allclose(np.stack(steps), full[0, 5:], atol=1e-4)
+    for ours, expected in zip(cache.tensors, fresh.tensors):
+        np.testing.assert_allclose(ours, expected, atol=1e-5)
+    assert cache.capacity >= n and len(buffers_seen) <= 2  # grown at most once: no per-step copies
+
+
+def test_decode_at_long_past_equals_uncached_forward(quantized_export, tiny_export):
+    """One cached step after a long prompt gives the logits of the uncached forward (fp32 to 1e-4; the
+    quantized exports within their activation-rounding noise)."""
+    for directory, atol in ((tiny_export, 1e-4), (quantized_export[1], None)):
+        session = gpt2onnx.load(directory).session
+        n = session.config.n_positions - 1
+        ids = _ids(n, seed=1)
+        _, cache = session.run(ids[:, :-1], np.ones((1, n - 1), np.int64), np.arange(n - 1)[None], session.empty_cache(1))
+        step, _ = session.run(ids[:, -1:], np.ones((1, n), np.int64), np.array([[n - 1]]), cache, logits_for="last")
+        full, _ = session.run(ids, np.ones((1, n), np.int64), np.arange(n)[None], session.empty_cache(1),
+                              logits_for="last")
+        if atol is not None:
+            np.testing.assert_allclose(step, full, atol=atol)
+        else:
+            assert np.sqrt(np.mean((step - full) ** 2)) <= 0.05 * full.std()
+
+
+def test_last_logits_repeat_rows_and_padded_batch(tiny_export):
+    session = gpt2onnx.load(tiny_export).session
+    ids = _ids(9, seed=2)
+    mask, positions = np.ones((1, 9), np.int64), np.arange(9)[None]
+    full, cache = session.run(ids, mask, positions, session.empty_cache(1))
+    last, _ = session.run(ids, mask, positions, session.empty_cache(1), logits_for="last")
+    assert last.shape == (1, 1, session.config.vocab_size)
+    np.testing.assert_array_equal(last[:, 0], full[:, -1])
+
+    # one prefill shared by three rows; each row then decodes its own token, in place
+    rows = cache.repeat_rows(3)
+    assert rows.batch == 3 and rows.length == 9 and cache.batch == 1
+    tokens = np.array([[1], [2], [3]])
+    step, rows = session.run(tokens, np.ones((3, 10), np.int64), np.full((3, 1), 9), rows, logits_for="last")
+    for row, token in enumerate((1, 2, 3)):
+        alone, _ = session.run(np.concatenate([ids, [[token]]], axis=1), np.ones((1, 10), np.int64),
+                               np.arange(10)[None], session.empty_cache(1), logits_for="last")
+        np.testing.assert_allclose(step[row], alone[0], atol=1e-4)
+
+    with pytest.raises(ValueError, match="logits_for"):
+        session.run(ids, mask, positions, session.empty_cache(1), logits_for="first")
+
+
+def test_quantizer_layout_matches_onnxruntime():
+    """Our packing is what MatMulNBits reads: x @ dequantize(W)^T equals ONNX Runtime's result."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from gpt2onnx_export.quantize import quantize
+
+    rng = np.random.default_rng(0)
+    n, k = 48, 80  # K not a multiple of the block: padded
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    for bits in (4, 8):
+        for symmetric in (False, True):
+            qw = quantize(w, bits=bits, block_size=32, symmetric=symmetric)
+            assert np.abs(qw.dequantize() - w).max() <= np.abs(w).max() * (2.0 / 2 ** bits)
+            inits = [numpy_helper.from_array(qw.codes, "B"), numpy_helper.from_array(qw.scales, "S")]
+            inputs = ["x", "B", "S"]
+            if not symmetric:
+                inits.append(numpy_helper.from_array(qw.zero_points, "Z"))
+                inputs.append("Z")
+            node = helper.make_node("MatMulNBits", inputs, ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
+                                    block_size=32, accuracy_level=0)
+            graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
+                                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])], inits)
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                            helper.make_opsetid("com.microsoft", 1)])
+            model.ir_version = 8
+            got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+            np.testing.assert_allclose(got, x @ qw.dequantize().T, atol=1e-4, rtol=1e-4)
