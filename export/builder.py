@@ -40,7 +40,7 @@ class Quantization:
     """Weight-only block quantization of the block matmuls and the head (MatMulNBits)."""
 
     bits: int  # 8 or 4
-    block_size: int = c.DEFAULT_BLOCK_SIZE  # inputs per block: a power of two >= 16
+    block_size: int = 64  # inputs per block: a power of two >= 16
     symmetric: bool = False  # True: no zero points (smaller, slightly less accurate)
     accuracy_level: int = 4  # MatMulNBits compute type; 4 = int8 activations (0 is a slow path for 8 bits)
 
@@ -49,10 +49,12 @@ class Quantization:
                 "accuracy_level": self.accuracy_level}
 
 
-def quantization_for(precision: str, block_size: int = c.DEFAULT_BLOCK_SIZE) -> Quantization | None:
-    """The quantization a precision name means (None for fp32)."""
+def quantization_for(precision: str, block_size: int | None = None) -> Quantization | None:
+    """The quantization a precision name means (None for fp32); block_size None = the precision's default."""
     bits = c.PRECISION_BITS.get(precision)
-    return None if bits is None else Quantization(bits=bits, block_size=block_size)
+    if bits is None:
+        return None
+    return Quantization(bits=bits, block_size=block_size or c.DEFAULT_BLOCK_SIZES[precision])
 
 
 def weight_names(config: ModelConfig) -> list[str]:
@@ -155,7 +157,8 @@ def _mlp(g: _Graph, x: str, layer: int, config: ModelConfig, q: Quantization | N
     return _linear(g, hidden, p + ".c_proj", f, e, q, bias=False)
 
 
-def _attention(g: _Graph, x: str, layer: int, config: ModelConfig, q: Quantization | None, lengths: dict) -> str:
+def _attention(g: _Graph, x: str, layer: int, config: ModelConfig, q: Quantization | None, lengths: dict,
+               kv_int8: bool = False) -> str:
     """Causal self-attention over the past plus the new positions; emits present.{layer}.key/value.
 
     Returns the output before c_proj's bias (the next SkipLayerNormalization adds it).
@@ -170,9 +173,14 @@ def _attention(g: _Graph, x: str, layer: int, config: ModelConfig, q: Quantizati
     if config.scale_attn_by_inverse_layer_idx:
         scale /= layer + 1
     # causal=0: the causal and padding masks both come in through attention_bias, built once per step
-    context = g.op("GroupQueryAttention", qkv, "", "", c.past_key(layer), c.past_value(layer), lengths["seqlens_k"],
-                   lengths["total"], "", "", "", lengths["bias"], domain=_MS, num_heads=h, kv_num_heads=h,
-                   scale=scale, causal=0, outputs=[f"{p}.context", c.present_key(layer), c.present_value(layer)])[0]
+    inputs = [qkv, "", "", c.past_key(layer), c.past_value(layer), lengths["seqlens_k"], lengths["total"], "", "", "",
+              lengths["bias"]]
+    attrs = {}
+    if kv_int8:  # int8 cache with per-channel scales: head_sink (unused), k_scale, v_scale
+        inputs += ["", *c.kv_scale_names(layer)]
+        attrs = dict(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
+    context = g.op("GroupQueryAttention", *inputs, domain=_MS, num_heads=h, kv_num_heads=h, scale=scale, causal=0,
+                   outputs=[f"{p}.context", c.present_key(layer), c.present_value(layer)], **attrs)[0]
     return _linear(g, context, p + ".c_proj", e, e, q, bias=False)
 
 
@@ -214,8 +222,14 @@ def _keep_last(g: _Graph, x: str) -> str:
     return g.op("Slice", x, start, "c_int_max_1d", "c_axis1")
 
 
-def build_graph(config: ModelConfig, quantization: Quantization | None = None) -> onnx.ModelProto:
-    """The graph with weights as named (empty) initializer slots; `save_model` fills in the data."""
+def build_graph(config: ModelConfig, quantization: Quantization | None = None,
+                kv_cache: str = "float32") -> onnx.ModelProto:
+    """The graph with weights as named (empty) initializer slots; `save_model` fills in the data.
+
+    kv_cache "int8" stores the cache as int8 with per-channel scales (slots named by contract.kv_scale_names,
+    filled from `kv_cache_scales`)."""
+    if kv_cache not in c.KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache must be one of {c.KV_CACHE_DTYPES}, got {kv_cache!r}")
     g = _Graph()
     q = quantization
     e, h, d, v = config.n_embd, config.n_head, config.head_dim, config.vocab_size
@@ -240,7 +254,7 @@ def build_graph(config: ModelConfig, quantization: Quantization | None = None) -
              axis=-1, epsilon=eps)
     for i in range(config.n_layer):
         p = f"transformer.h.{i}"
-        attn = _attention(g, x, i, config, q, lengths)
+        attn = _attention(g, x, i, config, q, lengths, kv_int8=kv_cache == "int8")
         x, hidden = _skip_layer_norm(g, attn, hidden, p + ".ln_2", p + ".attn.c_proj.bias", eps)
         mlp = _mlp(g, x, i, config, q)
         after = f"transformer.h.{i + 1}.ln_1" if i + 1 < config.n_layer else "transformer.ln_f"
@@ -257,15 +271,16 @@ def build_graph(config: ModelConfig, quantization: Quantization | None = None) -
         _matmul_nbits(g, x, head, e, v, q, name=c.LOGITS)
 
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    kv = TensorProto.INT8 if kv_cache == "int8" else f32
     cache = [c.DIM_BATCH, h, c.DIM_PAST, d]
     present = [c.DIM_BATCH, h, c.DIM_TOTAL, d]
     inputs = [helper.make_tensor_value_info(c.INPUT_IDS, i64, [c.DIM_BATCH, c.DIM_SEQUENCE]),
               helper.make_tensor_value_info(c.ATTENTION_MASK, i64, [c.DIM_BATCH, c.DIM_TOTAL]),
               helper.make_tensor_value_info(c.POSITION_IDS, i64, [c.DIM_BATCH, c.DIM_SEQUENCE])]
-    inputs += [helper.make_tensor_value_info(n, f32, cache) for n in c.past_names(config.n_layer)]
+    inputs += [helper.make_tensor_value_info(n, kv, cache) for n in c.past_names(config.n_layer)]
     inputs.append(helper.make_tensor_value_info(c.LOGITS_TO_KEEP, i64, []))
     outputs = [helper.make_tensor_value_info(c.LOGITS, f32, [c.DIM_BATCH, "logits_sequence_length", v])]
-    outputs += [helper.make_tensor_value_info(n, f32, present) for n in c.present_names(config.n_layer)]
+    outputs += [helper.make_tensor_value_info(n, kv, present) for n in c.present_names(config.n_layer)]
     graph = helper.make_graph(g.nodes, "gpt2", inputs, outputs, initializer=g.constants)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", c.OPSET), helper.make_opsetid(_MS, 1)],
                               producer_name="gpt2onnx")

@@ -24,7 +24,7 @@ from gpt2onnx.errors import ExportError, InvalidArgumentError
 from gpt2onnx.session import OnnxSession
 from gpt2onnx.tokenizer import Tokenizer
 
-from . import builder, sources, verify
+from . import builder, quantize, sources, verify
 from .reference import torch_model
 
 PARTIAL_MARK = ".partial-"
@@ -35,7 +35,7 @@ class ExportOptions:
     """How to export."""
 
     precision: str = "fp32"  # weight precision of the graph: fp32, int8 or int4 (weight-only, block-wise)
-    block_size: int = c.DEFAULT_BLOCK_SIZE  # int8/int4: weights per quantization block (power of two >= 16)
+    block_size: int | None = None  # int8/int4: weights per block (power of two >= 16); None: 128 int8, 64 int4
     seed: int = 0  # seed of random:NAME weights and of the verification inputs
     revision: str | None = None  # hub revision (branch, tag or commit)
     allow_pickle: bool = False  # accept pytorch_model.bin checkpoints (pickle can run code: trusted sources only)
@@ -45,6 +45,7 @@ class ExportOptions:
     max_perplexity_increase: float | None = None  # relative to PyTorch fp32, e.g. 0.01 = 1%
     min_top1_agreement: float | None = None  # share of positions whose top next token equals PyTorch's
     eval_text: str | None = None  # text file to score (default: heldout.txt beside a local checkpoint, else a sample)
+    kv_cache: str = "float32"  # "int8" (int8/int4 exports): the KV cache as int8, a quarter of the bytes per step
 
 
 def _stderr(message: str) -> None:
@@ -57,10 +58,17 @@ def export_model(model: str, out_dir: str | Path, options: ExportOptions = Expor
     out = _check_output(Path(out_dir), options)
     if options.precision not in c.PRECISIONS:
         raise InvalidArgumentError(f"precision must be one of {', '.join(c.PRECISIONS)}, got {options.precision!r}")
-    if not isinstance(options.block_size, int) or options.block_size < 16 or options.block_size & (options.block_size - 1):
+    size = options.block_size
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 16 or size & (size - 1)):
         raise InvalidArgumentError(f"block size must be a power of two >= 16, got {options.block_size!r}",
-                                   hint="32 (the default) is a good trade of size and quality; 16 is more accurate")
+                                   hint="smaller blocks are more accurate, larger ones faster (defaults: 128 for "
+                                        "int8, 64 for int4)")
     quantization = builder.quantization_for(options.precision, options.block_size)
+    if options.kv_cache not in c.KV_CACHE_DTYPES:
+        raise InvalidArgumentError(f"kv_cache must be one of {', '.join(c.KV_CACHE_DTYPES)}, got {options.kv_cache!r}")
+    if options.kv_cache == "int8" and quantization is None:
+        raise InvalidArgumentError("an int8 KV cache needs quantized weights (the fp32 export is verified exactly)",
+                                   hint="add --precision int8 or --precision int4")
     start = time.perf_counter()
 
     def step(message: str) -> None:
@@ -78,7 +86,17 @@ def export_model(model: str, out_dir: str | Path, options: ExportOptions = Expor
             config = source.config
             step(f"building the {options.precision} graph: {config.n_layer} layers, n_embd {config.n_embd}, "
                  f"{sum(w.size for w in source.weights.values()) / 1e6:.1f}M stored parameters")
-            files = builder.save_model(builder.build_graph(config, quantization), source.weights, config, staging)
+            weights, kv_info = source.weights, {"dtype": options.kv_cache}
+            if options.kv_cache == "int8":
+                step("calibrating the int8 KV cache's scales with PyTorch")
+                windows = _calibration_windows(source, config, options.seed)
+                scales = quantize.kv_cache_scales(torch_model(source.config_dict, source.weights), config, windows)
+                weights = {**source.weights, **scales}
+                kv_info.update(scales="per head and channel, float = int8 * scale",
+                               calibration=f"{sum(map(len, windows))} tokens: the built-in sample text and seeded "
+                                           f"random tokens", margin=quantize.KV_SCALE_MARGIN)
+            files = builder.save_model(builder.build_graph(config, quantization, options.kv_cache), weights, config,
+                                       staging)
             files += _write_side_files(source, staging)
         step("verifying against PyTorch")
         session = OnnxSession(staging / c.MODEL_FILE, config)
@@ -104,7 +122,7 @@ def export_model(model: str, out_dir: str | Path, options: ExportOptions = Expor
                        f"({100 * ppl['increase']:+.2f}%), top-1 agreement {100 * report['top1_agreement']:.1f}%")
         del session, reference
         step(f"verified: {summary}")
-        manifest = _manifest(source, options, staging, files, report, quantization)
+        manifest = _manifest(source, options, staging, files, report, quantization, kv_info)
         _publish(staging, out)
         step(f"wrote {out}")
         return manifest
@@ -157,8 +175,18 @@ def _eval_tokens(model: str, options: ExportOptions, tokenizer: Tokenizer) -> tu
     return str(path.resolve()), tokenizer.encode(text)[:verify.QUALITY_TOKENS]
 
 
+def _calibration_windows(source: sources.Source, config, seed: int) -> list[list[int]]:
+    """Tokens the int8 KV cache's scales are calibrated on (not the evaluation text, which judges them)."""
+    import numpy as np
+
+    text = Tokenizer(source.tokenizer_dir / c.TOKENIZER_FILE).encode(verify.SAMPLE_TEXT)
+    width = min(256, config.n_positions)
+    rng = np.random.default_rng(seed + 1)
+    return [text[:config.n_positions], rng.integers(0, config.vocab_size, width).tolist()]
+
+
 def _manifest(source: sources.Source, options: ExportOptions, directory: Path, files: list[str],
-              report: dict, quantization: builder.Quantization | None = None) -> dict:
+              report: dict, quantization: builder.Quantization | None = None, kv_info: dict | None = None) -> dict:
     """Written last: a directory without it is not a model."""
     from gpt2onnx.manifest import hash_files, write_manifest
 
@@ -168,6 +196,7 @@ def _manifest(source: sources.Source, options: ExportOptions, directory: Path, f
                 c.M_FILES: hash_files(directory, files), c.M_PARITY: report}
     if quantization is not None:
         manifest[c.M_QUANTIZATION] = quantization.as_dict()
+    manifest[c.M_KV_CACHE] = kv_info or {"dtype": "float32"}
     write_manifest(directory, manifest)
     return manifest
 

@@ -86,3 +86,32 @@ def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
     out = np.empty((packed.shape[0], packed.shape[1] * 2), np.uint8)
     out[:, 0::2], out[:, 1::2] = packed & 0x0F, packed >> 4
     return out
+
+
+KV_SCALE_MARGIN = 1.25  # headroom over the largest magnitude seen in calibration (larger values saturate)
+
+
+def kv_cache_scales(reference, config, token_windows: list[list[int]], *, margin: float = KV_SCALE_MARGIN) -> dict:
+    """Per-channel int8 scales of every layer's keys and values, calibrated on the torch `reference`:
+    scale = margin * max |value| over the calibration tokens / 127, per head and channel (a channel that
+    never moved keeps a tiny scale). Returns {kv_scale_names(layer)...: float32 [1, n_head, 1, head_dim]}."""
+    import torch
+
+    from gpt2onnx import contract as c
+
+    peaks = np.zeros((config.n_layer, 2, config.n_head, config.head_dim), np.float32)
+    for window in token_windows:
+        ids = torch.tensor([window])
+        with torch.inference_mode():
+            cache = reference(input_ids=ids, use_cache=True).past_key_values
+        for layer in range(config.n_layer):
+            k, v = (cache.layers[layer].keys, cache.layers[layer].values) if hasattr(cache, "layers") else cache[layer]
+            for j, t in enumerate((k, v)):  # [1, n_head, tokens, head_dim]
+                peaks[layer, j] = np.maximum(peaks[layer, j], t.abs().amax(dim=(0, 2)).numpy())
+    scales = np.maximum(peaks * margin / 127.0, 1e-8).astype(np.float32)
+    out = {}
+    for layer in range(config.n_layer):
+        key_name, value_name = c.kv_scale_names(layer)
+        out[key_name] = scales[layer, 0][None, :, None, :]
+        out[value_name] = scales[layer, 1][None, :, None, :]
+    return out

@@ -221,10 +221,9 @@ def verify_quality(session: OnnxSession, reference, tokenizer, *, precision: str
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
-    """Summed negative log-likelihood of `targets` under `logits` [n, vocab] (float64 log-softmax)."""
-    z = logits.astype(np.float64)
-    z -= z.max(axis=-1, keepdims=True)
-    log_probs = z[np.arange(len(targets)), targets] - np.log(np.exp(z).sum(axis=-1))
+    """Summed negative log-likelihood of `targets` under `logits` [n, vocab] (log-softmax, summed in float64)."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    log_probs = z[np.arange(len(targets)), targets].astype(np.float64) - np.log(np.exp(z).sum(axis=-1, dtype=np.float64))
     return float(-log_probs.sum())
 
 

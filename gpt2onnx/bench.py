@@ -30,6 +30,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +41,8 @@ from .errors import InvalidArgumentError, MissingDependencyError
 
 # (framework, precision) in report order
 CONFIGS = [("torch", "fp32"), ("optimum", "fp32"), ("ctranslate2", "fp32"), ("ctranslate2", "int8"),
-           ("gpt2onnx", "fp32"), ("gpt2onnx", "int8"), ("gpt2onnx", "int4")]
+           ("gpt2onnx", "fp32"), ("gpt2onnx", "int8"), ("gpt2onnx", "int4"), ("gpt2onnx", "int8+kv8"),
+           ("gpt2onnx", "int4+kv8")]  # +kv8: exported with --kv-cache int8
 LABELS = {"torch": "transformers+torch", "optimum": "Optimum ORTModelForCausalLM", "ctranslate2": "CTranslate2",
           "gpt2onnx": "gpt2onnx"}
 _MODULES = {"torch": "transformers", "optimum": "optimum.onnxruntime", "ctranslate2": "ctranslate2",
@@ -63,7 +65,7 @@ class BenchOptions:
     batch: int = 5  # num_return_sequences of the batch figure
     threads: int = 0  # 0 = physical cores, for every framework
     frameworks: tuple[str, ...] = ("torch", "optimum", "ctranslate2", "gpt2onnx")
-    precisions: tuple[str, ...] = ("fp32", "int8", "int4")
+    precisions: tuple[str, ...] = ("fp32", "int8", "int4", "int4+kv8")  # gpt2onnx's; +kv8 = --kv-cache int8
     work_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "gpt2onnx" / "bench")
 
     def check(self) -> None:
@@ -76,6 +78,10 @@ class BenchOptions:
         unknown = set(self.frameworks) - set(LABELS)
         if unknown:
             raise InvalidArgumentError(f"unknown frameworks {sorted(unknown)}", hint=f"choose from {', '.join(LABELS)}")
+        known = {precision for framework, precision in CONFIGS if framework == "gpt2onnx"}
+        if set(self.precisions) - known:
+            raise InvalidArgumentError(f"unknown precisions {sorted(set(self.precisions) - known)}",
+                                       hint=f"choose from {', '.join(sorted(known))}")
 
 
 def physical_cores() -> int:
@@ -176,7 +182,9 @@ def prepare(options: BenchOptions, configs: list[tuple[str, str]], *,
             continue
         if not (directory / ".done").is_file():
             progress(f"preparing {LABELS[framework]} {precision} in {directory}")
-            _convert(framework, precision, options.model, hf, directory)
+            with warnings.catch_warnings():  # the converters' own warnings are not ours to show
+                warnings.simplefilter("ignore")
+                _convert(framework, precision, options.model, hf, directory)
             (directory / ".done").write_text("")
         out[(framework, precision)] = directory
     return out
@@ -216,7 +224,9 @@ def _convert(framework: str, precision: str, model: str, hf: Path, directory: Pa
         from gpt2onnx_export import ExportOptions, export_model
 
         spec = model if model.startswith("random:") else str(hf)
-        export_model(spec, directory, ExportOptions(precision=precision, force=True), progress=lambda m: None)
+        weights, _, kv = precision.partition("+")
+        options = ExportOptions(precision=weights, kv_cache="int8" if kv == "kv8" else "float32", force=True)
+        export_model(spec, directory, options, progress=lambda m: None)
     elif framework == "optimum":
         from optimum.onnxruntime import ORTModelForCausalLM
 

@@ -14,6 +14,7 @@ EXAMPLES = """examples:
   gpt2onnx export random:gpt2 out/random-gpt2   # offline: seeded random weights, real tokenizer
   gpt2onnx export random:gpt2 out/gpt2-int4 --precision int4   # 4-bit weights, gated on quality
   gpt2onnx generate "Hello, I'm a language model," --model out/gpt2
+  gpt2onnx verify out/gpt2                      # side by side with PyTorch: logits, greedy, seeded sampling
   gpt2onnx inspect out/gpt2                     # weights, shapes, dtypes, inputs/outputs, ops, manifest
   gpt2onnx plot out/gpt2 --out plots --prompt "The cat sat on the mat"   # embeddings, weights, attention
   gpt2onnx bench                                # speed next to torch, Optimum and CTranslate2
@@ -24,6 +25,13 @@ GENERATE_EXAMPLES = """examples:
   gpt2onnx generate "Hello, I'm a language model," -m out/gpt2 --max-length 30 -n 5 --do-sample --seed 42
   gpt2onnx generate "def main():" -m out/gpt2 --max-new-tokens 64 --stop "\\n\\n" --stream
   echo "Once upon a time" | gpt2onnx generate - -m out/gpt2 --do-sample --top-p 0.9 --json
+"""
+
+
+VERIFY_EXAMPLES = """examples:
+  gpt2onnx verify out/gpt2                           # against the checkpoint recorded in the manifest
+  gpt2onnx verify out/gpt2 --seeds 20 --json         # 200 sampling cases, the full report as JSON
+  gpt2onnx verify out/gpt2-int4 --max-kl 0.02 --text heldout.txt
 """
 
 
@@ -42,10 +50,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     export = _export_module()
     options = export.ExportOptions(precision=args.precision, seed=args.seed, revision=args.revision,
                                    allow_pickle=args.allow_pickle, force=args.force, atol=args.atol,
-                                   block_size=args.block_size, eval_text=getattr(args, "eval_text", None),
+                                   block_size=getattr(args, "block_size", None),
+                                   eval_text=getattr(args, "eval_text", None),
                                    max_perplexity_increase=getattr(args, "max_perplexity_increase", None),
-                                   min_top1_agreement=getattr(args, "min_top1_agreement", None))
+                                   min_top1_agreement=getattr(args, "min_top1_agreement", None),
+                                   kv_cache=args.kv_cache)
     export.export_model(args.model, args.out_dir, options)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    _export_module()
+    from gpt2onnx_export import verify_command
+
+    optional = {name: getattr(args, name, None) for name in ("reference", "attention", "min_top1", "max_kl",
+                                                            "max_ppl_increase", "text")}
+    options = verify_command.VerifyOptions(seeds=args.seeds, max_new_tokens=args.max_new_tokens, atol=args.atol,
+                                           threads=args.threads, **optional)
+    report = verify_command.verify_model(args.model_dir, options)
+    print(json.dumps(report, ensure_ascii=False, indent=2) if args.json else verify_command.format_report(report))
+    verify_command.check(report)
     return 0
 
 
@@ -165,7 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it holds an earlier export")
     p.add_argument("--precision", default="fp32", choices=["fp32", "int8", "int4"],
                    help="weights: fp32 (verified to --atol) or block-quantized int8/int4 (gated on quality)")
-    p.add_argument("--block-size", type=int, default=32, help="int8/int4: weights per quantization block (16, 32, 64, ...)")
+    p.add_argument("--block-size", type=int, default=argparse.SUPPRESS,
+                   help="int8/int4: weights per quantization block, 16, 32, 64, ...: smaller is more accurate, "
+                        "larger faster (default 128 for int8, 64 for int4)")
+    p.add_argument("--kv-cache", default="float32", choices=["float32", "int8"],
+                   help="int8/int4: store the KV cache as int8 (per-channel scales calibrated at export): long "
+                        "contexts read a quarter of the bytes per step")
     p.add_argument("--max-perplexity-increase", type=float, default=argparse.SUPPRESS,
                    help="int8/int4: largest perplexity increase over PyTorch fp32, as a fraction "
                         "(default 0.01 for int8, 0.05 for int4)")
@@ -182,6 +211,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=1e-4, help="largest |logit difference| from PyTorch accepted")
     p.set_defaults(func=cmd_export)
 
+    p = commands.add_parser("verify", formatter_class=formatter, help="compare an export with PyTorch: logits, greedy, "
+                                                                      "seeded sampling",
+                            description="Run MODEL_DIR side by side with transformers' GPT2LMHeadModel on the same "
+                                        "weights and report every difference: logits and cache per prompt length, "
+                                        "greedy parity, and seeded sampling (model.generate(seed=s) against "
+                                        "set_seed(s) + generate(do_sample=True)) over seeds x prompts x settings. A "
+                                        "flip of a near-tie by float noise is reported with its margin; any other "
+                                        "difference exits non-zero. Quantized exports are measured instead (top-1 "
+                                        "agreement, KL divergence, perplexity) against the thresholds below. Needs "
+                                        "the export extra.",
+                            epilog=VERIFY_EXAMPLES)
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="exported model directory")
+    p.add_argument("--reference", metavar="HF_ID_OR_DIR", default=argparse.SUPPRESS, help="checkpoint to compare with: hub id, local directory "
+                                                                "or random:NAME (default: the source in the manifest)")
+    p.add_argument("--seeds", type=int, default=10, help="sampling: seeds 0..N-1, each with every setting (10 settings)")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="sampling: tokens generated per case")
+    p.add_argument("--atol", type=float, default=1e-4, help="fp32: largest |logit difference| that counts as float "
+                                                            "noise")
+    p.add_argument("--attention", choices=["sdpa", "eager"], default=argparse.SUPPRESS, help="the reference's attention (default: sdpa, as "
+                                                                  "from_pretrained loads it, unless the config needs "
+                                                                  "eager)")
+    p.add_argument("--min-top1", type=float, default=argparse.SUPPRESS, help="quantized: least share of positions whose most likely token is "
+                                                  "PyTorch's (default 0.95 int8, 0.85 int4, 0 for random weights)")
+    p.add_argument("--max-kl", type=float, default=argparse.SUPPRESS, help="quantized: largest mean KL divergence from PyTorch, nats per token "
+                                                "(default 0.005 int8, 0.05 int4)")
+    p.add_argument("--max-ppl-increase", type=float, default=argparse.SUPPRESS, help="quantized: largest perplexity increase over PyTorch fp32, "
+                                                          "as a fraction (default 0.01 int8, 0.05 int4)")
+    p.add_argument("--text", metavar="FILE", default=argparse.SUPPRESS, help="quantized: text to score (default: heldout.txt beside a local "
+                                                  "source, else a built-in sample)")
+    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per physical core)")
+    p.set_defaults(func=cmd_verify)
+
     p = commands.add_parser("bench", formatter_class=formatter, help="measure speed against torch, Optimum, CTranslate2",
                             description="Measure GPT-2 generation speed of gpt2onnx at each precision next to "
                                         "transformers+torch, Optimum and CTranslate2 (those installed), on one "
@@ -196,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=5, help="sampled continuations of the batch figure")
     p.add_argument("--threads", type=int, default=0, help="threads of every framework (0: physical cores)")
     p.add_argument("--only", default="torch,optimum,ctranslate2,gpt2onnx", help="frameworks to measure")
-    p.add_argument("--precisions", default="fp32,int8,int4", help="gpt2onnx precisions to measure")
+    p.add_argument("--precisions", default="fp32,int8,int4,int4+kv8",
+                   help="gpt2onnx precisions to measure (+kv8: exported with --kv-cache int8)")
     p.add_argument("--work-dir", default="~/.cache/gpt2onnx/bench", help="where the prepared models are kept")
     p.add_argument("--out-dir", default="bench-results", help="where bench.json and bench.png go")
     p.set_defaults(func=cmd_bench)

@@ -26,6 +26,12 @@ step writes its new positions after the past ones, in place. Given separate tens
 present concatenated, as shaped above. A step of several new positions after a non-empty past needs
 batch_size 1 (ONNX Runtime's GroupQueryAttention); prefill (empty past) and one-token steps take any batch.
 
+The cache may be stored as int8 (`gpt2onnx export --kv-cache int8`; manifest `kv_cache`): past and present
+are then int8 with the same shapes, and each layer's float32 scales `transformer.h.{i}.attn.k_scale` and
+`.v_scale` [1, n_head, 1, head_dim] (per channel, calibrated at export; initializers, see kv_scale_names)
+give the values: float = int8 * scale. The attention dequantizes as it reads, so a step reads a quarter of
+the bytes of a float32 cache.
+
 Every graph also computes, per layer, the tensor `transformer.h.{i}.attn.query` (float32
 [batch_size, n_head, sequence_length, head_dim], the query after the head split, before scaling). It is
 not a graph output; analysis tools expose it to compute real attention maps from any export (fused or
@@ -79,7 +85,9 @@ FLOAT_DTYPE = "float32"
 # Precisions an export can have, and the bits of the quantized ones (weight-only, MatMulNBits).
 PRECISIONS = ("fp32", "int8", "int4")
 PRECISION_BITS = {"int8": 8, "int4": 4}
-DEFAULT_BLOCK_SIZE = 32  # inputs per quantization block (a power of two >= 16)
+# Inputs per quantization block (a power of two >= 16) unless chosen: larger blocks are faster (fewer scales);
+# these cost no measurable perplexity on the trained test model (benchmarks/quantization.py).
+DEFAULT_BLOCK_SIZES = {"int8": 128, "int4": 64}
 
 # Manifest keys.
 M_FORMAT = "format"
@@ -92,6 +100,10 @@ M_FILES = "files"
 M_PARITY = "parity"
 M_CREATED = "created"
 M_QUANTIZATION = "quantization"  # quantized exports only: {"bits", "block_size", "symmetric", "accuracy_level"}
+M_KV_CACHE = "kv_cache"  # {"dtype": "float32" or "int8", ...how int8 scales were calibrated}
+
+# How the KV cache can be stored (the graph's past/present dtype).
+KV_CACHE_DTYPES = ("float32", "int8")
 
 # Suffixes of a quantized weight's tensors (appended to its Hugging Face name).
 Q_WEIGHT, Q_SCALES, Q_ZERO_POINTS = ".qweight", ".scales", ".zero_points"
@@ -129,6 +141,11 @@ def quantized_source(initializer: str) -> str | None:
         if initializer.endswith(suffix):
             return initializer[: -len(suffix)]
     return None
+
+
+def kv_scale_names(layer: int) -> tuple[str, str]:
+    """(key scales, value scales) of an int8 cache: float32 [1, n_head, 1, head_dim] initializers."""
+    return f"transformer.h.{layer}.attn.k_scale", f"transformer.h.{layer}.attn.v_scale"
 
 
 def past_names(n_layer: int) -> list[str]:

@@ -28,14 +28,16 @@ class KVCache:
         self.binding = None  # the session's binding of these buffers (see OnnxSession), rebuilt when they move
 
     @classmethod
-    def empty(cls, config: ModelConfig, batch: int, capacity: int = 0) -> "KVCache":
-        """The cache before the first step: length 0 (with room for `capacity` positions)."""
+    def empty(cls, config: ModelConfig, batch: int, capacity: int = 0, *, dtype=np.float32) -> "KVCache":
+        """The cache before the first step: length 0 (with room for `capacity` positions). dtype: float32, or
+        int8 for an export whose cache is int8 (the session knows which)."""
         shape = (batch, config.n_head, capacity, config.head_dim)
-        return cls([np.zeros(shape, np.float32) for _ in range(2 * config.n_layer)], length=0)
+        return cls([np.zeros(shape, dtype) for _ in range(2 * config.n_layer)], length=0)
 
     @property
     def tensors(self) -> list[np.ndarray]:
-        """The past itself: views [batch, n_head, length, head_dim] of the buffers (not copies)."""
+        """The past itself: views [batch, n_head, length, head_dim] of the buffers (not copies; int8 for an
+        int8 cache, whose float values are these times the export's kv scales)."""
         return [b[:, :, :self.length] for b in self.buffers]
 
     @property
@@ -61,6 +63,6 @@ class KVCache:
         return KVCache(buffers, length=self.length)
 
     def _moved(self, buffer: np.ndarray, batch: int, capacity: int, rows) -> np.ndarray:
-        new = np.empty((batch, buffer.shape[1], capacity, buffer.shape[3]), np.float32)
+        new = np.empty((batch, buffer.shape[1], capacity, buffer.shape[3]), buffer.dtype)
         new[:, :, :self.length] = rows(buffer[:, :, :self.length])
         return new

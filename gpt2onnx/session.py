@@ -61,6 +61,9 @@ class OnnxSession:
         self._past_names = c.past_names(config.n_layer)
         self._output_names = c.output_names(config.n_layer)
         self._present_names = c.present_names(config.n_layer)
+        # the cache's dtype: float32, or int8 for exports with an int8 cache (see the contract)
+        types = {i.name: i.type for i in self._session.get_inputs()}
+        self.cache_dtype = np.int8 if types.get(c.past_key(0)) == "tensor(int8)" else np.float32
         have = {i.name for i in self._session.get_inputs()}
         want = set(c.input_names(config.n_layer))
         if have != want or {o.name for o in self._session.get_outputs()} != set(self._output_names):
@@ -69,7 +72,7 @@ class OnnxSession:
 
     def empty_cache(self, batch: int, *, capacity: int = 0) -> KVCache:
         """The cache before the first step: length 0, with room for `capacity` positions (it grows as needed)."""
-        return KVCache.empty(self.config, batch, capacity)
+        return KVCache.empty(self.config, batch, capacity, dtype=self.cache_dtype)
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
             cache: KVCache, *, logits_for: str = "all") -> tuple[np.ndarray, KVCache]:

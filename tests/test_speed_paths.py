@@ -15,9 +15,12 @@ from gpt2onnx.errors import VerificationError
 from conftest import export
 
 
-@pytest.fixture(scope="module", params=["int8", "int4"])
+@pytest.fixture(scope="module", params=[("int8", "float32"), ("int4", "float32"), ("int4", "int8")],
+                ids=["int8", "int4", "int4-kv8"])
 def quantized_export(request, tmp_path_factory):
-    return request.param, export("random:tiny", tmp_path_factory.mktemp(request.param) / "model", precision=request.param)
+    precision, kv_cache = request.param
+    out = tmp_path_factory.mktemp(f"{precision}-{kv_cache}") / "model"
+    return precision, export("random:tiny", out, precision=precision, kv_cache=kv_cache)
 
 
 def test_quantized_export_loads_generates_and_names_its_weights(quantized_export):
@@ -26,6 +29,7 @@ def test_quantized_export_loads_generates_and_names_its_weights(quantized_export
     precision, directory = quantized_export
     manifest = json.loads((directory / c.MANIFEST_FILE).read_text())
     assert manifest[c.M_PRECISION] == precision
+    kv_int8 = manifest[c.M_KV_CACHE]["dtype"] == "int8"
     assert manifest[c.M_QUANTIZATION]["bits"] == c.PRECISION_BITS[precision]
     parity = manifest[c.M_PARITY]
     assert parity["kind"] == "quality" and parity["passed"]
@@ -42,10 +46,22 @@ def test_quantized_export_loads_generates_and_names_its_weights(quantized_export
     assert "transformer.wte.weight" in names  # the embedding Gather stays float32
     assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 4 * 2 + 1
     assert all(c.attention_query(i) in {o for n in graph.node for o in n.output} for i in range(2))
+    assert all(set(c.kv_scale_names(i)) <= names for i in range(2)) == kv_int8
 
     model = gpt2onnx.load(directory)
     result = model.generate("Hello", max_new_tokens=12, ignore_eos=True)
     assert len(result.token_ids) == 12
+    cache = model.session.run(np.array([[1, 2]]), np.ones((1, 2), np.int64), np.arange(2)[None],
+                              model.session.empty_cache(1))[1]
+    assert cache.tensors[0].dtype == (np.int8 if kv_int8 else np.float32)
+
+
+def test_int8_kv_cache_needs_quantized_weights(tmp_path):
+    from gpt2onnx.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="int8 KV cache needs quantized weights"):
+        export("random:tiny", tmp_path / "out", kv_cache="int8")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_failing_quality_gate_publishes_nothing(tmp_path):

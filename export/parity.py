@@ -1,0 +1,388 @@
+"""Same seed, same tokens: seeded sampling side by side with transformers, and what explains a difference.
+
+A case is one call — a seed, a left-padded batch of prompts, the sampling settings — made on both sides:
+
+    ours    model.generate(prompts, do_sample=True, seed=seed, sampler="torch", ...)
+    theirs  transformers.set_seed(seed); reference.generate(**tokenizer(prompts), do_sample=True, ...)
+
+(left padding, pad = eos, every option passed explicitly to both) and the token ids must be equal row by row.
+
+ONNX Runtime and PyTorch add up the same numbers in different orders, so their logits differ by a few
+1e-6. That flips a decision only at a near-tie, and then the row differs from that step on. For the first
+step t where a row differs, `explain` decides whether float noise explains it. Both sides drew the same
+exponentials q at that step (the stream moved by rows x vocab values per step on both; `replayed_draws`
+replays it to row r of step t), so a sampled token is argmax(p / q) on each side, each with its own p:
+
+  * the replay must give each side's own token from that side's logits (else the sampler or the random
+    stream differs: a bug, whatever the logits);
+  * the logits at that step must differ by no more than the verification tolerance (else the model
+    differs: a bug);
+  * the decision must flip within what that difference can move: the torch side's margin — the log gap
+    between the two p/q that swapped places, the gap between the two largest logits when greedy, the
+    distance to the top-k or top-p cut-off when a filter let a token in on one side only — is at most the
+    largest change of the processed scores.
+
+A flip that passes all three is an explained near-tie and is reported with its margin; anything else is
+unexplained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from gpt2onnx.sampling import process, softmax
+from gpt2onnx.settings import GenerationSettings
+from gpt2onnx.torch_random import TorchGenerator
+
+# Prompts of a case are taken round-robin from these (ASCII, code, Latin accents, CJK, emoji, Greek).
+PROMPTS = ("Hello, I'm a language model,", "Vim: the :s command", "naïve café — 日本語 😀", "fs.readFile(",
+           "The history of", "Ünïcödé, emoji 🎉 and Ελληνικά:")
+# Every setting the sampler has; each seed runs all of them, with batch sizes 1, 3 and 5 in turn.
+SETTINGS = (
+    {},  # transformers' defaults when sampling: top_k=50, temperature 1
+    {"top_k": 0},  # the whole vocabulary
+    {"top_k": 0, "top_p": 0.9},
+    {"temperature": 0.7, "top_k": 20},
+    {"temperature": 1.3, "top_p": 0.8, "top_k": 0},
+    {"repetition_penalty": 1.3},
+    {"no_repeat_ngram_size": 2, "top_k": 0},
+    {"num_return_sequences": 5},
+    {"temperature": 0.5, "top_p": 0.95, "repetition_penalty": 1.2, "no_repeat_ngram_size": 3},
+    {"min_new_tokens": 10, "top_k": 10},
+)
+BATCH_SIZES = (1, 3, 5)
+MAX_NEW_TOKENS = 24
+# Every option is passed to both sides, so neither side's defaults (generation_config.json,
+# task_specific_params) can make them differ.
+_OPTIONS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+            "num_return_sequences": 1, "min_new_tokens": 0}
+_WORDS_PER_SKIP = 1 << 24  # raw words skipped per call when replaying the stream
+
+
+@dataclass(frozen=True)
+class Case:
+    """One generate call, made on both sides."""
+
+    seed: int
+    prompts: tuple[str, ...]
+    options: tuple[tuple[str, object], ...]  # every sampling option (name, value), none left to defaults
+    max_new_tokens: int = MAX_NEW_TOKENS
+
+    @property
+    def kwargs(self) -> dict:
+        return dict(self.options)
+
+    def settings(self) -> GenerationSettings:
+        return GenerationSettings(do_sample=True, seed=self.seed, max_new_tokens=self.max_new_tokens, **self.kwargs)
+
+    def label(self) -> str:
+        changed = {k: v for k, v in self.options if _OPTIONS[k] != v}
+        shown = ", ".join(f"{k}={v}" for k, v in changed.items()) or "defaults (top_k=50)"
+        return f"seed {self.seed}, batch {len(self.prompts)}, {shown}"
+
+
+def cases(seeds: Iterable[int], *, max_new_tokens: int = MAX_NEW_TOKENS) -> list[Case]:
+    """Every seed with every setting; batch sizes 1/3/5 and the prompts taken in turn."""
+    out = []
+    for seed in seeds:
+        for j, setting in enumerate(SETTINGS):
+            size = BATCH_SIZES[(seed + j) % len(BATCH_SIZES)]
+            prompts = tuple(PROMPTS[(seed + j + i) % len(PROMPTS)] for i in range(size))
+            out.append(Case(seed, prompts, tuple({**_OPTIONS, **setting}.items()), max_new_tokens))
+    return out
+
+
+@dataclass
+class Divergence:
+    """Where one row first differs from transformers', and whether float noise explains it."""
+
+    row: int
+    step: int  # index of the first differing new token
+    kind: str  # "sampling", "greedy", "top-k boundary", "top-p boundary", "prompt" or "length"
+    ours: int | None  # the token each side chose at that step
+    theirs: int | None
+    margin: float | None  # how close the torch side's decision was, in `margin_unit`
+    margin_unit: str
+    max_abs_diff: float | None  # largest |logit difference| of that row at that step
+    explained: bool
+    reason: str
+
+    def describe(self) -> str:
+        what = {"sampling": "sampled token", "greedy": "greedy token"}.get(self.kind, self.kind)
+        parts = [f"row {self.row} step {self.step}: {what}"]
+        if self.ours is not None:
+            parts.append(f"transformers {self.theirs} vs ours {self.ours}")
+        if self.margin is not None:
+            parts.append(f"margin {self.margin:.2g} ({self.margin_unit})")
+        if self.max_abs_diff is not None:
+            parts.append(f"max |Δlogit| {self.max_abs_diff:.2g}")
+        verdict = "explained near-tie" if self.explained else "UNEXPLAINED"
+        return ", ".join(parts) + f": {verdict} — {self.reason}"
+
+
+def first_difference(ours: list[int], theirs: list[int]) -> int | None:
+    """Index of the first token where two rows differ (or where the shorter one ends), None if equal."""
+    step = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+    if step is None and len(ours) != len(theirs):
+        step = min(len(ours), len(theirs))
+    return step
+
+
+def replayed_draws(seed: int, *, step: int, rows: int, row: int, vocab: int) -> np.ndarray:
+    """The exponentials q of `row` at `step`: what torch.multinomial drew for it after set_seed(seed).
+
+    Every step draws one value per element of the whole [rows, vocab] probability tensor, finished rows
+    included, on both sides; each value takes two 32-bit words of the stream.
+    """
+    generator = TorchGenerator(seed)
+    skip = 2 * (step * rows + row) * vocab
+    while skip:
+        n = min(skip, _WORDS_PER_SKIP)
+        generator.bit_generator.random_raw(n, output=False)
+        skip -= n
+    return generator.exponential(vocab)
+
+
+def explain(*, ours_logits: np.ndarray, theirs_logits: np.ndarray, ours_scores: np.ndarray,
+            theirs_scores: np.ndarray, ours_token: int, theirs_token: int, settings: GenerationSettings,
+            q: np.ndarray | None, atol: float, theirs_probs: np.ndarray | None = None,
+            ours_unfiltered: np.ndarray | None = None, theirs_unfiltered: np.ndarray | None = None,
+            row: int = 0, step: int = 0) -> Divergence:
+    """Decide whether float differences explain one flipped decision (see the module docstring).
+
+    ours_logits, theirs_logits: each side's raw logits of the row at that step [vocab].
+    ours_scores, theirs_scores: the same after each side's processors and warpers [vocab].
+    q: the replayed exponentials of the row at that step (None when greedy).
+    theirs_probs: transformers' own softmax of theirs_scores (default: computed here in float32).
+    ours_unfiltered, theirs_unfiltered: the scores before top-k and top-p (needed to measure the margin
+        when a filter kept a token on one side only).
+    """
+    base = dict(row=row, step=step, ours=int(ours_token), theirs=int(theirs_token),
+                max_abs_diff=_max_abs_diff(ours_logits, theirs_logits), explained=False, reason="")
+    a, b = int(ours_token), int(theirs_token)
+    if q is None:  # greedy: the largest processed score wins; the gap between the two moves by <= 2 max |Δ|
+        reproduced = int(np.argmax(ours_scores)) == a and int(np.argmax(theirs_scores)) == b
+        margin = float(theirs_scores[b]) - float(theirs_scores[a])
+        return _verdict(Divergence(kind="greedy", margin=margin, margin_unit="logit gap", **base), reproduced,
+                        atol, margin, 2 * _max_abs_diff(ours_scores, theirs_scores))
+    theirs_probs = softmax(theirs_scores[None])[0] if theirs_probs is None else theirs_probs
+    with np.errstate(divide="ignore", invalid="ignore"):  # float32 division, as torch.multinomial divides
+        ours_ratio, theirs_ratio = softmax(ours_scores[None])[0] / q, theirs_probs / q
+    reproduced = int(np.argmax(ours_ratio)) == a and int(np.argmax(theirs_ratio)) == b
+    kept_ours, kept_theirs = np.isfinite(ours_scores), np.isfinite(theirs_scores)
+    swapped = np.array([a, b])
+    if reproduced and not np.array_equal(kept_ours[swapped], kept_theirs[swapped]):
+        # a filter kept a token on one side only: the margin is the torch side's distance to its cut-off
+        if ours_unfiltered is None or theirs_unfiltered is None:
+            return _verdict(Divergence(kind="filter boundary", margin=None, margin_unit="", **base), reproduced,
+                            atol, None, 0.0)
+        flipped = swapped[kept_ours[swapped] != kept_theirs[swapped]]
+        kind, margin, unit, bound = _filter_margin(ours_unfiltered, theirs_unfiltered, flipped, settings)
+        return _verdict(Divergence(kind=kind, margin=margin, margin_unit=unit, **base), reproduced, atol, margin,
+                        bound)
+    # both tokens passed the filters on both sides: the log gap between their p/q moves by at most the
+    # change of their two scores (the softmax normaliser cancels)
+    with np.errstate(divide="ignore"):
+        log_gap = float(np.log(theirs_ratio[b]) - np.log(theirs_ratio[a]))
+    relative = float((theirs_ratio[b] - theirs_ratio[a]) / theirs_ratio[b]) if theirs_ratio[b] > 0 else None
+    bound = abs(float(ours_scores[a]) - float(theirs_scores[a])) + abs(float(ours_scores[b]) - float(theirs_scores[b]))
+    return _verdict(Divergence(kind="sampling", margin=relative, margin_unit="relative p/q gap", **base), reproduced,
+                    atol, log_gap if reproduced else None, bound)
+
+
+def _verdict(divergence: Divergence, reproduced: bool, atol: float, margin: float | None, bound: float) -> Divergence:
+    """The three conditions of an explained near-tie, in order; the first that fails is the reason."""
+    slack = 1e-6 * max(1.0, abs(margin or 0.0))  # float32 rounding of the scores and ratios themselves
+    diff = divergence.max_abs_diff
+    if not reproduced:
+        divergence.reason = ("replaying the random draws on each side's logits does not give each side's token: "
+                             "the sampler or the random stream differs (a bug)")
+    elif not diff <= atol:
+        divergence.reason = f"the logits differ by {diff:.3g} > atol {atol:g}: not float noise (a bug)"
+    elif margin is None or not margin <= bound + slack:
+        divergence.reason = f"the margin ({margin}) is larger than the logit difference can move ({bound:.3g})"
+    else:
+        divergence.explained = True
+        divergence.reason = f"the logit difference moves the margin by up to {bound:.2g}: the decision can flip"
+    return divergence
+
+
+def _filter_margin(ours_unfiltered: np.ndarray, theirs_unfiltered: np.ndarray, flipped: np.ndarray,
+                   settings: GenerationSettings) -> tuple[str, float, str, float]:
+    """(kind, margin, unit, bound) when top-k or top-p kept the `flipped` tokens on one side only."""
+    bound = 2 * _max_abs_diff(ours_unfiltered, theirs_unfiltered)
+    k = settings.top_k
+    if k and k < len(theirs_unfiltered):
+        top_ours, top_theirs = _top_k(ours_unfiltered, k), _top_k(theirs_unfiltered, k)
+        if not np.array_equal(np.isfinite(top_ours), np.isfinite(top_theirs)):
+            # top-k: the k-th and the (k+1)-th score swapped places
+            ranked = -np.sort(-theirs_unfiltered)
+            return "top-k boundary", float(ranked[k - 1] - ranked[k]), "logit gap at the k-th token", bound
+        theirs_unfiltered = top_theirs
+    # top-p (ascending order; a token is dropped while the cumulative probability is <= 1 - top_p): how far
+    # the flipped tokens' cumulative probability is from the cut-off. A change of every score by at most d
+    # moves a cumulative probability by at most about 2 d.
+    order = np.argsort(theirs_unfiltered, kind="stable")
+    cumulative = np.empty_like(theirs_unfiltered)
+    cumulative[order] = np.cumsum(softmax(theirs_unfiltered[order][None])[0], dtype=np.float32)
+    distance = float(np.min(np.abs(cumulative[flipped] - np.float32(1 - settings.top_p))))
+    return "top-p boundary", distance, "probability from the top-p cut-off", bound + 1e-6
+
+
+def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    kth = -np.partition(-scores, k - 1)[k - 1]
+    return np.where(scores < kth, -np.inf, scores)
+
+
+def _max_abs_diff(x: np.ndarray, y: np.ndarray) -> float:
+    both = np.isfinite(x) & np.isfinite(y)
+    return float(np.max(np.abs(x[both].astype(np.float64) - y[both]), initial=0.0))
+
+
+class _RecordingSession:
+    """An OnnxSession that keeps the last-position logits of every step it runs (what the sampler saw)."""
+
+    def __init__(self, session):
+        self._session = session
+        self.config = session.config
+        self.steps: list[np.ndarray] = []
+
+    def empty_cache(self, *args, **kwargs):
+        return self._session.empty_cache(*args, **kwargs)
+
+    def run(self, *args, **kwargs):
+        logits, cache = self._session.run(*args, **kwargs)
+        self.steps.append(logits[:, -1, :].copy())
+        return logits, cache
+
+
+class SideBySide:
+    """A gpt2onnx model and its transformers reference (same weights), run case by case."""
+
+    def __init__(self, model, reference, tokenizer, *, atol: float):
+        """model: a gpt2onnx.Model (its session is wrapped to record logits); reference: GPT2LMHeadModel;
+        tokenizer: transformers' tokenizer of the model directory."""
+        self.model, self.reference, self.tokenizer, self.atol = model, reference, tokenizer, atol
+        self.recorder = _RecordingSession(model.session)
+        model.session = self.recorder
+        tokenizer.padding_side = "left"
+        tokenizer.pad_token = tokenizer.eos_token
+
+    def run(self, case: Case) -> dict:
+        """Both sides on one case; every differing row with its divergence."""
+        ours, prompt_ids = self._ours(case)
+        theirs, batch, outputs = self._theirs(case)
+        divergences = []
+        their_prompts = [ids[m == 1].tolist() for ids, m in zip(batch["input_ids"], batch["attention_mask"])]
+        if their_prompts != prompt_ids:
+            bad = next(i for i, (x, y) in enumerate(zip(their_prompts, prompt_ids)) if x != y)
+            divergences.append(Divergence(bad, 0, "prompt", None, None, None, "", None, False,
+                                          f"prompt {bad} is tokenized differently: {prompt_ids[bad][:8]}... vs "
+                                          f"transformers' {their_prompts[bad][:8]}..."))
+        else:
+            for row, (mine, yours) in enumerate(zip(ours, theirs)):
+                step = first_difference(mine, yours)
+                if step is not None:
+                    divergences.append(self._explain(case, row, step, mine, yours, prompt_ids, outputs))
+        return {"case": case.label(), "seed": case.seed, "prompts": list(case.prompts), "options": case.kwargs,
+                "rows": len(theirs), "equal_rows": len(theirs) - len(divergences),
+                "divergences": [dataclasses.asdict(d) | {"text": d.describe()} for d in divergences]}
+
+    def _ours(self, case: Case) -> tuple[list[list[int]], list[list[int]]]:
+        self.recorder.steps = []
+        results = self.model.generate(list(case.prompts), do_sample=True, seed=case.seed, sampler="torch",
+                                      max_new_tokens=case.max_new_tokens, **case.kwargs)
+        flat = [r for group in results for r in (group if isinstance(group, list) else [group])]
+        per_prompt = flat[::case.kwargs["num_return_sequences"]]
+        return [r.token_ids for r in flat], [list(r.prompt_token_ids) for r in per_prompt]
+
+    def _theirs(self, case: Case):
+        import torch
+        from transformers import set_seed
+
+        batch = self.tokenizer(list(case.prompts), return_tensors="pt", padding=True)
+        eos = self.model.eos_token_id
+        set_seed(case.seed)
+        with torch.inference_mode():
+            out = self.reference.generate(**batch, do_sample=True, max_new_tokens=case.max_new_tokens,
+                                          pad_token_id=eos, eos_token_id=eos, output_logits=True, output_scores=True,
+                                          return_dict_in_generate=True, **case.kwargs)
+        rows = out.sequences[:, batch["input_ids"].shape[1]:].tolist()
+        return [row[: row.index(eos) + 1] if eos in row else row for row in rows], batch, out
+
+    def _explain(self, case: Case, row: int, step: int, mine: list[int], yours: list[int],
+                 prompt_ids: list[list[int]], outputs) -> Divergence:
+        import torch
+
+        if step >= len(mine) or step >= len(yours) or step >= len(outputs.logits) or step >= len(self.recorder.steps):
+            return Divergence(row, step, "length", None, None, None, "", None, False,
+                              f"one side ended after {step} tokens while the other went on (a bug)")
+        settings = case.settings()
+        n = settings.num_return_sequences
+        rows = len(prompt_ids) * n
+        ours_step = self.recorder.steps[step]
+        if len(ours_step) != rows:  # the prefill ran each prompt once; its logits were shared out
+            ours_step = np.repeat(ours_step, n, axis=0)
+        # the row as the processors saw it at that step: left padding, prompt, the tokens both sides share
+        eos, width, prompt = self.model.eos_token_id, max(map(len, prompt_ids)), prompt_ids[row // n]
+        sequence = np.array([[eos] * (width - len(prompt)) + prompt + mine[:step]], np.int64)
+        ours_logits = ours_step[row]
+        ours_scores = process(ours_logits[None], sequence, step, settings, eos_id=eos)[0]
+        theirs_scores_all = outputs.scores[step].float()
+        theirs_probs = torch.softmax(theirs_scores_all, dim=-1)[row].numpy()  # as transformers computes it
+        q = replayed_draws(case.seed, step=step, rows=rows, row=row, vocab=ours_logits.shape[-1])
+        unfiltered = dataclasses.replace(settings, top_k=0, top_p=1.0)  # penalties and temperature only
+        theirs_logits = outputs.logits[step][row].float().numpy()
+        return explain(ours_logits=ours_logits, theirs_logits=theirs_logits, ours_scores=ours_scores,
+                       theirs_scores=theirs_scores_all[row].numpy(), theirs_probs=theirs_probs,
+                       ours_unfiltered=process(ours_logits[None], sequence, step, unfiltered, eos_id=eos)[0],
+                       theirs_unfiltered=process(theirs_logits[None], sequence, step, unfiltered, eos_id=eos)[0],
+                       ours_token=mine[step], theirs_token=yours[step], settings=settings, q=q, atol=self.atol,
+                       row=row, step=step)
+
+
+def explain_greedy(session, reference, prompt: list[int], tokens: int, *, eos_id: int,
+                   atol: float) -> Divergence | None:
+    """Greedy (EOS ignored) on both sides, recording the logits; the first flip explained, or None if equal."""
+    import torch
+    from transformers import GenerationConfig
+
+    from gpt2onnx.generator import generate
+
+    recorder = _RecordingSession(session)
+    settings = GenerationSettings(max_new_tokens=tokens, ignore_eos=True)
+    ours = generate(recorder, [prompt], settings, eos_id=eos_id)[0]
+    config = GenerationConfig(do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens, eos_token_id=None,
+                              pad_token_id=eos_id, output_logits=True, output_scores=True, return_dict_in_generate=True)
+    with torch.inference_mode():
+        out = reference.generate(torch.tensor([prompt]), attention_mask=torch.ones((1, len(prompt)), dtype=torch.long),
+                                 generation_config=config)
+    theirs = out.sequences[0, len(prompt):].tolist()
+    step = first_difference(ours, theirs)
+    if step is None:
+        return None
+    if step >= min(len(ours), len(theirs)):
+        return Divergence(0, step, "length", None, None, None, "", None, False, "one side stopped early (a bug)")
+    sequence = np.array([prompt + ours[:step]], np.int64)
+    ours_logits = recorder.steps[step][0]
+    ours_scores = process(ours_logits[None], sequence, step, settings, eos_id=eos_id)[0]
+    return explain(ours_logits=ours_logits, theirs_logits=out.logits[step][0].float().numpy(), ours_scores=ours_scores,
+                   theirs_scores=out.scores[step][0].float().numpy(), ours_token=ours[step],
+                   theirs_token=theirs[step], settings=settings, q=None, atol=atol, step=step)
+
+
+def summarize(results: list[dict]) -> dict:
+    """Counts over many cases: rows compared, rows equal, divergences explained and unexplained."""
+    divergences = [d | {"case": r["case"]} for r in results for d in r["divergences"]]
+    explained = [d for d in divergences if d["explained"]]
+    margins = [d["margin"] for d in explained if d["margin"] is not None]
+    return {"cases": len(results), "rows": sum(r["rows"] for r in results),
+            "equal_rows": sum(r["equal_rows"] for r in results),
+            "cases_with_mismatch": sum(bool(r["divergences"]) for r in results),
+            "mismatched_rows": len(divergences), "explained": len(explained),
+            "unexplained": len(divergences) - len(explained),
+            "largest_explained_margin": max(margins, default=None), "divergences": divergences}

@@ -1,0 +1,328 @@
+"""`gpt2onnx verify MODEL_DIR`: an export side by side with PyTorch, and a report of every difference.
+
+The reference is transformers' GPT2LMHeadModel holding the weights the export came from: the source its
+manifest records (a hub id at the recorded commit, a local directory, or random:NAME regenerated from its
+seed), or `--reference`. Then, for an fp32 export:
+
+  1. logits and cache against PyTorch for prompts of several lengths, a cached step and a padded batch,
+     and a greedy continuation (`verify.verify`, the export gate itself);
+  2. seeded sampling over seeds x settings x prompts (`parity`): `model.generate(..., seed=s)` against
+     `set_seed(s); generate(do_sample=True, ...)`, token for token.
+
+A greedy or sampled row that differs is analysed at its first differing step (`parity.explain`): a flip
+of a near-tie by float noise is reported with its margin; anything else fails the verification.
+
+A quantized export cannot be identical to PyTorch fp32, so it is measured instead — perplexity on a text,
+top-1 agreement (`verify.verify_quality`) and the KL divergence of its next-token distributions from
+PyTorch's — against thresholds the user can set.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gpt2onnx import contract as c
+from gpt2onnx.errors import InvalidArgumentError, VerificationError
+
+from . import parity, sources, verify
+from .reference import torch_model
+
+DEFAULT_SEEDS = 10
+_SHOWN = 20  # unexplained differences listed in the text report
+# Largest mean KL(PyTorch fp32 || export) per position, in nats, by precision. Measured on the trained
+# test model's held-out text (block size 32): int8 5.4e-5, int4 4.1e-3; the limits leave room for other
+# checkpoints and catch a broken quantization (README, "Parity with transformers").
+KL_THRESHOLDS = {"int8": 0.005, "int4": 0.05}
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """What `verify_model` compares, and how strictly."""
+
+    reference: str | None = None  # hub id, local directory or random:NAME (default: the manifest's source)
+    seeds: int = DEFAULT_SEEDS  # sampling: seeds 0 .. seeds-1, each with every setting of parity.SETTINGS
+    max_new_tokens: int = parity.MAX_NEW_TOKENS  # sampling: tokens generated per case
+    atol: float = verify.DEFAULT_ATOL  # fp32: largest |logit difference| that counts as float noise
+    attention: str | None = None  # the reference's attention: "sdpa" (from_pretrained's default) or "eager"
+    min_top1: float | None = None  # quantized: least top-1 agreement (default: the precision's, 0 for random:)
+    max_kl: float | None = None  # quantized: largest mean KL divergence per position (nats)
+    max_ppl_increase: float | None = None  # quantized: largest relative perplexity increase (0.01 = 1%)
+    text: str | None = None  # quantized: the text scored (default: heldout.txt of a local source, else a sample)
+    threads: int = 0  # ONNX Runtime threads (0: one per physical core)
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def verify_model(model_dir: str | Path, options: VerifyOptions = VerifyOptions(), *,
+                 progress: Callable[[str], None] = _stderr) -> dict:
+    """Compare the export in `model_dir` with PyTorch. Returns the report (`passed`, `failures`, ...)."""
+    import gpt2onnx
+
+    _check(options)
+    start = time.perf_counter()
+
+    def step(message: str) -> None:
+        progress(f"[{time.perf_counter() - start:6.1f}s] {message}")
+
+    model = gpt2onnx.load(model_dir, threads=options.threads)
+    precision = model.manifest.get(c.M_PRECISION, "fp32")
+    spec, seed, revision = reference_spec(model.manifest, options.reference)
+    step(f"loading the reference {spec}")
+    with tempfile.TemporaryDirectory(prefix="gpt2onnx-verify-") as work:
+        source = sources.load_source(spec, workdir=Path(work), seed=seed, revision=revision)
+    if source.config != model.config:
+        raise InvalidArgumentError(f"the reference {spec} is not the same architecture as {model_dir}",
+                                   hint="pass --reference the checkpoint this model was exported from")
+    attention = options.attention or _attention(source.config_dict)
+    reference = torch_model(source.config_dict, source.weights, attn_implementation=attention)
+    report = {"model": str(Path(model_dir)), "precision": precision,
+              "reference": {"spec": spec, **({"seed": seed} if spec.startswith(sources.RANDOM_PREFIX) else {}),
+                            "attention": attention, "transformers": _transformers_version()}}
+    if precision == "fp32":
+        step("logits, cache and greedy decoding against PyTorch")
+        report["logits"] = _logits(model, reference, options.atol)
+        step(f"seeded sampling: {options.seeds} seeds x {len(parity.SETTINGS)} settings")
+        report["sampling"] = _sampling(model, reference, model_dir, options, step)
+    else:
+        step(f"{precision}: perplexity, top-1 agreement and KL divergence against PyTorch fp32")
+        report["quality"] = _quality(model, reference, precision, source, options)
+    report["failures"] = _failures(report)
+    report["passed"] = not report["failures"]
+    step("passed" if report["passed"] else f"{len(report['failures'])} unexplained differences")
+    return report
+
+
+def check(report: dict) -> None:
+    """Raise VerificationError naming the unexplained differences of a report that did not pass."""
+    if report["passed"]:
+        return
+    failures = report["failures"]
+    shown = "; ".join(failures[:2]) + (f"; and {len(failures) - 2} more" if len(failures) > 2 else "")
+    raise VerificationError(f"{report['model']} differs from PyTorch: {shown}", report=report,
+                            hint="the export or the weights differ from the reference (is --reference the "
+                                 "checkpoint it came from?); --json prints every comparison")
+
+
+def reference_spec(manifest: dict, override: str | None) -> tuple[str, int, str | None]:
+    """(MODEL spec, seed, revision) of the reference: `override`, else the source the manifest records."""
+    source = manifest.get(c.M_SOURCE) or {}
+    seed = int(source.get("seed", 0)) if source.get("kind") == "random" else 0
+    if override:
+        return override, seed, None
+    kind = source.get("kind")
+    if kind == "random":
+        return sources.RANDOM_PREFIX + source["architecture"], seed, None
+    if kind == "local":
+        return source["path"], 0, None
+    if kind == "hub":
+        return source["id"], 0, source.get("commit") or source.get("revision")
+    raise InvalidArgumentError(f"the manifest does not say where the model came from (source: {source!r})",
+                               hint="pass --reference HF_ID_OR_DIR, the checkpoint it was exported from")
+
+
+def _check(options: VerifyOptions) -> None:
+    if isinstance(options.seeds, bool) or not isinstance(options.seeds, int) or options.seeds < 0:
+        raise InvalidArgumentError(f"seeds must be an integer >= 0, got {options.seeds!r}")
+    tokens = options.max_new_tokens
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise InvalidArgumentError(f"max_new_tokens must be an integer >= 1, got {options.max_new_tokens!r}")
+    if not options.atol > 0:
+        raise InvalidArgumentError(f"atol must be > 0, got {options.atol!r}")
+    if options.attention not in (None, "sdpa", "eager"):
+        raise InvalidArgumentError(f"attention must be sdpa or eager, got {options.attention!r}")
+
+
+def _attention(config_dict: dict) -> str:
+    """sdpa, what GPT2LMHeadModel.from_pretrained uses (and so what a transformers user's seed gives) —
+    except where transformers 4.57's sdpa path ignores the config (then GPT-2's own eager arithmetic)."""
+    if config_dict.get("scale_attn_by_inverse_layer_idx") or config_dict.get("reorder_and_upcast_attn"):
+        return "eager"
+    return "sdpa"
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _logits(model, reference, atol: float) -> dict:
+    """The export gate's comparison; a greedy flip it reports is analysed here."""
+    try:
+        result = verify.verify(model.session, reference, model.tokenizer, atol=atol)
+    except VerificationError as error:
+        result = error.report
+    lengths = {}
+    for check_ in result["checks"]:
+        entry = lengths.setdefault(check_["check"], {"logits": 0.0, "cache": 0.0})
+        key = "logits" if check_["output"] == c.LOGITS else "cache"
+        entry[key] = max(entry[key], check_["max_abs_diff"])
+    greedy = result["greedy"]
+    if not greedy["equal"]:
+        prompt = model.tokenizer.encode(greedy["prompt"])
+        divergence = parity.explain_greedy(model.session, reference, prompt, greedy["tokens"],
+                                           eos_id=model.eos_token_id, atol=atol)
+        greedy["divergence"] = None if divergence is None else {**vars(divergence), "text": divergence.describe()}
+    return {"atol": atol, "by_check": lengths, "failed_outputs": result["failed_outputs"],
+            "max_abs_diff": result["max_abs_diff"], "greedy": greedy}
+
+
+def _sampling(model, reference, model_dir, options: VerifyOptions, step) -> dict:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    runner = parity.SideBySide(model, reference, tokenizer, atol=options.atol)
+    results = []
+    all_cases = parity.cases(range(options.seeds), max_new_tokens=options.max_new_tokens)
+    for index, case in enumerate(all_cases):
+        results.append(runner.run(case))
+        if (index + 1) % 25 == 0:
+            step(f"  {index + 1} / {len(all_cases)} cases")
+    summary = parity.summarize(results)
+    return {"seeds": options.seeds, "settings": [dict(s) for s in parity.SETTINGS],
+            "batch_sizes": list(parity.BATCH_SIZES), "prompts": list(parity.PROMPTS),
+            "max_new_tokens": options.max_new_tokens, **summary}
+
+
+def _quality(model, reference, precision: str, source, options: VerifyOptions) -> dict:
+    eval_source, eval_ids = _eval_text(options.text, source.description, model.tokenizer)
+    min_top1 = options.min_top1
+    if min_top1 is None and source.description.get("kind") == "random":
+        min_top1 = 0.0  # random weights barely prefer any token: agreement measures ties, not quality
+    try:
+        report = verify.verify_quality(model.session, reference, model.tokenizer, precision=precision,
+                                       eval_ids=eval_ids, eval_source=eval_source,
+                                       max_perplexity_increase=options.max_ppl_increase, min_top1_agreement=min_top1)
+    except VerificationError as error:
+        report = error.report
+    limit = KL_THRESHOLDS[precision] if options.max_kl is None else options.max_kl
+    kl = kl_divergence(model.session, reference, eval_ids)
+    report["kl_divergence"] = kl
+    report["thresholds"]["max_kl_divergence"] = limit
+    if kl["mean"] > limit:
+        report["failures"].append(f"KL divergence from PyTorch {kl['mean']:.3g} nats per token (limit {limit:g})")
+        report["passed"] = False
+    return report
+
+
+def kl_divergence(session, reference, eval_ids: list[int]) -> dict:
+    """KL(PyTorch fp32 || export) of the next-token distributions at every position of the text, in nats:
+    the mean over positions and the largest."""
+    import torch
+
+    window = min(512, session.config.n_positions)
+    values = []
+    for start in range(0, max(len(eval_ids) - 1, 1), window):
+        ids = np.array([eval_ids[start:start + window]], np.int64)
+        if ids.shape[1] < 2:
+            break
+        n = ids.shape[1]
+        ours, _ = session.run(ids, np.ones((1, n), np.int64), np.arange(n)[None], session.empty_cache(1))
+        with torch.inference_mode():
+            ref = reference(input_ids=torch.from_numpy(ids), use_cache=False).logits.float().numpy()
+        log_p, log_q = _log_softmax(ref[0, :-1]), _log_softmax(ours[0, :-1])
+        values.append(np.sum(np.exp(log_p) * (log_p - log_q), axis=-1))
+    values = np.concatenate(values) if values else np.zeros(1)
+    return {"mean": float(values.mean()), "max": float(values.max()), "positions": int(values.size)}
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def _eval_text(path: str | None, description: dict, tokenizer) -> tuple[str, list[int]]:
+    """--text, else heldout.txt beside a local source (the trained model brings one), else a sample text."""
+    file = Path(path).expanduser() if path else None
+    if file is None and description.get("kind") == "local" and (Path(description["path"]) / "heldout.txt").is_file():
+        file = Path(description["path"]) / "heldout.txt"
+    if file is None:
+        return "built-in sample text", tokenizer.encode(verify.SAMPLE_TEXT)[:verify.QUALITY_TOKENS]
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise InvalidArgumentError(f"cannot read the text {file}: {error}", hint="pass a UTF-8 text file") from error
+    return str(file.resolve()), tokenizer.encode(text)[:verify.QUALITY_TOKENS]
+
+
+def _failures(report: dict) -> list[str]:
+    """Every unexplained difference, one line each."""
+    failures = []
+    if "logits" in report:
+        logits = report["logits"]
+        for name in logits["failed_outputs"]:
+            failures.append(f"{name}: max |Δ| {logits['max_abs_diff'][name]:.3g} > atol {logits['atol']:g}")
+        divergence = logits["greedy"].get("divergence")
+        if not logits["greedy"]["equal"] and not (divergence and divergence["explained"]):
+            failures.append("greedy " + (divergence["text"] if divergence else
+                                         f"continuation differs from step {logits['greedy']['first_mismatch']}"))
+    if "sampling" in report:
+        for d in report["sampling"]["divergences"]:
+            if not d["explained"]:
+                failures.append(f"sampling, {d['case']}: {d['text']}")
+    if "quality" in report:
+        failures += report["quality"]["failures"]
+    return failures
+
+
+def format_report(report: dict) -> str:
+    """The report as text: one section per comparison, then the verdict."""
+    ref = report["reference"]
+    lines = [f"gpt2onnx verify {report['model']} ({report['precision']})",
+             f"reference: {ref['spec']}" + (f" (seed {ref['seed']})" if "seed" in ref else "")
+             + f", transformers {ref['transformers']} GPT2LMHeadModel, {ref['attention']} attention", ""]
+    if "logits" in report:
+        logits = report["logits"]
+        lines += [f"logits and cache vs PyTorch (max |Δ|, atol {logits['atol']:g})",
+                  f"  {'check':<20} {'logits':>10} {'cache':>10}"]
+        lines += [f"  {name:<20} {d['logits']:>10.2e} {d['cache']:>10.2e}" for name, d in logits["by_check"].items()]
+        greedy = logits["greedy"]
+        if greedy["equal"]:
+            lines.append(f"greedy, {greedy['tokens']} tokens: identical to transformers' generate")
+        else:
+            lines.append(f"greedy, {greedy['tokens']} tokens: " + (greedy.get("divergence") or {}).get(
+                "text", f"differs from step {greedy['first_mismatch']}"))
+        lines.append("")
+    if "sampling" in report:
+        s = report["sampling"]
+        lines += [f"seeded sampling vs set_seed(s) + generate(do_sample=True): {s['cases']} cases ({s['seeds']} seeds "
+                  f"x {len(s['settings'])} settings, batches {'/'.join(map(str, s['batch_sizes']))}, "
+                  f"{s['max_new_tokens']} new tokens), {s['rows']} rows",
+                  f"  identical rows: {s['equal_rows']} / {s['rows']}",
+                  f"  explained near-ties: {s['explained']}" + (
+                      f" (largest margin {s['largest_explained_margin']:.2g})"
+                      if s["largest_explained_margin"] is not None else ""),
+                  f"  unexplained: {s['unexplained']}"]
+        lines += [f"    {d['case']}: {d['text']}" for d in s["divergences"] if d["explained"]]
+        lines.append("")
+    if "quality" in report:
+        q = report["quality"]
+        limits, ppl, kl = q["thresholds"], q["perplexity"], q["kl_divergence"]
+        lines += [f"quality vs PyTorch fp32 on {q['eval_text']} ({q['eval_tokens']} tokens)",
+                  f"  top-1 agreement  {100 * q['top1_agreement']:6.2f}%"
+                  f"   (at least {100 * limits['min_top1_agreement']:g}%)",
+                  f"  KL divergence    {kl['mean']:.3g} nats/token, largest {kl['max']:.3g}"
+                  f"   (at most {limits['max_kl_divergence']:g})",
+                  f"  perplexity       {ppl['export']:.3f} vs {ppl['reference']:.3f} ({100 * ppl['increase']:+.2f}%)"
+                  f"   (at most {100 * limits['max_perplexity_increase']:+g}%)",
+                  f"  greedy, {q['greedy']['tokens']} tokens: " + (
+                      "identical" if q["greedy"]["equal"] else f"differs from step {q['greedy']['first_mismatch']}")
+                  + " (informational)", ""]
+    if report["passed"]:
+        lines.append("PASSED: no unexplained difference")
+    else:
+        lines.append(f"FAILED: {len(report['failures'])} unexplained differences")
+        lines += [f"  - {failure}" for failure in report["failures"][:_SHOWN]]
+        if len(report["failures"]) > _SHOWN:
+            lines.append(f"  ... and {len(report['failures']) - _SHOWN} more (--json prints them all)")
+    return "\n".join(lines)
