@@ -1,13 +1,16 @@
 """Build the GPT-2 ONNX graph directly from the weights (no tracing of transformers code).
 
 Every block is a small function that emits ONNX nodes. The graph uses ONNX Runtime's fused CPU operators
-(domain com.microsoft), chosen by measurement (benchmarks/fusions.py):
+(domain com.microsoft); benchmarks/graph_variants.py measures each choice against its unfused form:
 
   GroupQueryAttention      attention with the KV cache; reads past and writes present in one buffer when the
                            runtime binds the same memory to both (no per-step copy of the cache)
   SkipLayerNormalization   residual add + projection bias + layer norm in one pass
   FastGelu / BiasGelu      the MLP's bias and activation (tanh GELU / exact GELU)
   MatMulNBits              block-quantized weight matmuls at int8 / int4 (accuracy_level 4: int8 activations)
+
+Optionally the KV cache is int8 (GroupQueryAttention's per-channel quantized cache, scales from
+quantize.kv_cache_scales).
 
 Names of inputs, outputs and weights come from gpt2onnx.contract. `build_graph` leaves the weights as named
 slots; `save_model` fills each slot from the Hugging Face weights, quantizing where the graph asks for it.
