@@ -6,6 +6,7 @@ A case is one call — a seed, a left-padded batch of prompts, the sampling sett
     theirs  transformers.set_seed(seed); reference.generate(**tokenizer(prompts), do_sample=True, ...)
 
 (left padding, pad = eos, every option passed explicitly to both) and the token ids must be equal row by row.
+Greedy cases (do_sample=False, every prompt alone and all in one batch) are compared the same way.
 
 ONNX Runtime and PyTorch add up the same numbers in different orders, so their logits differ by a few
 1e-6. That flips a decision only at a near-tie, and then the row differs from that step on. For the first
@@ -71,18 +72,29 @@ class Case:
     prompts: tuple[str, ...]
     options: tuple[tuple[str, object], ...]  # every sampling option (name, value), none left to defaults
     max_new_tokens: int = MAX_NEW_TOKENS
+    do_sample: bool = True  # False: greedy (the seed is not used)
 
     @property
     def kwargs(self) -> dict:
         return dict(self.options)
 
     def settings(self) -> GenerationSettings:
-        return GenerationSettings(do_sample=True, seed=self.seed, max_new_tokens=self.max_new_tokens, **self.kwargs)
+        return GenerationSettings(do_sample=self.do_sample, seed=self.seed, max_new_tokens=self.max_new_tokens,
+                                  **self.kwargs)
 
     def label(self) -> str:
+        if not self.do_sample:
+            return f"greedy, batch {len(self.prompts)}" + (f" ({self.prompts[0]!r})" if len(self.prompts) == 1 else "")
         changed = {k: v for k, v in self.options if _OPTIONS[k] != v}
         shown = ", ".join(f"{k}={v}" for k, v in changed.items()) or "defaults (top_k=50)"
         return f"seed {self.seed}, batch {len(self.prompts)}, {shown}"
+
+
+def greedy_cases(*, max_new_tokens: int = MAX_NEW_TOKENS) -> list[Case]:
+    """Greedy decoding of every prompt alone, then of all of them as one left-padded batch."""
+    options = tuple(_OPTIONS.items())
+    return [Case(0, prompts, options, max_new_tokens, do_sample=False)
+            for prompts in [(p,) for p in PROMPTS] + [PROMPTS]]
 
 
 def cases(seeds: Iterable[int], *, max_new_tokens: int = MAX_NEW_TOKENS) -> list[Case]:
@@ -294,7 +306,7 @@ class SideBySide:
 
     def _ours(self, case: Case) -> tuple[list[list[int]], list[list[int]]]:
         self.recorder.steps = []
-        results = self.model.generate(list(case.prompts), do_sample=True, seed=case.seed, sampler="torch",
+        results = self.model.generate(list(case.prompts), do_sample=case.do_sample, seed=case.seed, sampler="torch",
                                       max_new_tokens=case.max_new_tokens, **case.kwargs)
         flat = [r for group in results for r in (group if isinstance(group, list) else [group])]
         per_prompt = flat[::case.kwargs["num_return_sequences"]]
@@ -308,7 +320,7 @@ class SideBySide:
         eos = self.model.eos_token_id
         set_seed(case.seed)
         with torch.inference_mode():
-            out = self.reference.generate(**batch, do_sample=True, max_new_tokens=case.max_new_tokens,
+            out = self.reference.generate(**batch, do_sample=case.do_sample, max_new_tokens=case.max_new_tokens,
                                           pad_token_id=eos, eos_token_id=eos, output_logits=True, output_scores=True,
                                           return_dict_in_generate=True, **case.kwargs)
         rows = out.sequences[:, batch["input_ids"].shape[1]:].tolist()
@@ -333,8 +345,10 @@ class SideBySide:
         ours_logits = ours_step[row]
         ours_scores = process(ours_logits[None], sequence, step, settings, eos_id=eos)[0]
         theirs_scores_all = outputs.scores[step].float()
-        theirs_probs = torch.softmax(theirs_scores_all, dim=-1)[row].numpy()  # as transformers computes it
-        q = replayed_draws(case.seed, step=step, rows=rows, row=row, vocab=ours_logits.shape[-1])
+        theirs_probs, q = None, None  # greedy
+        if case.do_sample:
+            theirs_probs = torch.softmax(theirs_scores_all, dim=-1)[row].numpy()  # as transformers computes it
+            q = replayed_draws(case.seed, step=step, rows=rows, row=row, vocab=ours_logits.shape[-1])
         unfiltered = dataclasses.replace(settings, top_k=0, top_p=1.0)  # penalties and temperature only
         theirs_logits = outputs.logits[step][row].float().numpy()
         return explain(ours_logits=ours_logits, theirs_logits=theirs_logits, ours_scores=ours_scores,

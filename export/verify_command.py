@@ -7,7 +7,7 @@ seed), or `--reference`. Then, for an fp32 export:
   1. logits and cache against PyTorch for prompts of several lengths, a cached step and a padded batch,
      and a greedy continuation (`verify.verify`, the export gate itself);
   2. seeded sampling over seeds x settings x prompts (`parity`): `model.generate(..., seed=s)` against
-     `set_seed(s); generate(do_sample=True, ...)`, token for token.
+     `set_seed(s); generate(do_sample=True, ...)`, token for token; and greedy decoding of every prompt.
 
 A greedy or sampled row that differs is analysed at its first differing step (`parity.explain`): a flip
 of a near-tie by float noise is reported with its margin; anything else fails the verification.
@@ -19,6 +19,7 @@ PyTorch's — against thresholds the user can set.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import tempfile
 import time
@@ -74,7 +75,6 @@ def verify_model(model_dir: str | Path, options: VerifyOptions = VerifyOptions()
         progress(f"[{time.perf_counter() - start:6.1f}s] {message}")
 
     model = gpt2onnx.load(model_dir, threads=options.threads)
-    precision = model.manifest.get(c.M_PRECISION, "fp32")
     spec, seed, revision = reference_spec(model.manifest, options.reference)
     step(f"loading the reference {spec}")
     with tempfile.TemporaryDirectory(prefix="gpt2onnx-verify-") as work:
@@ -84,21 +84,38 @@ def verify_model(model_dir: str | Path, options: VerifyOptions = VerifyOptions()
                                    hint="pass --reference the checkpoint this model was exported from")
     attention = options.attention or _attention(source.config_dict)
     reference = torch_model(source.config_dict, source.weights, attn_implementation=attention)
+    precision = model.manifest.get(c.M_PRECISION, "fp32")
     report = {"model": str(Path(model_dir)), "precision": precision,
               "reference": {"spec": spec, **({"seed": seed} if spec.startswith(sources.RANDOM_PREFIX) else {}),
                             "attention": attention, "transformers": _transformers_version()}}
-    if precision == "fp32":
-        step("logits, cache and greedy decoding against PyTorch")
-        report["logits"] = _logits(model, reference, options.atol)
-        step(f"seeded sampling: {options.seeds} seeds x {len(parity.SETTINGS)} settings")
-        report["sampling"] = _sampling(model, reference, model_dir, options, step)
-    else:
-        step(f"{precision}: perplexity, top-1 agreement and KL divergence against PyTorch fp32")
-        report["quality"] = _quality(model, reference, precision, source, options)
+    with _torch_threads(1):
+        if precision == "fp32":
+            step("logits, cache and greedy decoding against PyTorch")
+            report["logits"] = _logits(model, reference, options.atol)
+            step(f"generate: greedy, and {options.seeds} seeds x {len(parity.SETTINGS)} sampling settings")
+            report["sampling"] = _sampling(model, reference, model_dir, options, step)
+        else:
+            step(f"{precision}: perplexity, top-1 agreement and KL divergence against PyTorch fp32")
+            report["quality"] = _quality(model, reference, precision, source, options)
     report["failures"] = _failures(report)
     report["passed"] = not report["failures"]
     step("passed" if report["passed"] else f"{len(report['failures'])} unexplained differences")
     return report
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """PyTorch on `n` threads for a while. The reference runs on one: it takes turns with ONNX Runtime, and
+    its many small per-step operations gain nothing from more (verify on random:tiny, a loaded 2-core
+    machine: 34 s on one thread, 76 s on two)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def check(report: dict) -> None:
@@ -182,13 +199,15 @@ def _sampling(model, reference, model_dir, options: VerifyOptions, step) -> dict
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     runner = parity.SideBySide(model, reference, tokenizer, atol=options.atol)
     results = []
-    all_cases = parity.cases(range(options.seeds), max_new_tokens=options.max_new_tokens)
+    all_cases = (parity.greedy_cases(max_new_tokens=options.max_new_tokens)
+                 + parity.cases(range(options.seeds), max_new_tokens=options.max_new_tokens))
     for index, case in enumerate(all_cases):
         results.append(runner.run(case))
         if (index + 1) % 25 == 0:
             step(f"  {index + 1} / {len(all_cases)} cases")
     summary = parity.summarize(results)
-    return {"seeds": options.seeds, "settings": [dict(s) for s in parity.SETTINGS],
+    return {"seeds": options.seeds, "greedy_cases": sum(not c.do_sample for c in all_cases),
+            "settings": [dict(s) for s in parity.SETTINGS],
             "batch_sizes": list(parity.BATCH_SIZES), "prompts": list(parity.PROMPTS),
             "max_new_tokens": options.max_new_tokens, **summary}
 
@@ -269,7 +288,7 @@ def _failures(report: dict) -> list[str]:
     if "sampling" in report:
         for d in report["sampling"]["divergences"]:
             if not d["explained"]:
-                failures.append(f"sampling, {d['case']}: {d['text']}")
+                failures.append(f"{d['case']}: {d['text']}")
     if "quality" in report:
         failures += report["quality"]["failures"]
     return failures
@@ -295,9 +314,9 @@ def format_report(report: dict) -> str:
         lines.append("")
     if "sampling" in report:
         s = report["sampling"]
-        lines += [f"seeded sampling vs set_seed(s) + generate(do_sample=True): {s['cases']} cases ({s['seeds']} seeds "
-                  f"x {len(s['settings'])} settings, batches {'/'.join(map(str, s['batch_sizes']))}, "
-                  f"{s['max_new_tokens']} new tokens), {s['rows']} rows",
+        lines += [f"generate vs transformers' generate (seeded: after set_seed(s)): {s['cases']} cases — "
+                  f"{s['greedy_cases']} greedy, {s['seeds']} seeds x {len(s['settings'])} sampling settings, batches "
+                  f"{'/'.join(map(str, s['batch_sizes']))}, {s['max_new_tokens']} new tokens — {s['rows']} rows",
                   f"  identical rows: {s['equal_rows']} / {s['rows']}",
                   f"  explained near-ties: {s['explained']}" + (
                       f" (largest margin {s['largest_explained_margin']:.2g})"
