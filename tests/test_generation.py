@@ -113,15 +113,17 @@ def test_num_return_sequences_prefills_once(trained, monkeypatch):
     calls = []
     real_run = trained.session.run
 
-    def spy(ids, mask, positions, cache):
-        calls.append(ids.shape)
-        return real_run(ids, mask, positions, cache)
+    def spy(ids, mask, positions, cache, **kwargs):
+        calls.append((ids.shape, kwargs))
+        return real_run(ids, mask, positions, cache, **kwargs)
 
     monkeypatch.setattr(trained.session, "run", spy)
     results = trained.generate(PROMPTS[:2], do_sample=True, num_return_sequences=3, max_new_tokens=6,
                                ignore_eos=True, seed=0, sampler="numpy")
-    assert calls[0] == (2, max(len(trained.encode_prompt(p)) for p in PROMPTS[:2]))
-    assert all(shape == (6, 1) for shape in calls[1:]) and len(calls) == 6
+    assert calls[0][0] == (2, max(len(trained.encode_prompt(p)) for p in PROMPTS[:2]))
+    assert all(shape == (6, 1) for shape, _ in calls[1:]) and len(calls) == 6
+    # the head runs for the last position only, in the prefill too
+    assert all(kwargs == {"logits_for": "last"} for _, kwargs in calls)
     assert [len(group) for group in results] == [3, 3]
     assert len({tuple(r.token_ids) for r in results[0]}) > 1  # the copies sample independently
 
@@ -147,7 +149,7 @@ def test_stream_never_splits_a_character(trained, monkeypatch):
 def test_stream_can_stop_early(trained, monkeypatch):
     calls = []
     real_run = trained.session.run
-    monkeypatch.setattr(trained.session, "run", lambda *a: calls.append(1) or real_run(*a))
+    monkeypatch.setattr(trained.session, "run", lambda *a, **k: calls.append(1) or real_run(*a, **k))
     stream = trained.stream(PROMPTS[1], max_new_tokens=200, ignore_eos=True)
     next(stream)
     stream.close()
@@ -275,8 +277,8 @@ def test_non_finite_logits_name_the_step(tiny, monkeypatch):
     real_run = tiny.session.run
     count = []
 
-    def broken(*args):
-        logits, cache = real_run(*args)
+    def broken(*args, **kwargs):
+        logits, cache = real_run(*args, **kwargs)
         count.append(1)
         return (logits * np.nan if len(count) == 3 else logits), cache
 
