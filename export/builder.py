@@ -119,12 +119,14 @@ class _Graph:
 
 
 def _linear(g: _Graph, x: str, prefix: str, n_in: int, n_out: int, q: Quantization | None,
-            bias: bool = True) -> str:
-    """GPT-2's Conv1D: x @ W (+ b), W stored [in, out]; MatMulNBits over W^T when quantized."""
+            bias: bool = True, name: str | None = None) -> str:
+    """GPT-2's Conv1D: x @ W (+ b), W stored [in, out]; MatMulNBits over W^T when quantized. `name`: the
+    output tensor's name."""
     if q is None:
-        y = g.op("MatMul", x, prefix + ".weight")
-        return g.op("Add", y, prefix + ".bias") if bias else y
-    return _matmul_nbits(g, x, prefix + ".weight", n_in, n_out, q, prefix + ".bias" if bias else "")
+        if not bias:
+            return g.op("MatMul", x, prefix + ".weight", name=name)
+        return g.op("Add", g.op("MatMul", x, prefix + ".weight"), prefix + ".bias", name=name)
+    return _matmul_nbits(g, x, prefix + ".weight", n_in, n_out, q, prefix + ".bias" if bias else "", name=name)
 
 
 def _matmul_nbits(g: _Graph, x: str, weight: str, n_in: int, n_out: int, q: Quantization, bias: str = "",
@@ -168,8 +170,8 @@ def _attention(g: _Graph, x: str, layer: int, config: ModelConfig, q: Quantizati
     """
     p = f"transformer.h.{layer}.attn"
     e, h, d = config.n_embd, config.n_head, config.head_dim
-    qkv = _linear(g, x, p + ".c_attn", e, 3 * e, q)  # [B, S, 3E] = q | k | v, GroupQueryAttention's packing
-    _query_for_analysis(g, qkv, layer)
+    # [B, S, 3E] = q | k | v, GroupQueryAttention's packing; named by the contract for analysis tools
+    qkv = _linear(g, x, p + ".c_attn", e, 3 * e, q, name=c.attention_qkv(layer))
     scale = 1.0
     if config.scale_attn_weights:
         scale /= math.sqrt(d)
@@ -185,13 +187,6 @@ def _attention(g: _Graph, x: str, layer: int, config: ModelConfig, q: Quantizati
     context = g.op("GroupQueryAttention", *inputs, domain=_MS, num_heads=h, kv_num_heads=h, scale=scale, causal=0,
                    outputs=[f"{p}.context", c.present_key(layer), c.present_value(layer)], **attrs)[0]
     return _linear(g, context, p + ".c_proj", e, e, q, bias=False)
-
-
-def _query_for_analysis(g: _Graph, qkv: str, layer: int) -> None:
-    """The query after the head split, [B, H, S, D], for analysis tools (see the contract). Nothing in the
-    graph reads it (GroupQueryAttention takes q, k and v packed), so it is off the path to the outputs."""
-    query = g.op("Slice", qkv, "c_zero_1d", "c_embd_1d", "c_axis2")
-    g.op("Transpose", g.op("Reshape", query, "c_heads_shape"), perm=[0, 2, 1, 3], name=c.attention_query(layer))
 
 
 def _attention_inputs(g: _Graph) -> dict:
@@ -236,17 +231,14 @@ def build_graph(config: ModelConfig, quantization: Quantization | None = None,
     g = _Graph()
     q = quantization
     e, h, d, v = config.n_embd, config.n_head, config.head_dim, config.vocab_size
-    g.const("c_heads_shape", [0, 0, h, d])
     g.const("c_one_i", 1)
     g.const("c_one_i32", 1, np.int32)
     g.const("c_zero_i", 0)
     g.const("c_zero_f", 0.0, np.float32)
     g.const("c_zero_1d", [0])
-    g.const("c_embd_1d", [e])
     g.const("c_int_max_1d", [np.iinfo(np.int64).max])
     g.const("c_axis0", [0])
     g.const("c_axis1", [1])
-    g.const("c_axis2", [2])
     g.const("c_axes12", [1, 2])
 
     lengths = _attention_inputs(g)

@@ -1,10 +1,10 @@
 """Real attention maps: how much each prompt token attends to every earlier one, per layer and head,
 computed by ONNX Runtime from the exported graph itself.
 
-Every export computes, per layer, the query after the head split (`contract.attention_query(i)`) and
-outputs the keys (`present.{i}.key`). We expose the queries as extra outputs of an in-memory copy of the
-graph (the files on disk are not touched), run the prompt once, and take softmax(q·kᵀ · scale) with the
-causal mask in numpy. This works for any export that keeps the contract's tensor names, fused or quantized.
+Every export names, per layer, the attention's packed input projection q | k | v
+(`contract.attention_qkv(i)`) and outputs the keys (`present.{i}.key`). We expose the projections as extra
+outputs of an in-memory copy of the graph (the files on disk are not touched), run the prompt once, split
+off the query heads and take softmax(q·kᵀ · scale) with the causal mask in numpy. This works for any export that keeps the contract's tensor names, fused or quantized.
 
     maps = attention_maps("out/gpt2", "The cat sat on the mat")
     maps.probs[layer, head]   # [tokens, tokens]; row i is query token i, its entries sum to 1
@@ -92,28 +92,35 @@ def attention_maps(directory: str | Path, prompt: str, *, threads: int = 0, chec
     if c.LOGITS_TO_KEEP in {i.name for i in session.get_inputs()}:
         feeds[c.LOGITS_TO_KEEP] = np.array(1, np.int64)  # the logits are not needed: skip most of the head
     layers = range(config.n_layer)
-    outputs = session.run([c.attention_query(i) for i in layers] + [c.present_key(i) for i in layers], feeds)
-    queries, keys = outputs[:config.n_layer], outputs[config.n_layer:]
+    outputs = session.run([c.attention_qkv(i) for i in layers] + [c.present_key(i) for i in layers], feeds)
+    queries = [_query_heads(qkv, config) for qkv in outputs[:config.n_layer]]
+    keys = outputs[config.n_layer:]
     probs = np.stack([attention_probabilities(q, k, scale=attention_scale(config, i))[0]
                       for i, (q, k) in enumerate(zip(queries, keys))])
     tokens = [tokenizer.decode([i]) for i in ids]
     return AttentionMaps(token_ids=ids, tokens=tokens, probs=probs)
 
 
+def _query_heads(qkv: np.ndarray, config: ModelConfig) -> np.ndarray:
+    """[batch, seq, 3 * n_embd] q | k | v -> the query [batch, n_head, seq, head_dim]."""
+    batch, seq, _ = qkv.shape
+    return qkv[..., :config.n_embd].reshape(batch, seq, config.n_head, config.head_dim).transpose(0, 2, 1, 3)
+
+
 def _analysis_session(directory: Path, config: ModelConfig, threads: int):
-    """An InferenceSession over the export with every layer's query tensor added as a graph output."""
+    """An InferenceSession over the export with every layer's q | k | v projection added as a graph output."""
     import onnxruntime as ort
 
     onnx = require_onnx()
     proto = onnx.load(str(directory / c.MODEL_FILE), load_external_data=False)  # external weights stay on disk
     computed = {out for node in proto.graph.node for out in node.output}
-    missing = [c.attention_query(i) for i in range(config.n_layer) if c.attention_query(i) not in computed]
+    missing = [c.attention_qkv(i) for i in range(config.n_layer) if c.attention_qkv(i) not in computed]
     if missing:
-        raise ModelLoadError(f"the graph does not compute {', '.join(missing[:3])}, the query tensors the "
+        raise ModelLoadError(f"the graph does not compute {', '.join(missing[:3])}, the projections the "
                              f"contract names for attention maps",
                              hint="export the model again with this version of gpt2onnx")
     for i in range(config.n_layer):
-        proto.graph.output.append(onnx.helper.make_tensor_value_info(c.attention_query(i), onnx.TensorProto.FLOAT, None))
+        proto.graph.output.append(onnx.helper.make_tensor_value_info(c.attention_qkv(i), onnx.TensorProto.FLOAT, None))
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3

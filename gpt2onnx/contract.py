@@ -32,10 +32,10 @@ are then int8 with the same shapes, and each layer's float32 scales `transformer
 give the values: float = int8 * scale. The attention dequantizes as it reads, so a step reads a quarter of
 the bytes of a float32 cache.
 
-Every graph also computes, per layer, the tensor `transformer.h.{i}.attn.query` (float32
-[batch_size, n_head, sequence_length, head_dim], the query after the head split, before scaling). It is
-not a graph output; analysis tools expose it to compute real attention maps from any export (fused or
-quantized) together with the present keys.
+Every graph names, per layer, the attention's input projection `transformer.h.{i}.attn.qkv` (float32
+[batch_size, sequence_length, 3 * n_embd]: query | key | value, c_attn's bias included). It is not a graph
+output and nothing extra is computed for it; analysis tools expose it to compute real attention maps from
+any export (fused or quantized) together with the present keys.
 
 Weights are ONNX initializers named exactly as in the Hugging Face state dict
 (`transformer.h.0.attn.c_attn.weight`, ...); the tied `lm_head.weight` is not stored, the graph reuses
@@ -125,9 +125,9 @@ def present_value(layer: int) -> str:
     return f"present.{layer}.value"
 
 
-def attention_query(layer: int) -> str:
-    """Internal tensor: layer's query [batch, n_head, sequence_length, head_dim] (see the module docstring)."""
-    return f"transformer.h.{layer}.attn.query"
+def attention_qkv(layer: int) -> str:
+    """Internal tensor: layer's packed q | k | v [batch, sequence_length, 3 * n_embd] (see the module docstring)."""
+    return f"transformer.h.{layer}.attn.qkv"
 
 
 def quantized_names(weight: str) -> tuple[str, str, str]:

@@ -45,7 +45,7 @@ def test_quantized_export_loads_generates_and_names_its_weights(quantized_export
         assert c.quantized_source(codes) == weight
     assert "transformer.wte.weight" in names  # the embedding Gather stays float32
     assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 4 * 2 + 1
-    assert all(c.attention_query(i) in {o for n in graph.node for o in n.output} for i in range(2))
+    assert all(c.attention_qkv(i) in {o for n in graph.node for o in n.output} for i in range(2))
     assert all(set(c.kv_scale_names(i)) <= names for i in range(2)) == kv_int8
 
     model = gpt2onnx.load(directory)
