@@ -36,7 +36,8 @@ def generate_tokens(session: OnnxSession, prompts: list[list[int]], settings: Ge
     # positions count only real tokens, so a padded row starts at position 0 like an unpadded one
     positions = np.where(mask == 1, mask.cumsum(axis=1) - 1, 1)
     # only the last position's logits are needed: the lm_head is not run over the whole prompt
-    logits, cache = session.run(ids, mask, positions, session.empty_cache(len(prompts)), logits_for="last")
+    logits, cache = session.run(ids, mask, positions, session.empty_cache(len(prompts)), logits_for="last",
+                                reuse_logits=True)
     logits = logits[:, -1, :]
     # num_return_sequences: the prompt was run once; every copy of a row shares its cache
     if settings.num_return_sequences > 1:
@@ -61,7 +62,7 @@ def generate_tokens(session: OnnxSession, prompts: list[list[int]], settings: Ge
         ids = np.concatenate([ids, next_ids[:, None]], axis=1)
         mask = np.concatenate([mask, np.ones((len(ids), 1), np.int64)], axis=1)
         positions = positions[:, -1:] + 1
-        logits, cache = session.run(ids[:, -1:], mask, positions, cache, logits_for="last")
+        logits, cache = session.run(ids[:, -1:], mask, positions, cache, logits_for="last", reuse_logits=True)
         logits = logits[:, -1, :]
 
 

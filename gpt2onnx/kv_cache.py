@@ -26,6 +26,7 @@ class KVCache:
         self.buffers = tensors  # each [batch, n_head, capacity, head_dim]
         self.length = tensors[0].shape[2] if length is None else length  # positions of the past in use
         self.binding = None  # the session's binding of these buffers (see OnnxSession), rebuilt when they move
+        self.logits = None  # the logits buffer bound to that binding's output, when the session reuses one
 
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, capacity: int = 0, *, dtype=np.float32) -> "KVCache":

@@ -75,11 +75,14 @@ class OnnxSession:
         return KVCache.empty(self.config, batch, capacity, dtype=self.cache_dtype)
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-            cache: KVCache, *, logits_for: str = "all") -> tuple[np.ndarray, KVCache]:
+            cache: KVCache, *, logits_for: str = "all", reuse_logits: bool = False) -> tuple[np.ndarray, KVCache]:
         """Logits and the cache extended by the new positions: `cache` itself, updated in place.
 
         logits_for: "all" gives [batch, new positions, vocab]; "last" only the last position's
         [batch, 1, vocab], and skips the head's work for the others (what generation needs).
+        reuse_logits: write the logits into a buffer kept with `cache` and bound once, instead of a new
+        array every run (what the generation loop does: it is done with a step's logits before the next
+        step). The next run with this cache overwrites them; copy what must be kept.
         """
         if logits_for not in _LOGITS_KEPT:
             raise InvalidArgumentError(f"logits_for must be 'all' or 'last', got {logits_for!r}")
@@ -91,8 +94,13 @@ class OnnxSession:
         binding.bind_cpu_input(c.ATTENTION_MASK, np.ascontiguousarray(attention_mask, dtype=np.int64))
         binding.bind_cpu_input(c.POSITION_IDS, np.ascontiguousarray(position_ids, dtype=np.int64))
         binding.bind_cpu_input(c.LOGITS_TO_KEEP, _LOGITS_KEPT[logits_for])
-        logits = np.empty((batch, new if logits_for == "all" else 1, self.config.vocab_size), np.float32)
-        binding.bind_ortvalue_output(c.LOGITS, ort.OrtValue.ortvalue_from_numpy(logits))
+        shape = (batch, new if logits_for == "all" else 1, self.config.vocab_size)
+        if reuse_logits and cache.logits is not None and cache.logits.shape == shape:
+            logits = cache.logits  # bound to the output already
+        else:
+            logits = np.empty(shape, np.float32)
+            binding.bind_ortvalue_output(c.LOGITS, ort.OrtValue.ortvalue_from_numpy(logits))
+            cache.logits = logits if reuse_logits else None
         try:
             self._session.run_with_iobinding(binding)
         except Exception as error:  # onnxruntime raises its own untyped exceptions
@@ -112,4 +120,5 @@ class OnnxSession:
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
         cache.binding = (self, binding, values)
+        cache.logits = None  # a new binding has no logits output bound yet
         return binding

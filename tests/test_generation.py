@@ -123,7 +123,7 @@ def test_num_return_sequences_prefills_once(trained, monkeypatch):
     assert calls[0][0] == (2, max(len(trained.encode_prompt(p)) for p in PROMPTS[:2]))
     assert all(shape == (6, 1) for shape, _ in calls[1:]) and len(calls) == 6
     # the head runs for the last position only, in the prefill too
-    assert all(kwargs == {"logits_for": "last"} for _, kwargs in calls)
+    assert all(kwargs == {"logits_for": "last", "reuse_logits": True} for _, kwargs in calls)
     assert [len(group) for group in results] == [3, 3]
     assert len({tuple(r.token_ids) for r in results[0]}) > 1  # the copies sample independently
 

@@ -146,6 +146,29 @@ def test_last_logits_repeat_rows_and_padded_batch(tiny_export):
         session.run(ids, mask, positions, session.empty_cache(1), logits_for="first")
 
 
+def test_reused_logits_buffer_is_rebound_when_the_cache_moves(tiny_export):
+    """reuse_logits writes every step into one buffer kept with the cache; the values equal fresh arrays',
+    also across a growth of the cache (new binding) and a change of shape (prefill "all" -> step "last")."""
+    session = gpt2onnx.load(tiny_export).session
+    n = 40
+    ids = _ids(n, seed=3)
+    # room for 8 positions: the cache grows (once) at the fifth step
+    fresh_cache, reused_cache = session.empty_cache(1, capacity=8), session.empty_cache(1, capacity=8)
+    fresh, fresh_cache = session.run(ids[:, :4], np.ones((1, 4), np.int64), np.arange(4)[None], fresh_cache)
+    reused, reused_cache = session.run(ids[:, :4], np.ones((1, 4), np.int64), np.arange(4)[None], reused_cache,
+                                       reuse_logits=True)
+    np.testing.assert_array_equal(reused, fresh)
+    buffers = []
+    for t in range(4, n):
+        args = (ids[:, t:t + 1], np.ones((1, t + 1), np.int64), np.array([[t]]))
+        fresh, fresh_cache = session.run(*args, fresh_cache, logits_for="last")
+        reused, reused_cache = session.run(*args, reused_cache, logits_for="last", reuse_logits=True)
+        np.testing.assert_array_equal(reused, fresh)
+        if not any(reused is b for b in buffers):
+            buffers.append(reused)
+    assert reused_cache.capacity >= n and len(buffers) == 2  # one buffer per binding: before and after growing
+
+
 def test_quantizer_layout_matches_onnxruntime():
     """Our packing is what MatMulNBits reads: x @ dequantize(W)^T equals ONNX Runtime's result."""
     import onnxruntime as ort
