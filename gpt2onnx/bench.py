@@ -180,14 +180,33 @@ def prepare(options: BenchOptions, configs: list[tuple[str, str]], *,
         if framework == "torch":
             out[(framework, precision)] = hf
             continue
-        if not (directory / ".done").is_file():
+        done = directory / ".done"
+        made_by = _maker(framework)
+        if not done.is_file() or done.read_text() != made_by:
             progress(f"preparing {LABELS[framework]} {precision} in {directory}")
             with warnings.catch_warnings():  # the converters' own warnings are not ours to show
                 warnings.simplefilter("ignore")
                 _convert(framework, precision, options.model, hf, directory)
-            (directory / ".done").write_text("")
+            done.write_text(made_by)
         out[(framework, precision)] = directory
     return out
+
+
+def _maker(framework: str) -> str:
+    """What made a prepared model: the converter's version, and for gpt2onnx a hash of the export code, so
+    that a changed graph builder or quantizer is never measured through an export it did not make."""
+    if framework != "gpt2onnx":
+        from importlib.metadata import version
+
+        return f"{framework} {version({'optimum': 'optimum-onnx'}.get(framework, framework))}"
+    import hashlib
+
+    import gpt2onnx_export
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(gpt2onnx_export.__file__).parent.glob("*.py")) + [Path(__file__).parent / "contract.py"]:
+        digest.update(path.read_bytes())
+    return f"gpt2onnx export code {digest.hexdigest()[:16]}"
 
 
 def _hf_checkpoint(model: str, root: Path, progress) -> Path:

@@ -163,12 +163,18 @@ def _selection(text: str) -> list[int] | None:
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows defaults; an unset option (None) takes the model directory's default; epilogs keep their lines."""
+    """Shows defaults (an unset option, None, says its default in its help); epilogs keep their lines."""
+
+    unset = ""  # what an option left unset (None) means, if the help should say it
 
     def _get_help_string(self, action):
         if action.default is None and action.option_strings and not action.required:
-            return action.help + " (default: the model's)"
+            return action.help + (f" (default: {self.unset})" if self.unset else "")
         return super()._get_help_string(action)
+
+
+class _GenerateFormatter(_Formatter):
+    unset = "the model's"  # generate's unset options come from the model directory
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8/int4: text the quality gate scores (default: heldout.txt in a local MODEL "
                         "directory, else a built-in sample)")
     p.add_argument("--seed", type=int, default=0, help="seed of random:NAME weights and of the verification inputs")
-    p.add_argument("--revision", default=None, help="hub branch, tag or commit")
+    p.add_argument("--revision", default=None, help="hub branch, tag or commit (default: the hub's main branch)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pytorch_model.bin checkpoints (pickle can run code: trusted sources only)")
     p.add_argument("--atol", type=float, default=1e-4, help="largest |logit difference| from PyTorch accepted")
@@ -264,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="bench-results", help="where bench.json and bench.png go")
     p.set_defaults(func=cmd_bench)
 
-    p = commands.add_parser("generate", formatter_class=formatter, help="continue a prompt",
+    p = commands.add_parser("generate", formatter_class=_GenerateFormatter, help="continue a prompt",
                             description="Continue PROMPT with an exported model and print prompt + continuation. "
                                         "Options left unset come from the model directory (generation_config.json, "
                                         "task_specific_params), then transformers' defaults.",

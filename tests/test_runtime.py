@@ -126,3 +126,15 @@ def test_cli_generate_and_errors(tiny_export, capsys, tmp_path):
     assert "does not exist" in err and "hint:" in err and "Traceback" not in err
     assert main(["generate", "Hello", "--model", str(tiny_export), "--max-new-tokens", "-1"]) == 2
     assert "max_new_tokens must be an integer" in capsys.readouterr().err
+
+
+def test_help_says_where_unset_options_come_from(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--help"])
+    assert exit_.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--temperature TEMPERATURE divide logits by this before sampling; 0 = greedy (default: the model's)" in help_text
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: the hub's main branch)" in help_text and "the model's" not in help_text
