@@ -61,8 +61,7 @@ def export_model(model: str, out_dir: str | Path, options: ExportOptions = Expor
     size = options.block_size
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 16 or size & (size - 1)):
         raise InvalidArgumentError(f"block size must be a power of two >= 16, got {options.block_size!r}",
-                                   hint="smaller blocks are more accurate, larger ones faster (defaults: 128 for "
-                                        "int8, 64 for int4)")
+                                   hint="smaller blocks are more accurate, larger ones faster (default: 128)")
     quantization = builder.quantization_for(options.precision, options.block_size)
     if options.kv_cache not in c.KV_CACHE_DTYPES:
         raise InvalidArgumentError(f"kv_cache must be one of {', '.join(c.KV_CACHE_DTYPES)}, got {options.kv_cache!r}")

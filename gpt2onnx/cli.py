@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights: fp32 (verified to --atol) or block-quantized int8/int4 (gated on quality)")
     p.add_argument("--block-size", type=int, default=argparse.SUPPRESS,
                    help="int8/int4: weights per quantization block, 16, 32, 64, ...: smaller is more accurate, "
-                        "larger faster (default 128 for int8, 64 for int4)")
+                        "larger faster (default 128)")
     p.add_argument("--kv-cache", default="float32", choices=["float32", "int8"],
                    help="int8/int4: store the KV cache as int8 (per-channel scales calibrated at export): long "
                         "contexts read a quarter of the bytes per step")
