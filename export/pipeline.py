@@ -35,7 +35,7 @@ class ExportOptions:
     """How to export."""
 
     precision: str = "fp32"  # weight precision of the graph: fp32, int8 or int4 (weight-only, block-wise)
-    block_size: int | None = None  # int8/int4: weights per block (power of two >= 16); None: 128 int8, 64 int4
+    block_size: int | None = None  # int8/int4: weights per block (power of two >= 16); None: 128
     seed: int = 0  # seed of random:NAME weights and of the verification inputs
     revision: str | None = None  # hub revision (branch, tag or commit)
     allow_pickle: bool = False  # accept pytorch_model.bin checkpoints (pickle can run code: trusted sources only)
@@ -45,7 +45,9 @@ class ExportOptions:
     max_perplexity_increase: float | None = None  # relative to PyTorch fp32, e.g. 0.01 = 1%
     min_top1_agreement: float | None = None  # share of positions whose top next token equals PyTorch's
     eval_text: str | None = None  # text file to score (default: heldout.txt beside a local checkpoint, else a sample)
-    kv_cache: str = "float32"  # "int8" (int8/int4 exports): the KV cache as int8, a quarter of the bytes per step
+    # the KV cache's dtype: "int8" (int8/int4 exports only) reads a quarter of the bytes per step; None: int8 for
+    # int8/int4 exports, float32 for fp32 (verified exactly)
+    kv_cache: str | None = None
 
 
 def _stderr(message: str) -> None:
@@ -63,9 +65,10 @@ def export_model(model: str, out_dir: str | Path, options: ExportOptions = Expor
         raise InvalidArgumentError(f"block size must be a power of two >= 16, got {options.block_size!r}",
                                    hint="smaller blocks are more accurate, larger ones faster (default: 128)")
     quantization = builder.quantization_for(options.precision, options.block_size)
-    if options.kv_cache not in c.KV_CACHE_DTYPES:
-        raise InvalidArgumentError(f"kv_cache must be one of {', '.join(c.KV_CACHE_DTYPES)}, got {options.kv_cache!r}")
-    if options.kv_cache == "int8" and quantization is None:
+    kv_cache = options.kv_cache or ("float32" if quantization is None else "int8")
+    if kv_cache not in c.KV_CACHE_DTYPES:
+        raise InvalidArgumentError(f"kv_cache must be one of {', '.join(c.KV_CACHE_DTYPES)}, got {kv_cache!r}")
+    if kv_cache == "int8" and quantization is None:
         raise InvalidArgumentError("an int8 KV cache needs quantized weights (the fp32 export is verified exactly)",
                                    hint="add --precision int8 or --precision int4")
     start = time.perf_counter()
@@ -85,8 +88,8 @@ def export_model(model: str, out_dir: str | Path, options: ExportOptions = Expor
             config = source.config
             step(f"building the {options.precision} graph: {config.n_layer} layers, n_embd {config.n_embd}, "
                  f"{sum(w.size for w in source.weights.values()) / 1e6:.1f}M stored parameters")
-            weights, kv_info = source.weights, {"dtype": options.kv_cache}
-            if options.kv_cache == "int8":
+            weights, kv_info = source.weights, {"dtype": kv_cache}
+            if kv_cache == "int8":
                 step("calibrating the int8 KV cache's scales with PyTorch")
                 windows = _calibration_windows(source, config, options.seed)
                 scales = quantize.kv_cache_scales(torch_model(source.config_dict, source.weights), config, windows)
@@ -94,7 +97,7 @@ def export_model(model: str, out_dir: str | Path, options: ExportOptions = Expor
                 kv_info.update(scales="per head and channel, float = int8 * scale",
                                calibration=f"{sum(map(len, windows))} tokens: the built-in sample text and seeded "
                                            f"random tokens", margin=quantize.KV_SCALE_MARGIN)
-            files = builder.save_model(builder.build_graph(config, quantization, options.kv_cache), weights, config,
+            files = builder.save_model(builder.build_graph(config, quantization, kv_cache), weights, config,
                                        staging)
             files += _write_side_files(source, staging)
         step("verifying against PyTorch")

@@ -41,8 +41,8 @@ from .errors import InvalidArgumentError, MissingDependencyError
 
 # (framework, precision) in report order
 CONFIGS = [("torch", "fp32"), ("optimum", "fp32"), ("ctranslate2", "fp32"), ("ctranslate2", "int8"),
-           ("gpt2onnx", "fp32"), ("gpt2onnx", "int8"), ("gpt2onnx", "int4"), ("gpt2onnx", "int8+kv8"),
-           ("gpt2onnx", "int4+kv8")]  # +kv8: exported with --kv-cache int8
+           ("gpt2onnx", "fp32"), ("gpt2onnx", "int8"), ("gpt2onnx", "int4"), ("gpt2onnx", "int8+kv32"),
+           ("gpt2onnx", "int4+kv32")]  # +kv32: exported with --kv-cache float32 (int8/int4 default to an int8 cache)
 LABELS = {"torch": "transformers+torch", "optimum": "Optimum ORTModelForCausalLM", "ctranslate2": "CTranslate2",
           "gpt2onnx": "gpt2onnx"}
 _MODULES = {"torch": "transformers", "optimum": "optimum.onnxruntime", "ctranslate2": "ctranslate2",
@@ -65,7 +65,7 @@ class BenchOptions:
     batch: int = 5  # num_return_sequences of the batch figure
     threads: int = 0  # 0 = physical cores, for every framework
     frameworks: tuple[str, ...] = ("torch", "optimum", "ctranslate2", "gpt2onnx")
-    precisions: tuple[str, ...] = ("fp32", "int8", "int4", "int4+kv8")  # gpt2onnx's; +kv8 = --kv-cache int8
+    precisions: tuple[str, ...] = ("fp32", "int8", "int4", "int4+kv32")  # gpt2onnx's; +kv32 = --kv-cache float32
     work_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "gpt2onnx" / "bench")
 
     def check(self) -> None:
@@ -244,7 +244,7 @@ def _convert(framework: str, precision: str, model: str, hf: Path, directory: Pa
 
         spec = model if model.startswith("random:") else str(hf)
         weights, _, kv = precision.partition("+")
-        options = ExportOptions(precision=weights, kv_cache="int8" if kv == "kv8" else "float32", force=True)
+        options = ExportOptions(precision=weights, kv_cache="float32" if kv == "kv32" else None, force=True)
         export_model(spec, directory, options, progress=lambda m: None)
     elif framework == "optimum":
         from optimum.onnxruntime import ORTModelForCausalLM

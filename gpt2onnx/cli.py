@@ -54,7 +54,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                                    eval_text=getattr(args, "eval_text", None),
                                    max_perplexity_increase=getattr(args, "max_perplexity_increase", None),
                                    min_top1_agreement=getattr(args, "min_top1_agreement", None),
-                                   kv_cache=args.kv_cache)
+                                   kv_cache=getattr(args, "kv_cache", None))
     export.export_model(args.model, args.out_dir, options)
     return 0
 
@@ -198,9 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=argparse.SUPPRESS,
                    help="int8/int4: weights per quantization block, 16, 32, 64, ...: smaller is more accurate, "
                         "larger faster (default 128)")
-    p.add_argument("--kv-cache", default="float32", choices=["float32", "int8"],
-                   help="int8/int4: store the KV cache as int8 (per-channel scales calibrated at export): long "
-                        "contexts read a quarter of the bytes per step")
+    p.add_argument("--kv-cache", default=argparse.SUPPRESS, choices=["float32", "int8"],
+                   help="the KV cache's dtype; int8 (per-channel scales calibrated at export) reads a quarter of "
+                        "the bytes per step at long contexts (default: int8 for int8/int4, float32 for fp32)")
     p.add_argument("--max-perplexity-increase", type=float, default=argparse.SUPPRESS,
                    help="int8/int4: largest perplexity increase over PyTorch fp32, as a fraction "
                         "(default 0.01 for int8, 0.05 for int4)")
@@ -264,8 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=5, help="sampled continuations of the batch figure")
     p.add_argument("--threads", type=int, default=0, help="threads of every framework (0: physical cores)")
     p.add_argument("--only", default="torch,optimum,ctranslate2,gpt2onnx", help="frameworks to measure")
-    p.add_argument("--precisions", default="fp32,int8,int4,int4+kv8",
-                   help="gpt2onnx precisions to measure (+kv8: exported with --kv-cache int8)")
+    p.add_argument("--precisions", default="fp32,int8,int4,int4+kv32",
+                   help="gpt2onnx precisions to measure (+kv32: exported with --kv-cache float32)")
     p.add_argument("--work-dir", default="~/.cache/gpt2onnx/bench", help="where the prepared models are kept")
     p.add_argument("--out-dir", default="bench-results", help="where bench.json and bench.png go")
     p.set_defaults(func=cmd_bench)
