@@ -30,7 +30,15 @@ def sample(logits: np.ndarray, sequences: np.ndarray, new_tokens: int, settings:
 def process(logits: np.ndarray, sequences: np.ndarray, new_tokens: int, settings: GenerationSettings, *,
             eos_id: int | None) -> np.ndarray:
     """The logits after transformers' processors and (when sampling) warpers, as float32."""
-    scores = np.array(logits, dtype=np.float32)  # a copy: the caller's logits stay untouched
+    scores = np.asarray(logits, dtype=np.float32)
+    # the steps below that write in place get a copy, so the caller's logits stay untouched (greedy decoding
+    # with no processor reads the logits as they are: a copy of the vocabulary per step saved)
+    changes_in_place = (settings.repetition_penalty != 1.0 or settings.no_repeat_ngram_size > 0
+                        or (eos_id is not None and new_tokens < settings.min_new_tokens)
+                        or (not settings.greedy and settings.temperature == 1.0
+                            and (0 < settings.top_k < scores.shape[-1] or settings.top_p < 1.0)))
+    if changes_in_place:
+        scores = scores.copy()
     if settings.repetition_penalty != 1.0:
         # tokens already in the row: negative scores are multiplied, positive ones divided
         seen = np.take_along_axis(scores, sequences, axis=1)

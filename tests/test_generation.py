@@ -61,6 +61,23 @@ def test_greedy_padded_batch_equals_transformers(trained, trained_reference):
                 single[0, ids["input_ids"].shape[1]:].tolist()
 
 
+@pytest.mark.parametrize("options", [dict(do_sample=False), dict(do_sample=False, repetition_penalty=1.3),
+                                     dict(do_sample=False, min_new_tokens=5), dict(do_sample=True),
+                                     dict(do_sample=True, top_k=0, top_p=0.9), dict(do_sample=True, temperature=0.7)])
+def test_sampling_leaves_the_callers_logits_untouched(options):
+    from gpt2onnx.sampling import sample
+    from gpt2onnx.settings import GenerationSettings
+    from gpt2onnx.torch_random import TorchGenerator
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((3, 1000)).astype(np.float32)
+    before = logits.copy()
+    settings = GenerationSettings(max_new_tokens=8, **options)
+    sample(logits, rng.integers(0, 1000, (3, 6)), 1, settings, TorchGenerator(0) if settings.do_sample else None,
+           eos_id=7)
+    np.testing.assert_array_equal(logits, before)
+
+
 def test_processors_equal_transformers():
     import torch
     from transformers.generation.logits_process import (LogitsProcessorList, MinNewTokensLengthLogitsProcessor,
