@@ -60,7 +60,7 @@ class BenchOptions:
     new_tokens: int = 128  # tokens generated after the short prompt (decode@8, batch-5)
     short_prompt: int = 8
     long_prompt: int = 768  # decode at a long past
-    long_new_tokens: int = 64
+    long_new_tokens: int = 128  # past 768..896: enough decode time to stand out from the prefill's jitter
     prefill: int = 512  # prompt tokens of the prefill figure
     batch: int = 5  # num_return_sequences of the batch figure
     threads: int = 0  # 0 = physical cores, for every framework

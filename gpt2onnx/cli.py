@@ -259,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=5, help="rounds; each figure is the median over them")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated after the 8-token prompt")
     p.add_argument("--long-past", type=int, default=768, help="prompt tokens before the long-past decode")
-    p.add_argument("--long-new-tokens", type=int, default=64, help="tokens generated after the long prompt")
+    p.add_argument("--long-new-tokens", type=int, default=128,
+                   help="tokens generated after the long prompt (the decode@768 figure is their rate)")
     p.add_argument("--prefill", type=int, default=512, help="prompt tokens of the prefill figure")
     p.add_argument("--batch", type=int, default=5, help="sampled continuations of the batch figure")
     p.add_argument("--threads", type=int, default=0, help="threads of every framework (0: physical cores)")

@@ -35,9 +35,11 @@ def generate_tokens(session: OnnxSession, prompts: list[list[int]], settings: Ge
     ids, mask = left_pad(prompts, eos_id)
     # positions count only real tokens, so a padded row starts at position 0 like an unpadded one
     positions = np.where(mask == 1, mask.cumsum(axis=1) - 1, 1)
+    # room for the whole generation up front: the cache never grows (one copy of it) on the way
+    cache = session.empty_cache(len(prompts), capacity=min(ids.shape[1] + settings.max_new_tokens,
+                                                           session.config.n_positions))
     # only the last position's logits are needed: the lm_head is not run over the whole prompt
-    logits, cache = session.run(ids, mask, positions, session.empty_cache(len(prompts)), logits_for="last",
-                                reuse_logits=True)
+    logits, cache = session.run(ids, mask, positions, cache, logits_for="last", reuse_logits=True)
     logits = logits[:, -1, :]
     # num_return_sequences: the prompt was run once; every copy of a row shares its cache
     if settings.num_return_sequences > 1:
