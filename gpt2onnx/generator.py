@@ -46,26 +46,46 @@ def generate_tokens(session: OnnxSession, prompts: list[list[int]], settings: Ge
         n = settings.num_return_sequences
         ids, mask, logits = np.repeat(ids, n, 0), np.repeat(mask, n, 0), np.repeat(logits, n, 0)
         positions, cache = np.repeat(positions, n, 0), cache.repeat_rows(n)
-    live = np.ones(len(ids), dtype=bool)
+    # every row's tokens and mask for the whole generation, filled in step by step (no per-step copies)
+    width = ids.shape[1]
+    ids = np.concatenate([ids, np.full((len(ids), settings.max_new_tokens), eos_id, np.int64)], axis=1)
+    mask = np.concatenate([mask, np.ones((len(mask), settings.max_new_tokens), np.int64)], axis=1)
+    live, all_live = np.ones(len(ids), dtype=bool), True  # never changed in place: yielded as it is
+    positions = positions[:, -1:].copy()
+    rows = np.arange(len(ids))
     for step in range(settings.max_new_tokens):
-        if not np.isfinite(logits).all():
-            raise GenerationError(f"the model produced non-finite logits at step {step}",
-                                  hint="the weights may be damaged; run `gpt2onnx verify` on the model")
+        if not settings.greedy:
+            _check_finite(logits, step)  # sampling reads every probability
         # pick every row's next token from its processed logits; finished rows emit padding
-        next_ids = np.where(live, sample(logits, ids, step, settings, rng, eos_id=eos_id), eos_id)
-        yield next_ids, live.copy()
-        ended = np.zeros_like(live) if settings.ignore_eos else next_ids == eos_id
+        now = width + step  # tokens so far
+        next_ids = sample(logits, ids[:, :now], step, settings, rng, eos_id=eos_id)
+        if settings.greedy:
+            _check_finite(logits[rows, next_ids], step)  # a NaN or +inf anywhere is what argmax picks
+        if not all_live:
+            next_ids = np.where(live, next_ids, eos_id)
+        yield next_ids, live
+        ended = None if settings.ignore_eos else next_ids == eos_id
         if stopped is not None:
-            ended |= stopped(next_ids, live)
-        live &= ~ended
-        if not live.any() or step + 1 == settings.max_new_tokens:
+            by_stop = stopped(next_ids, live)
+            ended = by_stop if ended is None else ended | by_stop
+        if ended is not None and ended.any():  # (few numpy calls per step: each costs after a run)
+            live, all_live = live & ~ended, False
+            if not live.any():
+                return
+        if step + 1 == settings.max_new_tokens:
             return
         # feed just the new tokens, one position further on, through the cached past
-        ids = np.concatenate([ids, next_ids[:, None]], axis=1)
-        mask = np.concatenate([mask, np.ones((len(ids), 1), np.int64)], axis=1)
-        positions = positions[:, -1:] + 1
-        logits, cache = session.run(ids[:, -1:], mask, positions, cache, logits_for="last", reuse_logits=True)
+        ids[:, now] = next_ids
+        positions += 1
+        logits, cache = session.run(ids[:, now:now + 1], mask[:, :now + 1], positions, cache, logits_for="last",
+                                    reuse_logits=True)
         logits = logits[:, -1, :]
+
+
+def _check_finite(logits: np.ndarray, step: int) -> None:
+    if not np.isfinite(logits).all():
+        raise GenerationError(f"the model produced non-finite logits at step {step}",
+                              hint="the weights may be damaged; run `gpt2onnx verify` on the model")
 
 
 def generate(session: OnnxSession, prompts: list[list[int]], settings: GenerationSettings, *, eos_id: int,
@@ -74,6 +94,7 @@ def generate(session: OnnxSession, prompts: list[list[int]], settings: Generatio
     at its EOS (included), at the token that completed a stop string, or at max_new_tokens."""
     rows: list[list[int]] = [[] for _ in range(len(prompts) * settings.num_return_sequences)]
     for next_ids, live in generate_tokens(session, prompts, settings, eos_id=eos_id, rng=rng, stopped=stopped):
-        for row in np.flatnonzero(live):
-            rows[row].append(int(next_ids[row]))
+        for row, (token, alive) in enumerate(zip(next_ids.tolist(), live.tolist())):
+            if alive:
+                rows[row].append(token)
     return rows

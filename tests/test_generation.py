@@ -290,18 +290,24 @@ def test_truncate_left(tiny):
     assert len(result.prompt_token_ids) == 256 - 20 and len(result.token_ids) == 20
 
 
-def test_non_finite_logits_name_the_step(tiny, monkeypatch):
+@pytest.mark.parametrize("damage", ["all nan", "one nan", "one inf"])
+@pytest.mark.parametrize("options", [dict(), dict(do_sample=True, seed=3), dict(repetition_penalty=1.2)])
+def test_non_finite_logits_name_the_step(tiny, monkeypatch, damage, options):
     real_run = tiny.session.run
     count = []
 
     def broken(*args, **kwargs):
         logits, cache = real_run(*args, **kwargs)
         count.append(1)
-        return (logits * np.nan if len(count) == 3 else logits), cache
+        if len(count) == 3:
+            logits = logits * np.nan if damage == "all nan" else logits.copy()
+            logits[0, -1, 1234] = np.nan if damage == "one nan" else logits[0, -1, 1234]
+            logits[0, -1, 4321] = np.inf if damage == "one inf" else logits[0, -1, 4321]
+        return logits, cache
 
     monkeypatch.setattr(tiny.session, "run", broken)
     with pytest.raises(GenerationError, match="non-finite logits at step 2"):
-        tiny.generate("Hello", max_new_tokens=5, ignore_eos=True)
+        tiny.generate("Hello", max_new_tokens=5, ignore_eos=True, **options)
 
 
 def test_cli_options_stream_json_stdin(trained_export, capsys, monkeypatch):
