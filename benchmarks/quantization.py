@@ -11,7 +11,6 @@ scored by the same code as the export's quality gate (export/verify.py).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tempfile
 import time
 from pathlib import Path

@@ -39,6 +39,8 @@ from gpt2onnx.sampling import process, softmax
 from gpt2onnx.settings import GenerationSettings
 from gpt2onnx.torch_random import TorchGenerator
 
+from .verify import first_difference
+
 # Prompts of a case are taken round-robin from these (ASCII, code, Latin accents, CJK, emoji, Greek).
 PROMPTS = ("Hello, I'm a language model,", "Vim: the :s command", "naïve café — 日本語 😀", "fs.readFile(",
            "The history of", "Ünïcödé, emoji 🎉 and Ελληνικά:")
@@ -134,14 +136,6 @@ class Divergence:
             parts.append(f"max |Δlogit| {self.max_abs_diff:.2g}")
         verdict = "explained near-tie" if self.explained else "UNEXPLAINED"
         return ", ".join(parts) + f": {verdict} — {self.reason}"
-
-
-def first_difference(ours: list[int], theirs: list[int]) -> int | None:
-    """Index of the first token where two rows differ (or where the shorter one ends), None if equal."""
-    step = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
-    if step is None and len(ours) != len(theirs):
-        step = min(len(ours), len(theirs))
-    return step
 
 
 def replayed_draws(seed: int, *, step: int, rows: int, row: int, vocab: int) -> np.ndarray:

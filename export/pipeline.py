@@ -110,7 +110,8 @@ def export_model(model: str, out_dir: str | Path, options: ExportOptions = Expor
             summary = (f"largest |difference| {worst:.2e} (atol {options.atol:g}), "
                        f"greedy {report['greedy']['tokens']} tokens identical")
         else:
-            eval_source, eval_ids = _eval_tokens(model, options, tokenizer)
+            beside = None if model.startswith(sources.RANDOM_PREFIX) else Path(model).expanduser()
+            eval_source, eval_ids = verify.eval_tokens(tokenizer, text_file=options.eval_text, beside=beside)
             step(f"scoring quality on {eval_source}")
             top1 = options.min_top1_agreement
             if top1 is None and model.startswith(sources.RANDOM_PREFIX):
@@ -161,20 +162,6 @@ def _write_side_files(source: sources.Source, directory: Path) -> list[str]:
             shutil.copyfile(source.tokenizer_dir / name, directory / name)
             files.append(name)
     return files
-
-
-def _eval_tokens(model: str, options: ExportOptions, tokenizer: Tokenizer) -> tuple[str, list[int]]:
-    """The text the quality gate scores: --eval-text, else heldout.txt in a local checkpoint, else a sample."""
-    path = Path(options.eval_text) if options.eval_text else None
-    if path is None and not model.startswith(sources.RANDOM_PREFIX) and (Path(model).expanduser() / "heldout.txt").is_file():
-        path = Path(model).expanduser() / "heldout.txt"
-    if path is None:
-        return "built-in sample text", tokenizer.encode(verify.SAMPLE_TEXT)[:verify.QUALITY_TOKENS]
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ExportError(f"cannot read the evaluation text {path}: {error}", hint="pass a UTF-8 text file") from error
-    return str(path.resolve()), tokenizer.encode(text)[:verify.QUALITY_TOKENS]
 
 
 def _calibration_windows(source: sources.Source, config, seed: int) -> list[list[int]]:

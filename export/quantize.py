@@ -99,13 +99,15 @@ def kv_cache_scales(reference, config, token_windows: list[list[int]], *, margin
 
     from gpt2onnx import contract as c
 
+    from .reference import cache_layer
+
     peaks = np.zeros((config.n_layer, 2, config.n_head, config.head_dim), np.float32)
     for window in token_windows:
         ids = torch.tensor([window])
         with torch.inference_mode():
             cache = reference(input_ids=ids, use_cache=True).past_key_values
         for layer in range(config.n_layer):
-            k, v = (cache.layers[layer].keys, cache.layers[layer].values) if hasattr(cache, "layers") else cache[layer]
+            k, v = cache_layer(cache, layer)
             for j, t in enumerate((k, v)):  # [1, n_head, tokens, head_dim]
                 peaks[layer, j] = np.maximum(peaks[layer, j], t.abs().amax(dim=(0, 2)).numpy())
     scales = np.maximum(peaks * margin / 127.0, 1e-8).astype(np.float32)

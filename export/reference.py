@@ -35,3 +35,11 @@ def torch_model(config_dict: dict, weights: dict[str, np.ndarray], *, attn_imple
         if hasattr(module, "masked_bias"):
             module.masked_bias.fill_(-1e4)
     return model.eval()
+
+
+def cache_layer(cache, layer: int):
+    """(key, value) of one layer, [batch, n_head, tokens, head_dim], from transformers' cache object (or a
+    legacy tuple)."""
+    if hasattr(cache, "layers"):
+        return cache.layers[layer].keys, cache.layers[layer].values
+    return cache[layer][0], cache[layer][1]

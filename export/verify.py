@@ -14,13 +14,17 @@ export itself (cached step = uncached forward, padded rows = the rows alone).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from gpt2onnx import contract as c
-from gpt2onnx.errors import VerificationError
+from gpt2onnx.errors import InvalidArgumentError, VerificationError
 from gpt2onnx.generator import generate, left_pad
 from gpt2onnx.session import OnnxSession
 from gpt2onnx.settings import GenerationSettings
+
+from .reference import cache_layer
 
 GREEDY_PROMPT = "Hello, I'm a language model,"
 DEFAULT_ATOL = 1e-4
@@ -88,7 +92,7 @@ def verify(session: OnnxSession, reference, tokenizer, *, atol: float = DEFAULT_
         with torch.inference_mode():
             out = reference(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                             position_ids=torch.from_numpy(positions), use_cache=True)
-        presents = [t.numpy() for layer in range(config.n_layer) for t in _cache_layer(out.past_key_values, layer)]
+        presents = [t.numpy() for layer in range(config.n_layer) for t in cache_layer(out.past_key_values, layer)]
         return out.logits.float().numpy(), presents
 
     for length in lengths:
@@ -131,6 +135,14 @@ def verify(session: OnnxSession, reference, tokenizer, *, atol: float = DEFAULT_
     return result
 
 
+def first_difference(ours: list[int], theirs: list[int]) -> int | None:
+    """Index of the first token where two rows differ (or where the shorter one ends), None if equal."""
+    step = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+    if step is None and len(ours) != len(theirs):
+        step = min(len(ours), len(theirs))
+    return step
+
+
 def _greedy_parity(session: OnnxSession, reference, tokenizer, tokens: int) -> dict:
     """Our greedy loop (KV cache) against transformers' generate(do_sample=False), EOS ignored on both sides."""
     import torch
@@ -146,25 +158,19 @@ def _greedy_parity(session: OnnxSession, reference, tokenizer, tokens: int) -> d
         out = reference.generate(torch.tensor([prompt]), attention_mask=torch.ones((1, len(prompt)), dtype=torch.long),
                                  generation_config=gen_config)
     theirs = out[0, len(prompt):].tolist()
-    mismatch = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
-    if mismatch is None and len(ours) != len(theirs):
-        mismatch = min(len(ours), len(theirs))
+    mismatch = first_difference(ours, theirs)
     return {"prompt": GREEDY_PROMPT, "tokens": len(theirs), "equal": mismatch is None, "first_mismatch": mismatch,
             "ours": ours, "reference": theirs}
 
 
-def _cache_layer(cache, layer: int):
-    """(key, value) of one layer from transformers' cache object (or a legacy tuple)."""
-    if hasattr(cache, "layers"):
-        return cache.layers[layer].keys, cache.layers[layer].values
-    return cache[layer][0], cache[layer][1]
-
-
 def verify_quality(session: OnnxSession, reference, tokenizer, *, precision: str, eval_ids: list[int],
                    eval_source: str, max_perplexity_increase: float | None = None,
-                   min_top1_agreement: float | None = None, seed: int = 0) -> dict:
+                   min_top1_agreement: float | None = None, seed: int = 0, with_kl: bool = False) -> dict:
     """Gate a quantized export on quality against the torch `reference`. Returns the report; raises
-    VerificationError (with the report) when a threshold or a structural check fails."""
+    VerificationError (with the report) when a threshold or a structural check fails.
+
+    with_kl: also report KL(PyTorch fp32 || export) of the next-token distributions, in nats per position
+    (mean and largest), from the same forward passes (`gpt2onnx verify` gates on it; the export does not)."""
     import torch
 
     limits = dict(QUALITY_THRESHOLDS[precision])
@@ -177,6 +183,7 @@ def verify_quality(session: OnnxSession, reference, tokenizer, *, precision: str
     nll_ours = nll_ref = 0.0
     agree = scored = 0
     worst = 0.0
+    kl = []
     for start in range(0, max(len(eval_ids) - 1, 1), window):
         ids = np.array([eval_ids[start:start + window]], np.int64)
         if ids.shape[1] < 2:
@@ -190,6 +197,9 @@ def verify_quality(session: OnnxSession, reference, tokenizer, *, precision: str
         nll_ours += _nll(ours[0, :-1], targets)
         nll_ref += _nll(ref[0, :-1], targets)
         agree += int((ours[0, :-1].argmax(-1) == ref[0, :-1].argmax(-1)).sum())
+        if with_kl:
+            log_p, log_q = _log_softmax(ref[0, :-1]), _log_softmax(ours[0, :-1])
+            kl.append(np.sum(np.exp(log_p) * (log_p - log_q), axis=-1))
         scored += n - 1
     ppl_ours, ppl_ref = float(np.exp(nll_ours / scored)), float(np.exp(nll_ref / scored))
     increase = ppl_ours / ppl_ref - 1.0
@@ -212,12 +222,38 @@ def verify_quality(session: OnnxSession, reference, tokenizer, *, precision: str
               "perplexity": {"export": ppl_ours, "reference": ppl_ref, "increase": increase},
               "top1_agreement": top1, "max_abs_diff_logits": worst,
               "self_consistency": {"rtol": SELF_CONSISTENCY_RTOL, "relative_rms_diff": structure}, "greedy": greedy}
+    if with_kl:
+        values = np.concatenate(kl) if kl else np.zeros(1)
+        report["kl_divergence"] = {"mean": float(values.mean()), "max": float(values.max()), "positions": int(values.size)}
     if failures:
         raise VerificationError(f"the {precision} export is below the quality gate: " + "; ".join(failures),
                                 report=report,
                                 hint="try a smaller --block-size, int8 instead of int4, or relax the thresholds "
                                      "(--max-perplexity-increase, --min-top1-agreement); nothing was published")
     return report
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def eval_tokens(tokenizer, *, text_file: str | Path | None, beside: Path | None) -> tuple[str, list[int]]:
+    """(where it came from, its first QUALITY_TOKENS tokens): the text a quality check scores — `text_file`,
+    else heldout.txt in the directory `beside` (a local checkpoint; the trained test model brings one), else
+    the built-in sample."""
+    path = Path(text_file).expanduser() if text_file else None
+    if path is None and beside is not None and (beside / "heldout.txt").is_file():
+        path = beside / "heldout.txt"
+    if path is None:
+        return "built-in sample text", tokenizer.encode(SAMPLE_TEXT)[:QUALITY_TOKENS]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise InvalidArgumentError(f"cannot read the evaluation text {path}: {error}",
+                                   hint="pass a UTF-8 text file") from error
+    return str(path.resolve()), tokenizer.encode(text)[:QUALITY_TOKENS]
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray) -> float:

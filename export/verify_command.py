@@ -27,8 +27,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from gpt2onnx import contract as c
 from gpt2onnx.errors import InvalidArgumentError, VerificationError
 
@@ -213,65 +211,26 @@ def _sampling(model, reference, model_dir, options: VerifyOptions, step) -> dict
 
 
 def _quality(model, reference, precision: str, source, options: VerifyOptions) -> dict:
-    eval_source, eval_ids = _eval_text(options.text, source.description, model.tokenizer)
+    description = source.description
+    beside = Path(description["path"]) if description.get("kind") == "local" else None
+    eval_source, eval_ids = verify.eval_tokens(model.tokenizer, text_file=options.text, beside=beside)
     min_top1 = options.min_top1
-    if min_top1 is None and source.description.get("kind") == "random":
+    if min_top1 is None and description.get("kind") == "random":
         min_top1 = 0.0  # random weights barely prefer any token: agreement measures ties, not quality
     try:
         report = verify.verify_quality(model.session, reference, model.tokenizer, precision=precision,
                                        eval_ids=eval_ids, eval_source=eval_source,
-                                       max_perplexity_increase=options.max_ppl_increase, min_top1_agreement=min_top1)
+                                       max_perplexity_increase=options.max_ppl_increase, min_top1_agreement=min_top1,
+                                       with_kl=True)
     except VerificationError as error:
         report = error.report
     limit = KL_THRESHOLDS[precision] if options.max_kl is None else options.max_kl
-    kl = kl_divergence(model.session, reference, eval_ids)
-    report["kl_divergence"] = kl
+    kl = report["kl_divergence"]
     report["thresholds"]["max_kl_divergence"] = limit
     if kl["mean"] > limit:
         report["failures"].append(f"KL divergence from PyTorch {kl['mean']:.3g} nats per token (limit {limit:g})")
         report["passed"] = False
     return report
-
-
-def kl_divergence(session, reference, eval_ids: list[int]) -> dict:
-    """KL(PyTorch fp32 || export) of the next-token distributions at every position of the text, in nats:
-    the mean over positions and the largest."""
-    import torch
-
-    window = min(512, session.config.n_positions)
-    values = []
-    for start in range(0, max(len(eval_ids) - 1, 1), window):
-        ids = np.array([eval_ids[start:start + window]], np.int64)
-        if ids.shape[1] < 2:
-            break
-        n = ids.shape[1]
-        ours, _ = session.run(ids, np.ones((1, n), np.int64), np.arange(n)[None], session.empty_cache(1))
-        with torch.inference_mode():
-            ref = reference(input_ids=torch.from_numpy(ids), use_cache=False).logits.float().numpy()
-        log_p, log_q = _log_softmax(ref[0, :-1]), _log_softmax(ours[0, :-1])
-        values.append(np.sum(np.exp(log_p) * (log_p - log_q), axis=-1))
-    values = np.concatenate(values) if values else np.zeros(1)
-    return {"mean": float(values.mean()), "max": float(values.max()), "positions": int(values.size)}
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z -= z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-
-def _eval_text(path: str | None, description: dict, tokenizer) -> tuple[str, list[int]]:
-    """--text, else heldout.txt beside a local source (the trained model brings one), else a sample text."""
-    file = Path(path).expanduser() if path else None
-    if file is None and description.get("kind") == "local" and (Path(description["path"]) / "heldout.txt").is_file():
-        file = Path(description["path"]) / "heldout.txt"
-    if file is None:
-        return "built-in sample text", tokenizer.encode(verify.SAMPLE_TEXT)[:verify.QUALITY_TOKENS]
-    try:
-        text = file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise InvalidArgumentError(f"cannot read the text {file}: {error}", hint="pass a UTF-8 text file") from error
-    return str(file.resolve()), tokenizer.encode(text)[:verify.QUALITY_TOKENS]
 
 
 def _failures(report: dict) -> list[str]:
