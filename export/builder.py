@@ -43,7 +43,7 @@ class Quantization:
     """Weight-only block quantization of the block matmuls and the head (MatMulNBits)."""
 
     bits: int  # 8 or 4
-    block_size: int = 64  # inputs per block: a power of two >= 16
+    block_size: int  # inputs per block: a power of two >= 16 (defaults: contract.DEFAULT_BLOCK_SIZES)
     symmetric: bool = False  # True: no zero points (smaller, slightly less accurate)
     accuracy_level: int = 4  # MatMulNBits compute type; 4 = int8 activations (0 is a slow path for 8 bits)
 

@@ -35,7 +35,7 @@ class ExportOptions:
     """How to export."""
 
     precision: str = "fp32"  # weight precision of the graph: fp32, int8 or int4 (weight-only, block-wise)
-    block_size: int | None = None  # int8/int4: weights per block (power of two >= 16); None: 128
+    block_size: int | None = None  # int8/int4: weights per block (power of two >= 16); None: the default
     seed: int = 0  # seed of random:NAME weights and of the verification inputs
     revision: str | None = None  # hub revision (branch, tag or commit)
     allow_pickle: bool = False  # accept pytorch_model.bin checkpoints (pickle can run code: trusted sources only)
@@ -175,7 +175,7 @@ def _calibration_windows(source: sources.Source, config, seed: int) -> list[list
 
 
 def _manifest(source: sources.Source, options: ExportOptions, directory: Path, files: list[str],
-              report: dict, quantization: builder.Quantization | None = None, kv_info: dict | None = None) -> dict:
+              report: dict, quantization: builder.Quantization | None, kv_info: dict) -> dict:
     """Written last: a directory without it is not a model."""
     from gpt2onnx.manifest import hash_files, write_manifest
 
@@ -185,7 +185,7 @@ def _manifest(source: sources.Source, options: ExportOptions, directory: Path, f
                 c.M_FILES: hash_files(directory, files), c.M_PARITY: report}
     if quantization is not None:
         manifest[c.M_QUANTIZATION] = quantization.as_dict()
-    manifest[c.M_KV_CACHE] = kv_info or {"dtype": "float32"}
+    manifest[c.M_KV_CACHE] = kv_info
     write_manifest(directory, manifest)
     return manifest
 

@@ -4,7 +4,8 @@ computed by ONNX Runtime from the exported graph itself.
 Every export names, per layer, the attention's packed input projection q | k | v
 (`contract.attention_qkv(i)`) and outputs the keys (`present.{i}.key`). We expose the projections as extra
 outputs of an in-memory copy of the graph (the files on disk are not touched), run the prompt once, split
-off the query heads and take softmax(q·kᵀ · scale) with the causal mask in numpy. This works for any export that keeps the contract's tensor names, fused or quantized.
+off the query heads and take softmax(q·kᵀ · scale) with the causal mask in numpy. This works for any export
+that keeps the contract's tensor names, fused or quantized.
 
     maps = attention_maps("out/gpt2", "The cat sat on the mat")
     maps.probs[layer, head]   # [tokens, tokens]; row i is query token i, its entries sum to 1

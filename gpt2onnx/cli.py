@@ -178,6 +178,8 @@ class _GenerateFormatter(_Formatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import bench
+
     formatter = _Formatter
     parser = argparse.ArgumentParser(prog="gpt2onnx", description="GPT-2 on ONNX Runtime, verified against PyTorch.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -229,23 +231,27 @@ def build_parser() -> argparse.ArgumentParser:
                                         "the export extra.",
                             epilog=VERIFY_EXAMPLES)
     p.add_argument("model_dir", metavar="MODEL_DIR", help="exported model directory")
-    p.add_argument("--reference", metavar="HF_ID_OR_DIR", default=argparse.SUPPRESS, help="checkpoint to compare with: hub id, local directory "
-                                                                "or random:NAME (default: the source in the manifest)")
+    p.add_argument("--reference", metavar="HF_ID_OR_DIR", default=argparse.SUPPRESS,
+                   help="checkpoint to compare with: hub id, local directory or random:NAME (default: the source "
+                        "in the manifest)")
     p.add_argument("--seeds", type=int, default=10, help="sampling: seeds 0..N-1, each with every setting (10 settings)")
     p.add_argument("--max-new-tokens", type=int, default=24, help="sampling: tokens generated per case")
-    p.add_argument("--atol", type=float, default=1e-4, help="fp32: largest |logit difference| that counts as float "
-                                                            "noise")
-    p.add_argument("--attention", choices=["sdpa", "eager"], default=argparse.SUPPRESS, help="the reference's attention (default: sdpa, as "
-                                                                  "from_pretrained loads it, unless the config needs "
-                                                                  "eager)")
-    p.add_argument("--min-top1", type=float, default=argparse.SUPPRESS, help="quantized: least share of positions whose most likely token is "
-                                                  "PyTorch's (default 0.95 int8, 0.85 int4, 0 for random weights)")
-    p.add_argument("--max-kl", type=float, default=argparse.SUPPRESS, help="quantized: largest mean KL divergence from PyTorch, nats per token "
-                                                "(default 0.005 int8, 0.05 int4)")
-    p.add_argument("--max-ppl-increase", type=float, default=argparse.SUPPRESS, help="quantized: largest perplexity increase over PyTorch fp32, "
-                                                          "as a fraction (default 0.01 int8, 0.05 int4)")
-    p.add_argument("--text", metavar="FILE", default=argparse.SUPPRESS, help="quantized: text to score (default: heldout.txt beside a local "
-                                                  "source, else a built-in sample)")
+    p.add_argument("--atol", type=float, default=1e-4, help="fp32: largest |logit difference| that counts as float noise")
+    p.add_argument("--attention", choices=["sdpa", "eager"], default=argparse.SUPPRESS,
+                   help="the reference's attention (default: sdpa, as from_pretrained loads it, unless the config "
+                        "needs eager)")
+    p.add_argument("--min-top1", type=float, default=argparse.SUPPRESS,
+                   help="quantized: least share of positions whose most likely token is PyTorch's (default 0.95 "
+                        "int8, 0.85 int4, 0 for random weights)")
+    p.add_argument("--max-kl", type=float, default=argparse.SUPPRESS,
+                   help="quantized: largest mean KL divergence from PyTorch, nats per token (default 0.005 int8, "
+                        "0.05 int4)")
+    p.add_argument("--max-ppl-increase", type=float, default=argparse.SUPPRESS,
+                   help="quantized: largest perplexity increase over PyTorch fp32, as a fraction (default 0.01 "
+                        "int8, 0.05 int4)")
+    p.add_argument("--text", metavar="FILE", default=argparse.SUPPRESS,
+                   help="quantized: text to score (default: heldout.txt beside a local source, else a built-in "
+                        "sample)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per physical core)")
     p.set_defaults(func=cmd_verify)
@@ -255,17 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
                                         "transformers+torch, Optimum and CTranslate2 (those installed), on one "
                                         "fixed workload, round-robin in one run. Prints a table; writes "
                                         "OUT_DIR/bench.json and OUT_DIR/bench.png.")
-    p.add_argument("--model", default="random:gpt2", help="random:NAME or a local Hugging Face directory")
-    p.add_argument("--runs", type=int, default=5, help="rounds; each figure is the median over them")
-    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated after the 8-token prompt")
-    p.add_argument("--long-past", type=int, default=768, help="prompt tokens before the long-past decode")
-    p.add_argument("--long-new-tokens", type=int, default=128,
+    b = bench.BenchOptions()  # the defaults are the benchmark's own
+    p.add_argument("--model", default=b.model, help="random:NAME or a local Hugging Face directory")
+    p.add_argument("--runs", type=int, default=b.runs, help="rounds; each figure is the median over them")
+    p.add_argument("--new-tokens", type=int, default=b.new_tokens, help="tokens generated after the short prompt")
+    p.add_argument("--long-past", type=int, default=b.long_prompt, help="prompt tokens before the long-past decode")
+    p.add_argument("--long-new-tokens", type=int, default=b.long_new_tokens,
                    help="tokens generated after the long prompt (the decode@768 figure is their rate)")
-    p.add_argument("--prefill", type=int, default=512, help="prompt tokens of the prefill figure")
-    p.add_argument("--batch", type=int, default=5, help="sampled continuations of the batch figure")
-    p.add_argument("--threads", type=int, default=0, help="threads of every framework (0: physical cores)")
-    p.add_argument("--only", default="torch,optimum,ctranslate2,gpt2onnx", help="frameworks to measure")
-    p.add_argument("--precisions", default="fp32,int8,int4,int4+kv32",
+    p.add_argument("--prefill", type=int, default=b.prefill, help="prompt tokens of the prefill figure")
+    p.add_argument("--batch", type=int, default=b.batch, help="sampled continuations of the batch figure")
+    p.add_argument("--threads", type=int, default=b.threads, help="threads of every framework (0: physical cores)")
+    p.add_argument("--only", default=",".join(b.frameworks), help="frameworks to measure")
+    p.add_argument("--precisions", default=",".join(b.precisions),
                    help="gpt2onnx precisions to measure (+kv32: exported with --kv-cache float32)")
     p.add_argument("--work-dir", default="~/.cache/gpt2onnx/bench", help="where the prepared models are kept")
     p.add_argument("--out-dir", default="bench-results", help="where bench.json and bench.png go")

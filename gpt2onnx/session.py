@@ -61,10 +61,10 @@ class OnnxSession:
         self._past_names = c.past_names(config.n_layer)
         self._output_names = c.output_names(config.n_layer)
         self._present_names = c.present_names(config.n_layer)
-        # the cache's dtype: float32, or int8 for exports with an int8 cache (see the contract)
         types = {i.name: i.type for i in self._session.get_inputs()}
+        # the cache's dtype: float32, or int8 for exports with an int8 cache (see the contract)
         self.cache_dtype = np.int8 if types.get(c.past_key(0)) == "tensor(int8)" else np.float32
-        have = {i.name for i in self._session.get_inputs()}
+        have = set(types)
         want = set(c.input_names(config.n_layer))
         if have != want or {o.name for o in self._session.get_outputs()} != set(self._output_names):
             raise ModelLoadError(f"{path} does not have the inputs and outputs of format {c.FORMAT_VERSION} "
