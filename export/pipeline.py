@@ -1,18 +1,19 @@
 """`gpt2onnx export`: check inputs, load, build, verify, publish atomically — the same steps every time.
 
-The model is written into a hidden temporary directory beside OUT_DIR and renamed into place only after
-verification passed and the manifest was written, so an interrupted or failed export leaves nothing that
-loads as a model.
+The model is written into a hidden directory beside OUT_DIR and renamed into place only after verification
+passed and the manifest was written (`staging`), so an interrupted or failed export leaves nothing that loads
+as a model; Ctrl-C and SIGTERM remove that directory, and after a kill -9 the next export to OUT_DIR does.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import math
+import numbers
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,14 +21,12 @@ from pathlib import Path
 
 from gpt2onnx import __version__
 from gpt2onnx import contract as c
-from gpt2onnx.errors import ExportError, InvalidArgumentError
+from gpt2onnx.errors import InvalidArgumentError
 from gpt2onnx.session import OnnxSession
 from gpt2onnx.tokenizer import Tokenizer
 
-from . import builder, quantize, sources, verify
+from . import builder, quantize, sources, staging, verify
 from .reference import torch_model
-
-PARTIAL_MARK = ".partial-"
 
 
 @dataclass(frozen=True)
@@ -50,117 +49,183 @@ class ExportOptions:
     kv_cache: str | None = None
 
 
+def check_options(options: ExportOptions) -> tuple[builder.Quantization | None, str]:
+    """Every option, checked before any work: InvalidArgumentError naming the first bad one.
+    Returns (the quantization, None for fp32; the KV cache's dtype)."""
+    if not isinstance(options, ExportOptions):
+        raise InvalidArgumentError(f"options must be an ExportOptions, got {type(options).__name__}",
+                                   hint="gpt2onnx_export.ExportOptions(precision=..., force=...)")
+    o = options
+    if o.precision not in c.PRECISIONS:
+        raise InvalidArgumentError(f"precision must be one of {', '.join(c.PRECISIONS)}, got {o.precision!r}",
+                                   hint="fp32 is verified to --atol; int8 and int4 are gated on quality")
+    size = o.block_size
+    if size is not None and (not _is_int(size) or size < 16 or size & (size - 1)):
+        raise InvalidArgumentError(f"block size must be a power of two >= 16, got {size!r}",
+                                   hint="smaller blocks are more accurate, larger ones faster (default: 128)")
+    if size is not None and o.precision == "fp32":
+        raise InvalidArgumentError("a block size applies to int8 and int4 exports only",
+                                   hint="add --precision int8 or --precision int4, or leave out --block-size")
+    if not _is_int(o.seed) or not 0 <= o.seed < 2**63:
+        raise InvalidArgumentError(f"seed must be an integer from 0 to 2**63-1, got {o.seed!r}",
+                                   hint="it seeds random:NAME weights and the verification inputs (default 0)")
+    if o.revision is not None and (not isinstance(o.revision, str) or not o.revision.strip()):
+        raise InvalidArgumentError(f"revision must be a branch, tag or commit name, got {o.revision!r}",
+                                   hint="leave it out for the hub's main branch")
+    for name in ("allow_pickle", "force"):
+        if not isinstance(getattr(o, name), bool):
+            raise InvalidArgumentError(f"{name} must be True or False, got {getattr(o, name)!r}",
+                                       hint=f"pass {name}=True or {name}=False")
+    if not _is_real(o.atol) or not math.isfinite(o.atol) or o.atol <= 0:
+        raise InvalidArgumentError(f"atol must be a finite number > 0, got {o.atol!r}",
+                                   hint=f"the largest |difference| from PyTorch accepted (default "
+                                        f"{verify.DEFAULT_ATOL:g})")
+    increase = o.max_perplexity_increase
+    if increase is not None and (not _is_real(increase) or not math.isfinite(increase) or increase <= -1):
+        raise InvalidArgumentError(f"max_perplexity_increase must be a finite fraction > -1 (0.01 is 1%), "
+                                   f"got {increase!r}", hint="default: 0.01 for int8, 0.05 for int4")
+    top1 = o.min_top1_agreement
+    if top1 is not None and (not _is_real(top1) or not 0 <= top1 <= 1):
+        raise InvalidArgumentError(f"min_top1_agreement must be a fraction from 0 to 1 (0.95 is 95%), got {top1!r}",
+                                   hint="default: 0.95 for int8, 0.85 for int4")
+    if o.eval_text is not None and (not isinstance(o.eval_text, (str, os.PathLike))
+                                    or not Path(o.eval_text).expanduser().is_file()):
+        raise InvalidArgumentError(f"the evaluation text {o.eval_text!r} is not a file",
+                                   hint="pass a UTF-8 text file to --eval-text")
+    quantization = builder.quantization_for(o.precision, o.block_size)
+    kv_cache = o.kv_cache or ("float32" if quantization is None else "int8")
+    if kv_cache not in c.KV_CACHE_DTYPES:
+        raise InvalidArgumentError(f"kv_cache must be one of {', '.join(c.KV_CACHE_DTYPES)}, got {kv_cache!r}",
+                                   hint="leave it out for the precision's default (int8 for int8/int4, float32 for fp32)")
+    if kv_cache == "int8" and quantization is None:
+        raise InvalidArgumentError("an int8 KV cache needs quantized weights (the fp32 export is verified exactly)",
+                                   hint="add --precision int8 or --precision int4")
+    return quantization, kv_cache
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
 def export_model(model: str, out_dir: str | Path, options: ExportOptions = ExportOptions(), *,
                  progress: Callable[[str], None] = _stderr) -> dict:
-    """Export MODEL (hub id, local directory or random:NAME) to OUT_DIR. Returns the manifest."""
-    out = _check_output(Path(out_dir), options)
-    if options.precision not in c.PRECISIONS:
-        raise InvalidArgumentError(f"precision must be one of {', '.join(c.PRECISIONS)}, got {options.precision!r}")
-    size = options.block_size
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 16 or size & (size - 1)):
-        raise InvalidArgumentError(f"block size must be a power of two >= 16, got {options.block_size!r}",
-                                   hint="smaller blocks are more accurate, larger ones faster (default: 128)")
-    quantization = builder.quantization_for(options.precision, options.block_size)
-    kv_cache = options.kv_cache or ("float32" if quantization is None else "int8")
-    if kv_cache not in c.KV_CACHE_DTYPES:
-        raise InvalidArgumentError(f"kv_cache must be one of {', '.join(c.KV_CACHE_DTYPES)}, got {kv_cache!r}")
-    if kv_cache == "int8" and quantization is None:
-        raise InvalidArgumentError("an int8 KV cache needs quantized weights (the fp32 export is verified exactly)",
-                                   hint="add --precision int8 or --precision int4")
+    """Export MODEL (hub id, local directory or random:NAME) to OUT_DIR. Returns the manifest.
+
+    Raises InvalidArgumentError for a bad option (before any work), ModelLoadError for a damaged checkpoint,
+    ExportError when OUT_DIR cannot be written or the source found, VerificationError (an ExportError) when
+    the graph differs from PyTorch. A SIGTERM in the main thread removes the unfinished export, then exits.
+    """
+    quantization, kv_cache = check_options(options)
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidArgumentError(f"MODEL must be a hub id (gpt2), a local directory or random:NAME, got {model!r}",
+                                   hint="for example: gpt2onnx export random:tiny out/tiny")
+    out = staging.check_output(Path(out_dir), force=options.force)
     start = time.perf_counter()
 
     def step(message: str) -> None:
         progress(f"[{time.perf_counter() - start:6.1f}s] {message}")
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL_MARK}", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the published model is not
+    with staging.terminate_cleanly():
+        staging.remove_stale(out, step)
+        directory = staging.make_staging(out)
+        try:
+            source, files, kv_info = _load_and_build(model, directory, options, quantization, kv_cache, step)
+            report = _verify(model, source, directory, options, quantization, step)
+            manifest = _manifest(source, options, directory, files, report, quantization, kv_info)
+            staging.publish(directory, out)
+        except staging.Terminated:
+            step("terminated (SIGTERM): removing the unfinished export")
+            raise
+        except OSError as error:
+            raise staging.output_error(error, out, directory) from error
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+    step(f"wrote {out}")
+    return manifest
+
+
+def _load_and_build(model: str, directory: Path, options: ExportOptions, quantization, kv_cache: str,
+                    step: Callable[[str], None]) -> tuple[sources.Source, list[str], dict]:
+    """Load the source and write the graph and its side files into `directory`. Returns (source, the files
+    written, the manifest's KV cache entry)."""
+    work = staging.make_workdir(directory)
     try:
-        with tempfile.TemporaryDirectory(prefix="gpt2onnx-work-") as work:
-            step(f"loading {model}")
-            source = sources.load_source(model, workdir=Path(work), seed=options.seed, revision=options.revision,
-                                         allow_pickle=options.allow_pickle)
-            config = source.config
-            step(f"building the {options.precision} graph: {config.n_layer} layers, n_embd {config.n_embd}, "
-                 f"{sum(w.size for w in source.weights.values()) / 1e6:.1f}M stored parameters")
-            weights, kv_info = source.weights, {"dtype": kv_cache}
-            if kv_cache == "int8":
-                step("calibrating the int8 KV cache's scales with PyTorch")
-                windows = _calibration_windows(source, config, options.seed)
-                scales = quantize.kv_cache_scales(torch_model(source.config_dict, source.weights), config, windows)
-                weights = {**source.weights, **scales}
-                kv_info.update(scales="per head and channel, float = int8 * scale",
-                               calibration=f"{sum(map(len, windows))} tokens: the built-in sample text and seeded "
-                                           f"random tokens", margin=quantize.KV_SCALE_MARGIN)
-            files = builder.save_model(builder.build_graph(config, quantization, kv_cache), weights, config,
-                                       staging)
-            files += _write_side_files(source, staging)
-        step("verifying against PyTorch")
-        session = OnnxSession(staging / c.MODEL_FILE, config)
-        reference = torch_model(source.config_dict, source.weights)
-        tokenizer = Tokenizer(staging / c.TOKENIZER_FILE)
-        if quantization is None:
-            report = verify.verify(session, reference, tokenizer, atol=options.atol, seed=options.seed)
-            worst = max(report["max_abs_diff"].values())
-            summary = (f"largest |difference| {worst:.2e} (atol {options.atol:g}), "
-                       f"greedy {report['greedy']['tokens']} tokens identical")
-        else:
-            beside = None if model.startswith(sources.RANDOM_PREFIX) else Path(model).expanduser()
-            eval_source, eval_ids = verify.eval_tokens(tokenizer, text_file=options.eval_text, beside=beside)
-            step(f"scoring quality on {eval_source}")
-            top1 = options.min_top1_agreement
-            if top1 is None and model.startswith(sources.RANDOM_PREFIX):
-                top1 = 0.0  # random weights barely prefer any token: agreement measures ties, not quality
-            report = verify.verify_quality(session, reference, tokenizer, precision=options.precision,
-                                           eval_ids=eval_ids, eval_source=eval_source, seed=options.seed,
-                                           max_perplexity_increase=options.max_perplexity_increase,
-                                           min_top1_agreement=top1)
-            ppl = report["perplexity"]
-            summary = (f"perplexity {ppl['export']:.3f} vs PyTorch fp32 {ppl['reference']:.3f} "
-                       f"({100 * ppl['increase']:+.2f}%), top-1 agreement {100 * report['top1_agreement']:.1f}%")
-        del session, reference
-        step(f"verified: {summary}")
-        manifest = _manifest(source, options, staging, files, report, quantization, kv_info)
-        _publish(staging, out)
-        step(f"wrote {out}")
-        return manifest
+        step(f"loading {model}")
+        source = sources.load_source(model, workdir=work, seed=options.seed, revision=options.revision,
+                                     allow_pickle=options.allow_pickle)
+        config = source.config
+        step(f"building the {options.precision} graph: {config.n_layer} layers, n_embd {config.n_embd}, "
+             f"{sum(w.size for w in source.weights.values()) / 1e6:.1f}M stored parameters")
+        weights, kv_info = source.weights, {"dtype": kv_cache}
+        if kv_cache == "int8":
+            step("calibrating the int8 KV cache's scales with PyTorch")
+            windows = _calibration_windows(source, config, options.seed)
+            scales = quantize.kv_cache_scales(torch_model(source.config_dict, source.weights), config, windows)
+            weights = {**source.weights, **scales}
+            kv_info.update(scales="per head and channel, float = int8 * scale",
+                           calibration=f"{sum(map(len, windows))} tokens: the built-in sample text and seeded "
+                                       f"random tokens", margin=quantize.KV_SCALE_MARGIN)
+        files = builder.save_model(builder.build_graph(config, quantization, kv_cache), weights, config, directory)
+        files += _write_side_files(source, directory)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+    return source, files, kv_info
 
 
-def _check_output(out: Path, options: ExportOptions) -> Path:
-    """Refuse to overwrite without --force, and never delete something that is not an export of ours."""
-    out = out.expanduser().absolute()
-    if out.exists() or out.is_symlink():
-        if not options.force:
-            raise ExportError(f"{out} already exists", hint="pass --force to replace it, or choose another OUT_DIR")
-        if not out.is_dir() or (any(out.iterdir()) and not _is_export(out)):
-            raise ExportError(f"{out} exists and is not a gpt2onnx export; refusing to replace it even with --force",
-                              hint="choose another OUT_DIR or remove it yourself")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def _is_export(path: Path) -> bool:
-    try:
-        return json.loads((path / c.MANIFEST_FILE).read_text()).get(c.M_FORMAT) == c.FORMAT_NAME
-    except (OSError, ValueError, AttributeError):
-        return False
+def _verify(model: str, source: sources.Source, directory: Path, options: ExportOptions, quantization,
+            step: Callable[[str], None]) -> dict:
+    """The verification gate on the graph in `directory`; raises VerificationError. Returns the report."""
+    step("verifying against PyTorch")
+    session = OnnxSession(directory / c.MODEL_FILE, source.config)
+    reference = torch_model(source.config_dict, source.weights)
+    tokenizer = Tokenizer(directory / c.TOKENIZER_FILE)
+    if quantization is None:
+        report = verify.verify(session, reference, tokenizer, atol=options.atol, seed=options.seed)
+        worst = max(report["max_abs_diff"].values())
+        summary = (f"largest |difference| {worst:.2e} (atol {options.atol:g}), "
+                   f"greedy {report['greedy']['tokens']} tokens identical")
+    else:
+        beside = None if model.startswith(sources.RANDOM_PREFIX) else Path(model).expanduser()
+        eval_source, eval_ids = verify.eval_tokens(tokenizer, text_file=options.eval_text, beside=beside)
+        step(f"scoring quality on {eval_source}")
+        top1 = options.min_top1_agreement
+        if top1 is None and model.startswith(sources.RANDOM_PREFIX):
+            top1 = 0.0  # random weights barely prefer any token: agreement measures ties, not quality
+        report = verify.verify_quality(session, reference, tokenizer, precision=options.precision,
+                                       eval_ids=eval_ids, eval_source=eval_source, seed=options.seed,
+                                       max_perplexity_increase=options.max_perplexity_increase,
+                                       min_top1_agreement=top1)
+        ppl = report["perplexity"]
+        summary = (f"perplexity {ppl['export']:.3f} vs PyTorch fp32 {ppl['reference']:.3f} "
+                   f"({100 * ppl['increase']:+.2f}%), top-1 agreement {100 * report['top1_agreement']:.1f}%")
+    step(f"verified: {summary}")
+    return report
 
 
 def _write_side_files(source: sources.Source, directory: Path) -> list[str]:
+    """config.json, generation_config.json and the tokenizer files. Keys that point transformers' Auto*
+    classes at Python files (auto_map) are not passed on: an export never asks anyone to run code."""
     (directory / c.CONFIG_FILE).write_text(json.dumps(source.config_dict, indent=2) + "\n")
     (directory / c.GENERATION_CONFIG_FILE).write_text(json.dumps(source.generation_config, indent=2) + "\n")
     files = [c.CONFIG_FILE, c.GENERATION_CONFIG_FILE]
     for name in (c.TOKENIZER_FILE, *c.TOKENIZER_EXTRA_FILES):
-        if (source.tokenizer_dir / name).is_file():
-            shutil.copyfile(source.tokenizer_dir / name, directory / name)
-            files.append(name)
+        path = source.tokenizer_dir / name
+        if not path.is_file():
+            continue
+        settings = sources.read_json(path) if name.endswith("_config.json") else None
+        if settings is not None and settings != sources.without_code_references(settings):
+            (directory / name).write_text(json.dumps(sources.without_code_references(settings), indent=2) + "\n")
+        else:
+            shutil.copyfile(path, directory / name)
+        files.append(name)
     return files
 
 
@@ -201,14 +266,3 @@ def _versions() -> dict:
     return {"gpt2onnx": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "torch": torch.__version__, "transformers": transformers.__version__, "numpy": numpy.__version__,
             "tokenizers": tokenizers.__version__, "python": sys.version.split()[0]}
-
-
-def _publish(staging: Path, out: Path) -> None:
-    """Move the finished export into place; an existing export is swapped out and then removed."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.rename(out, old / "model")
-        os.rename(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(staging, out)

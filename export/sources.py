@@ -15,7 +15,7 @@ import numpy as np
 
 from gpt2onnx import contract as c
 from gpt2onnx.config import ModelConfig
-from gpt2onnx.errors import ExportError, InvalidArgumentError
+from gpt2onnx.errors import ExportError, InvalidArgumentError, ModelLoadError
 
 from .builder import expected_shapes, weight_names
 
@@ -34,6 +34,9 @@ GPT2_VOCAB_SIZE = 50257
 _HUB_FILES = ["config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
               "model-*.safetensors", c.TOKENIZER_FILE, *c.TOKENIZER_EXTRA_FILES]
 _PICKLE_FILES = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"]
+# Keys that make transformers' Auto* classes import Python files from the model directory. gpt2onnx never
+# uses them (it runs GPT-2's own code on the weights), and an export does not pass them on.
+_CODE_KEYS = ("auto_map", "custom_pipelines")
 
 
 @dataclass
@@ -55,7 +58,8 @@ def load_source(spec: str, *, workdir: Path, seed: int = 0, revision: str | None
                 allow_pickle: bool = False) -> Source:
     """Resolve MODEL as given on the command line: `random:NAME`, a local directory, or a hub id."""
     if not isinstance(spec, str) or not spec.strip():
-        raise InvalidArgumentError("MODEL must be a hub id (gpt2), a local directory or random:NAME")
+        raise InvalidArgumentError("MODEL must be a hub id (gpt2), a local directory or random:NAME",
+                                   hint="for example: gpt2onnx export random:tiny out/tiny")
     if spec.startswith(RANDOM_PREFIX):
         return random_source(spec[len(RANDOM_PREFIX):], seed=seed, workdir=workdir)
     path = Path(spec).expanduser()
@@ -89,38 +93,111 @@ def local_source(path: Path, *, allow_pickle: bool, workdir: Path, description: 
     config_path = path / c.CONFIG_FILE
     if not config_path.is_file():
         raise ExportError(f"{path} has no config.json", hint="a Hugging Face model directory has config.json beside its weights")
-    config_dict = json.loads(config_path.read_text())
-    config = ModelConfig.from_dict(config_dict)
-    weights = normalize_weights(_read_weights(path, allow_pickle=allow_pickle), config)
+    config_dict = without_code_references(read_json(config_path))
+    config = ModelConfig.from_dict(config_dict, source=str(config_path))
     gen_path = path / c.GENERATION_CONFIG_FILE
-    generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else _default_generation_config(config)
-    return Source(config_dict, weights, _tokenizer_dir(path, workdir), generation_config, description)
+    if gen_path.is_file():
+        generation_config = without_code_references(read_json(gen_path))
+        _check_generation_config(generation_config, gen_path)
+    else:
+        generation_config = _default_generation_config(config)
+    tokenizer_dir = _tokenizer_dir(path, workdir)  # before the weights: it is quick to check
+    weights = normalize_weights(_read_weights(path, allow_pickle=allow_pickle), config)
+    return Source(config_dict, weights, tokenizer_dir, generation_config, description)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a file of the model directory; ModelLoadError naming the file if it is not one."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ModelLoadError(f"cannot read {path}: {error.strerror or error}",
+                             hint="check the file's permissions") from error
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelLoadError(f"{path} is not valid JSON: {error}",
+                             hint="the file is damaged or not what its name says; download or copy it again") from error
+    if not isinstance(value, dict):
+        kind = "array" if isinstance(value, list) else type(value).__name__
+        raise ModelLoadError(f"{path} must hold a JSON object, got a JSON {kind}",
+                             hint="the file is damaged or not what its name says; download or copy it again")
+    return value
+
+
+def without_code_references(config: dict) -> dict:
+    """The dict without the keys that point transformers at Python files (auto_map, ...)."""
+    return {key: value for key, value in config.items() if key not in _CODE_KEYS}
+
+
+def _check_generation_config(generation: dict, path: Path) -> None:
+    """The token ids the runtime reads from generation_config.json: an integer, a list of them, or null."""
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
+        value = generation.get(key)
+        ids = value if isinstance(value, list) else [value]
+        if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise ModelLoadError(f"{path}: {key} must be a token id (an integer >= 0), a list of them or null, "
+                                 f"got {value!r}", hint=f"fix {key} in {path.name}, or remove the file to use "
+                                                        "config.json's token ids")
 
 
 def _read_weights(path: Path, *, allow_pickle: bool) -> dict[str, np.ndarray]:
+    """Every tensor of the checkpoint as float32 (float16 and bfloat16 checkpoints are upcast exactly)."""
     safetensors = sorted(path.glob("*.safetensors"))
     if safetensors:
         from safetensors import safe_open
 
         weights = {}
         for file in safetensors:
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    weights[key] = f.get_tensor(key).float().numpy()
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    for key in f.keys():
+                        weights[key] = f.get_tensor(key).float().numpy()
+            except OSError as error:
+                raise ModelLoadError(f"cannot read {file}: {error.strerror or error}") from error
+            except Exception as error:  # safetensors' own SafetensorError, or torch's on a bad dtype
+                raise ModelLoadError(f"{file} is damaged or not a safetensors file ({_first_line(error)})",
+                                     hint="download or copy it again (a truncated copy fails like this)") from error
         return weights
     pickles = sorted(path.glob("pytorch_model*.bin"))
     if pickles and not allow_pickle:
         raise ExportError(f"{path} has only pickle checkpoints ({pickles[0].name}), which can run arbitrary code when loaded",
                           hint="convert it to safetensors, or pass --allow-pickle if you trust its source")
     if pickles:
-        import torch
-
         weights = {}
         for file in pickles:
-            for key, tensor in torch.load(file, map_location="cpu", weights_only=True).items():
+            for key, tensor in _load_pickle(file).items():
                 weights[key] = tensor.float().numpy()
         return weights
     raise ExportError(f"{path} has no weights (model.safetensors or pytorch_model.bin)")
+
+
+def _load_pickle(file: Path) -> dict:
+    """A pickle checkpoint's state dict, through torch.load(weights_only=True): tensors and plain containers
+    only, never code."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ModelLoadError(f"{file} holds code or objects other than tensors, which torch.load(weights_only=True) "
+                             f"refuses to load ({_first_line(error)})",
+                             hint="this pickle may be malicious: do not load it with weights_only=False; get the "
+                                  "checkpoint as safetensors from a source you trust") from error
+    except OSError as error:
+        raise ModelLoadError(f"cannot read {file}: {error.strerror or error}") from error
+    except Exception as error:  # a truncated or damaged archive: RuntimeError, EOFError, ...
+        raise ModelLoadError(f"{file} is damaged or not a PyTorch checkpoint ({type(error).__name__}: "
+                             f"{_first_line(error)})", hint="download or copy it again") from error
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"{file} is not a state dict of tensors (it holds a {type(state).__name__})",
+                             hint="save the checkpoint with model.save_pretrained(), or as safetensors")
+    return state
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def normalize_weights(raw: dict[str, np.ndarray], config: ModelConfig) -> dict[str, np.ndarray]:
@@ -131,6 +208,9 @@ def normalize_weights(raw: dict[str, np.ndarray], config: ModelConfig) -> dict[s
             continue  # the causal-mask buffers of old checkpoints
         name = key if key.startswith("transformer.") or key == "lm_head.weight" else "transformer." + key
         weights[name] = np.ascontiguousarray(value, dtype=np.float32)
+        if not np.isfinite(weights[name]).all():
+            raise ModelLoadError(f"the checkpoint's {key} holds NaN or infinite values",
+                                 hint="the checkpoint is damaged (or diverged in training); use another one")
     if config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)  # tied: the graph reads transformer.wte.weight
     shapes = expected_shapes(config)
@@ -146,18 +226,37 @@ def normalize_weights(raw: dict[str, np.ndarray], config: ModelConfig) -> dict[s
 
 
 def _tokenizer_dir(path: Path, workdir: Path) -> Path:
+    """The directory whose tokenizer files the export ships: `path` itself, or `workdir`/tokenizer with a
+    tokenizer.json built from vocab.json and merges.txt. Damaged files are a ModelLoadError naming them."""
     if (path / c.TOKENIZER_FILE).is_file():
-        return path
-    if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        out = path
+    elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
         out = Path(workdir) / "tokenizer"
         out.mkdir(parents=True, exist_ok=True)
-        write_gpt2_tokenizer(path / "vocab.json", path / "merges.txt", out)
+        try:
+            write_gpt2_tokenizer(path / "vocab.json", path / "merges.txt", out)
+        except OSError:
+            raise
+        except Exception as error:  # tokenizers' own exception on a malformed vocab.json or merges.txt
+            raise ModelLoadError(f"{path}'s vocab.json or merges.txt is damaged ({_first_line(error)})",
+                                 hint="copy GPT-2's tokenizer files into the model directory again") from error
         for name in c.TOKENIZER_EXTRA_FILES:
             if (path / name).is_file() and not (out / name).exists():
                 shutil.copyfile(path / name, out / name)
-        return out
-    raise ExportError(f"{path} has no tokenizer (tokenizer.json, or vocab.json and merges.txt)",
-                      hint="copy the GPT-2 tokenizer files into the model directory")
+    else:
+        raise ExportError(f"{path} has no tokenizer (tokenizer.json, or vocab.json and merges.txt)",
+                          hint="copy the GPT-2 tokenizer files into the model directory")
+    from gpt2onnx.tokenizer import Tokenizer
+
+    try:
+        Tokenizer(out / c.TOKENIZER_FILE)
+    except ModelLoadError as error:
+        raise ModelLoadError(error.message, hint="the file is damaged; copy GPT-2's tokenizer files into the model "
+                                                 "directory again") from error
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (out / name).is_file():
+            read_json(out / name)
+    return out
 
 
 def write_gpt2_tokenizer(vocab: Path, merges: Path, out: Path, *, model_max_length: int = 1024) -> None:
@@ -169,7 +268,7 @@ def write_gpt2_tokenizer(vocab: Path, merges: Path, out: Path, *, model_max_leng
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     tokenizer.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=True)])
-    tokenizer.save(str(out / c.TOKENIZER_FILE))
+    (out / c.TOKENIZER_FILE).write_text(tokenizer.to_str(pretty=True), encoding="utf-8")  # Python's write: an OSError if full
     if vocab.resolve() != (out / "vocab.json").resolve():
         shutil.copyfile(vocab, out / "vocab.json")
         shutil.copyfile(merges, out / "merges.txt")
@@ -186,7 +285,8 @@ def random_source(name: str, *, seed: int, workdir: Path) -> Source:
         raise InvalidArgumentError(f"unknown random architecture {name!r}",
                                    hint=f"use random:NAME with NAME one of {', '.join(ARCHITECTURES)}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise InvalidArgumentError(f"seed must be an integer from 0 to 2**63-1, got {seed!r}")
+        raise InvalidArgumentError(f"seed must be an integer from 0 to 2**63-1, got {seed!r}",
+                                   hint="the seed picks the random weights (default 0)")
     config_dict = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": GPT2_VOCAB_SIZE,
                    "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "n_inner": None,
                    "bos_token_id": 50256, "eos_token_id": 50256, "tie_word_embeddings": True,

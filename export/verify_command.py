@@ -20,6 +20,8 @@ PyTorch's — against thresholds the user can set.
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import sys
 import tempfile
 import time
@@ -30,7 +32,7 @@ from pathlib import Path
 from gpt2onnx import contract as c
 from gpt2onnx.errors import InvalidArgumentError, VerificationError
 
-from . import parity, sources, verify
+from . import parity, sources, staging, verify
 from .reference import torch_model
 
 DEFAULT_SEEDS = 10
@@ -75,7 +77,7 @@ def verify_model(model_dir: str | Path, options: VerifyOptions = VerifyOptions()
     model = gpt2onnx.load(model_dir, threads=options.threads)
     spec, seed, revision = reference_spec(model.manifest, options.reference)
     step(f"loading the reference {spec}")
-    with tempfile.TemporaryDirectory(prefix="gpt2onnx-verify-") as work:
+    with staging.terminate_cleanly(), tempfile.TemporaryDirectory(prefix="gpt2onnx-verify-") as work:
         source = sources.load_source(spec, workdir=Path(work), seed=seed, revision=revision)
     if source.config != model.config:
         raise InvalidArgumentError(f"the reference {spec} is not the same architecture as {model_dir}",
@@ -145,15 +147,42 @@ def reference_spec(manifest: dict, override: str | None) -> tuple[str, int, str 
 
 
 def _check(options: VerifyOptions) -> None:
-    if isinstance(options.seeds, bool) or not isinstance(options.seeds, int) or options.seeds < 0:
-        raise InvalidArgumentError(f"seeds must be an integer >= 0, got {options.seeds!r}")
+    """Every option, before any work: InvalidArgumentError naming the first bad one."""
+    def is_int(value) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    def is_finite(value) -> bool:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+    if not is_int(options.seeds) or options.seeds < 0:
+        raise InvalidArgumentError(f"seeds must be an integer >= 0, got {options.seeds!r}",
+                                   hint=f"seeds 0 .. N-1 are compared (default {DEFAULT_SEEDS}; 0: greedy cases only)")
     tokens = options.max_new_tokens
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
-        raise InvalidArgumentError(f"max_new_tokens must be an integer >= 1, got {options.max_new_tokens!r}")
-    if not options.atol > 0:
-        raise InvalidArgumentError(f"atol must be > 0, got {options.atol!r}")
+    if not is_int(tokens) or tokens < 1:
+        raise InvalidArgumentError(f"max_new_tokens must be an integer >= 1, got {options.max_new_tokens!r}",
+                                   hint=f"tokens generated per case (default {parity.MAX_NEW_TOKENS})")
+    if not is_finite(options.atol) or options.atol <= 0:
+        raise InvalidArgumentError(f"atol must be a finite number > 0, got {options.atol!r}",
+                                   hint=f"the largest |logit difference| that counts as float noise (default "
+                                        f"{verify.DEFAULT_ATOL:g})")
     if options.attention not in (None, "sdpa", "eager"):
-        raise InvalidArgumentError(f"attention must be sdpa or eager, got {options.attention!r}")
+        raise InvalidArgumentError(f"attention must be sdpa or eager, got {options.attention!r}",
+                                   hint="leave it out for what from_pretrained uses (sdpa)")
+    if options.min_top1 is not None and (not is_finite(options.min_top1) or not 0 <= options.min_top1 <= 1):
+        raise InvalidArgumentError(f"min_top1 must be a fraction from 0 to 1 (0.95 is 95%), got {options.min_top1!r}",
+                                   hint="default: 0.95 for int8, 0.85 for int4")
+    if options.max_kl is not None and (not is_finite(options.max_kl) or options.max_kl < 0):
+        raise InvalidArgumentError(f"max_kl must be a finite number of nats >= 0, got {options.max_kl!r}",
+                                   hint=f"default: {KL_THRESHOLDS['int8']} for int8, {KL_THRESHOLDS['int4']} for int4")
+    increase = options.max_ppl_increase
+    if increase is not None and (not is_finite(increase) or increase <= -1):
+        raise InvalidArgumentError(f"max_ppl_increase must be a finite fraction > -1 (0.01 is 1%), got {increase!r}",
+                                   hint="default: 0.01 for int8, 0.05 for int4")
+    if options.text is not None and not Path(options.text).expanduser().is_file():
+        raise InvalidArgumentError(f"the text {options.text!r} is not a file", hint="pass a UTF-8 text file to --text")
+    if not is_int(options.threads) or options.threads < 0:
+        raise InvalidArgumentError(f"threads must be an integer >= 0, got {options.threads!r}",
+                                   hint="0 uses one thread per physical core")
 
 
 def _attention(config_dict: dict) -> str:
@@ -192,9 +221,11 @@ def _logits(model, reference, atol: float) -> dict:
 
 
 def _sampling(model, reference, model_dir, options: VerifyOptions, step) -> dict:
-    from transformers import AutoTokenizer
+    # the concrete class, never AutoTokenizer: an auto_map in tokenizer_config.json would make transformers
+    # offer to import Python files from the directory
+    from transformers import GPT2TokenizerFast
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = GPT2TokenizerFast.from_pretrained(str(model_dir))
     runner = parity.SideBySide(model, reference, tokenizer, atol=options.atol)
     results = []
     all_cases = (parity.greedy_cases(max_new_tokens=options.max_new_tokens)

