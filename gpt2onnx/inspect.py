@@ -270,11 +270,13 @@ class ModelFile:
         return numpy_helper.to_array(self._initializers[name], base_dir=str(self.directory))
 
 
-def inspect_model(directory: str | Path, *, check_hashes: bool = False) -> ModelReport:
+def inspect_model(directory: str | Path, *, check_hashes: bool = True) -> ModelReport:
     """Weights (state-dict names, shapes, dtypes, bytes, quantization scheme), graph inputs/outputs, op counts
-    and the manifest of an exported model directory.
+    and the manifest of an exported model directory, after the checks `gpt2onnx.load` makes: a damaged or
+    mislabelled export is refused (ModelLoadError), not listed.
 
-    check_hashes: also verify every file's sha256 against the manifest (slow for large models).
+    check_hashes: verify every file's sha256 against the manifest (a few seconds for large models); the
+    manifest's claims are checked against the graph either way.
     """
     manifest = read_manifest(Path(directory), check_hashes=check_hashes)
     return ModelFile(directory).report(manifest)
