@@ -7,8 +7,8 @@ files. `check_claims` compares what it says with these facts, so a manifest that
 graph (and would get int4's lenient quality gate in `gpt2onnx verify`) is refused at load.
 
 Only the fields needed are decoded (field numbers from onnx/onnx.proto); a tensor's data is skipped by its
-length, so the cost is per field, not per byte: 1.5 ms for the tiny test model (2 layers), a few ms for
-gpt2-xl, whatever its size on disk.
+length, so the cost grows with the number of nodes and initializers (~30 us each), not with the bytes:
+2.6 ms for the 2-layer test model (50 nodes, 40 initializers).
 """
 
 from __future__ import annotations

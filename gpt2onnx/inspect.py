@@ -29,6 +29,7 @@ from . import contract as c
 from .config import ModelConfig
 from .errors import InvalidArgumentError, MissingDependencyError, ModelLoadError
 from .manifest import read_manifest
+from .model import read_config
 
 PLOT_EXTRA_HINT = "pip install 'gpt2onnx[plot]'"
 TIED_TO = "transformer.wte.weight"
@@ -158,7 +159,7 @@ class ModelFile:
             self.proto = onnx.load(str(path), load_external_data=False)  # weight data is read per tensor
         except Exception as error:  # onnx raises DecodeError and others
             raise ModelLoadError(f"cannot read {path}: {error}", hint="export the model again") from error
-        self.config = ModelConfig.from_file(self.directory / c.CONFIG_FILE)
+        self.config = read_config(self.directory / c.CONFIG_FILE)[1]
         self._initializers = {t.name: t for t in self.proto.graph.initializer}
         self.weights, self.constants = self._group_weights()
 

@@ -46,8 +46,7 @@ class Model:
         self.directory = Path(directory)
         self.manifest = manifest
         self.max_cache_bytes = limits.check_cache_bytes(max_cache_bytes)
-        self.raw_config = _read_json(self.directory / c.CONFIG_FILE)
-        self.config = _model_config(self.raw_config, self.directory / c.CONFIG_FILE)
+        self.raw_config, self.config = read_config(self.directory / c.CONFIG_FILE)
         self.tokenizer = Tokenizer(self.directory / c.TOKENIZER_FILE)
         self.session = OnnxSession(self.directory / c.MODEL_FILE, self.config, options)
         path = self.directory / c.GENERATION_CONFIG_FILE
@@ -288,19 +287,18 @@ def _read_json(path: Path) -> dict:
     return value
 
 
-def _model_config(raw: dict, path: Path) -> ModelConfig:
-    """The architecture from config.json; a value of the wrong type is a ModelLoadError, not a traceback."""
+def read_config(path: Path) -> tuple[dict, ModelConfig]:
+    """config.json as read and as a ModelConfig; a value of the wrong type is a ModelLoadError, not a traceback."""
+    raw = _read_json(path)
+    sizes = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
+    bad = [k for k in sizes if k in raw and (isinstance(raw[k], bool) or not isinstance(raw[k], int) or raw[k] < 1)]
+    if bad:
+        raise ModelLoadError(f"{path} gives {', '.join(f'{k}={raw[k]!r}' for k in bad)}; these must be integers >= 1",
+                             hint="export the model again")
     try:
-        config = ModelConfig.from_dict(raw)
-        bad = [k for k in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
-               if isinstance(getattr(config, k), bool) or not isinstance(getattr(config, k), int)
-               or getattr(config, k) < 1]
+        return raw, ModelConfig.from_dict(raw)
     except (TypeError, ValueError, ArithmeticError) as error:
         raise ModelLoadError(f"{path} is not a valid GPT-2 config: {error}", hint="export the model again") from error
-    if bad:
-        raise ModelLoadError(f"{path} gives {', '.join(f'{k}={getattr(config, k)!r}' for k in bad)}; "
-                             "these must be integers >= 1", hint="export the model again")
-    return config
 
 
 def _check_flag(name: str, value) -> None:

@@ -118,15 +118,17 @@ class OnnxSession:
         return logits, cache
 
     def _check_shapes(self, input_ids, attention_mask, position_ids, cache: KVCache) -> None:
-        """The contract's shapes (cheap: no pass over the data except the prefill's ids)."""
-        shapes = "input_ids and position_ids [batch, new], attention_mask [batch, past + new], past = the cache's length"
-        ok = all(isinstance(a, np.ndarray) and a.ndim == 2 and a.dtype.kind in "iu"
-                 for a in (input_ids, attention_mask, position_ids))
-        if ok:
-            batch, new = input_ids.shape
-            ok = (new >= 1 and position_ids.shape == input_ids.shape and cache.batch == batch
-                  and attention_mask.shape == (batch, cache.length + new))
+        """The contract's shapes and integer dtypes (2 us a step: no pass over the data but the prefill's ids)."""
+        try:
+            batch, new = shape = input_ids.shape
+            ok = (position_ids.shape == shape and attention_mask.shape == (batch, cache.length + new) and new >= 1
+                  and cache.batch == batch and input_ids.dtype.kind in "iu" and attention_mask.dtype.kind in "iu"
+                  and position_ids.dtype.kind in "iu")
+        except (AttributeError, ValueError, TypeError):  # not arrays, or not 2-D
+            ok = False
         if not ok:
+            shapes = ("input_ids and position_ids [batch, new], attention_mask [batch, past + new], past = the cache's "
+                      "length")
             got = ", ".join(f"{name} {getattr(a, 'shape', type(a).__name__)}" for name, a in
                             (("input_ids", input_ids), ("attention_mask", attention_mask), ("position_ids", position_ids)))
             raise InvalidArgumentError(f"a step needs integer arrays shaped {shapes}; got {got} and a cache of "
@@ -136,11 +138,12 @@ class OnnxSession:
         if total > self.config.n_positions:
             raise InvalidArgumentError(f"a step would reach {total} positions; this model has n_positions="
                                        f"{self.config.n_positions}", hint="shorten the sequence")
-        if cache.length == 0 or new > 1:  # ids from outside (a prompt); a decode step's ids come from sampling
-            if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
-                raise InvalidArgumentError(f"input_ids must be token ids from 0 to {self.config.vocab_size - 1}, got "
-                                           f"{int(input_ids.min())} .. {int(input_ids.max())}",
-                                           hint="encode text with the model's tokenizer")
+        # ids from outside (a prompt) are checked; a decode step's ids come from sampling
+        outside = cache.length == 0 or new > 1
+        if outside and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+            raise InvalidArgumentError(f"input_ids must be token ids from 0 to {self.config.vocab_size - 1}, got "
+                                       f"{int(input_ids.min())} .. {int(input_ids.max())}",
+                                       hint="encode text with the model's tokenizer")
 
     def _bind_cache(self, cache: KVCache) -> ort.IOBinding:
         """The cache's binding to this session: each buffer is its layer's past input and present output."""
