@@ -6,12 +6,12 @@
 """
 
 from .errors import (ExportError, GenerationError, Gpt2OnnxError, InvalidArgumentError, MissingDependencyError,
-                     ModelLoadError, VerificationError)
+                     ModelLoadError, OutputError, VerificationError)
 from .model import Generation, Model, load
 from .settings import GenerationSettings
 
 __version__ = "0.1.0"
 
 __all__ = ["load", "Model", "Generation", "GenerationSettings", "Gpt2OnnxError", "InvalidArgumentError",
-           "ModelLoadError", "ExportError", "VerificationError", "GenerationError", "MissingDependencyError",
+           "ModelLoadError", "ExportError", "VerificationError", "GenerationError", "MissingDependencyError", "OutputError",
            "__version__"]

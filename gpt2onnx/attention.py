@@ -23,7 +23,9 @@ from . import contract as c
 from .config import ModelConfig
 from .errors import InvalidArgumentError, ModelLoadError
 from .inspect import require_onnx
+from .limits import check_threads
 from .manifest import read_manifest
+from .model import read_config
 from .tokenizer import Tokenizer
 
 # ONNX Runtime reads external weights (model.onnx.data) from this folder when the graph comes from memory.
@@ -70,11 +72,10 @@ def attention_maps(directory: str | Path, prompt: str, *, threads: int = 0, chec
     threads: ONNX Runtime intra-op threads; 0 uses one per physical core.
     check_hashes: verify every file's sha256 against the manifest first, as `gpt2onnx.load` does.
     """
-    if not isinstance(threads, int) or threads < 0:
-        raise InvalidArgumentError(f"threads must be an integer >= 0 (0 = one per physical core), got {threads!r}")
+    threads = check_threads(threads)
     directory = Path(directory)
     read_manifest(directory, check_hashes=check_hashes)
-    config = ModelConfig.from_file(directory / c.CONFIG_FILE)
+    config = read_config(directory / c.CONFIG_FILE)[1]
     tokenizer = Tokenizer(directory / c.TOKENIZER_FILE)
     if not isinstance(prompt, str) or not prompt:
         raise InvalidArgumentError("the prompt for attention maps must be non-empty text",

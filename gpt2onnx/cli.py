@@ -103,10 +103,29 @@ def _unescape(text: str) -> str:
     return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
+def _read_stdin() -> str:
+    """The prompt from stdin, as UTF-8 whatever the locale; invalid bytes are a one-line error."""
+    stream = sys.stdin
+    if stream is None:
+        raise InvalidArgumentError("PROMPT is - but there is no stdin", hint="pipe the prompt in, or pass it as text")
+    data = stream.buffer.read() if hasattr(stream, "buffer") else stream.read()
+    if isinstance(data, str):
+        return data
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidArgumentError(
+            f"stdin is not valid UTF-8: byte 0x{data[error.start]:02x} at offset {error.start} ({error.reason})",
+            hint="convert the input to UTF-8 first, e.g. iconv -f latin1 -t utf-8") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as text-mode stdin reads
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .model import load
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.stream and args.json:
+        raise InvalidArgumentError("--stream and --json do not go together", hint="pick one")
+    prompt = _read_stdin() if args.prompt == "-" else args.prompt
     model = load(args.model, threads=args.threads)
     options = dict(max_new_tokens=args.max_new_tokens, max_length=args.max_length,
                    min_new_tokens=args.min_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
@@ -115,10 +134,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                    sampler=args.sampler, ignore_eos=args.ignore_eos or None, truncate=args.truncate,
                    allow_special_tokens=args.allow_special_tokens)
     if args.stream:
-        if args.json:
-            raise InvalidArgumentError("--stream and --json do not go together", hint="pick one")
+        pieces = model.stream(prompt, num_return_sequences=args.num_return_sequences, **options)  # checks all
         print(prompt, end="", flush=True)
-        for piece in model.stream(prompt, num_return_sequences=args.num_return_sequences, **options):
+        for piece in pieces:
             print(piece, end="", flush=True)
         print()
         return 0
@@ -319,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "plot extra: pip install 'gpt2onnx[plot]'.")
     p.add_argument("model_dir", metavar="MODEL_DIR", help="exported model directory")
     p.add_argument("--json", action="store_true", help="print everything as JSON, for scripts")
-    p.add_argument("--check-hashes", action="store_true", help="also verify every file's sha256 against the manifest")
+    p.add_argument("--check-hashes", action=argparse.BooleanOptionalAction, default=True,
+                   help="verify every file's sha256 against the manifest (--no-check-hashes skips it)")
     p.set_defaults(func=cmd_inspect)
 
     p = commands.add_parser("plot", formatter_class=formatter, help="draw embeddings, weights and attention maps",
@@ -359,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (| head): not an error of ours
         sys.stderr.close()
         return 0
+    except OSError as error:  # the environment (a full disk, a permission), not a bug: one line, no traceback
+        print(f"gpt2onnx: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ max_new_tokens wins, as in transformers.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, ModelLoadError
 from .settings import GenerationSettings
 
 # transformers.GenerationConfig() defaults for the options we support
@@ -25,10 +26,21 @@ OPTIONS = {f.name for f in dataclasses.fields(GenerationSettings)} | {"max_lengt
 
 
 def model_defaults(generation_config: dict, config: dict) -> dict:
-    """The defaults an exported model directory asks for, merged over transformers' own."""
+    """The defaults an exported model directory asks for, merged over transformers' own.
+
+    Each value is checked here, at load: a bad default is the model directory's fault (ModelLoadError),
+    not an argument error of every later call."""
     merged = dict(TRANSFORMERS_DEFAULTS)
-    task = (config.get("task_specific_params") or {}).get("text-generation") or {}
-    for source in (generation_config, task):
+    params = config.get("task_specific_params") or {}
+    task = (params.get("text-generation") or {}) if isinstance(params, dict) else params
+    for where, source in (("generation_config.json", generation_config),
+                          ("config.json task_specific_params['text-generation']", task)):
+        if not isinstance(source, dict):
+            raise ModelLoadError(f"{where} must be a JSON object, got {type(source).__name__}",
+                                 hint="fix it, or export the model again")
+        for key, value in source.items():
+            if key in _FROM_MODEL and value is not None:
+                _check_default(key, value, where)
         for key, value in source.items():
             if key in _FROM_MODEL and value is not None:
                 if key == "max_length":
@@ -40,6 +52,26 @@ def model_defaults(generation_config: dict, config: dict) -> dict:
         # transformers reads its untouched default max_length=20 as 20 *new* tokens
         merged["max_new_tokens"] = merged.pop("max_length")
     return merged
+
+
+def _check_default(key: str, value, where: str) -> None:
+    """One option from the model directory, checked alone (sampling on, so no rule spans two options)."""
+    try:
+        if key == "max_length":
+            _check_max_length(value)
+        else:
+            GenerationSettings(**{"do_sample": True, key: value})
+    except InvalidArgumentError as error:
+        raise ModelLoadError(f"the model directory's {where} is invalid: {error.message}",
+                             hint=f"fix or remove {key} there, or export the model again") from None
+
+
+def _check_max_length(max_length) -> int:
+    if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral) or max_length < 1:
+        raise InvalidArgumentError(f"max_length must be an integer >= 1, got {max_length!r}",
+                                   hint="max_length counts the prompt and the new tokens; max_new_tokens counts "
+                                        "only new ones")
+    return int(max_length)
 
 
 def resolve(defaults: dict, user: dict, *, prompt_length: int) -> GenerationSettings:
@@ -54,9 +86,7 @@ def resolve(defaults: dict, user: dict, *, prompt_length: int) -> GenerationSett
     elif user.get("max_length") is not None:
         options.pop("max_new_tokens", None)
     if "max_new_tokens" not in options:
-        max_length = options.pop("max_length")
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-            raise InvalidArgumentError(f"max_length must be an integer >= 1, got {max_length!r}")
+        max_length = _check_max_length(options.pop("max_length"))
         if max_length <= prompt_length:
             raise InvalidArgumentError(
                 f"max_length={max_length} counts the prompt, which is already {prompt_length} tokens",

@@ -42,3 +42,7 @@ class VerificationError(ExportError):
 
 class GenerationError(Gpt2OnnxError):
     """Generation could not go on (for example the model produced non-finite logits)."""
+
+
+class OutputError(Gpt2OnnxError):
+    """A result could not be written (no permission, a full disk, a file where a directory should be)."""

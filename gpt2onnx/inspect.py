@@ -29,6 +29,7 @@ from . import contract as c
 from .config import ModelConfig
 from .errors import InvalidArgumentError, MissingDependencyError, ModelLoadError
 from .manifest import read_manifest
+from .model import read_config
 
 PLOT_EXTRA_HINT = "pip install 'gpt2onnx[plot]'"
 TIED_TO = "transformer.wte.weight"
@@ -158,7 +159,7 @@ class ModelFile:
             self.proto = onnx.load(str(path), load_external_data=False)  # weight data is read per tensor
         except Exception as error:  # onnx raises DecodeError and others
             raise ModelLoadError(f"cannot read {path}: {error}", hint="export the model again") from error
-        self.config = ModelConfig.from_file(self.directory / c.CONFIG_FILE)
+        self.config = read_config(self.directory / c.CONFIG_FILE)[1]
         self._initializers = {t.name: t for t in self.proto.graph.initializer}
         self.weights, self.constants = self._group_weights()
 
@@ -270,11 +271,13 @@ class ModelFile:
         return numpy_helper.to_array(self._initializers[name], base_dir=str(self.directory))
 
 
-def inspect_model(directory: str | Path, *, check_hashes: bool = False) -> ModelReport:
+def inspect_model(directory: str | Path, *, check_hashes: bool = True) -> ModelReport:
     """Weights (state-dict names, shapes, dtypes, bytes, quantization scheme), graph inputs/outputs, op counts
-    and the manifest of an exported model directory.
+    and the manifest of an exported model directory, after the checks `gpt2onnx.load` makes: a damaged or
+    mislabelled export is refused (ModelLoadError), not listed.
 
-    check_hashes: also verify every file's sha256 against the manifest (slow for large models).
+    check_hashes: verify every file's sha256 against the manifest (a few seconds for large models); the
+    manifest's claims are checked against the graph either way.
     """
     manifest = read_manifest(Path(directory), check_hashes=check_hashes)
     return ModelFile(directory).report(manifest)

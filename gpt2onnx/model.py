@@ -11,15 +11,16 @@ from pathlib import Path
 import numpy as np
 
 from . import contract as c
+from . import limits
 from .config import ModelConfig
 from .defaults import model_defaults, resolve
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, ModelLoadError
 from .generator import generate, generate_tokens
 from .manifest import read_manifest
 from .session import OnnxSession, SessionOptions
 from .settings import GenerationSettings
 from .stopping import EOS, LENGTH, STOP, StopStrings, cut_at_stop
-from .tokenizer import Tokenizer
+from .tokenizer import ENDOFTEXT, Tokenizer
 
 
 @dataclass(frozen=True)
@@ -40,18 +41,35 @@ class Generation:
 class Model:
     """An exported GPT-2, ready to generate. Build it with `gpt2onnx.load`. Safe to share between threads."""
 
-    def __init__(self, directory: Path, *, manifest: dict | None, options: SessionOptions = SessionOptions()):
+    def __init__(self, directory: Path, *, manifest: dict | None, options: SessionOptions = SessionOptions(),
+                 max_cache_bytes: int = limits.DEFAULT_MAX_CACHE_BYTES):
         self.directory = Path(directory)
         self.manifest = manifest
-        self.raw_config = json.loads((self.directory / c.CONFIG_FILE).read_text())
-        self.config = ModelConfig.from_dict(self.raw_config)
+        self.max_cache_bytes = limits.check_cache_bytes(max_cache_bytes)
+        self.raw_config, self.config = read_config(self.directory / c.CONFIG_FILE)
         self.tokenizer = Tokenizer(self.directory / c.TOKENIZER_FILE)
         self.session = OnnxSession(self.directory / c.MODEL_FILE, self.config, options)
         path = self.directory / c.GENERATION_CONFIG_FILE
-        self.generation_config = json.loads(path.read_text()) if path.is_file() else {}
+        self.generation_config = _read_json(path) if path.is_file() else {}
         self.defaults = model_defaults(self.generation_config, self.raw_config)
         eos = self.generation_config.get("eos_token_id", self.config.eos_token_id)
-        self.eos_token_id = eos if isinstance(eos, int) else self.tokenizer.eos_token_id
+        self.eos_token_id = eos if isinstance(eos, int) and not isinstance(eos, bool) else self.tokenizer.eos_token_id
+        self._check_vocabulary()
+
+    def _check_vocabulary(self) -> None:
+        """Every id the tokenizer or <|endoftext|> can give must be a row of the model's embedding."""
+        vocab = self.config.vocab_size
+        if self.eos_token_id is None:
+            raise ModelLoadError(f"{self.directory / c.TOKENIZER_FILE} has no {ENDOFTEXT} token and the model "
+                                 "directory gives no eos_token_id", hint="export the model again")
+        if not 0 <= self.eos_token_id < vocab:
+            raise ModelLoadError(f"eos_token_id {self.eos_token_id} in {self.directory} is not a token of this model "
+                                 f"(vocab_size={vocab})", hint="fix eos_token_id in generation_config.json / "
+                                                                "config.json, or export the model again")
+        if self.tokenizer.vocab_size > vocab:
+            raise ModelLoadError(f"{self.directory / c.TOKENIZER_FILE} has {self.tokenizer.vocab_size} tokens but "
+                                 f"the model has vocab_size={vocab}",
+                                 hint="the tokenizer belongs to another model; export the model again")
 
     def generate(self, prompt: str | list[str], *, max_new_tokens: int | None = None, max_length: int | None = None,
                  min_new_tokens: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
@@ -93,6 +111,7 @@ class Model:
                        num_return_sequences=num_return_sequences, stop=stop, seed=seed, sampler=sampler,
                        ignore_eos=ignore_eos)
         prompts = [prompt] if isinstance(prompt, str) else prompt
+        _check_flag("return_full_text", return_full_text)
         prompt_ids, settings = self._prepare(prompts, options, truncate=truncate, allow_special=allow_special_tokens)
         seed, rng = self._rng(settings)
         rows = self.generate_rows(prompt_ids, settings, rng)
@@ -109,16 +128,22 @@ class Model:
 
         Takes one prompt and the options of `generate` (num_return_sequences must be 1). A piece never
         ends inside a multi-byte character or a possible stop string. To stop early, break out of the
-        loop (or call `.close()` on the iterator): no further tokens are computed.
+        loop (or call `.close()` on the iterator): no further tokens are computed. Every option is checked
+        when stream() is called, before the first piece is asked for.
         """
         if not isinstance(prompt, str):
             raise InvalidArgumentError(f"stream() takes one prompt string, got {type(prompt).__name__}",
                                        hint="use generate() for a batch of prompts")
+        _check_flag("return_full_text", return_full_text)
         (prompt_ids,), settings = self._prepare([prompt], options, truncate=truncate,
                                                 allow_special=allow_special_tokens)
         if settings.num_return_sequences != 1:
             raise InvalidArgumentError("stream() produces one sequence; num_return_sequences must be 1",
                                        hint="use generate() for several sequences")
+        return self._stream(prompt, prompt_ids, settings, bool(return_full_text))
+
+    def _stream(self, prompt: str, prompt_ids: list[int], settings: GenerationSettings,
+                return_full_text: bool) -> Iterator[str]:
         _, rng = self._rng(settings)
         hold = max((len(s) for s in settings.stop), default=1) - 1  # a stop string may still be completing
         tokens, sent = [], 0
@@ -143,6 +168,7 @@ class Model:
 
     def generate_rows(self, prompt_ids: list[list[int]], settings: GenerationSettings, rng) -> list[list[int]]:
         """New token ids of every row (prompt-major, then its return sequences) from prepared inputs."""
+        self.check_budget(prompt_ids, settings)
         stops = StopStrings(settings.stop, self.tokenizer.decode, len(prompt_ids) * settings.num_return_sequences)
         return generate(self.session, prompt_ids, settings, eos_id=self.eos_token_id, rng=rng,
                         stopped=stops.update if settings.stop else None)
@@ -151,9 +177,16 @@ class Model:
                  allow_special: bool) -> tuple[list[list[int]], GenerationSettings]:
         """Prompts to token ids and options to settings, with every check made before anything runs."""
         if not isinstance(prompts, list) or not prompts:
-            raise InvalidArgumentError("prompt must be a string or a non-empty list of strings")
-        if truncate not in (None, "left"):
-            raise InvalidArgumentError(f"truncate must be None or 'left', got {truncate!r}")
+            raise InvalidArgumentError("prompt must be a string or a non-empty list of strings",
+                                       hint='pass "text" or ["text", "more text"]')
+        if not isinstance(truncate, (str, type(None))) or truncate not in (None, "left"):
+            raise InvalidArgumentError(f"truncate must be None or 'left', got {truncate!r}",
+                                       hint="'left' drops the oldest prompt tokens when the prompt is too long; "
+                                            "None raises an error instead")
+        _check_flag("allow_special_tokens", allow_special)
+        if len(prompts) > limits.MAX_ROWS:
+            raise InvalidArgumentError(f"{len(prompts)} prompts in one call; the limit is {limits.MAX_ROWS} rows",
+                                       hint="split the prompts over several calls")
         ids = [self.encode_prompt(p, allow_special=allow_special, index=i if len(prompts) > 1 else None)
                for i, p in enumerate(prompts)]
         settings = resolve(self.defaults, options, prompt_length=max(map(len, ids)))
@@ -168,13 +201,36 @@ class Model:
                     hint="shorten the prompt, ask for fewer new tokens, or pass truncate='left' "
                          "(--truncate left) to drop the oldest prompt tokens")
             ids = [p[-room:] for p in ids]
+        self.check_budget(ids, settings)
         return ids, settings
+
+    def check_budget(self, prompt_ids: list[list[int]], settings: GenerationSettings) -> None:
+        """Refuse a call whose rows or KV cache exceed the limits (gpt2onnx/limits.py), before anything runs."""
+        rows = len(prompt_ids) * settings.num_return_sequences
+        if rows > limits.MAX_ROWS:
+            raise InvalidArgumentError(
+                f"{len(prompt_ids)} prompt(s) x num_return_sequences={settings.num_return_sequences} is {rows} rows; "
+                f"one call may run at most {limits.MAX_ROWS}",
+                hint="ask for fewer sequences, or split the prompts over several calls")
+        config = self.config
+        positions = min(max(map(len, prompt_ids)) + settings.max_new_tokens, config.n_positions)
+        per_position = 2 * config.n_layer * config.n_head * config.head_dim * np.dtype(self.session.cache_dtype).itemsize
+        # the prefill's cache is still held while it is copied out to the return sequences
+        held = rows + (len(prompt_ids) if settings.num_return_sequences > 1 else 0)
+        need = held * positions * per_position
+        if need > self.max_cache_bytes:
+            raise InvalidArgumentError(
+                f"this call needs {limits.format_bytes(need)} of KV cache ({held} rows x {positions} positions x "
+                f"{per_position} bytes); the limit is {limits.format_bytes(self.max_cache_bytes)}",
+                hint="ask for fewer rows or new tokens, or load the model with a larger "
+                     "max_cache_bytes (gpt2onnx.load(dir, max_cache_bytes=...))")
 
     def encode_prompt(self, prompt: str, *, allow_special: bool = False, index: int | None = None) -> list[int]:
         """Token ids of a prompt; an empty prompt starts from <|endoftext|>, as GPT-2 was trained."""
         name = "prompt" if index is None else f"prompt {index}"
         if not isinstance(prompt, str):
-            raise InvalidArgumentError(f"{name} must be a string, got {type(prompt).__name__}")
+            raise InvalidArgumentError(f"{name} must be a string, got {type(prompt).__name__}",
+                                       hint="pass text; a list of strings runs as one batch")
         try:
             prompt.encode("utf-8")
         except UnicodeEncodeError as error:
@@ -204,11 +260,47 @@ class Model:
                           prompt_token_ids=prompt_ids, finish_reason=reason, seed=seed)
 
 
-def load(directory: str | Path, *, threads: int = 0, check_hashes: bool = True) -> Model:
+def load(directory: str | Path, *, threads: int = 0, check_hashes: bool = True,
+         max_cache_bytes: int = limits.DEFAULT_MAX_CACHE_BYTES) -> Model:
     """Load an exported model directory after checking its manifest.
 
-    threads: ONNX Runtime intra-op threads; 0 uses one per physical core.
+    threads: ONNX Runtime intra-op threads; 0 uses one per physical core (at most 4 per usable CPU).
     check_hashes: verify the sha256 of every file against the manifest (a few seconds for large models).
+    max_cache_bytes: the most KV cache one generate/stream call may reserve (default 4 GiB); a call that
+        needs more is refused before it runs.
     """
+    options = SessionOptions(threads=threads)
+    max_cache_bytes = limits.check_cache_bytes(max_cache_bytes)
     manifest = read_manifest(Path(directory), check_hashes=check_hashes)
-    return Model(Path(directory), manifest=manifest, options=SessionOptions(threads=threads))
+    return Model(Path(directory), manifest=manifest, options=options, max_cache_bytes=max_cache_bytes)
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from the model directory, or a ModelLoadError naming the file."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # ValueError: invalid JSON or UTF-8
+        raise ModelLoadError(f"{path} is not valid JSON: {error}", hint="export the model again") from error
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path} holds a JSON {type(value).__name__}, not an object",
+                             hint="export the model again")
+    return value
+
+
+def read_config(path: Path) -> tuple[dict, ModelConfig]:
+    """config.json as read and as a ModelConfig; a value of the wrong type is a ModelLoadError, not a traceback."""
+    raw = _read_json(path)
+    sizes = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
+    bad = [k for k in sizes if k in raw and (isinstance(raw[k], bool) or not isinstance(raw[k], int) or raw[k] < 1)]
+    if bad:
+        raise ModelLoadError(f"{path} gives {', '.join(f'{k}={raw[k]!r}' for k in bad)}; these must be integers >= 1",
+                             hint="export the model again")
+    try:
+        return raw, ModelConfig.from_dict(raw)
+    except (TypeError, ValueError, ArithmeticError) as error:
+        raise ModelLoadError(f"{path} is not a valid GPT-2 config: {error}", hint="export the model again") from error
+
+
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise InvalidArgumentError(f"{name} must be True or False, got {value!r}", hint=f"pass {name}=True or False")

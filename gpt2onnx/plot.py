@@ -16,8 +16,10 @@ from typing import Sequence
 import numpy as np
 
 from .attention import AttentionMaps, attention_maps
-from .errors import InvalidArgumentError, MissingDependencyError
+from .errors import InvalidArgumentError, MissingDependencyError, OutputError
 from .inspect import PLOT_EXTRA_HINT, ModelFile
+from .limits import check_threads
+from .manifest import read_manifest
 
 DEFAULT_PROMPT = "The cat sat on the mat because it was tired."
 DEFAULT_WEIGHT = "transformer.h.0.attn.c_attn.weight"
@@ -42,8 +44,12 @@ def _figure(size: tuple[float, float]):
 
 
 def _save(figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=DPI, format="png")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=DPI, format="png")
+    except OSError as error:
+        raise OutputError(f"cannot write {path}: {error.strerror or error}",
+                          hint="choose an output directory you can write to, on a disk with room") from error
     return path
 
 
@@ -148,18 +154,23 @@ def plot_model(directory: str | Path, out_dir: str | Path, *, prompt: str = DEFA
     heads: the heads to draw in each of those layers (None: all).
     threads: ONNX Runtime intra-op threads for the attention run; 0 uses one per physical core.
     """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InvalidArgumentError(f"the output directory {out} is an existing file, not a directory",
+                                   hint="name a directory for the PNGs (it is created if missing)")
+    threads = check_threads(threads)
+    read_manifest(Path(directory))  # hashes and the manifest's claims, as gpt2onnx.load checks them
     model = ModelFile(directory)
     config = model.config
     layers = list(range(config.n_layer)) if layers is None else list(layers)
     _check_indices(layers, config.n_layer, "layer")
     if heads is not None:
         _check_indices(list(heads), config.n_head, "head")
-    out = Path(out_dir)
     wpe = model.weight("transformer.wpe.weight")
     matrix = model.weight(weight)
     parse_slice(weight_slice, matrix.shape, name=weight)  # fail on a bad slice before any work
     _check_dims(dims, positions, wpe.shape)
-    maps = attention_maps(directory, prompt, threads=threads)
+    maps = attention_maps(directory, prompt, threads=threads, check_hashes=False)  # checked above
     paths = [plot_positional_embeddings(wpe, out / "positional-embedding.png"),
              plot_positional_dims(wpe, out / "positional-dims.png", dims=dims, positions=positions),
              plot_weight(matrix, out / f"weight-{weight}.png", name=weight, weight_slice=weight_slice)]

@@ -15,16 +15,23 @@ import onnxruntime as ort
 
 from . import contract as c
 from .config import ModelConfig
-from .errors import InvalidArgumentError, ModelLoadError
+from .errors import GenerationError, InvalidArgumentError, ModelLoadError
 from .kv_cache import KVCache
+from .limits import check_threads
 
 
 @dataclass(frozen=True)
 class SessionOptions:
     """How ONNX Runtime runs the graph."""
 
-    threads: int = 0  # intra-op threads; 0 lets ONNX Runtime use one per physical core
+    threads: int = 0  # intra-op threads; 0 lets ONNX Runtime use one per physical core (limits.max_threads())
     optimization: str = "all"  # "disable", "basic", "extended" or "all"
+
+    def __post_init__(self):
+        object.__setattr__(self, "threads", check_threads(self.threads))
+        if not isinstance(self.optimization, str) or self.optimization not in _LEVELS:
+            raise InvalidArgumentError(f"optimization must be one of {', '.join(_LEVELS)}, got {self.optimization!r}",
+                                       hint="'all' is the fastest; the others are for debugging a graph")
 
 
 _LEVELS = {
@@ -43,10 +50,6 @@ class OnnxSession:
     """Runs one step of the graph. Safe to use from many threads at once, each with its own cache."""
 
     def __init__(self, path: Path, config: ModelConfig, options: SessionOptions = SessionOptions()):
-        if not isinstance(options.threads, int) or options.threads < 0:
-            raise InvalidArgumentError(f"threads must be an integer >= 0 (0 = one per physical core), got {options.threads!r}")
-        if options.optimization not in _LEVELS:
-            raise InvalidArgumentError(f"optimization must be one of {', '.join(_LEVELS)}, got {options.optimization!r}")
         so = ort.SessionOptions()
         so.intra_op_num_threads = options.threads
         so.inter_op_num_threads = 1
@@ -58,6 +61,7 @@ class OnnxSession:
             raise ModelLoadError(f"ONNX Runtime cannot load {path}: {error}",
                                  hint="export the model again; the file may be damaged") from error
         self.config = config
+        self.path = Path(path)
         self._past_names = c.past_names(config.n_layer)
         self._output_names = c.output_names(config.n_layer)
         self._present_names = c.present_names(config.n_layer)
@@ -85,7 +89,9 @@ class OnnxSession:
         step). The next run with this cache overwrites them; copy what must be kept.
         """
         if logits_for not in _LOGITS_KEPT:
-            raise InvalidArgumentError(f"logits_for must be 'all' or 'last', got {logits_for!r}")
+            raise InvalidArgumentError(f"logits_for must be 'all' or 'last', got {logits_for!r}",
+                                       hint="'last' is what generation needs; 'all' gives every position's logits")
+        self._check_shapes(input_ids, attention_mask, position_ids, cache)
         batch, new = input_ids.shape
         total = attention_mask.shape[1]
         cache.reserve(total, self.config.n_positions)
@@ -104,11 +110,40 @@ class OnnxSession:
         try:
             self._session.run_with_iobinding(binding)
         except Exception as error:  # onnxruntime raises its own untyped exceptions
-            raise InvalidArgumentError(f"ONNX Runtime rejected the step: {error}",
-                                       hint="check the shapes: input_ids and position_ids [batch, new], "
-                                            "attention_mask [batch, past + new]") from error
+            # the inputs passed the contract's checks above, so it is the graph that failed
+            raise GenerationError(f"ONNX Runtime failed to run a step of {self.path.name}: {error}",
+                                  hint="the model directory may be damaged: run `gpt2onnx verify` on it, or export "
+                                       "it again") from error
         cache.length = total
         return logits, cache
+
+    def _check_shapes(self, input_ids, attention_mask, position_ids, cache: KVCache) -> None:
+        """The contract's shapes and integer dtypes (2 us a step: no pass over the data but the prefill's ids)."""
+        try:
+            batch, new = shape = input_ids.shape
+            ok = (position_ids.shape == shape and attention_mask.shape == (batch, cache.length + new) and new >= 1
+                  and cache.batch == batch and input_ids.dtype.kind in "iu" and attention_mask.dtype.kind in "iu"
+                  and position_ids.dtype.kind in "iu")
+        except (AttributeError, ValueError, TypeError):  # not arrays, or not 2-D
+            ok = False
+        if not ok:
+            shapes = ("input_ids and position_ids [batch, new], attention_mask [batch, past + new], past = the cache's "
+                      "length")
+            got = ", ".join(f"{name} {getattr(a, 'shape', type(a).__name__)}" for name, a in
+                            (("input_ids", input_ids), ("attention_mask", attention_mask), ("position_ids", position_ids)))
+            raise InvalidArgumentError(f"a step needs integer arrays shaped {shapes}; got {got} and a cache of "
+                                       f"{cache.batch} rows x {cache.length} positions",
+                                       hint="start from session.empty_cache(batch) and pass the cache each run returned")
+        total = attention_mask.shape[1]
+        if total > self.config.n_positions:
+            raise InvalidArgumentError(f"a step would reach {total} positions; this model has n_positions="
+                                       f"{self.config.n_positions}", hint="shorten the sequence")
+        # ids from outside (a prompt) are checked; a decode step's ids come from sampling
+        outside = cache.length == 0 or new > 1
+        if outside and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
+            raise InvalidArgumentError(f"input_ids must be token ids from 0 to {self.config.vocab_size - 1}, got "
+                                       f"{int(input_ids.min())} .. {int(input_ids.max())}",
+                                       hint="encode text with the model's tokenizer")
 
     def _bind_cache(self, cache: KVCache) -> ort.IOBinding:
         """The cache's binding to this session: each buffer is its layer's past input and present output."""

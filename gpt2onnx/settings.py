@@ -4,12 +4,30 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+
+import numpy as np
 
 from .errors import InvalidArgumentError
+from .limits import MAX_NEW_TOKENS, MAX_RETURN_SEQUENCES
 
-MAX_RETURN_SEQUENCES = 64  # rows one prompt may fan out to (each row holds its own KV cache)
 SEED_MAX = 2**32 - 1  # transformers' set_seed(seed) accepts 0 .. 2**32 - 1 (numpy's limit)
 SAMPLERS = ("torch", "numpy")
+
+# what each option means, for the hint of an error about it
+_HINTS = {
+    "max_new_tokens": "the tokens to add after the prompt; the prompt plus them must fit in the model's n_positions",
+    "min_new_tokens": "0 lets <|endoftext|> end a row at once",
+    "top_k": "0 keeps every token; transformers' default is 50",
+    "no_repeat_ngram_size": "0 turns it off; 3 forbids repeating any 3 tokens in a row",
+    "num_return_sequences": f"continuations per prompt, 1 to {MAX_RETURN_SEQUENCES}; more than 1 needs do_sample=True",
+    "seed": f"any integer from 0 to {SEED_MAX}; leave it unset to draw a fresh seed (reported in the result)",
+    "temperature": "0 is greedy, 1 leaves the logits as they are; 0.7 is common",
+    "top_p": "1 keeps every token; 0.9 keeps the most likely tokens holding 90% of the probability",
+    "repetition_penalty": "1 means no penalty; 1.2 discourages repeating tokens",
+    "do_sample": "pass True (sample) or False (greedy)",
+    "ignore_eos": "pass True (keep going after <|endoftext|>) or False",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,24 +49,30 @@ class GenerationSettings:
     sampler: str = "torch"  # "torch": replays PyTorch's random stream (same tokens as transformers); "numpy"
 
     def __post_init__(self):
-        _check_int("max_new_tokens", self.max_new_tokens, 0, 1_000_000)
-        _check_int("min_new_tokens", self.min_new_tokens, 0, 1_000_000)
-        _check_int("top_k", self.top_k, 0, None)
-        _check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, None)
-        _check_int("num_return_sequences", self.num_return_sequences, 1, MAX_RETURN_SEQUENCES)
+        # numpy numbers are accepted, and stored as Python int, float and bool
+        self._set("max_new_tokens", _check_int("max_new_tokens", self.max_new_tokens, 0, MAX_NEW_TOKENS))
+        self._set("min_new_tokens", _check_int("min_new_tokens", self.min_new_tokens, 0, MAX_NEW_TOKENS))
+        self._set("top_k", _check_int("top_k", self.top_k, 0, None))
+        self._set("no_repeat_ngram_size", _check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, None))
+        self._set("num_return_sequences",
+                  _check_int("num_return_sequences", self.num_return_sequences, 1, MAX_RETURN_SEQUENCES))
         if self.seed is not None:
-            _check_int("seed", self.seed, 0, SEED_MAX)
-        if not isinstance(self.do_sample, bool):
-            raise InvalidArgumentError(f"do_sample must be True or False, got {self.do_sample!r}")
-        _check_real("temperature", self.temperature, "a finite number >= 0 (0 means greedy)",
-                    lambda t: math.isfinite(t) and t >= 0)
-        _check_real("top_p", self.top_p, "a number in (0, 1]", lambda p: 0 < p <= 1)
-        _check_real("repetition_penalty", self.repetition_penalty, "a finite number > 0 (1 means none)",
-                    lambda r: math.isfinite(r) and r > 0)
+            self._set("seed", _check_int("seed", self.seed, 0, SEED_MAX))
+        self._set("do_sample", _check_bool("do_sample", self.do_sample))
+        self._set("ignore_eos", _check_bool("ignore_eos", self.ignore_eos))
+        self._set("temperature", _check_real("temperature", self.temperature, "a finite number >= 0 (0 means greedy)",
+                                             lambda t: math.isfinite(t) and t >= 0))
+        self._set("top_p", _check_real("top_p", self.top_p, "a number in (0, 1]", lambda p: 0 < p <= 1))
+        self._set("repetition_penalty", _check_real("repetition_penalty", self.repetition_penalty,
+                                                    "a finite number > 0 (1 means none)",
+                                                    lambda r: math.isfinite(r) and r > 0))
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
-            raise InvalidArgumentError(f"stop must be a list of non-empty strings, got {self.stop!r}")
-        if self.sampler not in SAMPLERS:
-            raise InvalidArgumentError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+            raise InvalidArgumentError(f"stop must be a list of non-empty strings, got {self.stop!r}",
+                                       hint='pass a string or a list of non-empty strings, e.g. stop=["\\n\\n"]')
+        self._set("stop", tuple(str(s) for s in self.stop))
+        if not isinstance(self.sampler, str) or self.sampler not in SAMPLERS:
+            raise InvalidArgumentError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}",
+                                       hint="'torch' gives transformers' tokens for a seed; 'numpy' is faster")
         if self.num_return_sequences > 1 and self.greedy:
             raise InvalidArgumentError(
                 f"num_return_sequences={self.num_return_sequences} with greedy decoding gives identical rows",
@@ -58,13 +82,35 @@ class GenerationSettings:
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature == 0
 
+    def _set(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)  # a frozen field normalised once, while it is built
 
-def _check_int(name: str, value, low: int, high: int | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+
+def _check_int(name: str, value, low: int, high: int | None) -> int:
+    """`value` as a Python int: any integer (numpy's too) but a bool, within [low, high]."""
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < low
+            or (high is not None and value > high)):
         allowed = f">= {low}" if high is None else f"from {low} to {high}"
-        raise InvalidArgumentError(f"{name} must be an integer {allowed}, got {value!r}")
+        raise InvalidArgumentError(f"{name} must be an integer {allowed}, got {value!r}", hint=_HINTS.get(name))
+    return int(value)
 
 
-def _check_real(name: str, value, allowed: str, ok) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(float(value)):
-        raise InvalidArgumentError(f"{name} must be {allowed}, got {value!r}")
+def _check_real(name: str, value, allowed: str, ok) -> float:
+    """`value` as a Python float: any real number (numpy's too) but a bool, for which `ok` holds."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not _holds(ok, value):
+        raise InvalidArgumentError(f"{name} must be {allowed}, got {value!r}", hint=_HINTS.get(name))
+    return float(value)
+
+
+def _holds(ok, value) -> bool:
+    try:
+        return ok(float(value))
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _check_bool(name: str, value) -> bool:
+    """`value` as a Python bool (numpy's bool too); 0 and 1 are not booleans."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise InvalidArgumentError(f"{name} must be True or False, got {value!r}", hint=_HINTS.get(name))
+    return bool(value)

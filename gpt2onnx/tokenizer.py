@@ -19,7 +19,8 @@ class Tokenizer:
             self._special = tokenizers.Tokenizer.from_file(str(path))
             self._plain = tokenizers.Tokenizer.from_file(str(path))
         except Exception as error:
-            raise ModelLoadError(f"cannot read the tokenizer {path}: {error}") from error
+            raise ModelLoadError(f"cannot read the tokenizer {path}: {error}",
+                                 hint="export the model again; the file may be damaged") from error
         self._plain.encode_special_tokens = True  # "<|endoftext|>" typed by a user is just text
         self.eos_token_id = self._special.token_to_id(ENDOFTEXT)
         self.vocab_size = self._special.get_vocab_size()
