@@ -7,6 +7,7 @@ state-dict names, and the tokenizer files to ship beside the graph.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,7 +80,8 @@ def hub_source(repo_id: str, *, revision: str | None, allow_pickle: bool, workdi
     try:
         local = snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=patterns)
     except Exception as error:
-        raise ExportError(f"cannot download {repo_id!r} from the Hugging Face Hub: {type(error).__name__}: {error}",
+        raise ExportError(f"cannot download {repo_id!r} from the Hugging Face Hub: {type(error).__name__}: "
+                          f"{_first_line(error)}",
                           hint="check the id and your network (HF_TOKEN for private repos; HF_HUB_OFFLINE=1 uses "
                                "the cache), or pass a local directory, or random:NAME to work offline") from error
     return local_source(Path(local), allow_pickle=allow_pickle, workdir=workdir,
@@ -152,7 +154,8 @@ def _read_weights(path: Path, *, allow_pickle: bool) -> dict[str, np.ndarray]:
                     for key in f.keys():
                         weights[key] = f.get_tensor(key).float().numpy()
             except OSError as error:
-                raise ModelLoadError(f"cannot read {file}: {error.strerror or error}") from error
+                raise ModelLoadError(f"cannot read {file}: {error.strerror or error}",
+                                     hint="check the file's permissions") from error
             except Exception as error:  # safetensors' own SafetensorError, or torch's on a bad dtype
                 raise ModelLoadError(f"{file} is damaged or not a safetensors file ({_first_line(error)})",
                                      hint="download or copy it again (a truncated copy fails like this)") from error
@@ -167,7 +170,8 @@ def _read_weights(path: Path, *, allow_pickle: bool) -> dict[str, np.ndarray]:
             for key, tensor in _load_pickle(file).items():
                 weights[key] = tensor.float().numpy()
         return weights
-    raise ExportError(f"{path} has no weights (model.safetensors or pytorch_model.bin)")
+    raise ExportError(f"{path} has no weights (model.safetensors or pytorch_model.bin)",
+                      hint="a Hugging Face model directory has its weights beside config.json")
 
 
 def _load_pickle(file: Path) -> dict:
@@ -180,12 +184,15 @@ def _load_pickle(file: Path) -> dict:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise ModelLoadError(f"{file} holds code or objects other than tensors, which torch.load(weights_only=True) "
-                             f"refuses to load ({_first_line(error)})",
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        what = f" (it calls {found.group(1)})" if found else ""
+        raise ModelLoadError(f"{file} holds code or objects other than tensors{what}, which "
+                             f"torch.load(weights_only=True) refuses to load",
                              hint="this pickle may be malicious: do not load it with weights_only=False; get the "
                                   "checkpoint as safetensors from a source you trust") from error
     except OSError as error:
-        raise ModelLoadError(f"cannot read {file}: {error.strerror or error}") from error
+        raise ModelLoadError(f"cannot read {file}: {error.strerror or error}",
+                             hint="check the file's permissions") from error
     except Exception as error:  # a truncated or damaged archive: RuntimeError, EOFError, ...
         raise ModelLoadError(f"{file} is damaged or not a PyTorch checkpoint ({type(error).__name__}: "
                              f"{_first_line(error)})", hint="download or copy it again") from error
@@ -196,8 +203,10 @@ def _load_pickle(file: Path) -> dict:
 
 
 def _first_line(error: BaseException) -> str:
+    """An exception's message, short: its first line, its first sentence if that line is long."""
     text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    line = text.splitlines()[0] if text else type(error).__name__
+    return line.split(". ")[0] if len(line) > 100 else line
 
 
 def normalize_weights(raw: dict[str, np.ndarray], config: ModelConfig) -> dict[str, np.ndarray]:

@@ -123,7 +123,10 @@ def remove_stale(out: Path, progress: Callable[[str], None]) -> list[Path]:
         else:
             size = _size(path)
             shutil.rmtree(path, ignore_errors=True)
-            if not path.exists():
+            if path.exists():
+                progress(f"could not remove {path}, left by an export that was killed (process {pid}); "
+                         f"remove it yourself")
+            else:
                 removed.append(path)
                 progress(f"removed {path} ({size / 1e6:.1f} MB), left by an export that was killed "
                          f"(process {pid} no longer runs)")
