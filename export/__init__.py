@@ -18,6 +18,6 @@ except ImportError as _error:
         hint="pip install 'gpt2onnx[export]' (installs torch, transformers, onnx, safetensors, huggingface-hub)",
     ) from _error
 
-from .pipeline import ExportOptions, export_model  # noqa: E402
+from .steps import ExportOptions, export_model  # noqa: E402
 
 __all__ = ["ExportOptions", "export_model"]

@@ -3,16 +3,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import export
+
 TRAINED = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "gpt2-tiny-trained"
 if not TRAINED.is_dir():  # CI lays shared/ beside the clone; allow an override
     TRAINED = Path(os.environ.get("GPT2ONNX_TRAINED_MODEL", TRAINED))
-
-
-def export(spec: str, out: Path, **options) -> Path:
-    from gpt2onnx_export import ExportOptions, export_model
-
-    export_model(spec, out, ExportOptions(**options), progress=lambda message: None)
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import gpt2onnx
 from gpt2onnx import contract as c
 from gpt2onnx.errors import VerificationError
 
-from conftest import export
+from helpers import export
 
 
 @pytest.fixture(scope="module", params=[("int8", None), ("int4", None), ("int4", "float32")],

@@ -108,7 +108,7 @@ def perturbed_export(tmp_path_factory, trained_dir):
     """The trained model with one MLP projection perturbed, exported (it verifies against itself)."""
     from safetensors.numpy import load_file, save_file
 
-    from conftest import export
+    from helpers import export
 
     source = tmp_path_factory.mktemp("perturbed") / "checkpoint"
     shutil.copytree(trained_dir, source, ignore=shutil.ignore_patterns("model.safetensors", "heldout.txt"))
@@ -143,7 +143,7 @@ def test_planted_greedy_near_tie_is_explained(tmp_path, capsys):
     from safetensors.numpy import save_file
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
-    from conftest import export
+    from helpers import export
     from gpt2onnx_export import parity
     from gpt2onnx_export.sources import random_source
 
@@ -310,7 +310,7 @@ def test_quantized_export_reports_agreement(tmp_path, capsys):
     """int8: agreement with PyTorch, not identity; the KL divergence is torch's own kl_div of the two models."""
     import torch
 
-    from conftest import export
+    from helpers import export
     from gpt2onnx.session import OnnxSession
     from gpt2onnx_export.reference import torch_model
     from gpt2onnx_export.sources import random_source
