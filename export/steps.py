@@ -13,18 +13,19 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from gpt2onnx import __version__
 from gpt2onnx import contract as c
+from gpt2onnx import precisions
 from gpt2onnx.errors import ExportError, InvalidArgumentError
 from gpt2onnx.session import OnnxSession
 from gpt2onnx.tokenizer import Tokenizer
 
 from . import builder, quantize, sources, verify
+from .progress import stderr, stopwatch
 from .reference import torch_model
 
 PARTIAL_MARK = ".partial-"
@@ -41,7 +42,7 @@ class ExportOptions:
     allow_pickle: bool = False  # accept pytorch_model.bin checkpoints (pickle can run code: trusted sources only)
     force: bool = False  # replace an existing export at OUT_DIR
     atol: float = verify.DEFAULT_ATOL  # largest |difference| from PyTorch accepted for logits and cache
-    # quantized exports: the quality gate (None = the precision's default in verify.QUALITY_THRESHOLDS)
+    # quantized exports: the quality gate (None = the precision's default in gpt2onnx/precisions.py)
     max_perplexity_increase: float | None = None  # relative to PyTorch fp32, e.g. 0.01 = 1%
     min_top1_agreement: float | None = None  # share of positions whose top next token equals PyTorch's
     eval_text: str | None = None  # text file to score (default: heldout.txt beside a local checkpoint, else a sample)
@@ -50,32 +51,20 @@ class ExportOptions:
     kv_cache: str | None = None
 
 
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def export_model(model: str, out_dir: str | Path, options: ExportOptions = ExportOptions(), *,
-                 progress: Callable[[str], None] = _stderr) -> dict:
+                 progress: Callable[[str], None] = stderr) -> dict:
     """Export MODEL (hub id, local directory or random:NAME) to OUT_DIR. Returns the manifest."""
     out = _check_output(Path(out_dir), options)
-    if options.precision not in c.PRECISIONS:
-        raise InvalidArgumentError(f"precision must be one of {', '.join(c.PRECISIONS)}, got {options.precision!r}")
-    size = options.block_size
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 16 or size & (size - 1)):
-        raise InvalidArgumentError(f"block size must be a power of two >= 16, got {options.block_size!r}",
-                                   hint="smaller blocks are more accurate, larger ones faster (default: 128)")
-    quantization = builder.quantization_for(options.precision, options.block_size)
-    kv_cache = options.kv_cache or ("float32" if quantization is None else "int8")
+    precision = precisions.get(options.precision)
+    quantization = builder.quantization_for(precision.name, options.block_size)  # checks the block size
+    kv_cache = options.kv_cache or precision.kv_cache_dtype
     if kv_cache not in c.KV_CACHE_DTYPES:
         raise InvalidArgumentError(f"kv_cache must be one of {', '.join(c.KV_CACHE_DTYPES)}, got {kv_cache!r}")
-    if kv_cache == "int8" and quantization is None:
-        raise InvalidArgumentError("an int8 KV cache needs quantized weights (the fp32 export is verified exactly)",
-                                   hint="add --precision int8 or --precision int4")
-    start = time.perf_counter()
-
-    def step(message: str) -> None:
-        progress(f"[{time.perf_counter() - start:6.1f}s] {message}")
-
+    if kv_cache not in precision.kv_cache_dtypes:
+        raise InvalidArgumentError(f"an {kv_cache} KV cache needs quantized weights (the {precision.name} export is "
+                                   f"verified exactly)", hint="add --precision " + " or --precision ".join(
+                                       precisions.QUANTIZED))
+    step = stopwatch(progress)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL_MARK}", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)

@@ -21,6 +21,7 @@ import numpy as np
 from gpt2onnx import contract as c
 from gpt2onnx.errors import InvalidArgumentError, VerificationError
 from gpt2onnx.generator import generate, left_pad
+from gpt2onnx.gpt2 import position_ids
 from gpt2onnx.session import OnnxSession
 from gpt2onnx.settings import GenerationSettings
 
@@ -116,7 +117,7 @@ def verify(session: OnnxSession, reference, tokenizer, *, atol: float = DEFAULT_
     # a left-padded batch: rows of different lengths give the logits they give alone
     short, long = [int(t) for t in rng.integers(0, config.vocab_size, 3)], [int(t) for t in rng.integers(0, config.vocab_size, 9)]
     ids, mask = left_pad([short, long], pad_id=0)
-    positions = np.where(mask == 1, mask.cumsum(axis=1) - 1, 1)
+    positions = position_ids(mask)
     logits, _ = session.run(ids, mask, positions, session.empty_cache(2))
     ref_logits, _ = torch_forward(ids, mask, positions)
     keep = mask.astype(bool)
@@ -273,7 +274,7 @@ def _self_consistency(session: OnnxSession, rng: np.random.Generator) -> dict[st
     step, _ = session.run(ids[:, -1:], np.ones((1, n), np.int64), np.array([[n - 1]]), cache)
     short = [int(t) for t in rng.integers(0, vocab, 3)]
     padded_ids, mask = left_pad([short, ids[0].tolist()], pad_id=0)
-    positions = np.where(mask == 1, mask.cumsum(axis=1) - 1, 1)
+    positions = position_ids(mask)
     padded, _ = session.run(padded_ids, mask, positions, session.empty_cache(2))
     alone, _ = session.run(np.array([short]), np.ones((1, 3), np.int64), np.arange(3)[None], session.empty_cache(1))
 

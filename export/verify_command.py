@@ -20,9 +20,7 @@ PyTorch's — against thresholds the user can set.
 from __future__ import annotations
 
 import contextlib
-import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from gpt2onnx import contract as c
 from gpt2onnx.errors import InvalidArgumentError, VerificationError
 
 from . import parity, sources, verify
+from .progress import stderr, stopwatch
 from .reference import torch_model
 
 DEFAULT_SEEDS = 10
@@ -57,21 +56,13 @@ class VerifyOptions:
     threads: int = 0  # ONNX Runtime threads (0: one per physical core)
 
 
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def verify_model(model_dir: str | Path, options: VerifyOptions = VerifyOptions(), *,
-                 progress: Callable[[str], None] = _stderr) -> dict:
+                 progress: Callable[[str], None] = stderr) -> dict:
     """Compare the export in `model_dir` with PyTorch. Returns the report (`passed`, `failures`, ...)."""
     import gpt2onnx
 
     _check(options)
-    start = time.perf_counter()
-
-    def step(message: str) -> None:
-        progress(f"[{time.perf_counter() - start:6.1f}s] {message}")
-
+    step = stopwatch(progress)
     model = gpt2onnx.load(model_dir, threads=options.threads)
     spec, seed, revision = reference_spec(model.manifest, options.reference)
     step(f"loading the reference {spec}")

@@ -35,6 +35,23 @@ _LEVELS = {
 }
 
 
+def ort_options(*, threads: int = 0, optimization: str = "all") -> ort.SessionOptions:
+    """ONNX Runtime's options for one of our graphs (every session gpt2onnx opens, and the benchmark's).
+
+    threads: intra-op threads, 0 = one per physical core; the graph is a chain, so one inter-op thread.
+    """
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise InvalidArgumentError(f"threads must be an integer >= 0 (0 = one per physical core), got {threads!r}")
+    if optimization not in _LEVELS:
+        raise InvalidArgumentError(f"optimization must be one of {', '.join(_LEVELS)}, got {optimization!r}")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = _LEVELS[optimization]
+    so.log_severity_level = 3  # errors only: its warnings about unused initializers are not the user's concern
+    return so
+
+
 # logits_for -> the graph's logits_to_keep input (0 = every position)
 _LOGITS_KEPT = {"all": np.array(0, np.int64), "last": np.array(1, np.int64)}
 
@@ -43,15 +60,7 @@ class OnnxSession:
     """Runs one step of the graph. Safe to use from many threads at once, each with its own cache."""
 
     def __init__(self, path: Path, config: ModelConfig, options: SessionOptions = SessionOptions()):
-        if not isinstance(options.threads, int) or options.threads < 0:
-            raise InvalidArgumentError(f"threads must be an integer >= 0 (0 = one per physical core), got {options.threads!r}")
-        if options.optimization not in _LEVELS:
-            raise InvalidArgumentError(f"optimization must be one of {', '.join(_LEVELS)}, got {options.optimization!r}")
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = options.threads
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = _LEVELS[options.optimization]
-        so.log_severity_level = 3
+        so = ort_options(threads=options.threads, optimization=options.optimization)
         try:
             self._session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         except Exception as error:  # onnxruntime raises its own untyped exceptions

@@ -10,6 +10,7 @@ import pytest
 
 import gpt2onnx
 from gpt2onnx import contract as c
+from gpt2onnx import precisions
 from gpt2onnx.errors import VerificationError
 
 from helpers import export
@@ -32,7 +33,7 @@ def test_quantized_export_loads_generates_and_names_its_weights(quantized_export
     assert manifest[c.M_PRECISION] == precision
     kv_int8 = manifest[c.M_KV_CACHE]["dtype"] == "int8"
     assert kv_int8 == (kv_cache != "float32")  # int8 unless asked for float32
-    assert manifest[c.M_QUANTIZATION]["bits"] == c.PRECISION_BITS[precision]
+    assert manifest[c.M_QUANTIZATION]["bits"] == precisions.get(precision).bits
     parity = manifest[c.M_PARITY]
     assert parity["kind"] == "quality" and parity["passed"]
     assert abs(parity["perplexity"]["increase"]) <= parity["thresholds"]["max_perplexity_increase"]
