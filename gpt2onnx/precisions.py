@@ -75,6 +75,6 @@ def get(name: str) -> Precision:
     return precision
 
 
-def per_precision(field: str, *, unit: float = 1.0, suffix: str = "") -> str:
+def per_precision(field: str) -> str:
     """A field's value for every quantized precision, for help texts: "0.01 for int8, 0.05 for int4"."""
-    return ", ".join(f"{getattr(PRECISIONS[name], field) * unit:g}{suffix} for {name}" for name in QUANTIZED)
+    return ", ".join(f"{getattr(PRECISIONS[name], field):g} for {name}" for name in QUANTIZED)
