@@ -44,7 +44,8 @@ class ExportOptions:
     atol: float = verify.DEFAULT_ATOL  # largest |difference| from PyTorch accepted for logits and cache
     # quantized exports: the quality gate (None = the precision's default in gpt2onnx/precisions.py)
     max_perplexity_increase: float | None = None  # relative to PyTorch fp32, e.g. 0.01 = 1%
-    min_top1_agreement: float | None = None  # share of positions whose top next token equals PyTorch's
+    max_kl: float | None = None  # mean KL(PyTorch fp32 || export) of the next-token distributions, nats
+    min_top1_agreement: float | None = None  # share of the decisive positions whose top token equals PyTorch's
     eval_text: str | None = None  # text file to score (default: heldout.txt beside a local checkpoint, else a sample)
     # the KV cache's dtype: "int8" (int8/int4 exports only) reads a quarter of the bytes per step; None: int8 for
     # int8/int4 exports, float32 for fp32 (verified exactly)
@@ -102,16 +103,15 @@ def export_model(model: str, out_dir: str | Path, options: ExportOptions = Expor
             beside = None if model.startswith(sources.RANDOM_PREFIX) else Path(model).expanduser()
             eval_source, eval_ids = verify.eval_tokens(tokenizer, text_file=options.eval_text, beside=beside)
             step(f"scoring quality on {eval_source}")
-            top1 = options.min_top1_agreement
-            if top1 is None and model.startswith(sources.RANDOM_PREFIX):
-                top1 = 0.0  # random weights barely prefer any token: agreement measures ties, not quality
             report = verify.verify_quality(session, reference, tokenizer, precision=options.precision,
                                            eval_ids=eval_ids, eval_source=eval_source, seed=options.seed,
                                            max_perplexity_increase=options.max_perplexity_increase,
-                                           min_top1_agreement=top1)
-            ppl = report["perplexity"]
-            summary = (f"perplexity {ppl['export']:.3f} vs PyTorch fp32 {ppl['reference']:.3f} "
-                       f"({100 * ppl['increase']:+.2f}%), top-1 agreement {100 * report['top1_agreement']:.1f}%")
+                                           max_kl=options.max_kl, min_top1_agreement=options.min_top1_agreement)
+            ppl, top1 = report["perplexity"], report["top1_agreement"]
+            summary = (f"KL {report['kl_divergence']['mean']:.2g} nats/token, perplexity {ppl['export']:.3f} vs "
+                       f"PyTorch fp32 {ppl['reference']:.3f} ({100 * ppl['increase']:+.2f}%), top-1 agreement "
+                       + ("n/a" if top1 is None else f"{100 * top1:.1f}%")
+                       + f" at {report['top1_positions']} decisive positions")
         del session, reference
         step(f"verified: {summary}")
         manifest = _manifest(source, options, staging, files, report, quantization, kv_info)
