@@ -38,11 +38,13 @@ from pathlib import Path
 import numpy as np
 
 from gpt2onnx.errors import InvalidArgumentError, MissingDependencyError
+from gpt2onnx.precisions import FLOAT_KV_CACHE, PRECISIONS
 
-# (framework, precision) in report order
+# (framework, precision) in report order; gpt2onnx's precisions are the table's, and "+kv32" is one whose KV
+# cache defaults to int8 exported with --kv-cache float32
 CONFIGS = [("torch", "fp32"), ("optimum", "fp32"), ("ctranslate2", "fp32"), ("ctranslate2", "int8"),
-           ("gpt2onnx", "fp32"), ("gpt2onnx", "int8"), ("gpt2onnx", "int4"), ("gpt2onnx", "int8+kv32"),
-           ("gpt2onnx", "int4+kv32")]  # +kv32: exported with --kv-cache float32 (int8/int4 default to an int8 cache)
+           *[("gpt2onnx", p.name) for p in PRECISIONS.values()],
+           *[("gpt2onnx", p.name + "+kv32") for p in PRECISIONS.values() if p.kv_cache_dtype != FLOAT_KV_CACHE]]
 LABELS = {"torch": "transformers+torch", "optimum": "Optimum ORTModelForCausalLM", "ctranslate2": "CTranslate2",
           "gpt2onnx": "gpt2onnx"}
 _MODULES = {"torch": "transformers", "optimum": "optimum.onnxruntime", "ctranslate2": "ctranslate2",
@@ -250,7 +252,7 @@ def _convert(framework: str, precision: str, model: str, hf: Path, directory: Pa
 
         spec = model if model.startswith("random:") else str(hf)
         weights, _, kv = precision.partition("+")
-        options = ExportOptions(precision=weights, kv_cache="float32" if kv == "kv32" else None, force=True)
+        options = ExportOptions(precision=weights, kv_cache=FLOAT_KV_CACHE if kv == "kv32" else None, force=True)
         export_model(spec, directory, options, progress=lambda m: None)
     elif framework == "optimum":
         from optimum.onnxruntime import ORTModelForCausalLM

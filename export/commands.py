@@ -14,6 +14,7 @@ import sys
 
 from gpt2onnx import precisions
 from gpt2onnx.contract import KV_CACHE_DTYPES
+from gpt2onnx.plugins import KNOWN
 
 from . import INSTALL_HINT, missing_extra, require_extra
 from .progress import stderr
@@ -25,9 +26,11 @@ VERIFY_EXAMPLES = """examples:
 """
 
 
-def _needs(help_text: str) -> str:
-    """A command's one-line help, with how to install the export extra when it is missing."""
-    return help_text if missing_extra() is None else f"{help_text} (needs: {INSTALL_HINT.split(' (')[0]})"
+def _help(command: str) -> str:
+    """A command's one-line help (the runtime lists it by the same words when this package is not installed),
+    with how to install the export extra when that is missing."""
+    text = KNOWN[command][0]
+    return text if missing_extra() is None else f"{text} (needs: {INSTALL_HINT.split(' (')[0]})"
 
 
 def _defaults(field: str) -> str:
@@ -41,7 +44,7 @@ def _defaults(field: str) -> str:
 def register_export(subparsers, formatter) -> None:
     quantized = "/".join(precisions.QUANTIZED)
     p = subparsers.add_parser("export", formatter_class=formatter,
-                              help=_needs("convert a GPT-2 checkpoint to a verified ONNX model"),
+                              help=_help("export"),
                               description="Convert MODEL to ONNX with a KV cache, verify it against PyTorch, and "
                                           "write OUT_DIR only if it passes.")
     p.add_argument("model", metavar="MODEL", help="hub id (gpt2, gpt2-medium, distilgpt2, user/repo), local directory "
@@ -94,7 +97,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def register_verify(subparsers, formatter) -> None:
     p = subparsers.add_parser("verify", formatter_class=formatter,
-                              help=_needs("compare an export with PyTorch: logits, greedy, seeded sampling"),
+                              help=_help("verify"),
                               description="Run MODEL_DIR side by side with transformers' GPT2LMHeadModel on the same "
                                           "weights and report every difference: logits and cache per prompt length, "
                                           "greedy parity, and seeded sampling (model.generate(seed=s) against "
@@ -151,7 +154,7 @@ def register_bench(subparsers, formatter) -> None:
     from . import bench
 
     p = subparsers.add_parser("bench", formatter_class=formatter,
-                              help=_needs("measure speed against torch, Optimum, CTranslate2"),
+                              help=_help("bench"),
                               description="Measure GPT-2 generation speed of gpt2onnx at each precision next to "
                                           "transformers+torch, Optimum and CTranslate2 (those installed), on one "
                                           "fixed workload, round-robin in one run. Prints a table; writes "
