@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt2onnx import contract as c
+from gpt2onnx import precisions
 from gpt2onnx.errors import InvalidArgumentError, VerificationError
 
 from . import parity, sources, verify
@@ -75,7 +76,7 @@ def verify_model(model_dir: str | Path, options: VerifyOptions = VerifyOptions()
               "reference": {"spec": spec, **({"seed": seed} if spec.startswith(sources.RANDOM_PREFIX) else {}),
                             "attention": attention, "transformers": _transformers_version()}}
     with _torch_threads(1):
-        if precision == "fp32":
+        if not precisions.get(precision).quantized:
             step("logits, cache and greedy decoding against PyTorch")
             report["logits"] = _logits(model, reference, options.atol)
             step(f"generate: greedy, and {options.seeds} seeds x {len(parity.SETTINGS)} sampling settings")

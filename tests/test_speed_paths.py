@@ -183,7 +183,7 @@ def test_quantizer_layout_matches_onnxruntime():
     n, k = 48, 80  # K not a multiple of the block: padded
     w = rng.standard_normal((n, k)).astype(np.float32)
     x = rng.standard_normal((3, k)).astype(np.float32)
-    for bits in (4, 8):
+    for bits in (2, 4, 8):
         for symmetric in (False, True):
             qw = quantize(w, bits=bits, block_size=32, symmetric=symmetric)
             assert np.abs(qw.dequantize() - w).max() <= np.abs(w).max() * (2.0 / 2 ** bits)
