@@ -76,7 +76,7 @@ def _variants():
 
 def build(model: str, out: Path, patches: dict, precision: str) -> Path:
     from gpt2onnx_export import builder, sources
-    from gpt2onnx_export.pipeline import _write_side_files
+    from gpt2onnx_export.steps import _write_side_files
 
     saved = {name: getattr(builder, name) for name in patches}
     try:

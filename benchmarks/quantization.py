@@ -23,7 +23,7 @@ SCHEMES = [(bits, block, symmetric) for bits in (8, 4) for block in (32, 64, 128
 
 def _build(model: str, out: Path, quantization) -> Path:
     from gpt2onnx_export import builder, sources
-    from gpt2onnx_export.pipeline import _write_side_files
+    from gpt2onnx_export.steps import _write_side_files
 
     with tempfile.TemporaryDirectory() as work:
         source = sources.load_source(model, workdir=Path(work))

@@ -18,7 +18,6 @@ slots; `save_model` fills each slot from the Hugging Face weights, quantizing wh
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,10 @@ import onnx
 from onnx import TensorProto, helper
 
 from gpt2onnx import contract as c
+from gpt2onnx import precisions
 from gpt2onnx.config import TANH_GELUS, ModelConfig
+from gpt2onnx.gpt2 import attention_scale
+from gpt2onnx.matmulnbits import check_block_size
 
 from . import quantize
 
@@ -43,7 +45,7 @@ class Quantization:
     """Weight-only block quantization of the block matmuls and the head (MatMulNBits)."""
 
     bits: int  # 8 or 4
-    block_size: int  # inputs per block: a power of two >= 16 (defaults: contract.DEFAULT_BLOCK_SIZES)
+    block_size: int  # inputs per block: a power of two >= 16 (defaults: gpt2onnx/precisions.py)
     symmetric: bool = False  # True: no zero points (smaller, slightly less accurate)
     accuracy_level: int = 4  # MatMulNBits compute type; 4 = int8 activations (0 is a slow path for 8 bits)
 
@@ -53,41 +55,14 @@ class Quantization:
 
 
 def quantization_for(precision: str, block_size: int | None = None) -> Quantization | None:
-    """The quantization a precision name means (None for fp32); block_size None = the precision's default."""
-    bits = c.PRECISION_BITS.get(precision)
-    if bits is None:
+    """The quantization a precision of gpt2onnx/precisions.py means (None: float32 weights); block_size None =
+    the precision's default. A new precision whose graph differs in more than bits and block size starts here."""
+    p = precisions.get(precision)
+    if not p.quantized:
         return None
-    return Quantization(bits=bits, block_size=block_size or c.DEFAULT_BLOCK_SIZES[precision])
-
-
-def weight_names(config: ModelConfig) -> list[str]:
-    """The Hugging Face state-dict names of the weights the graph reads, in graph order."""
-    names = ["transformer.wte.weight", "transformer.wpe.weight"]
-    for i in range(config.n_layer):
-        p = f"transformer.h.{i}."
-        names += [p + s for s in (
-            "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
-            "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
-            "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")]
-    names += ["transformer.ln_f.weight", "transformer.ln_f.bias"]
-    if not config.tie_word_embeddings:
-        names.append("lm_head.weight")
-    return names
-
-
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    e, f, v = config.n_embd, config.inner_dim, config.vocab_size
-    shapes = {"transformer.wte.weight": (v, e), "transformer.wpe.weight": (config.n_positions, e),
-              "transformer.ln_f.weight": (e,), "transformer.ln_f.bias": (e,), "lm_head.weight": (v, e)}
-    for i in range(config.n_layer):
-        p = f"transformer.h.{i}."
-        shapes.update({
-            p + "ln_1.weight": (e,), p + "ln_1.bias": (e,), p + "ln_2.weight": (e,), p + "ln_2.bias": (e,),
-            p + "attn.c_attn.weight": (e, 3 * e), p + "attn.c_attn.bias": (3 * e,),
-            p + "attn.c_proj.weight": (e, e), p + "attn.c_proj.bias": (e,),
-            p + "mlp.c_fc.weight": (e, f), p + "mlp.c_fc.bias": (f,),
-            p + "mlp.c_proj.weight": (f, e), p + "mlp.c_proj.bias": (e,)})
-    return shapes
+    block_size = p.default_block_size if block_size is None else block_size
+    check_block_size(block_size)
+    return Quantization(bits=p.bits, block_size=block_size)
 
 
 class _Graph:
@@ -169,14 +144,9 @@ def _attention(g: _Graph, x: str, layer: int, config: ModelConfig, q: Quantizati
     Returns the output before c_proj's bias (the next SkipLayerNormalization adds it).
     """
     p = f"transformer.h.{layer}.attn"
-    e, h, d = config.n_embd, config.n_head, config.head_dim
+    e, h = config.n_embd, config.n_head
     # [B, S, 3E] = q | k | v, GroupQueryAttention's packing; named by the contract for analysis tools
     qkv = _linear(g, x, p + ".c_attn", e, 3 * e, q, name=c.attention_qkv(layer))
-    scale = 1.0
-    if config.scale_attn_weights:
-        scale /= math.sqrt(d)
-    if config.scale_attn_by_inverse_layer_idx:
-        scale /= layer + 1
     # causal=0: the causal and padding masks both come in through attention_bias, built once per step
     inputs = [qkv, "", "", c.past_key(layer), c.past_value(layer), lengths["seqlens_k"], lengths["total"], "", "", "",
               lengths["bias"]]
@@ -184,7 +154,8 @@ def _attention(g: _Graph, x: str, layer: int, config: ModelConfig, q: Quantizati
     if kv_int8:  # int8 cache with per-channel scales: head_sink (unused), k_scale, v_scale
         inputs += ["", *c.kv_scale_names(layer)]
         attrs = dict(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
-    context = g.op("GroupQueryAttention", *inputs, domain=_MS, num_heads=h, kv_num_heads=h, scale=scale, causal=0,
+    context = g.op("GroupQueryAttention", *inputs, domain=_MS, num_heads=h, kv_num_heads=h,
+                   scale=attention_scale(config, layer), causal=0,
                    outputs=[f"{p}.context", c.present_key(layer), c.present_value(layer)], **attrs)[0]
     return _linear(g, context, p + ".c_proj", e, e, q, bias=False)
 

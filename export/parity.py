@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gpt2onnx.sampling import process, softmax
+from gpt2onnx.session import StepRecord
 from gpt2onnx.settings import GenerationSettings
 from gpt2onnx.torch_random import TorchGenerator
 
@@ -249,32 +250,25 @@ def _max_abs_diff(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.max(np.abs(x[both].astype(np.float64) - y[both]), initial=0.0))
 
 
-class _RecordingSession:
-    """An OnnxSession that keeps the last-position logits of every step it runs (what the sampler saw)."""
+class _Recorder:
+    """Observes a session (`with session.observe(recorder)`): keeps the last-position logits of every step,
+    what the sampler saw."""
 
-    def __init__(self, session):
-        self._session = session
-        self.config = session.config
+    def __init__(self):
         self.steps: list[np.ndarray] = []
 
-    def empty_cache(self, *args, **kwargs):
-        return self._session.empty_cache(*args, **kwargs)
-
-    def run(self, *args, **kwargs):
-        logits, cache = self._session.run(*args, **kwargs)
-        self.steps.append(logits[:, -1, :].copy())
-        return logits, cache
+    def __call__(self, record: StepRecord) -> None:
+        self.steps.append(record.logits[:, -1, :].copy())
 
 
 class SideBySide:
     """A gpt2onnx model and its transformers reference (same weights), run case by case."""
 
     def __init__(self, model, reference, tokenizer, *, atol: float):
-        """model: a gpt2onnx.Model (its session is wrapped to record logits); reference: GPT2LMHeadModel;
+        """model: a gpt2onnx.Model (its session is observed to record logits); reference: GPT2LMHeadModel;
         tokenizer: transformers' tokenizer of the model directory."""
         self.model, self.reference, self.tokenizer, self.atol = model, reference, tokenizer, atol
-        self.recorder = _RecordingSession(model.session)
-        model.session = self.recorder
+        self.recorder = _Recorder()
         tokenizer.padding_side = "left"
         tokenizer.pad_token = tokenizer.eos_token
 
@@ -300,8 +294,9 @@ class SideBySide:
 
     def _ours(self, case: Case) -> tuple[list[list[int]], list[list[int]]]:
         self.recorder.steps = []
-        results = self.model.generate(list(case.prompts), do_sample=case.do_sample, seed=case.seed, sampler="torch",
-                                      max_new_tokens=case.max_new_tokens, **case.kwargs)
+        with self.model.session.observe(self.recorder):
+            results = self.model.generate(list(case.prompts), do_sample=case.do_sample, seed=case.seed,
+                                          sampler="torch", max_new_tokens=case.max_new_tokens, **case.kwargs)
         flat = [r for group in results for r in (group if isinstance(group, list) else [group])]
         per_prompt = flat[::case.kwargs["num_return_sequences"]]
         return [r.token_ids for r in flat], [list(r.prompt_token_ids) for r in per_prompt]
@@ -361,9 +356,10 @@ def explain_greedy(session, reference, prompt: list[int], tokens: int, *, eos_id
 
     from gpt2onnx.generator import generate
 
-    recorder = _RecordingSession(session)
+    recorder = _Recorder()
     settings = GenerationSettings(max_new_tokens=tokens, ignore_eos=True)
-    ours = generate(recorder, [prompt], settings, eos_id=eos_id)[0]
+    with session.observe(recorder):
+        ours = generate(session, [prompt], settings, eos_id=eos_id)[0]
     config = GenerationConfig(do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens, eos_token_id=None,
                               pad_token_id=eos_id, output_logits=True, output_scores=True, return_dict_in_generate=True)
     with torch.inference_mode():

@@ -1,8 +1,7 @@
-"""Block-wise weight quantization in the layouts of ONNX Runtime's MatMulNBits and GatherBlockQuantized.
+"""Block-wise weight quantization into the layout of ONNX Runtime's MatMulNBits (gpt2onnx/matmulnbits.py).
 
 A weight W [N, K] (N outputs, K inputs) is cut into blocks of `block_size` consecutive inputs per output;
-each block stores `bits`-bit codes q and one float scale, and means `(q - zero_point) * scale`. Codes are
-packed little end first: for 4 bits, element 2j of a block is the low nibble of byte j and 2j+1 the high.
+each block stores `bits`-bit codes q and one float scale, and means `(q - zero_point) * scale`.
 
   symmetric   zero point 2^(bits-1) for every block (not stored); the block's largest |w| maps to -2^(bits-1)
   asymmetric  a zero point per block (stored, packed like the codes), the block's [min, max] mapped onto
@@ -14,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from gpt2onnx import matmulnbits
 
 
 @dataclass
@@ -29,21 +30,13 @@ class QuantizedWeight:
 
     def dequantize(self) -> np.ndarray:
         """Back to float32 [N, K]: what the quantized graph multiplies by."""
-        n, k_blocks, _ = self.codes.shape
-        q = _unpack(self.codes.reshape(n, -1), self.bits).reshape(n, k_blocks, self.block_size).astype(np.float32)
-        if self.zero_points is None:
-            zp = np.float32(2 ** (self.bits - 1))
-        else:
-            zp = _unpack(self.zero_points, self.bits)[:, :k_blocks, None].astype(np.float32)
-        return ((q - zp) * self.scales[:, :, None]).reshape(n, -1)[:, :self.k]
+        return matmulnbits.dequantize(self.codes, self.scales, self.zero_points, k=self.k, n=self.codes.shape[0],
+                                      bits=self.bits, block_size=self.block_size)
 
 
 def quantize(weight: np.ndarray, *, bits: int, block_size: int, symmetric: bool) -> QuantizedWeight:
     """Quantize W [N, K] block-wise along K."""
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, got {bits}")
-    if block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+    matmulnbits.check_layout(bits, block_size)
     w = np.asarray(weight, dtype=np.float32)
     n, k = w.shape
     k_blocks = -(-k // block_size)
@@ -66,26 +59,9 @@ def quantize(weight: np.ndarray, *, bits: int, block_size: int, symmetric: bool)
         inv = np.divide(1.0, scales, out=np.zeros_like(scales), where=scales != 0)
         zp = np.clip(np.rint(-low * inv), 0, levels - 1)
         q = np.clip(np.rint(blocks * inv[..., None]) + zp[..., None], 0, levels - 1)
-        zero_points = _pack(zp.astype(np.uint8), bits)
-    codes = _pack(q.astype(np.uint8).reshape(n, -1), bits).reshape(n, k_blocks, block_size * bits // 8)
+        zero_points = matmulnbits.pack(zp.astype(np.uint8), bits)
+    codes = matmulnbits.pack(q.astype(np.uint8).reshape(n, -1), bits).reshape(n, k_blocks, block_size * bits // 8)
     return QuantizedWeight(codes, scales.astype(np.float32), zero_points, bits, block_size, k)
-
-
-def _pack(values: np.ndarray, bits: int) -> np.ndarray:
-    """uint8 codes [rows, m] -> packed bytes [rows, ceil(m * bits / 8)], low bits first."""
-    if bits == 8:
-        return np.ascontiguousarray(values)
-    if values.shape[1] % 2:
-        values = np.pad(values, ((0, 0), (0, 1)))
-    return np.ascontiguousarray(values[:, 0::2] | (values[:, 1::2] << 4))
-
-
-def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
-    if bits == 8:
-        return packed
-    out = np.empty((packed.shape[0], packed.shape[1] * 2), np.uint8)
-    out[:, 0::2], out[:, 1::2] = packed & 0x0F, packed >> 4
-    return out
 
 
 KV_SCALE_MARGIN = 1.25  # headroom over the largest magnitude seen in calibration (larger values saturate)

@@ -17,8 +17,7 @@ import numpy as np
 from gpt2onnx import contract as c
 from gpt2onnx.config import ModelConfig
 from gpt2onnx.errors import ExportError, InvalidArgumentError, ModelLoadError
-
-from .builder import expected_shapes, weight_names
+from gpt2onnx.gpt2 import state_dict_shapes, weight_names
 
 RANDOM_PREFIX = "random:"
 
@@ -222,7 +221,7 @@ def normalize_weights(raw: dict[str, np.ndarray], config: ModelConfig) -> dict[s
                                  hint="the checkpoint is damaged (or diverged in training); use another one")
     if config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)  # tied: the graph reads transformer.wte.weight
-    shapes = expected_shapes(config)
+    shapes = state_dict_shapes(config)
     missing = [n for n in weight_names(config) if n not in weights]
     if missing:
         raise ExportError(f"the checkpoint lacks {len(missing)} weights of a GPT-2 with this config, e.g. {missing[:3]}",
@@ -314,8 +313,9 @@ def random_weights(config: ModelConfig, *, seed: int) -> dict[str, np.ndarray]:
     layer norms and biases perturbed too so that verification exercises every weight."""
     rng = np.random.default_rng(seed)
     weights = {}
-    for name, shape in expected_shapes(config).items():
-        if name not in weight_names(config):
+    stored = set(weight_names(config))
+    for name, shape in sorted(state_dict_shapes(config).items(), key=lambda item: _draw_order(item[0])):
+        if name not in stored:
             continue
         noise = rng.standard_normal(shape, dtype=np.float32)
         if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
@@ -328,6 +328,20 @@ def random_weights(config: ModelConfig, *, seed: int) -> dict[str, np.ndarray]:
             noise *= 0.02
         weights[name] = noise
     return weights
+
+
+# The order random_weights draws in, which must never change: a random:NAME export records only its seed, and
+# verify regenerates the weights from it. The weights outside the blocks first, then block by block in this order.
+_BLOCK_DRAW_ORDER = ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias", "attn.c_attn.weight", "attn.c_attn.bias",
+                     "attn.c_proj.weight", "attn.c_proj.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight",
+                     "mlp.c_proj.bias")
+
+
+def _draw_order(name: str) -> tuple[int, int]:
+    if not name.startswith("transformer.h."):
+        return (-1, 0)  # sorted() is stable: these keep their state-dict order
+    layer, weight = name[len("transformer.h."):].split(".", 1)
+    return (int(layer), _BLOCK_DRAW_ORDER.index(weight))
 
 
 def _gpt2_tokenizer_data() -> tuple[Path, Path]:

@@ -7,9 +7,10 @@ Checks (fp32, max |difference| <= atol):
   * a greedy continuation (32 tokens, EOS ignored) that must equal transformers' generate token for token.
 
 Quantized exports (int8, int4) cannot match fp32 PyTorch to 1e-4, so `verify_quality` gates them on
-quality instead: perplexity on a text within a relative margin of PyTorch's fp32 perplexity, top-1
-agreement with PyTorch's next-token choice, and the same structural checks as above run against the
-export itself (cached step = uncached forward, padded rows = the rows alone).
+quality instead: perplexity on a text within a relative margin of PyTorch's fp32 perplexity, the KL
+divergence of the next-token distributions from PyTorch's, top-1 agreement with PyTorch's next-token choice
+where that choice is decisive, and the same structural checks as above run against the export itself
+(cached step = uncached forward, padded rows = the rows alone).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from gpt2onnx import contract as c
+from gpt2onnx import precisions
 from gpt2onnx.errors import InvalidArgumentError, VerificationError
 from gpt2onnx.generator import generate, left_pad
+from gpt2onnx.gpt2 import position_ids
 from gpt2onnx.session import OnnxSession
 from gpt2onnx.settings import GenerationSettings
 
@@ -29,10 +32,15 @@ from .reference import cache_layer
 GREEDY_PROMPT = "Hello, I'm a language model,"
 DEFAULT_ATOL = 1e-4
 
-# Quality gate of quantized exports: largest relative perplexity increase over PyTorch fp32, and the
-# smallest share of positions whose most likely next token equals PyTorch's (both settable on export).
-QUALITY_THRESHOLDS = {"int8": {"max_perplexity_increase": 0.01, "min_top1_agreement": 0.95},
-                      "int4": {"max_perplexity_increase": 0.05, "min_top1_agreement": 0.85}}
+# Top-1 agreement counts only the positions where PyTorch's choice is decisive: its most likely token at least
+# this much more probable than the second. Elsewhere which token comes first is float noise, not quality.
+# Measured (int8 / int4 against PyTorch fp32, block size 128): random:gpt2 and a GPT-2 124M as transformers
+# initialises it are near-flat (top-1 probability 1.7e-4 at the median): no position of the built-in sample is
+# decisive, and int8 agrees on 94.0% of all 235 (which failed a 95% gate on every position). The trained test
+# model's held-out text has 4377 of 8176 positions decisive, where int8 agrees on 99.98% and int4 on 99.89%
+# (95.9% and 86.2% on the other 3799). A margin of 0.05 would count 5543 positions at 99.8% / 99.6%; 0.2,
+# 3012 at 100% / 99.97%.
+DECISIVE_MARGIN = 0.1
 # Cached vs uncached and padded vs alone, the export against itself: quantized matmuls round their
 # activations (one-token steps take another kernel than prompts), so these differ by a little noise, about
 # 1% of the logits' spread (RMS difference / standard deviation) for random GPT-2 124M at int8 and int4; a
@@ -116,7 +124,7 @@ def verify(session: OnnxSession, reference, tokenizer, *, atol: float = DEFAULT_
     # a left-padded batch: rows of different lengths give the logits they give alone
     short, long = [int(t) for t in rng.integers(0, config.vocab_size, 3)], [int(t) for t in rng.integers(0, config.vocab_size, 9)]
     ids, mask = left_pad([short, long], pad_id=0)
-    positions = np.where(mask == 1, mask.cumsum(axis=1) - 1, 1)
+    positions = position_ids(mask)
     logits, _ = session.run(ids, mask, positions, session.empty_cache(2))
     ref_logits, _ = torch_forward(ids, mask, positions)
     keep = mask.astype(bool)
@@ -164,26 +172,23 @@ def _greedy_parity(session: OnnxSession, reference, tokenizer, tokens: int) -> d
 
 
 def verify_quality(session: OnnxSession, reference, tokenizer, *, precision: str, eval_ids: list[int],
-                   eval_source: str, max_perplexity_increase: float | None = None,
-                   min_top1_agreement: float | None = None, seed: int = 0, with_kl: bool = False) -> dict:
-    """Gate a quantized export on quality against the torch `reference`. Returns the report; raises
-    VerificationError (with the report) when a threshold or a structural check fails.
-
-    with_kl: also report KL(PyTorch fp32 || export) of the next-token distributions, in nats per position
-    (mean and largest), from the same forward passes (`gpt2onnx verify` gates on it; the export does not)."""
+                   eval_source: str, max_perplexity_increase: float | None = None, max_kl: float | None = None,
+                   min_top1_agreement: float | None = None, seed: int = 0) -> dict:
+    """Gate a quantized export on quality against the torch `reference`: the perplexity increase, the mean
+    KL(PyTorch fp32 || export) of the next-token distributions (nats per position) and top-1 agreement where
+    PyTorch is decisive. Thresholds left None are the precision's (gpt2onnx/precisions.py). Returns the report;
+    raises VerificationError (with the report) when a threshold or a structural check fails."""
     import torch
 
-    limits = dict(QUALITY_THRESHOLDS[precision])
-    if max_perplexity_increase is not None:
-        limits["max_perplexity_increase"] = max_perplexity_increase
-    if min_top1_agreement is not None:
-        limits["min_top1_agreement"] = min_top1_agreement
+    limits = precisions.get(precision).thresholds()
+    for key, value in (("max_perplexity_increase", max_perplexity_increase), ("max_kl_divergence", max_kl),
+                       ("min_top1_agreement", min_top1_agreement)):
+        if value is not None:
+            limits[key] = value
     config = session.config
     window = min(512, config.n_positions)
-    nll_ours = nll_ref = 0.0
-    agree = scored = 0
+    totals = _Agreement()
     worst = 0.0
-    kl = []
     for start in range(0, max(len(eval_ids) - 1, 1), window):
         ids = np.array([eval_ids[start:start + window]], np.int64)
         if ids.shape[1] < 2:
@@ -193,44 +198,70 @@ def verify_quality(session: OnnxSession, reference, tokenizer, *, precision: str
         with torch.inference_mode():
             ref = reference(input_ids=torch.from_numpy(ids), use_cache=False).logits.float().numpy()
         worst = max(worst, float(np.abs(ours - ref).max()))
-        targets = ids[0, 1:]
-        nll_ours += _nll(ours[0, :-1], targets)
-        nll_ref += _nll(ref[0, :-1], targets)
-        agree += int((ours[0, :-1].argmax(-1) == ref[0, :-1].argmax(-1)).sum())
-        if with_kl:
-            log_p, log_q = _log_softmax(ref[0, :-1]), _log_softmax(ours[0, :-1])
-            kl.append(np.sum(np.exp(log_p) * (log_p - log_q), axis=-1))
-        scored += n - 1
-    ppl_ours, ppl_ref = float(np.exp(nll_ours / scored)), float(np.exp(nll_ref / scored))
+        totals.add(ref[0, :-1], ours[0, :-1], ids[0, 1:])
+    ppl_ours, ppl_ref = float(np.exp(totals.nll_ours / totals.scored)), float(np.exp(totals.nll_ref / totals.scored))
     increase = ppl_ours / ppl_ref - 1.0
-    top1 = agree / scored
+    kl = np.concatenate(totals.kl)
+    top1 = totals.agree / totals.decisive if totals.decisive else None
     structure = _self_consistency(session, np.random.default_rng(seed))
     greedy = _greedy_parity(session, reference, tokenizer, 32)
     failures = []
     if increase > limits["max_perplexity_increase"]:
         failures.append(f"perplexity {ppl_ours:.3f} is {100 * increase:.2f}% above PyTorch fp32's {ppl_ref:.3f} "
                         f"(limit {100 * limits['max_perplexity_increase']:g}%)")
-    if top1 < limits["min_top1_agreement"]:
-        failures.append(f"top-1 agreement with PyTorch {100 * top1:.1f}% (limit {100 * limits['min_top1_agreement']:g}%)")
+    if kl.mean() > limits["max_kl_divergence"]:
+        failures.append(f"KL divergence from PyTorch {kl.mean():.3g} nats per token "
+                        f"(limit {limits['max_kl_divergence']:g})")
+    if top1 is not None and top1 < limits["min_top1_agreement"]:
+        failures.append(f"top-1 agreement with PyTorch {100 * top1:.1f}% over the {totals.decisive} positions where "
+                        f"PyTorch is decisive (limit {100 * limits['min_top1_agreement']:g}%)")
     for name, diff in structure.items():
         if diff > SELF_CONSISTENCY_RTOL:
             failures.append(f"{name}: RMS difference {100 * diff:.2g}% of the logits' spread "
                             f"(limit {100 * SELF_CONSISTENCY_RTOL:g}%)")
     report = {"reference": "transformers GPT2LMHeadModel (PyTorch, fp32)", "kind": "quality", "precision": precision,
               "passed": not failures, "failures": failures, "thresholds": limits,
-              "eval_text": eval_source, "eval_tokens": scored, "window": window,
+              "eval_text": eval_source, "eval_tokens": totals.scored, "window": window,
               "perplexity": {"export": ppl_ours, "reference": ppl_ref, "increase": increase},
-              "top1_agreement": top1, "max_abs_diff_logits": worst,
+              "kl_divergence": {"mean": float(kl.mean()), "max": float(kl.max()), "positions": int(kl.size)},
+              "top1_agreement": top1, "top1_positions": totals.decisive, "decisive_margin": DECISIVE_MARGIN,
+              "top1_agreement_all_positions": totals.agree_all / totals.scored, "max_abs_diff_logits": worst,
               "self_consistency": {"rtol": SELF_CONSISTENCY_RTOL, "relative_rms_diff": structure}, "greedy": greedy}
-    if with_kl:
-        values = np.concatenate(kl) if kl else np.zeros(1)
-        report["kl_divergence"] = {"mean": float(values.mean()), "max": float(values.max()), "positions": int(values.size)}
     if failures:
         raise VerificationError(f"the {precision} export is below the quality gate: " + "; ".join(failures),
                                 report=report,
                                 hint="try a smaller --block-size, int8 instead of int4, or relax the thresholds "
-                                     "(--max-perplexity-increase, --min-top1-agreement); nothing was published")
+                                     "(--max-perplexity-increase, --max-kl, --min-top1-agreement); nothing was "
+                                     "published")
     return report
+
+
+class _Agreement:
+    """Sums over the scored positions: each side's negative log-likelihood, KL(PyTorch || export), top-1."""
+
+    CHUNK = 128  # positions at a time: float64 [128, vocab] arrays, not [window, vocab]
+
+    def __init__(self):
+        self.nll_ours = self.nll_ref = 0.0
+        self.kl: list[np.ndarray] = []
+        self.scored = self.decisive = self.agree = self.agree_all = 0
+
+    def add(self, ref: np.ndarray, ours: np.ndarray, targets: np.ndarray) -> None:
+        """ref, ours: logits [n, vocab] predicting targets [n]."""
+        for i in range(0, len(targets), self.CHUNK):
+            log_p, log_q = _log_softmax(ref[i:i + self.CHUNK]), _log_softmax(ours[i:i + self.CHUNK])
+            rows, t = np.arange(len(log_p)), targets[i:i + self.CHUNK]
+            self.nll_ref -= float(log_p[rows, t].sum())
+            self.nll_ours -= float(log_q[rows, t].sum())
+            p = np.exp(log_p)
+            self.kl.append(np.sum(p * (log_p - log_q), axis=-1))
+            top2 = np.partition(p, -2, axis=-1)[:, -2:]
+            decisive = top2[:, 1] - top2[:, 0] >= DECISIVE_MARGIN
+            same = p.argmax(-1) == log_q.argmax(-1)
+            self.scored += len(p)
+            self.decisive += int(decisive.sum())
+            self.agree += int((same & decisive).sum())
+            self.agree_all += int(same.sum())
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -256,13 +287,6 @@ def eval_tokens(tokenizer, *, text_file: str | Path | None, beside: Path | None)
     return str(path.resolve()), tokenizer.encode(text)[:QUALITY_TOKENS]
 
 
-def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
-    """Summed negative log-likelihood of `targets` under `logits` [n, vocab] (log-softmax, summed in float64)."""
-    z = logits - logits.max(axis=-1, keepdims=True)
-    log_probs = z[np.arange(len(targets)), targets].astype(np.float64) - np.log(np.exp(z).sum(axis=-1, dtype=np.float64))
-    return float(-log_probs.sum())
-
-
 def _self_consistency(session: OnnxSession, rng: np.random.Generator) -> dict[str, float]:
     """The export against itself: a cached step equals the uncached forward; padded rows equal the rows alone.
     Each difference as RMS(difference) / standard deviation of the logits compared with."""
@@ -273,7 +297,7 @@ def _self_consistency(session: OnnxSession, rng: np.random.Generator) -> dict[st
     step, _ = session.run(ids[:, -1:], np.ones((1, n), np.int64), np.array([[n - 1]]), cache)
     short = [int(t) for t in rng.integers(0, vocab, 3)]
     padded_ids, mask = left_pad([short, ids[0].tolist()], pad_id=0)
-    positions = np.where(mask == 1, mask.cumsum(axis=1) - 1, 1)
+    positions = position_ids(mask)
     padded, _ = session.run(padded_ids, mask, positions, session.empty_cache(2))
     alone, _ = session.run(np.array([short]), np.ones((1, 3), np.int64), np.arange(3)[None], session.empty_cache(1))
 

@@ -13,7 +13,6 @@ that keeps the contract's tensor names, fused or quantized.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +21,11 @@ import numpy as np
 from . import contract as c
 from .config import ModelConfig
 from .errors import InvalidArgumentError, ModelLoadError
+from .gpt2 import attention_scale
 from .inspect import require_onnx
-from .limits import check_threads
 from .manifest import read_manifest
 from .model import read_config
+from .session import ort_options
 from .tokenizer import Tokenizer
 
 # ONNX Runtime reads external weights (model.onnx.data) from this folder when the graph comes from memory.
@@ -39,16 +39,6 @@ class AttentionMaps:
     token_ids: list[int]
     tokens: list[str]  # each token's text, for the axes of a plot
     probs: np.ndarray  # float32 [n_layer, n_head, tokens, tokens]; probs[l, h, i, j]: query i's weight on key j
-
-
-def attention_scale(config: ModelConfig, layer: int) -> float:
-    """The factor GPT-2 multiplies q·kᵀ by in `layer` (as transformers' GPT2Attention does)."""
-    scale = 1.0
-    if config.scale_attn_weights:
-        scale /= math.sqrt(config.head_dim)
-    if config.scale_attn_by_inverse_layer_idx:
-        scale /= layer + 1
-    return scale
 
 
 def attention_probabilities(query: np.ndarray, key: np.ndarray, *, scale: float) -> np.ndarray:
@@ -72,7 +62,7 @@ def attention_maps(directory: str | Path, prompt: str, *, threads: int = 0, chec
     threads: ONNX Runtime intra-op threads; 0 uses one per physical core.
     check_hashes: verify every file's sha256 against the manifest first, as `gpt2onnx.load` does.
     """
-    threads = check_threads(threads)
+    options = ort_options(threads=threads)  # checks `threads` before any work
     directory = Path(directory)
     read_manifest(directory, check_hashes=check_hashes)
     config = read_config(directory / c.CONFIG_FILE)[1]
@@ -85,7 +75,7 @@ def attention_maps(directory: str | Path, prompt: str, *, threads: int = 0, chec
         raise InvalidArgumentError(f"the prompt has {len(ids)} tokens; this model sees at most n_positions="
                                    f"{config.n_positions}", hint="shorten the prompt")
 
-    session = _analysis_session(directory, config, threads)
+    session = _analysis_session(directory, config, options)
     batch = np.asarray([ids], dtype=np.int64)
     feeds = {c.INPUT_IDS: batch, c.ATTENTION_MASK: np.ones_like(batch),
              c.POSITION_IDS: np.arange(len(ids), dtype=np.int64)[None, :]}
@@ -109,7 +99,7 @@ def _query_heads(qkv: np.ndarray, config: ModelConfig) -> np.ndarray:
     return qkv[..., :config.n_embd].reshape(batch, seq, config.n_head, config.head_dim).transpose(0, 2, 1, 3)
 
 
-def _analysis_session(directory: Path, config: ModelConfig, threads: int):
+def _analysis_session(directory: Path, config: ModelConfig, options):
     """An InferenceSession over the export with every layer's q | k | v projection added as a graph output."""
     import onnxruntime as ort
 
@@ -123,9 +113,6 @@ def _analysis_session(directory: Path, config: ModelConfig, threads: int):
                              hint="export the model again with this version of gpt2onnx")
     for i in range(config.n_layer):
         proto.graph.output.append(onnx.helper.make_tensor_value_info(c.attention_qkv(i), onnx.TensorProto.FLOAT, None))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
     options.add_session_config_entry(_EXTERNAL_DATA_FOLDER, str(directory.resolve()))
     try:
         return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])

@@ -1,4 +1,8 @@
-"""The `gpt2onnx` command: a thin layer over the Python API. Each command parses, calls, prints."""
+"""The `gpt2onnx` command: a thin layer over the Python API. Each command parses, calls, prints.
+
+The runtime's own commands are here; `export`, `verify` and `bench` come from the export side through the
+entry-point group `gpt2onnx.commands` (gpt2onnx/plugins.py), loaded only when the command line may name them.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ import dataclasses
 import json
 import sys
 
-from .errors import Gpt2OnnxError, InvalidArgumentError, MissingDependencyError
+from . import plugins
+from .errors import Gpt2OnnxError, InvalidArgumentError
 
 EXAMPLES = """examples:
   gpt2onnx export gpt2 out/gpt2                 # download, convert, verify against PyTorch
@@ -26,76 +31,6 @@ GENERATE_EXAMPLES = """examples:
   gpt2onnx generate "def main():" -m out/gpt2 --max-new-tokens 64 --stop "\\n\\n" --stream
   echo "Once upon a time" | gpt2onnx generate - -m out/gpt2 --do-sample --top-p 0.9 --json
 """
-
-
-VERIFY_EXAMPLES = """examples:
-  gpt2onnx verify out/gpt2                           # against the checkpoint recorded in the manifest
-  gpt2onnx verify out/gpt2 --seeds 20 --json         # 200 sampling cases, the full report as JSON
-  gpt2onnx verify out/gpt2-int4 --max-kl 0.02 --text heldout.txt
-"""
-
-
-def _export_module():
-    try:
-        import gpt2onnx_export
-    except MissingDependencyError:
-        raise
-    except ImportError as error:
-        raise MissingDependencyError(f"exporting needs the export extra (cannot import {error.name or error})",
-                                     hint="pip install 'gpt2onnx[export]'") from error
-    return gpt2onnx_export
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    export = _export_module()
-    options = export.ExportOptions(precision=args.precision, seed=args.seed, revision=args.revision,
-                                   allow_pickle=args.allow_pickle, force=args.force, atol=args.atol,
-                                   block_size=getattr(args, "block_size", None),
-                                   eval_text=getattr(args, "eval_text", None),
-                                   max_perplexity_increase=getattr(args, "max_perplexity_increase", None),
-                                   min_top1_agreement=getattr(args, "min_top1_agreement", None),
-                                   kv_cache=getattr(args, "kv_cache", None))
-    export.export_model(args.model, args.out_dir, options)
-    return 0
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    _export_module()
-    from gpt2onnx_export import verify_command
-
-    optional = {name: getattr(args, name, None) for name in ("reference", "attention", "min_top1", "max_kl",
-                                                            "max_ppl_increase", "text")}
-    options = verify_command.VerifyOptions(seeds=args.seeds, max_new_tokens=args.max_new_tokens, atol=args.atol,
-                                           threads=args.threads, **optional)
-    report = verify_command.verify_model(args.model_dir, options)
-    print(json.dumps(report, ensure_ascii=False, indent=2) if args.json else verify_command.format_report(report))
-    verify_command.check(report)
-    return 0
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    import json as json_module
-    import shlex
-    from pathlib import Path
-
-    from . import bench
-
-    options = bench.BenchOptions(model=args.model, runs=args.runs, new_tokens=args.new_tokens,
-                                 long_prompt=args.long_past, long_new_tokens=args.long_new_tokens,
-                                 prefill=args.prefill, batch=args.batch, threads=args.threads,
-                                 frameworks=tuple(args.only.split(",")), precisions=tuple(args.precisions.split(",")),
-                                 work_dir=Path(args.work_dir).expanduser())
-    command = "gpt2onnx bench " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None
-    report = bench.run_bench(options, progress=lambda message: print(message, file=sys.stderr, flush=True),
-                             command=command)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json_module.dumps(report, indent=2) + "\n")
-    chart = bench.write_chart(report, out / "bench.png")
-    print(bench.format_table(report))
-    print(f"\nwrote {out / 'bench.json'}" + (f" and {chart}" if chart else " (no chart: pip install matplotlib)"),
-          file=sys.stderr)
-    return 0
 
 
 def _unescape(text: str) -> str:
@@ -195,9 +130,9 @@ class _GenerateFormatter(_Formatter):
     unset = "the model's"  # generate's unset options come from the model directory
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import bench
-
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for `argv` (default: sys.argv[1:]): the runtime's commands, and the plugins' unless argv
+    names one of the runtime's."""
     formatter = _Formatter
     parser = argparse.ArgumentParser(prog="gpt2onnx", description="GPT-2 on ONNX Runtime, verified against PyTorch.",
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -205,96 +140,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"gpt2onnx {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = commands.add_parser("export", formatter_class=formatter, help="convert a GPT-2 checkpoint to a verified ONNX model",
-                            description="Convert MODEL to ONNX with a KV cache, verify it against PyTorch, and write "
-                                        "OUT_DIR only if it passes.")
-    p.add_argument("model", metavar="MODEL", help="hub id (gpt2, gpt2-medium, distilgpt2, user/repo), local directory "
-                                                   "in Hugging Face layout, or random:NAME (tiny, gpt2, gpt2-xl, ...)")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="directory to create")
-    p.add_argument("--force", action="store_true", help="replace OUT_DIR if it holds an earlier export")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "int8", "int4"],
-                   help="weights: fp32 (verified to --atol) or block-quantized int8/int4 (gated on quality)")
-    p.add_argument("--block-size", type=int, default=argparse.SUPPRESS,
-                   help="int8/int4: weights per quantization block, 16, 32, 64, ...: smaller is more accurate, "
-                        "larger faster (default 128)")
-    p.add_argument("--kv-cache", default=argparse.SUPPRESS, choices=["float32", "int8"],
-                   help="the KV cache's dtype; int8 (per-channel scales calibrated at export) reads a quarter of "
-                        "the bytes per step at long contexts (default: int8 for int8/int4, float32 for fp32)")
-    p.add_argument("--max-perplexity-increase", type=float, default=argparse.SUPPRESS,
-                   help="int8/int4: largest perplexity increase over PyTorch fp32, as a fraction "
-                        "(default 0.01 for int8, 0.05 for int4)")
-    p.add_argument("--min-top1-agreement", type=float, default=argparse.SUPPRESS,
-                   help="int8/int4: smallest share of positions whose most likely next token equals PyTorch's "
-                        "(default 0.95 for int8, 0.85 for int4)")
-    p.add_argument("--eval-text", default=argparse.SUPPRESS, metavar="FILE",
-                   help="int8/int4: text the quality gate scores (default: heldout.txt in a local MODEL "
-                        "directory, else a built-in sample)")
-    p.add_argument("--seed", type=int, default=0, help="seed of random:NAME weights and of the verification inputs")
-    p.add_argument("--revision", default=None, help="hub branch, tag or commit (default: the hub's main branch)")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="accept pytorch_model.bin checkpoints (pickle can run code: trusted sources only)")
-    p.add_argument("--atol", type=float, default=1e-4, help="largest |logit difference| from PyTorch accepted")
-    p.set_defaults(func=cmd_export)
-
-    p = commands.add_parser("verify", formatter_class=formatter, help="compare an export with PyTorch: logits, greedy, "
-                                                                      "seeded sampling",
-                            description="Run MODEL_DIR side by side with transformers' GPT2LMHeadModel on the same "
-                                        "weights and report every difference: logits and cache per prompt length, "
-                                        "greedy parity, and seeded sampling (model.generate(seed=s) against "
-                                        "set_seed(s) + generate(do_sample=True)) over seeds x prompts x settings. A "
-                                        "flip of a near-tie by float noise is reported with its margin; any other "
-                                        "difference exits non-zero. Quantized exports are measured instead (top-1 "
-                                        "agreement, KL divergence, perplexity) against the thresholds below. Needs "
-                                        "the export extra.",
-                            epilog=VERIFY_EXAMPLES)
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="exported model directory")
-    p.add_argument("--reference", metavar="HF_ID_OR_DIR", default=argparse.SUPPRESS,
-                   help="checkpoint to compare with: hub id, local directory or random:NAME (default: the source "
-                        "in the manifest)")
-    p.add_argument("--seeds", type=int, default=10, help="sampling: seeds 0..N-1, each with every setting (10 settings)")
-    p.add_argument("--max-new-tokens", type=int, default=24, help="sampling: tokens generated per case")
-    p.add_argument("--atol", type=float, default=1e-4, help="fp32: largest |logit difference| that counts as float noise")
-    p.add_argument("--attention", choices=["sdpa", "eager"], default=argparse.SUPPRESS,
-                   help="the reference's attention (default: sdpa, as from_pretrained loads it, unless the config "
-                        "needs eager)")
-    p.add_argument("--min-top1", type=float, default=argparse.SUPPRESS,
-                   help="quantized: least share of positions whose most likely token is PyTorch's (default 0.95 "
-                        "int8, 0.85 int4, 0 for random weights)")
-    p.add_argument("--max-kl", type=float, default=argparse.SUPPRESS,
-                   help="quantized: largest mean KL divergence from PyTorch, nats per token (default 0.005 int8, "
-                        "0.05 int4)")
-    p.add_argument("--max-ppl-increase", type=float, default=argparse.SUPPRESS,
-                   help="quantized: largest perplexity increase over PyTorch fp32, as a fraction (default 0.01 "
-                        "int8, 0.05 int4)")
-    p.add_argument("--text", metavar="FILE", default=argparse.SUPPRESS,
-                   help="quantized: text to score (default: heldout.txt beside a local source, else a built-in "
-                        "sample)")
-    p.add_argument("--json", action="store_true", help="print the full report as JSON")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per physical core)")
-    p.set_defaults(func=cmd_verify)
-
-    p = commands.add_parser("bench", formatter_class=formatter, help="measure speed against torch, Optimum, CTranslate2",
-                            description="Measure GPT-2 generation speed of gpt2onnx at each precision next to "
-                                        "transformers+torch, Optimum and CTranslate2 (those installed), on one "
-                                        "fixed workload, round-robin in one run. Prints a table; writes "
-                                        "OUT_DIR/bench.json and OUT_DIR/bench.png.")
-    b = bench.BenchOptions()  # the defaults are the benchmark's own
-    p.add_argument("--model", default=b.model, help="random:NAME or a local Hugging Face directory")
-    p.add_argument("--runs", type=int, default=b.runs, help="rounds; each figure is the median over them")
-    p.add_argument("--new-tokens", type=int, default=b.new_tokens, help="tokens generated after the short prompt")
-    p.add_argument("--long-past", type=int, default=b.long_prompt, help="prompt tokens before the long-past decode")
-    p.add_argument("--long-new-tokens", type=int, default=b.long_new_tokens,
-                   help="tokens generated after the long prompt (the decode@768 figure is their rate)")
-    p.add_argument("--prefill", type=int, default=b.prefill, help="prompt tokens of the prefill figure")
-    p.add_argument("--batch", type=int, default=b.batch, help="sampled continuations of the batch figure")
-    p.add_argument("--threads", type=int, default=b.threads, help="threads of every framework (0: physical cores)")
-    p.add_argument("--only", default=",".join(b.frameworks), help="frameworks to measure")
-    p.add_argument("--precisions", default=",".join(b.precisions),
-                   help="gpt2onnx precisions to measure (+kv32: exported with --kv-cache float32)")
-    p.add_argument("--work-dir", default="~/.cache/gpt2onnx/bench", help="where the prepared models are kept")
-    p.add_argument("--out-dir", default="bench-results", help="where bench.json and bench.png go")
-    p.set_defaults(func=cmd_bench)
 
     p = commands.add_parser("generate", formatter_class=_GenerateFormatter, help="continue a prompt",
                             description="Continue PROMPT with an exported model and print prompt + continuation. "
@@ -360,11 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=_selection, default="all", help="heads to draw in each of those layers (e.g. 0,1)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per physical core)")
     p.set_defaults(func=cmd_plot)
+
+    if _command(sys.argv[1:] if argv is None else argv) not in commands.choices:
+        plugins.register(commands, formatter)
     return parser
 
 
+def _command(argv: list[str]) -> str | None:
+    """The command a command line names: its first argument that is not an option."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return args.func(args)
     except Gpt2OnnxError as error:

@@ -82,18 +82,10 @@ DIM_TOTAL = "total_sequence_length"
 ID_DTYPE = "int64"
 FLOAT_DTYPE = "float32"
 
-# Precisions an export can have, and the bits of the quantized ones (weight-only, MatMulNBits).
-PRECISIONS = ("fp32", "int8", "int4")
-PRECISION_BITS = {"int8": 8, "int4": 4}
-# Inputs per quantization block (a power of two >= 16) unless chosen: larger blocks are faster (fewer scales).
-# int4 at 128 instead of 64: a decode step 20% faster on 2 threads for +0.2% perplexity on the trained test
-# model (benchmarks/quantization.py).
-DEFAULT_BLOCK_SIZES = {"int8": 128, "int4": 128}
-
 # Manifest keys.
 M_FORMAT = "format"
 M_FORMAT_VERSION = "format_version"
-M_PRECISION = "precision"
+M_PRECISION = "precision"  # a name of gpt2onnx/precisions.py's table
 M_OPSET = "opset"
 M_SOURCE = "source"
 M_VERSIONS = "versions"

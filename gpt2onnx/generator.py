@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from .errors import GenerationError
+from .gpt2 import position_ids
 from .sampling import sample
 from .session import OnnxSession
 from .settings import GenerationSettings
@@ -33,8 +34,7 @@ def generate_tokens(session: OnnxSession, prompts: list[list[int]], settings: Ge
     own (stop strings). To stop early, stop iterating (or close the iterator).
     """
     ids, mask = left_pad(prompts, eos_id)
-    # positions count only real tokens, so a padded row starts at position 0 like an unpadded one
-    positions = np.where(mask == 1, mask.cumsum(axis=1) - 1, 1)
+    positions = position_ids(mask)
     # room for the whole generation up front: the cache never grows (one copy of it) on the way
     cache = session.empty_cache(len(prompts), capacity=min(ids.shape[1] + settings.max_new_tokens,
                                                            session.config.n_positions))

@@ -26,18 +26,17 @@ from pathlib import Path
 import numpy as np
 
 from . import contract as c
-from .config import ModelConfig
+from . import matmulnbits
 from .errors import InvalidArgumentError, MissingDependencyError, ModelLoadError
+from .gpt2 import EMBEDDING, OUT_IN_WEIGHTS, state_dict_shapes
 from .manifest import read_manifest
 from .model import read_config
 
 PLOT_EXTRA_HINT = "pip install 'gpt2onnx[plot]'"
-TIED_TO = "transformer.wte.weight"
+TIED_TO = EMBEDDING
 
 # Quantized ops whose constant inputs form one weight: (data, scales, zero points) input positions.
 QUANTIZED_INPUTS = {"MatMulNBits": (1, 2, 3), "GatherBlockQuantized": (0, 2, 3), "DequantizeLinear": (0, 1, 2)}
-# Weights the state dict stores as [out, in] (nn.Embedding / nn.Linear); GPT-2's Conv1D weights are [in, out].
-_OUT_IN_LAYOUT = ("transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight")
 _STATE_DICT_NAME = re.compile(r"^(transformer\.|lm_head\.)")
 _QUANT_SUFFIX = re.compile(r"_Q\d+$")
 _SUB_BYTE_BITS = {"INT4": 4, "UINT4": 4, "FLOAT4E2M1": 4, "INT2": 2, "UINT2": 2}
@@ -180,7 +179,7 @@ class ModelFile:
         if self.config.tie_word_embeddings and "lm_head.weight" not in weights and TIED_TO in weights:
             weights["lm_head.weight"] = WeightInfo(name="lm_head.weight", shape=weights[TIED_TO].shape,
                                                    dtype=weights[TIED_TO].dtype, nbytes=0, tied_to=TIED_TO)
-        order = {n: i for i, n in enumerate(_state_dict_order(self.config))}
+        order = {n: i for i, n in enumerate(state_dict_shapes(self.config))}
         ordered = sorted(weights.values(), key=lambda w: (order.get(w.name, len(order)), w.name))
         return {w.name: w for w in ordered}, constants
 
@@ -224,7 +223,7 @@ class ModelFile:
         attrs = _attributes(node)
         if node.op_type == "MatMulNBits":
             k, n = int(attrs["K"]), int(attrs["N"])
-            return (n, k) if name.endswith(_OUT_IN_LAYOUT) else (k, n)
+            return (n, k) if name.endswith(OUT_IN_WEIGHTS) else (k, n)
         return data.shape  # other schemes: the stored shape
 
     def report(self, manifest: dict) -> ModelReport:
@@ -260,10 +259,10 @@ class ModelFile:
             raise InvalidArgumentError(f"{name} is stored as {info.scheme}, which cannot be dequantized for display yet",
                                        hint="plot another weight, or a float32 export of the same model")
         attrs = _attributes(node)
-        dense = dequantize_matmul_nbits(self._array(data), self._array(scales),
+        dense = matmulnbits.dequantize(self._array(data), self._array(scales),
                                         self._array(zeros) if zeros else None, k=int(attrs["K"]), n=int(attrs["N"]),
                                         bits=int(attrs.get("bits", 4)), block_size=int(attrs["block_size"]))
-        return dense if name.endswith(_OUT_IN_LAYOUT) else np.ascontiguousarray(dense.T)
+        return dense if name.endswith(OUT_IN_WEIGHTS) else np.ascontiguousarray(dense.T)
 
     def _array(self, name: str) -> np.ndarray:
         from onnx import numpy_helper
@@ -283,53 +282,10 @@ def inspect_model(directory: str | Path, *, check_hashes: bool = True) -> ModelR
     return ModelFile(directory).report(manifest)
 
 
-def dequantize_matmul_nbits(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, *,
-                            k: int, n: int, bits: int, block_size: int) -> np.ndarray:
-    """The float32 [N, K] matrix that ONNX Runtime's MatMulNBits multiplies by (Y = A @ W^T).
-
-    Layout (onnxruntime docs/ContribOperators.md, com.microsoft.MatMulNBits): `packed` is uint8
-    [N, k_blocks, block_size * bits / 8] with the codes of each block packed along K, low bits first;
-    `scales` is [N, k_blocks] (older exports: flat); `zero_points` is either uint8 packed the same way,
-    [N, ceil(k_blocks * bits / 8)], or unpacked in the scales' dtype [N, k_blocks]; absent means
-    2^(bits-1). Each weight is (code - zero_point) * scale; the padding past K in the last block is dropped.
-    """
-    if bits not in (2, 4, 8) or block_size < 16 or block_size & (block_size - 1):
-        raise InvalidArgumentError(f"unsupported MatMulNBits layout bits={bits} block_size={block_size}",
-                                   hint="bits must be 2, 4 or 8 and block_size a power of two >= 16")
-    k_blocks = -(-k // block_size)
-    codes = _unpack(np.asarray(packed, dtype=np.uint8).reshape(n, -1), bits)[:, :k_blocks * block_size]
-    codes = codes.reshape(n, k_blocks, block_size).astype(np.float32)
-    scales = np.asarray(scales, dtype=np.float32).reshape(n, k_blocks)
-    if zero_points is None:
-        zeros = np.full((n, k_blocks), 2 ** (bits - 1), dtype=np.float32)
-    elif zero_points.dtype == np.uint8:
-        zeros = _unpack(zero_points.reshape(n, -1), bits)[:, :k_blocks].astype(np.float32)
-    else:
-        zeros = np.asarray(zero_points, dtype=np.float32).reshape(n, k_blocks)
-    dense = (codes - zeros[:, :, None]) * scales[:, :, None]
-    return dense.reshape(n, k_blocks * block_size)[:, :k]
-
-
-def _unpack(rows: np.ndarray, bits: int) -> np.ndarray:
-    """[R, bytes] uint8 -> [R, bytes * 8 / bits] codes, low bits first."""
-    if bits == 8:
-        return rows
-    per_byte = 8 // bits
-    shifts = np.arange(per_byte, dtype=np.uint8) * bits
-    return ((rows[:, :, None] >> shifts) & ((1 << bits) - 1)).reshape(rows.shape[0], -1)
+dequantize_matmul_nbits = matmulnbits.dequantize  # the float32 [N, K] a MatMulNBits node multiplies by
 
 
 # -- small helpers ----------------------------------------------------------------------------------
-
-
-def _state_dict_order(config: ModelConfig) -> list[str]:
-    names = ["transformer.wte.weight", "transformer.wpe.weight"]
-    for i in range(config.n_layer):
-        names += [f"transformer.h.{i}.{s}" for s in (
-            "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
-            "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
-            "mlp.c_proj.weight", "mlp.c_proj.bias")]
-    return names + ["transformer.ln_f.weight", "transformer.ln_f.bias", "lm_head.weight"]
 
 
 def _attributes(node) -> dict:

@@ -3,10 +3,18 @@
 Steps run through an IO binding: each cache buffer is bound as both the past input and the present output
 of its layer (the graph's attention writes the new positions in place), and the logits land in an array
 allocated for them, so the only per-step work outside ONNX Runtime is binding the three small id arrays.
+
+A tool that needs to see each step (the parity checker records the logits the sampler saw, the benchmark
+times ONNX Runtime's share) observes the session: `with session.observe(callback):` calls
+`callback(StepRecord)` after every run in the block.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +50,31 @@ _LEVELS = {
 }
 
 
+def ort_options(*, threads: int = 0, optimization: str = "all") -> ort.SessionOptions:
+    """ONNX Runtime's options for one of our graphs (every session gpt2onnx opens, and the benchmark's).
+
+    threads: intra-op threads, 0 = one per physical core; the graph is a chain, so one inter-op thread.
+    """
+    checked = SessionOptions(threads=threads, optimization=optimization)  # InvalidArgumentError with a hint
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = checked.threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = _LEVELS[checked.optimization]
+    so.log_severity_level = 3  # errors only: its warnings about unused initializers are not the user's concern
+    return so
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One run of the graph, as an observer sees it. The arrays are the step's own, not copies: the logits
+    of a run with reuse_logits=True are overwritten by the next step, so copy what you keep."""
+
+    input_ids: np.ndarray  # [batch, new positions]
+    past_length: int  # positions in the cache before the step
+    logits: np.ndarray  # what run returned: [batch, new positions or 1, vocab]
+    seconds: float  # time inside ONNX Runtime's run
+
+
 # logits_for -> the graph's logits_to_keep input (0 = every position)
 _LOGITS_KEPT = {"all": np.array(0, np.int64), "last": np.array(1, np.int64)}
 
@@ -50,11 +83,7 @@ class OnnxSession:
     """Runs one step of the graph. Safe to use from many threads at once, each with its own cache."""
 
     def __init__(self, path: Path, config: ModelConfig, options: SessionOptions = SessionOptions()):
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = options.threads
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = _LEVELS[options.optimization]
-        so.log_severity_level = 3
+        so = ort_options(threads=options.threads, optimization=options.optimization)
         try:
             self._session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         except Exception as error:  # onnxruntime raises its own untyped exceptions
@@ -62,6 +91,8 @@ class OnnxSession:
                                  hint="export the model again; the file may be damaged") from error
         self.config = config
         self.path = Path(path)
+        self._observers: tuple[Callable[[StepRecord], None], ...] = ()
+        self._observers_lock = threading.Lock()
         self._past_names = c.past_names(config.n_layer)
         self._output_names = c.output_names(config.n_layer)
         self._present_names = c.present_names(config.n_layer)
@@ -73,6 +104,19 @@ class OnnxSession:
         if have != want or {o.name for o in self._session.get_outputs()} != set(self._output_names):
             raise ModelLoadError(f"{path} does not have the inputs and outputs of format {c.FORMAT_VERSION} "
                                  f"(missing inputs: {sorted(want - have)}, unexpected: {sorted(have - want)})")
+
+    @contextlib.contextmanager
+    def observe(self, callback: Callable[[StepRecord], None]) -> Iterator[None]:
+        """Call `callback(record)` after every run of this session until the block ends (the runs of every
+        thread using the session: observe a session of your own to see only yours)."""
+        with self._observers_lock:
+            self._observers += (callback,)
+        try:
+            yield
+        finally:
+            with self._observers_lock:
+                i = self._observers.index(callback)
+                self._observers = self._observers[:i] + self._observers[i + 1:]
 
     def empty_cache(self, batch: int, *, capacity: int = 0) -> KVCache:
         """The cache before the first step: length 0, with room for `capacity` positions (it grows as needed)."""
@@ -107,6 +151,8 @@ class OnnxSession:
             logits = np.empty(shape, np.float32)
             binding.bind_ortvalue_output(c.LOGITS, ort.OrtValue.ortvalue_from_numpy(logits))
             cache.logits = logits if reuse_logits else None
+        observers = self._observers
+        start = time.perf_counter() if observers else 0.0
         try:
             self._session.run_with_iobinding(binding)
         except Exception as error:  # onnxruntime raises its own untyped exceptions
@@ -115,6 +161,10 @@ class OnnxSession:
                                   hint="the model directory may be damaged: run `gpt2onnx verify` on it, or export "
                                        "it again") from error
         cache.length = total
+        if observers:
+            record = StepRecord(input_ids, total - new, logits, time.perf_counter() - start)
+            for observer in observers:
+                observer(record)
         return logits, cache
 
     def _check_shapes(self, input_ids, attention_mask, position_ids, cache: KVCache) -> None:

@@ -5,16 +5,15 @@
 import json
 import shutil
 
-import numpy as np
 import onnx
 import pytest
 
 import gpt2onnx
 from gpt2onnx import contract as c
-from gpt2onnx.errors import ExportError, InvalidArgumentError, ModelLoadError, VerificationError
+from gpt2onnx.errors import ExportError, InvalidArgumentError, VerificationError
 from gpt2onnx.manifest import sha256_file
 
-from conftest import export
+from helpers import export
 
 
 def test_tiny_export_has_contract_and_manifest(tiny_export):

@@ -4,8 +4,6 @@ their dequantization against ONNX Runtime, external data, the `inspect` command.
 import json
 import math
 import shutil
-import subprocess
-import sys
 from collections import Counter
 
 import numpy as np
@@ -18,75 +16,8 @@ from gpt2onnx import contract as c
 from gpt2onnx.cli import main
 from gpt2onnx.errors import InvalidArgumentError
 from gpt2onnx.inspect import ModelFile, dequantize_matmul_nbits, inspect_model
-from gpt2onnx.manifest import hash_files, write_manifest
 
-
-# -- exports made from an fp32 export, the way another exporter could have written them --------------
-
-
-def _rewrite(directory, model: onnx.ModelProto, *, external: bool = False, **manifest_updates) -> None:
-    """Save `model` into `directory` and bring its manifest's file list and hashes up to date."""
-    onnx.save_model(model, str(directory / c.MODEL_FILE), save_as_external_data=external,
-                    location=c.MODEL_DATA_FILE, size_threshold=1024)
-    manifest = json.loads((directory / c.MANIFEST_FILE).read_text())
-    names = set(manifest[c.M_FILES]) | ({c.MODEL_DATA_FILE} if external else set())
-    manifest.update(manifest_updates, **{c.M_FILES: hash_files(directory, sorted(names))})
-    write_manifest(directory, manifest)
-
-
-def external_data_copy(src, dst):
-    """The export with its weights in model.onnx.data, as large models are saved."""
-    shutil.copytree(src, dst)
-    _rewrite(dst, onnx.load(str(dst / c.MODEL_FILE)), external=True)
-    return dst
-
-
-def pack_symmetric(w: np.ndarray, *, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """W [N, K] -> MatMulNBits codes [N, k_blocks, block_size * bits / 8] and scales [N, k_blocks]."""
-    n, k = w.shape
-    k_blocks = -(-k // block_size)
-    blocks = np.pad(w, ((0, 0), (0, k_blocks * block_size - k))).reshape(n, k_blocks, block_size)
-    half = 2 ** (bits - 1)
-    scales = (np.abs(blocks).max(axis=2) / (half - 1)).astype(np.float32)
-    codes = np.clip(np.rint(blocks / scales[..., None]) + half, 0, 2 * half - 1).astype(np.uint8)
-    per_byte = 8 // bits
-    codes = codes.reshape(n, k_blocks, block_size // per_byte, per_byte)
-    packed = sum(codes[..., j] << (bits * j) for j in range(per_byte)).astype(np.uint8)
-    return packed, scales
-
-
-def quantized_copy(src, dst, *, bits: int = 4, block_size: int = 32):
-    """The export with every block matmul and the head as MatMulNBits, named as the contract says: what an
-    int4 export looks like (wte stays float32 for its Gather; the tied head becomes its own copy)."""
-    shutil.copytree(src, dst)
-    model = onnx.load(str(dst / c.MODEL_FILE))
-    weights = {t.name: t for t in model.graph.initializer}
-    nodes, replaced = [], set()
-    for node in model.graph.node:
-        if node.op_type == "MatMul" and node.input[1] in weights:  # Conv1D: x @ W, W [in, out]
-            name, w = node.input[1], numpy_helper.to_array(weights[node.input[1]]).T
-            replaced.add(name)
-        elif node.op_type == "Gemm":  # the tied head: x @ wte^T
-            name, w = "lm_head.weight", numpy_helper.to_array(weights[node.input[1]])
-        else:
-            nodes.append(node)
-            continue
-        packed, scales = pack_symmetric(w, bits=bits, block_size=block_size)
-        codes_name, scales_name, _ = c.quantized_names(name)
-        model.graph.initializer.extend([numpy_helper.from_array(packed, codes_name),
-                                        numpy_helper.from_array(scales, scales_name)])
-        nodes.append(helper.make_node("MatMulNBits", [node.input[0], codes_name, scales_name], list(node.output),
-                                      domain="com.microsoft", K=w.shape[1], N=w.shape[0], bits=bits,
-                                      block_size=block_size, accuracy_level=4))
-    kept = [t for t in model.graph.initializer if t.name not in replaced]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    _rewrite(dst, model, **{c.M_PRECISION: f"int{bits}", c.M_QUANTIZATION: {"bits": bits, "block_size": block_size,
-                                                                             "symmetric": True, "accuracy_level": 4}})
-    return dst
+from helpers import external_data_copy, quantized_copy, rewrite, run_python
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +122,7 @@ def test_other_dtypes_show_the_node_that_reads_them(tiny_export, tmp_path):
     for node in model.graph.node:
         node.input[:] = ["wpe_f32" if i == name else i for i in node.input]
     model.graph.node.insert(0, helper.make_node("Cast", [name], ["wpe_f32"], to=TensorProto.FLOAT))
-    _rewrite(copy, model)
+    rewrite(copy, model)
     listed = next(w for w in inspect_model(copy).weights if w.name == name)
     assert (listed.dtype, listed.scheme, listed.nbytes, listed.shape) == ("float16", "Cast to=1", 256 * 64 * 2, (256, 64))
     expected = ModelFile(tiny_export).weight(name).astype(np.float16).astype(np.float32)
@@ -257,20 +188,10 @@ def _run_matmul_nbits(packed, scales, zeros, *, k, n, bits, block_size) -> np.nd
 
 # -- without the plot extra ---------------------------------------------------------------------------
 
-BLOCK = """
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'transformers', 'onnx', 'matplotlib'):
-            raise ImportError('blocked: ' + name, name=name)
-sys.meta_path.insert(0, Block())
-from gpt2onnx.cli import main
-"""
-
-
 @pytest.mark.parametrize("command", [["inspect"], ["plot", "--out", "PLOTS"]])
 def test_without_plot_extra_says_how_to_install(tiny_export, tmp_path, command):
     argv = [command[0], str(tiny_export)] + [str(tmp_path / "p") if a == "PLOTS" else a for a in command[1:]]
-    done = subprocess.run([sys.executable, "-c", BLOCK + f"sys.exit(main({argv!r}))"], capture_output=True, text=True)
+    done = run_python(f"from gpt2onnx.cli import main; sys.exit(main({argv!r}))",
+                      blocked=("torch", "transformers", "onnx", "matplotlib"))
     assert done.returncode == 1, done.stderr
     assert "pip install 'gpt2onnx[plot]'" in done.stderr and "Traceback" not in done.stderr

@@ -16,8 +16,7 @@ from gpt2onnx.errors import InvalidArgumentError
 from gpt2onnx.inspect import ModelFile, inspect_model
 from gpt2onnx.plot import plot_model
 
-from conftest import export
-from test_inspect import external_data_copy, quantized_copy
+from helpers import blocker, export, external_data_copy, quantized_copy
 
 PROMPTS = ["The cat sat on the mat because it was tired.", "Hello",
            "To open a file in a new window, use the :split command. In Node.js, fs.readFile() reads the whole "
@@ -193,13 +192,7 @@ def test_plot_command(tiny_export, tmp_path, capsys):
 
 
 def test_plot_and_inspect_need_no_torch(tiny_export, tmp_path):
-    code = f"""
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'transformers', 'gpt2onnx_export'):
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
+    code = blocker("torch", "transformers", "gpt2onnx_export") + f"""
 from gpt2onnx.cli import main
 assert main(["inspect", {str(tiny_export)!r}, "--json"]) == 0
 assert main(["plot", {str(tiny_export)!r}, "--out", {str(tmp_path)!r}, "--layers", "0"]) == 0

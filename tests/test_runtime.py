@@ -13,14 +13,9 @@ from gpt2onnx import contract as c
 from gpt2onnx.cli import main
 from gpt2onnx.errors import InvalidArgumentError, ModelLoadError
 
-BLOCK_TORCH = """
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'transformers'):
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
-"""
+from helpers import blocker
+
+BLOCK_TORCH = blocker("torch", "transformers")
 
 
 def test_runtime_runs_without_torch(tiny_export):

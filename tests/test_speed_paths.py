@@ -10,9 +10,10 @@ import pytest
 
 import gpt2onnx
 from gpt2onnx import contract as c
+from gpt2onnx import precisions
 from gpt2onnx.errors import VerificationError
 
-from conftest import export
+from helpers import export
 
 
 @pytest.fixture(scope="module", params=[("int8", None), ("int4", None), ("int4", "float32")],
@@ -32,7 +33,7 @@ def test_quantized_export_loads_generates_and_names_its_weights(quantized_export
     assert manifest[c.M_PRECISION] == precision
     kv_int8 = manifest[c.M_KV_CACHE]["dtype"] == "int8"
     assert kv_int8 == (kv_cache != "float32")  # int8 unless asked for float32
-    assert manifest[c.M_QUANTIZATION]["bits"] == c.PRECISION_BITS[precision]
+    assert manifest[c.M_QUANTIZATION]["bits"] == precisions.get(precision).bits
     parity = manifest[c.M_PARITY]
     assert parity["kind"] == "quality" and parity["passed"]
     assert abs(parity["perplexity"]["increase"]) <= parity["thresholds"]["max_perplexity_increase"]
@@ -182,7 +183,7 @@ def test_quantizer_layout_matches_onnxruntime():
     n, k = 48, 80  # K not a multiple of the block: padded
     w = rng.standard_normal((n, k)).astype(np.float32)
     x = rng.standard_normal((3, k)).astype(np.float32)
-    for bits in (4, 8):
+    for bits in (2, 4, 8):
         for symmetric in (False, True):
             qw = quantize(w, bits=bits, block_size=32, symmetric=symmetric)
             assert np.abs(qw.dequantize() - w).max() <= np.abs(w).max() * (2.0 / 2 ** bits)

@@ -13,6 +13,8 @@ transformers = pytest.importorskip("transformers")
 from gpt2onnx.errors import InvalidArgumentError  # noqa: E402
 from gpt2onnx.torch_random import TorchGenerator  # noqa: E402
 
+from helpers import blocker  # noqa: E402
+
 SEEDS = [0, 1, 42, 2**31, 2**32 - 1] + list(range(1000, 1017))  # 22 seeds, both ends of the range included
 VOCAB = 50257
 
@@ -213,13 +215,7 @@ def test_only_float32_batches(probs):
 
 
 def test_module_does_not_import_torch():
-    code = """
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'transformers'):
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
+    code = blocker("torch", "transformers") + """
 import numpy as np
 from gpt2onnx.torch_random import TorchGenerator
 rng = TorchGenerator(42)

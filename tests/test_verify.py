@@ -108,7 +108,7 @@ def perturbed_export(tmp_path_factory, trained_dir):
     """The trained model with one MLP projection perturbed, exported (it verifies against itself)."""
     from safetensors.numpy import load_file, save_file
 
-    from conftest import export
+    from helpers import export
 
     source = tmp_path_factory.mktemp("perturbed") / "checkpoint"
     shutil.copytree(trained_dir, source, ignore=shutil.ignore_patterns("model.safetensors", "heldout.txt"))
@@ -143,7 +143,7 @@ def test_planted_greedy_near_tie_is_explained(tmp_path, capsys):
     from safetensors.numpy import save_file
     from transformers import GPT2LMHeadModel, GPT2TokenizerFast
 
-    from conftest import export
+    from helpers import export
     from gpt2onnx_export import parity
     from gpt2onnx_export.sources import random_source
 
@@ -310,7 +310,7 @@ def test_quantized_export_reports_agreement(tmp_path, capsys):
     """int8: agreement with PyTorch, not identity; the KL divergence is torch's own kl_div of the two models."""
     import torch
 
-    from conftest import export
+    from helpers import export
     from gpt2onnx.session import OnnxSession
     from gpt2onnx_export.reference import torch_model
     from gpt2onnx_export.sources import random_source
@@ -338,3 +338,33 @@ def test_quantized_export_reports_agreement(tmp_path, capsys):
     code = main(["verify", str(out), "--max-kl", "1e-12", "--seeds", "0"])
     captured = capsys.readouterr()
     assert code == 1 and "KL divergence from PyTorch" in captured.err
+
+
+def test_top1_agreement_counts_only_decisive_positions():
+    """A flip where PyTorch's top two are near-tied, or where its distribution is near-flat, does not count;
+    a flip where PyTorch is decisive does. KL and the perplexities are summed over every position."""
+    import torch
+
+    from gpt2onnx_export.verify import DECISIVE_MARGIN, _Agreement
+
+    ref = np.zeros((4, 50), np.float32)
+    ref[0, 3] = 5.0  # decisive: p(3) ~ 0.75
+    ref[1, 3], ref[1, 4] = 5.0, 5.0 - 1e-3  # a near-tie between 3 and 4
+    ref[2] = np.random.default_rng(0).normal(0, 0.01, 50)  # near-flat
+    ref[3, 7] = 6.0  # decisive
+    ours = ref.copy()
+    ours[1, 4] += 2e-3  # flips the near-tie
+    ours[2] = ours[2, ::-1]  # another top-1 on the flat row
+    ours[3, 8] = 6.5  # flips a decisive position
+    targets = np.array([3, 4, 0, 7])
+    totals = _Agreement()
+    totals.add(ref, ours, targets)
+    p = torch.softmax(torch.from_numpy(ref).double(), -1)
+    gaps = p.topk(2).values
+    assert ((gaps[:, 0] - gaps[:, 1]) >= DECISIVE_MARGIN).tolist() == [True, False, False, True]
+    assert (totals.scored, totals.decisive, totals.agree, totals.agree_all) == (4, 2, 1, 1)
+    kl = torch.nn.functional.kl_div(torch.log_softmax(torch.from_numpy(ours).double(), -1), p.log(),
+                                    log_target=True, reduction="none").sum(-1)
+    np.testing.assert_allclose(np.concatenate(totals.kl), kl.numpy(), rtol=1e-9, atol=1e-12)
+    nll = torch.nn.functional.cross_entropy(torch.from_numpy(ref).double(), torch.from_numpy(targets), reduction="sum")
+    assert totals.nll_ref == pytest.approx(float(nll), rel=1e-12)

@@ -14,18 +14,19 @@ import numbers
 import os
 import shutil
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from gpt2onnx import __version__
 from gpt2onnx import contract as c
+from gpt2onnx import precisions
 from gpt2onnx.errors import InvalidArgumentError
 from gpt2onnx.session import OnnxSession
 from gpt2onnx.tokenizer import Tokenizer
 
 from . import builder, quantize, sources, staging, verify
+from .progress import stderr, stopwatch
 from .reference import torch_model
 
 
@@ -40,9 +41,10 @@ class ExportOptions:
     allow_pickle: bool = False  # accept pytorch_model.bin checkpoints (pickle can run code: trusted sources only)
     force: bool = False  # replace an existing export at OUT_DIR
     atol: float = verify.DEFAULT_ATOL  # largest |difference| from PyTorch accepted for logits and cache
-    # quantized exports: the quality gate (None = the precision's default in verify.QUALITY_THRESHOLDS)
+    # quantized exports: the quality gate (None = the precision's default in gpt2onnx/precisions.py)
     max_perplexity_increase: float | None = None  # relative to PyTorch fp32, e.g. 0.01 = 1%
-    min_top1_agreement: float | None = None  # share of positions whose top next token equals PyTorch's
+    max_kl: float | None = None  # mean KL(PyTorch fp32 || export) of the next-token distributions, nats
+    min_top1_agreement: float | None = None  # share of the decisive positions whose top token equals PyTorch's
     eval_text: str | None = None  # text file to score (default: heldout.txt beside a local checkpoint, else a sample)
     # the KV cache's dtype: "int8" (int8/int4 exports only) reads a quarter of the bytes per step; None: int8 for
     # int8/int4 exports, float32 for fp32 (verified exactly)
@@ -56,16 +58,12 @@ def check_options(options: ExportOptions) -> tuple[builder.Quantization | None, 
         raise InvalidArgumentError(f"options must be an ExportOptions, got {type(options).__name__}",
                                    hint="gpt2onnx_export.ExportOptions(precision=..., force=...)")
     o = options
-    if o.precision not in c.PRECISIONS:
-        raise InvalidArgumentError(f"precision must be one of {', '.join(c.PRECISIONS)}, got {o.precision!r}",
-                                   hint="fp32 is verified to --atol; int8 and int4 are gated on quality")
-    size = o.block_size
-    if size is not None and (not _is_int(size) or size < 16 or size & (size - 1)):
-        raise InvalidArgumentError(f"block size must be a power of two >= 16, got {size!r}",
-                                   hint="smaller blocks are more accurate, larger ones faster (default: 128)")
-    if size is not None and o.precision == "fp32":
-        raise InvalidArgumentError("a block size applies to int8 and int4 exports only",
-                                   hint="add --precision int8 or --precision int4, or leave out --block-size")
+    precision = precisions.get(o.precision)
+    if o.block_size is not None and not precision.quantized:
+        raise InvalidArgumentError(f"a block size applies to {' and '.join(precisions.QUANTIZED)} exports only",
+                                   hint="add --precision " + " or --precision ".join(precisions.QUANTIZED)
+                                        + ", or leave out --block-size")
+    quantization = builder.quantization_for(precision.name, o.block_size)  # checks the block size
     if not _is_int(o.seed) or not 0 <= o.seed < 2**63:
         raise InvalidArgumentError(f"seed must be an integer from 0 to 2**63-1, got {o.seed!r}",
                                    hint="it seeds random:NAME weights and the verification inputs (default 0)")
@@ -83,23 +81,26 @@ def check_options(options: ExportOptions) -> tuple[builder.Quantization | None, 
     increase = o.max_perplexity_increase
     if increase is not None and (not _is_real(increase) or not math.isfinite(increase) or increase <= -1):
         raise InvalidArgumentError(f"max_perplexity_increase must be a finite fraction > -1 (0.01 is 1%), "
-                                   f"got {increase!r}", hint="default: 0.01 for int8, 0.05 for int4")
+                                   f"got {increase!r}", hint="default: " + precisions.per_precision("max_perplexity_increase"))
     top1 = o.min_top1_agreement
     if top1 is not None and (not _is_real(top1) or not 0 <= top1 <= 1):
         raise InvalidArgumentError(f"min_top1_agreement must be a fraction from 0 to 1 (0.95 is 95%), got {top1!r}",
-                                   hint="default: 0.95 for int8, 0.85 for int4")
+                                   hint="default: " + precisions.per_precision("min_top1_agreement"))
+    if o.max_kl is not None and (not _is_real(o.max_kl) or not math.isfinite(o.max_kl) or o.max_kl < 0):
+        raise InvalidArgumentError(f"max_kl must be a finite number of nats >= 0, got {o.max_kl!r}",
+                                   hint="default: " + precisions.per_precision("max_kl"))
     if o.eval_text is not None and (not isinstance(o.eval_text, (str, os.PathLike))
                                     or not Path(o.eval_text).expanduser().is_file()):
         raise InvalidArgumentError(f"the evaluation text {o.eval_text!r} is not a file",
                                    hint="pass a UTF-8 text file to --eval-text")
-    quantization = builder.quantization_for(o.precision, o.block_size)
-    kv_cache = o.kv_cache or ("float32" if quantization is None else "int8")
+    kv_cache = o.kv_cache or precision.kv_cache_dtype
     if kv_cache not in c.KV_CACHE_DTYPES:
         raise InvalidArgumentError(f"kv_cache must be one of {', '.join(c.KV_CACHE_DTYPES)}, got {kv_cache!r}",
-                                   hint="leave it out for the precision's default (int8 for int8/int4, float32 for fp32)")
-    if kv_cache == "int8" and quantization is None:
-        raise InvalidArgumentError("an int8 KV cache needs quantized weights (the fp32 export is verified exactly)",
-                                   hint="add --precision int8 or --precision int4")
+                                   hint="leave it out for the precision's default (the table in gpt2onnx/precisions.py)")
+    if kv_cache not in precision.kv_cache_dtypes:
+        raise InvalidArgumentError(f"an {kv_cache} KV cache needs quantized weights (the {precision.name} export is "
+                                   "verified exactly)", hint="add --precision " + " or --precision ".join(
+                                       precisions.QUANTIZED))
     return quantization, kv_cache
 
 
@@ -111,12 +112,8 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def export_model(model: str, out_dir: str | Path, options: ExportOptions = ExportOptions(), *,
-                 progress: Callable[[str], None] = _stderr) -> dict:
+                 progress: Callable[[str], None] = stderr) -> dict:
     """Export MODEL (hub id, local directory or random:NAME) to OUT_DIR. Returns the manifest.
 
     Raises InvalidArgumentError for a bad option (before any work), ModelLoadError for a damaged checkpoint,
@@ -128,10 +125,7 @@ def export_model(model: str, out_dir: str | Path, options: ExportOptions = Expor
         raise InvalidArgumentError(f"MODEL must be a hub id (gpt2), a local directory or random:NAME, got {model!r}",
                                    hint="for example: gpt2onnx export random:tiny out/tiny")
     out = staging.check_output(Path(out_dir), force=options.force)
-    start = time.perf_counter()
-
-    def step(message: str) -> None:
-        progress(f"[{time.perf_counter() - start:6.1f}s] {message}")
+    step = stopwatch(progress)
 
     with staging.terminate_cleanly():
         staging.remove_stale(out, step)
@@ -196,16 +190,15 @@ def _verify(model: str, source: sources.Source, directory: Path, options: Export
         beside = None if model.startswith(sources.RANDOM_PREFIX) else Path(model).expanduser()
         eval_source, eval_ids = verify.eval_tokens(tokenizer, text_file=options.eval_text, beside=beside)
         step(f"scoring quality on {eval_source}")
-        top1 = options.min_top1_agreement
-        if top1 is None and model.startswith(sources.RANDOM_PREFIX):
-            top1 = 0.0  # random weights barely prefer any token: agreement measures ties, not quality
         report = verify.verify_quality(session, reference, tokenizer, precision=options.precision,
                                        eval_ids=eval_ids, eval_source=eval_source, seed=options.seed,
                                        max_perplexity_increase=options.max_perplexity_increase,
-                                       min_top1_agreement=top1)
-        ppl = report["perplexity"]
-        summary = (f"perplexity {ppl['export']:.3f} vs PyTorch fp32 {ppl['reference']:.3f} "
-                   f"({100 * ppl['increase']:+.2f}%), top-1 agreement {100 * report['top1_agreement']:.1f}%")
+                                       max_kl=options.max_kl, min_top1_agreement=options.min_top1_agreement)
+        ppl, top1 = report["perplexity"], report["top1_agreement"]
+        summary = (f"KL {report['kl_divergence']['mean']:.2g} nats/token, perplexity {ppl['export']:.3f} vs "
+                   f"PyTorch fp32 {ppl['reference']:.3f} ({100 * ppl['increase']:+.2f}%), top-1 agreement "
+                   + ("n/a" if top1 is None else f"{100 * top1:.1f}%")
+                   + f" at {report['top1_positions']} decisive positions")
     step(f"verified: {summary}")
     return report
 

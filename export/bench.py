@@ -37,17 +37,23 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InvalidArgumentError, MissingDependencyError
+from gpt2onnx.errors import InvalidArgumentError, MissingDependencyError
+from gpt2onnx.precisions import FLOAT_KV_CACHE, PRECISIONS
 
-# (framework, precision) in report order
+# (framework, precision) in report order; gpt2onnx's precisions are the table's, and "+kv32" is one whose KV
+# cache defaults to int8 exported with --kv-cache float32
 CONFIGS = [("torch", "fp32"), ("optimum", "fp32"), ("ctranslate2", "fp32"), ("ctranslate2", "int8"),
-           ("gpt2onnx", "fp32"), ("gpt2onnx", "int8"), ("gpt2onnx", "int4"), ("gpt2onnx", "int8+kv32"),
-           ("gpt2onnx", "int4+kv32")]  # +kv32: exported with --kv-cache float32 (int8/int4 default to an int8 cache)
+           *[("gpt2onnx", p.name) for p in PRECISIONS.values()],
+           *[("gpt2onnx", p.name + "+kv32") for p in PRECISIONS.values() if p.kv_cache_dtype != FLOAT_KV_CACHE]]
 LABELS = {"torch": "transformers+torch", "optimum": "Optimum ORTModelForCausalLM", "ctranslate2": "CTranslate2",
           "gpt2onnx": "gpt2onnx"}
 _MODULES = {"torch": "transformers", "optimum": "optimum.onnxruntime", "ctranslate2": "ctranslate2",
             "gpt2onnx": "onnxruntime"}
 _WEIGHT_SUFFIXES = (".onnx", ".onnx.data", ".onnx_data", ".safetensors", ".bin")
+# What makes a gpt2onnx export, for telling a prepared model made by other code (see _maker): this package's
+# modules but these, and the runtime's modules the export writes by.
+_NOT_EXPORT_CODE = ("bench.py", "commands.py", "verify_command.py", "parity.py", "progress.py")
+_RUNTIME_EXPORT_CODE = ("contract.py", "precisions.py", "gpt2.py", "matmulnbits.py", "config.py")
 _EOS = 50256
 
 
@@ -167,7 +173,7 @@ def prepare(options: BenchOptions, configs: list[tuple[str, str]], *,
             progress: Callable[[str], None]) -> dict[tuple[str, str], Path]:
     """Every configuration's model directory under work_dir, made once (a `.done` file marks a finished one)."""
     try:
-        import gpt2onnx_export  # noqa: F401  (the export extra: torch, transformers, onnx)
+        from . import steps  # noqa: F401  (the export extra: torch, transformers, onnx)
     except ImportError as error:
         raise MissingDependencyError(f"preparing the benchmark's models needs the export extra ({error})",
                                      hint="pip install 'gpt2onnx[export,bench]'") from error
@@ -201,10 +207,12 @@ def _maker(framework: str) -> str:
         return f"{framework} {version({'optimum': 'optimum-onnx'}.get(framework, framework))}"
     import hashlib
 
-    import gpt2onnx_export
+    import gpt2onnx
 
+    runtime = Path(gpt2onnx.__file__).parent
     digest = hashlib.sha256()
-    for path in sorted(Path(gpt2onnx_export.__file__).parent.glob("*.py")) + [Path(__file__).parent / "contract.py"]:
+    for path in sorted(p for p in Path(__file__).parent.glob("*.py") if p.name not in _NOT_EXPORT_CODE) + [
+            runtime / name for name in _RUNTIME_EXPORT_CODE]:
         digest.update(path.read_bytes())
     return f"gpt2onnx export code {digest.hexdigest()[:16]}"
 
@@ -223,8 +231,8 @@ def _hf_checkpoint(model: str, root: Path, progress) -> Path:
     import shutil
     import tempfile
 
-    from gpt2onnx_export.reference import torch_model
-    from gpt2onnx_export.sources import load_source
+    from .reference import torch_model
+    from .sources import load_source
 
     with tempfile.TemporaryDirectory() as work:
         source = load_source(model, workdir=Path(work), seed=0)
@@ -240,11 +248,11 @@ def _convert(framework: str, precision: str, model: str, hf: Path, directory: Pa
 
     shutil.rmtree(directory, ignore_errors=True)
     if framework == "gpt2onnx":
-        from gpt2onnx_export import ExportOptions, export_model
+        from .steps import ExportOptions, export_model
 
         spec = model if model.startswith("random:") else str(hf)
         weights, _, kv = precision.partition("+")
-        options = ExportOptions(precision=weights, kv_cache="float32" if kv == "kv32" else None, force=True)
+        options = ExportOptions(precision=weights, kv_cache=FLOAT_KV_CACHE if kv == "kv32" else None, force=True)
         export_model(spec, directory, options, progress=lambda m: None)
     elif framework == "optimum":
         from optimum.onnxruntime import ORTModelForCausalLM
@@ -271,7 +279,7 @@ class _Worker:
         self.log = logs / f"{framework}-{precision}.log"
         self.rounds: list[dict] = []
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "gpt2onnx.bench", "worker", framework, precision, str(directory), str(threads)],
+            [sys.executable, "-m", "gpt2onnx_export.bench", "worker", framework, precision, str(directory), str(threads)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(self.log, "w"), text=True)
         self.loaded = self._read()
 
@@ -429,13 +437,11 @@ class _TorchRunner(_Runner):
         torch.set_num_threads(threads)
         self.torch = torch
         if optimum:
-            import onnxruntime as ort
             from optimum.onnxruntime import ORTModelForCausalLM
 
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = threads
-            so.log_severity_level = 3
-            self.model = ORTModelForCausalLM.from_pretrained(directory, session_options=so,
+            from gpt2onnx.session import ort_options
+
+            self.model = ORTModelForCausalLM.from_pretrained(directory, session_options=ort_options(threads=threads),
                                                              provider="CPUExecutionProvider")
         else:
             from transformers import GPT2LMHeadModel
@@ -469,14 +475,14 @@ class _CTranslate2Runner(_Runner):
 
 class _Gpt2OnnxRunner(_Runner):
     def __init__(self, directory: Path, precision: str, threads: int):
-        from .model import load
+        from gpt2onnx import load
 
         self.model = load(directory, threads=threads)
-        self.timer = _OrtTimer(self.model.session)
+        self.timer = _OrtTimer()
 
     def generate(self, prompt, new, rows=1):
-        from .generator import generate
-        from .settings import GenerationSettings
+        from gpt2onnx.generator import generate
+        from gpt2onnx.settings import GenerationSettings
 
         if rows > 1:
             settings = GenerationSettings(max_new_tokens=new, ignore_eos=True, do_sample=True,
@@ -484,36 +490,18 @@ class _Gpt2OnnxRunner(_Runner):
             rng = np.random.default_rng(0)
         else:
             settings, rng = GenerationSettings(max_new_tokens=new, ignore_eos=True), None
-        return generate(self.model.session, [prompt], settings, eos_id=self.model.eos_token_id, rng=rng)
+        with self.model.session.observe(self.timer):
+            return generate(self.model.session, [prompt], settings, eos_id=self.model.eos_token_id, rng=rng)
 
 
 class _OrtTimer:
-    """Counts the time spent inside ONNX Runtime's run calls of an OnnxSession."""
+    """Observes an OnnxSession: adds up the time its steps spent inside ONNX Runtime."""
 
-    def __init__(self, session):
+    def __init__(self):
         self.seconds = 0.0
-        inner = session._session
-        timer = self
 
-        class Timed:
-            def __getattr__(self, name):
-                return getattr(inner, name)
-
-            def run_with_iobinding(self, *args, **kwargs):
-                start = time.perf_counter()
-                try:
-                    return inner.run_with_iobinding(*args, **kwargs)
-                finally:
-                    timer.seconds += time.perf_counter() - start
-
-            def run(self, *args, **kwargs):
-                start = time.perf_counter()
-                try:
-                    return inner.run(*args, **kwargs)
-                finally:
-                    timer.seconds += time.perf_counter() - start
-
-        session._session = Timed()
+    def __call__(self, record) -> None:
+        self.seconds += record.seconds
 
 
 _RUNNERS = {"torch": _TorchRunner, "optimum": lambda d, p, t: _TorchRunner(d, p, t, optimum=True),
@@ -560,7 +548,7 @@ def _peak_rss() -> int:
 
 
 def _worker_main(argv: list[str]) -> int:
-    """python -m gpt2onnx.bench worker FRAMEWORK PRECISION DIRECTORY THREADS; JSON lines on stdin/stdout."""
+    """python -m gpt2onnx_export.bench worker FRAMEWORK PRECISION DIRECTORY THREADS; JSON lines on stdin/stdout."""
     framework, precision, directory, threads = argv[0], argv[1], Path(argv[2]), int(argv[3])
     out = sys.stdout
     sys.stdout = sys.stderr  # libraries' prints go to the log, not into the protocol

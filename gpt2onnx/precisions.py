@@ -1,0 +1,80 @@
+"""The precisions an export can have, in one table.
+
+The CLI's choices and help, the builder (export/builder.py `quantization_for`), the quantizer, the quality
+gate of export and verify, inspect and bench all read this table. A new precision is a row here and, if its
+graph differs, a case in the builder; nothing else spells a precision's numbers.
+
+Block sizes: inputs per quantization block (a power of two >= 16) unless chosen; larger blocks are faster
+(fewer scales). int4 at 128 instead of 64: a decode step 20% faster on 2 threads for +0.2% perplexity on the
+trained test model (benchmarks/quantization.py).
+
+The quality gate of a quantized export, against PyTorch fp32 on a text (export/verify.py `verify_quality`):
+  max_perplexity_increase  relative perplexity increase, 0.01 = 1%
+  max_kl                   mean KL(PyTorch fp32 || export) of the next-token distributions, nats per position.
+                           Measured on the trained test model's held-out text (block size 32): int8 5.4e-5,
+                           int4 4.1e-3; the limits leave room for other checkpoints and catch a broken
+                           quantization.
+  min_top1_agreement       share of the *decisive* positions (PyTorch's top-1 probability ahead of its
+                           second by at least verify.DECISIVE_MARGIN) where the export's top-1 is PyTorch's;
+                           near-ties and near-flat distributions say nothing about quality and are not counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .contract import KV_CACHE_DTYPES
+from .errors import InvalidArgumentError
+
+FLOAT_KV_CACHE, INT8_KV_CACHE = KV_CACHE_DTYPES
+
+
+@dataclass(frozen=True)
+class Precision:
+    """One precision: how its weights are stored and how closely it must follow PyTorch fp32."""
+
+    name: str
+    bits: int | None  # bits per weight of the block-quantized matmuls (MatMulNBits); None: float32, not quantized
+    default_block_size: int | None  # inputs per quantization block unless chosen (quantized only)
+    kv_cache_dtype: str  # the KV cache's dtype unless chosen
+    max_perplexity_increase: float | None = None  # quality gate (quantized only; fp32 is verified to atol)
+    min_top1_agreement: float | None = None
+    max_kl: float | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits is not None
+
+    @property
+    def kv_cache_dtypes(self) -> tuple[str, ...]:
+        """The cache dtypes it may have: an int8 cache needs quantized weights (fp32 is verified exactly)."""
+        return KV_CACHE_DTYPES if self.quantized else (FLOAT_KV_CACHE,)
+
+    def thresholds(self) -> dict[str, float]:
+        """The quality gate's limits, by the names the reports use."""
+        return {"max_perplexity_increase": self.max_perplexity_increase, "min_top1_agreement": self.min_top1_agreement,
+                "max_kl_divergence": self.max_kl}
+
+
+PRECISIONS: dict[str, Precision] = {p.name: p for p in (
+    Precision("fp32", bits=None, default_block_size=None, kv_cache_dtype=FLOAT_KV_CACHE),
+    Precision("int8", bits=8, default_block_size=128, kv_cache_dtype=INT8_KV_CACHE,
+              max_perplexity_increase=0.01, min_top1_agreement=0.95, max_kl=0.005),
+    Precision("int4", bits=4, default_block_size=128, kv_cache_dtype=INT8_KV_CACHE,
+              max_perplexity_increase=0.05, min_top1_agreement=0.85, max_kl=0.05),
+)}
+NAMES = tuple(PRECISIONS)
+QUANTIZED = tuple(name for name, p in PRECISIONS.items() if p.quantized)
+
+
+def get(name: str) -> Precision:
+    """The precision called `name`, or an InvalidArgumentError listing the known ones."""
+    precision = PRECISIONS.get(name) if isinstance(name, str) else None
+    if precision is None:
+        raise InvalidArgumentError(f"precision must be one of {', '.join(NAMES)}, got {name!r}")
+    return precision
+
+
+def per_precision(field: str) -> str:
+    """A field's value for every quantized precision, for help texts: "0.01 for int8, 0.05 for int4"."""
+    return ", ".join(f"{getattr(PRECISIONS[name], field):g} for {name}" for name in QUANTIZED)

@@ -1,0 +1,126 @@
+"""Helpers the test modules share (fixtures live in conftest.py; test modules never import each other).
+
+    export(spec, out, **options)          an export, quietly (ExportOptions keywords)
+    run_python(code, blocked=(...))       `code` in a fresh interpreter where importing `blocked` fails
+    rewrite(directory, model)             save an edited graph into an export, manifest hashes updated
+    external_data_copy(src, dst)          an export rewritten with its weights in model.onnx.data
+    quantized_copy(src, dst, bits, block_size)   an fp32 export rewritten with MatMulNBits, as another
+                                          exporter could write it (packed here, independently of ours)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def export(spec: str, out: Path, **options) -> Path:
+    from gpt2onnx_export import ExportOptions, export_model
+
+    export_model(spec, out, ExportOptions(**options), progress=lambda message: None)
+    return out
+
+
+def blocker(*modules: str) -> str:
+    """Python source that makes importing any of `modules` (and their submodules) fail, as if not installed."""
+    return f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {tuple(modules)!r}:
+            raise ImportError('blocked: ' + name, name=name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def run_python(code: str, *, blocked: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter (with `blocked` modules made unimportable); text output captured."""
+    return subprocess.run([sys.executable, "-c", (blocker(*blocked) if blocked else "") + code],
+                          capture_output=True, text=True)
+
+
+# -- exports rewritten the way another exporter could have written them ----------------------------
+
+
+def rewrite(directory, model, *, external: bool = False, **manifest_updates) -> None:
+    """Save `model` into `directory` and bring its manifest's file list and hashes up to date."""
+    import onnx
+
+    from gpt2onnx import contract as c
+    from gpt2onnx.manifest import hash_files, write_manifest
+
+    onnx.save_model(model, str(directory / c.MODEL_FILE), save_as_external_data=external,
+                    location=c.MODEL_DATA_FILE, size_threshold=1024)
+    manifest = json.loads((directory / c.MANIFEST_FILE).read_text())
+    names = set(manifest[c.M_FILES]) | ({c.MODEL_DATA_FILE} if external else set())
+    manifest.update(manifest_updates, **{c.M_FILES: hash_files(directory, sorted(names))})
+    write_manifest(directory, manifest)
+
+
+def external_data_copy(src, dst):
+    """The export with its weights in model.onnx.data, as large models are saved."""
+    import onnx
+
+    from gpt2onnx import contract as c
+
+    shutil.copytree(src, dst)
+    rewrite(dst, onnx.load(str(dst / c.MODEL_FILE)), external=True)
+    return dst
+
+
+def pack_symmetric(w: np.ndarray, *, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """W [N, K] -> MatMulNBits codes [N, k_blocks, block_size * bits / 8] and scales [N, k_blocks]."""
+    n, k = w.shape
+    k_blocks = -(-k // block_size)
+    blocks = np.pad(w, ((0, 0), (0, k_blocks * block_size - k))).reshape(n, k_blocks, block_size)
+    half = 2 ** (bits - 1)
+    scales = (np.abs(blocks).max(axis=2) / (half - 1)).astype(np.float32)
+    codes = np.clip(np.rint(blocks / scales[..., None]) + half, 0, 2 * half - 1).astype(np.uint8)
+    per_byte = 8 // bits
+    codes = codes.reshape(n, k_blocks, block_size // per_byte, per_byte)
+    packed = sum(codes[..., j] << (bits * j) for j in range(per_byte)).astype(np.uint8)
+    return packed, scales
+
+
+def quantized_copy(src, dst, *, bits: int = 4, block_size: int = 32):
+    """The export with every block matmul and the head as MatMulNBits, named as the contract says: what an
+    int4 export looks like (wte stays float32 for its Gather; the tied head becomes its own copy)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from gpt2onnx import contract as c
+
+    shutil.copytree(src, dst)
+    model = onnx.load(str(dst / c.MODEL_FILE))
+    weights = {t.name: t for t in model.graph.initializer}
+    nodes, replaced = [], set()
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in weights:  # Conv1D: x @ W, W [in, out]
+            name, w = node.input[1], numpy_helper.to_array(weights[node.input[1]]).T
+            replaced.add(name)
+        elif node.op_type == "Gemm":  # the tied head: x @ wte^T
+            name, w = "lm_head.weight", numpy_helper.to_array(weights[node.input[1]])
+        else:
+            nodes.append(node)
+            continue
+        packed, scales = pack_symmetric(w, bits=bits, block_size=block_size)
+        codes_name, scales_name, _ = c.quantized_names(name)
+        model.graph.initializer.extend([numpy_helper.from_array(packed, codes_name),
+                                        numpy_helper.from_array(scales, scales_name)])
+        nodes.append(helper.make_node("MatMulNBits", [node.input[0], codes_name, scales_name], list(node.output),
+                                      domain="com.microsoft", K=w.shape[1], N=w.shape[0], bits=bits,
+                                      block_size=block_size, accuracy_level=4))
+    kept = [t for t in model.graph.initializer if t.name not in replaced]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    rewrite(dst, model, **{c.M_PRECISION: f"int{bits}", c.M_QUANTIZATION: {"bits": bits, "block_size": block_size,
+                                                                             "symmetric": True, "accuracy_level": 4}})
+    return dst
