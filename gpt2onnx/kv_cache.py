@@ -63,6 +63,32 @@ class KVCache:
                    for b in self.buffers]
         return KVCache(buffers, length=self.length)
 
+    @classmethod
+    def gather(cls, parts: list[tuple["KVCache", np.ndarray]], *, width: int, capacity: int = 0) -> "KVCache":
+        """A new cache holding the given rows of several caches, right-aligned: `width` positions in use, the
+        last positions of every part's past ending together at `width` (room for `capacity` in all).
+
+        parts: (cache, row indices) pairs, rows in the order given, a row may repeat (one prefill shared by
+        several samples). A part whose past is shorter than `width` gets zeros in front (left padding: the
+        attention mask hides it, and zeros keep it finite); a longer one loses its first positions (the
+        caller drops only columns that are padding in every one of its rows). This is how rows join and
+        leave a running batch: one copy of the rows that stay, none of the rest.
+        """
+        first = parts[0][0]
+        batch = sum(len(rows) for _, rows in parts)
+        buffers = []
+        for layer, old in enumerate(first.buffers):
+            new = np.empty((batch, old.shape[1], max(capacity, width), old.shape[3]), old.dtype)
+            at = 0
+            for cache, rows in parts:
+                keep = min(width, cache.length)
+                new[at:at + len(rows), :, :width - keep] = 0
+                for row in np.asarray(rows).tolist():  # one copy per row, straight from its buffer
+                    new[at, :, width - keep:width] = cache.buffers[layer][row, :, cache.length - keep:cache.length]
+                    at += 1
+            buffers.append(new)
+        return cls(buffers, length=width)
+
     def _moved(self, buffer: np.ndarray, batch: int, capacity: int, rows) -> np.ndarray:
         new = np.empty((batch, buffer.shape[1], capacity, buffer.shape[3]), buffer.dtype)
         new[:, :, :self.length] = rows(buffer[:, :, :self.length])
