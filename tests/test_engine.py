@@ -201,6 +201,11 @@ def test_long_prompt_is_prefilled_in_chunks_while_others_decode(trained):
             time.sleep(0.001)
         long = engine.submit(trained.encode_prompt(long_prompt), GenerationSettings(max_new_tokens=10, do_sample=True,
                                                                                    seed=2))
+        while not engine.stats().prefilling:
+            time.sleep(0.001)
+        late = engine.submit(trained.encode_prompt(PROMPTS[3]), GenerationSettings(max_new_tokens=3))
+        next(late.events(timeout=30))  # a short prompt does not wait behind the long one
+        assert engine.stats().prefilling == 1 and not long.done
         assert assert_same(trained, long_prompt, long) == 0  # chunked prefill gives generate's tokens
         assert assert_same(trained, PROMPTS[0], short) == 0
     during = [tokens for rows, prefilling, tokens in seen if prefilling]
