@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import GenerationError, Gpt2OnnxError, InvalidArgumentError
+from .generator import left_pad
 from .kv_cache import KVCache
 from .logprobs import TopLogprobs, check_top, chosen
 from .sampling import sample
@@ -252,7 +253,7 @@ class _Active:
         self.counts = (np.zeros((n, vocab), np.float32)
                        if request.frequency_penalty or request.presence_penalty else None)
         self.start = 0  # its first row in the running batch
-        self.cache: KVCache | None = None  # its prompt's cache, between prefill and joining the batch
+        self.cache: tuple[KVCache, int] | None = None  # its prompt's past (cache, row) until it joins the batch
 
     @property
     def done(self) -> bool:
@@ -346,10 +347,11 @@ class _Active:
 
 
 class _Joining:
-    """A request whose prompt is being prefilled, chunk by chunk, in a batch-1 cache of its own."""
+    """A request whose prompt is being prefilled: chunk by chunk in a batch-1 cache of its own, or whole, as
+    one row of a batch of fresh short prompts."""
 
     def __init__(self, active: _Active, cache: KVCache):
-        self.active, self.cache = active, cache
+        self.active, self.cache, self.row = active, cache, 0  # its prompt's past: self.cache's row self.row
         self.done = 0  # prompt tokens prefilled
         self.last_logits: np.ndarray | None = None  # [1, vocab] at the last prefilled position
         self.prompt_logprobs: list = [(None, None)]
@@ -516,10 +518,23 @@ class Engine:
         prompt never waits behind a long one). Returns the requests whose prompt is complete, first tokens
         picked and rows still live."""
         budget, newcomers = self.options.prefill_chunk, []
-        for joining in sorted(self._joining, key=lambda j: len(j.active.request.prompt_ids) - j.done):
-            if budget <= 0:
+        order = sorted(self._joining, key=lambda j: len(j.active.request.prompt_ids) - j.done)
+        # fresh prompts that fit whole go together, as one left-padded batch from an empty past (a burst of
+        # clients costs one run, not one run each)
+        fresh = [j for j in order if j.done == 0 and not j.active.request.echo_logprobs]
+        group = []
+        for joining in fresh:  # shortest first: the padded batch costs rows x the longest prompt
+            if (len(group) + 1) * len(joining.active.request.prompt_ids) > budget:
                 break
-            budget -= self._prefill_chunk(joining, budget)
+            group.append(joining)
+        group = group if len(group) > 1 else []
+        if group:
+            budget -= self._prefill_together(group)
+        for joining in order:
+            if joining not in group:
+                if budget <= 0:
+                    continue
+                budget -= self._prefill_chunk(joining, budget)
             if joining.done < len(joining.active.request.prompt_ids):
                 continue
             # the prompt is in: its rows share its cache and pick their first tokens from its last logits
@@ -530,11 +545,24 @@ class Engine:
             if request.settings.max_new_tokens == 0:
                 active.end(LENGTH)
                 continue
-            active.cache = joining.cache
+            active.cache = (joining.cache, joining.row)
             self._pick(active, np.repeat(joining.last_logits, request.rows, axis=0))
             if not active.done:
                 newcomers.append(active)
         return newcomers
+
+    def _prefill_together(self, group: list[_Joining]) -> int:
+        """Prefill whole fresh prompts as one left-padded batch; each request gets its row of the cache."""
+        ids, mask = left_pad([j.active.request.prompt_ids for j in group], self._eos)
+        positions = np.where(mask == 1, mask.cumsum(axis=1) - 1, 1)
+        cache = self._session.empty_cache(len(group), capacity=ids.shape[1])
+        logits, cache = self._session.run(ids, mask, positions, cache, logits_for="last")
+        for row, joining in enumerate(group):
+            joining.cache, joining.row, joining.done = cache, row, len(joining.active.request.prompt_ids)
+            joining.last_logits = logits[row:row + 1, -1, :].copy()
+        with self._lock:
+            self._stats["prompt_tokens"] += int(mask.sum())
+        return ids.size
 
     def _prefill_chunk(self, joining: _Joining, budget: int) -> int:
         """Run the next <= budget prompt tokens of a joining request in its own batch-1 cache."""
@@ -564,8 +592,9 @@ class Engine:
             lengths.append(self._cache.length - self._pad[rows])
             parts.append((self._cache, rows))
         for newcomer in newcomers:
-            lengths.append(np.full(newcomer.request.rows, newcomer.cache.length))
-            parts.append((newcomer.cache, np.zeros(newcomer.request.rows, np.int64)))
+            cache, row = newcomer.cache
+            lengths.append(np.full(newcomer.request.rows, len(newcomer.request.prompt_ids)))
+            parts.append((cache, np.full(newcomer.request.rows, row)))
             newcomer.cache = None
             stay.append(newcomer)
         self._running = stay

@@ -78,7 +78,7 @@ def test_alone_equals_generate(trained):
         assert request.seed is not None and assert_same(trained, PROMPTS[1], request) == 0
 
 
-def test_amid_concurrent_requests_equals_alone(trained):
+def test_amid_concurrent_requests_equals_alone(trained, monkeypatch):
     """Requests of different prompt lengths, settings and seeds, joining at different steps, some leaving
     early: each equals model.generate alone (sampled and greedy). Any difference (a near-tie flipped by the
     batch's float rounding) is counted and reported; at fp32 there is none here."""
@@ -91,18 +91,25 @@ def test_amid_concurrent_requests_equals_alone(trained):
             stop=("\n",) if i % 7 == 3 else ())))
     target = ("In Vim, to", GenerationSettings(max_new_tokens=30, do_sample=True, seed=7, top_k=0))
     target_greedy = ("fs.readFile(path, options", GenerationSettings(max_new_tokens=30))
-    rows_per_step = []
-    with Engine(trained, EngineOptions(max_batch=16, prefill_chunk=16, on_step=rows_per_step.append)) as engine:
+    rows_per_step, batched_prefills = [], []
+    together = Engine._prefill_together
+    monkeypatch.setattr(Engine, "_prefill_together", lambda self, group: batched_prefills.append(len(group))
+                        or together(self, group))
+    with Engine(trained, EngineOptions(max_batch=16, prefill_chunk=32, on_step=rows_per_step.append)) as engine:
         submitted = [(p, engine.submit(trained.encode_prompt(p), s), None) for p, s in (target, target_greedy)]
         for i, (prompt, settings) in enumerate(jobs):  # join at different steps
             deadline = time.monotonic() + 1
             while engine.stats().steps < 2 * i and time.monotonic() < deadline:
                 time.sleep(0.002)
-            submitted.append((prompt, engine.submit(trained.encode_prompt(prompt), settings, logprobs=1), 1))
+            for copy in range(1 + 2 * (i % 5 == 1)):  # sometimes a burst: fresh prompts prefilled as one batch
+                changed = dataclasses.replace(settings, seed=settings.seed + 1000 * copy)
+                submitted.append((prompt, engine.submit(trained.encode_prompt(prompt), changed, logprobs=1), 1))
         differing = [assert_same(trained, p, r, logprobs=k) for p, r, k in submitted]
     rows = sum(r.rows for _, r, _ in submitted)
     print(f"rows differing from generate alone: {sum(differing)} of {rows}; batch sizes seen: "
-          f"{min(rows_per_step)}..{max(rows_per_step)} over {len(rows_per_step)} steps")
+          f"{min(rows_per_step)}..{max(rows_per_step)} over {len(rows_per_step)} steps; prompts prefilled together: "
+          f"{batched_prefills}")
+    assert batched_prefills
     assert max(rows_per_step) > 6 and max(rows_per_step) <= 16
     assert sum(differing) == 0
 
