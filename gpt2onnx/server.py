@@ -41,7 +41,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
-from .errors import Gpt2OnnxError, InvalidArgumentError
+from .errors import Gpt2OnnxError, InvalidArgumentError, ModelLoadError
 from .metrics import CONTENT_TYPE, Metrics
 from .openai_api import (
     MAX_LOGPROBS,
@@ -98,6 +98,7 @@ class _State:
         self.engine = None
         self.owns_engine = False
         self.load_error: str | None = None
+        self.load_hint: str | None = None
         self.on_load_error: Callable[[], None] | None = None  # the runner stops the server
         self.draining = False
         self.in_flight = 0
@@ -119,9 +120,11 @@ class _State:
             log.info("model loaded: serving %s", self.options.model_name)
         except Exception as error:  # noqa: BLE001 - reported on /health and by the runner
             self.load_error = getattr(error, "message", None) or f"{type(error).__name__}: {error}"
-            log.error("the model failed to load: %s", self.load_error)
+            self.load_hint = getattr(error, "hint", None)
             if self.on_load_error is not None:
                 self.on_load_error()
+            else:
+                log.error("the model failed to load: %s", self.load_error)
 
     def unavailable(self) -> ApiError | None:
         """Why the engine cannot take a request now (None: it can)."""
@@ -253,6 +256,10 @@ async def _completions(request: Request, state: _State) -> Response:
         _check_model(body.model, state)
         prepared = prepare(body, encode=lambda text: model.encode_prompt(text, allow_special=True),
                            decode=model.tokenizer.decode, n_positions=model.config.n_positions)
+        most = getattr(getattr(engine, "options", None), "max_queue", None)
+        if most is not None and len(prepared.prompt_ids) > most:  # could never be queued at once
+            raise bad_request(f"prompt holds {len(prepared.prompt_ids)} prompts; this server takes at most {most} "
+                              "in one request (its --max-queue): split the list", "prompt")
     except ApiError as error:
         reason = {"context_length_exceeded": "context_length", "model_not_found": "not_found"}.get(error.code,
                                                                                                     "invalid")
@@ -610,8 +617,10 @@ def _max_batch(engine) -> int:
 
 def serve(engine, options: ServerOptions = ServerOptions(), *, host: str = "127.0.0.1", port: int = 8000,
           log_level: str = "info") -> int:
-    """Run the app until SIGTERM / Ctrl-C (drained) or a failed model load. Returns the exit code: 0, or 1
-    when the model could not be loaded. `engine` as in create_app."""
+    """Run the app until SIGTERM / Ctrl-C (drained). Returns 0; raises ModelLoadError when the model could not
+    be loaded (the server then stops), InvalidArgumentError when host:port cannot be bound. `engine` as in
+    create_app."""
+    _check_address(host, port)
     app = create_app(engine, options)
     state: _State = app.state.gpt2onnx
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
@@ -619,7 +628,20 @@ def serve(engine, options: ServerOptions = ServerOptions(), *, host: str = "127.
     server = _DrainingServer(config, state)
     state.on_load_error = server.stop
     server.run()
-    return 1 if state.load_error is not None else 0
+    if state.load_error is not None:
+        raise ModelLoadError(f"the model failed to load: {state.load_error}", hint=state.load_hint)
+    return 0
+
+
+def _check_address(host: str, port: int) -> None:
+    """Fail with one line now rather than with uvicorn's log after the model started loading."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as error:
+        raise InvalidArgumentError(f"cannot listen on {host}:{port}: {error.strerror}",
+                                   hint="pick another --port, or stop the process that uses it") from None
 
 
 class _DrainingServer(uvicorn.Server):

@@ -222,6 +222,31 @@ def test_logit_bias_forces_a_token(client, model):
     assert answer.choices[0].text == " the" * 5
 
 
+def test_streams_never_split_a_character(tiny_export):
+    """Random weights pushed towards the byte tokens that are parts of multi-byte characters: the pieces of
+    a stream still join to the whole text, pieces that end inside a character are held back."""
+    from gpt2onnx.openai_api import TokenText
+
+    model = gpt2onnx.load(tiny_export)
+    names = TokenText(Path(tiny_export) / "tokenizer.json")
+    partial = [i for i in range(model.config.vocab_size) if names(i).startswith("bytes:")]
+    assert len(partial) > 50
+    options = dict(model=NAME, prompt="Hello", max_tokens=120, seed=0, logprobs=0,
+                   logit_bias={str(i): 8 for i in partial}, extra_body={"ignore_eos": True})
+    with Engine(model, EngineOptions(max_batch=4)) as engine, \
+            LiveServer(create_app(engine, ServerOptions(model_name=NAME))) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        whole = client.completions.create(**options).choices[0]
+        chunks = [c.choices[0] for c in client.completions.create(stream=True, **options)]
+    tokens = [t for c in chunks for t in c.logprobs.tokens]
+    assert tokens == whole.logprobs.tokens and sum(t.startswith("bytes:") for t in tokens) > 30
+    assert "".join(c.text for c in chunks) == whole.text
+    held = [c for c in chunks if c.logprobs.tokens and not c.text]
+    assert held, "no piece was held back: the test did not produce a split character"
+    joined = [ch for ch in whole.text if ord(ch) > 0x7F and ch != "\ufffd"]
+    print(f"{len(held)} held-back pieces; {len(joined)} multi-byte characters made of several tokens or not")
+
+
 # --- logprobs equal PyTorch's -------------------------------------------------------------------------------
 
 
@@ -347,6 +372,7 @@ BAD_REQUESTS = [  # (body, param); every one must get a 400 in OpenAI's envelope
     ({"prompt": [[1], []]}, "prompt"),
     ({"prompt": [50257]}, "prompt"),
     ({"prompt": [-1]}, "prompt"),
+    ({"prompt": ["a"] * 65}, "prompt"),
     ({"prompt": LONG}, "prompt"),
     ({"prompt": "hi", "max_tokens": 1024}, "max_tokens"),
     ({"prompt": "hi", "max_tokens": -1}, "max_tokens"),
