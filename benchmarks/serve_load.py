@@ -63,7 +63,9 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def summary(kind: str, clients: int, wall: float, tokens: int, ttft: list[float], gaps: list[float],
             rejected: int) -> dict:
-    ms = lambda v: None if v is None else round(1000 * v, 2)  # noqa: E731
+    def ms(seconds):
+        return None if seconds is None else round(1000 * seconds, 2)
+
     return {"kind": kind, "clients": clients, "tokens": tokens, "seconds": round(wall, 3),
             "tok_per_s": round(tokens / wall, 1) if wall else None,
             "ttft_p50_ms": ms(percentile(ttft, 50)), "ttft_p99_ms": ms(percentile(ttft, 99)),

@@ -65,6 +65,7 @@ from .settings import MAX_RETURN_SEQUENCES
 
 log = logging.getLogger("gpt2onnx.server")
 STATIC = Path(__file__).parent / "static"
+MAX_BODY_BYTES = 8 * 2**20  # a full 1,024-token context is ~10 KB of text or ids: 8 MB is far beyond any use
 _OPEN_PATHS = ("/health", "/", "/favicon.ico")  # and /static/*: the playground's page asks for the key itself
 
 
@@ -249,8 +250,13 @@ async def _completions(request: Request, state: _State) -> Response:
     arrived = time.perf_counter()
     engine = state.require()
     model = state.model
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        state.metrics.rejected.labels("invalid").inc()
+        raise ApiError(413, f"the request body is {len(raw)} bytes; at most {MAX_BODY_BYTES} are accepted",
+                       code="request_too_large")
     try:
-        body = parse_completion_request(await request.body(), vocab_size=model.config.vocab_size,
+        body = parse_completion_request(raw, vocab_size=model.config.vocab_size,
                                         max_n=min(MAX_RETURN_SEQUENCES, _max_batch(engine)),
                                         max_logprobs=state.options.max_logprobs)
         _check_model(body.model, state)

@@ -458,6 +458,8 @@ def test_unknown_route_and_models(client, live):
     assert client.models.retrieve(NAME).id == NAME
     missing = httpx.get(live.url + "/v2/nothing")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    huge = httpx.post(live.url + "/v1/completions", json={"prompt": "x" * (9 * 2**20)})
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
 
 
 def test_tokenize_detokenize_round_trip(live, reference):
