@@ -241,15 +241,15 @@ class CompletionRequest(_Strict):
     @model_validator(mode="after")
     def _together(self):
         if self.best_of is not None and self.best_of != (self.n or 1):
-            raise _field_error("best_of", f"best_of must equal n ({self.n or 1}) or be left out: this server "
+            raise _FieldError("best_of", f"best_of must equal n ({self.n or 1}) or be left out: this server "
                                           f"returns every sequence it samples, got best_of={self.best_of}")
         if self.max_tokens == 0 and not self.echo:
-            raise _field_error("max_tokens", "max_tokens=0 is only allowed with echo=true (scoring the prompt); "
+            raise _FieldError("max_tokens", "max_tokens=0 is only allowed with echo=true (scoring the prompt); "
                                              "ask for at least 1 token")
         if self.stream_options is not None and not self.stream:
-            raise _field_error("stream_options", "stream_options is only allowed when stream is true")
+            raise _FieldError("stream_options", "stream_options is only allowed when stream is true")
         if self.min_tokens is not None and self.min_tokens > self.new_tokens:
-            raise _field_error("min_tokens", f"min_tokens ({self.min_tokens}) must not exceed max_tokens "
+            raise _FieldError("min_tokens", f"min_tokens ({self.min_tokens}) must not exceed max_tokens "
                                              f"({self.new_tokens})")
         return self
 
@@ -276,13 +276,11 @@ class CompletionRequest(_Strict):
 
 
 class _FieldError(ValueError):
+    """A check of several fields at once, naming the field to blame (pydantic would report none)."""
+
     def __init__(self, param: str, message: str):
         super().__init__(message)
         self.param = param
-
-
-def _field_error(param: str, message: str) -> _FieldError:
-    return _FieldError(param, message)
 
 
 def _kind(value) -> str:
@@ -308,10 +306,7 @@ def parse_completion_request(body: bytes, *, vocab_size: int, max_n: int,
         return CompletionRequest.model_validate_json(body or b"null", context=context)
     except ValidationError as error:
         cause = _field_cause(error)
-        if cause is not None:
-            return_error = bad_request(str(cause), cause.param)
-            raise return_error from None
-        raise validation_error(error) from None
+        raise (validation_error(error) if cause is None else bad_request(str(cause), cause.param)) from None
 
 
 def _field_cause(error: ValidationError) -> _FieldError | None:
@@ -541,11 +536,11 @@ class ChoiceText:
         name = self.token_text(token)
         alternatives = None
         if logprob is not None:
-            alternatives = {self.token_text(t): float(lp) for t, lp in (top or [])[:self.k]}
-            alternatives.setdefault(name, float(logprob))
+            alternatives = {self.token_text(t): _finite(lp) for t, lp in (top or [])[:self.k]}
+            alternatives.setdefault(name, _finite(logprob))
         for target in (piece, self.logprobs):
             target.tokens.append(name)
-            target.token_logprobs.append(None if logprob is None else float(logprob))
+            target.token_logprobs.append(None if logprob is None else _finite(logprob))
             target.top_logprobs.append(alternatives)
             target.text_offset.append(offset)
 
@@ -559,13 +554,12 @@ class ChoiceText:
             self._ids = []
         return offset
 
-    def choice(self, *, include_logprobs: bool = True) -> CompletionChoice:
+    def choice(self) -> CompletionChoice:
         return CompletionChoice(index=self.index, text=self.text, finish_reason=self.finish_reason,
-                                logprobs=self.logprobs if include_logprobs else None)
+                                logprobs=self.logprobs)
 
 
-def finite_or_none(value: float | None) -> float | None:
-    """JSON has no -Infinity: a token the model can never produce gets the lowest float instead."""
-    if value is None or math.isfinite(value):
-        return value
-    return -3.4e38 if value < 0 else 3.4e38
+def _finite(value: float) -> float:
+    """JSON has no -Infinity: a token the model can never produce gets float32's lowest value instead."""
+    value = float(value)
+    return value if math.isfinite(value) else (-3.4e38 if value < 0 else 3.4e38)
