@@ -252,7 +252,7 @@ class _Active:
         self.values: list[list] | None = [[] for _ in range(n)] if request.logprobs is not None else None
         self.counts = (np.zeros((n, vocab), np.float32)
                        if request.frequency_penalty or request.presence_penalty else None)
-        self.start = 0  # its first row in the running batch
+        self.rows = np.zeros(0, np.int64)  # its rows' indices in the running batch
         self.cache: tuple[KVCache, int] | None = None  # its prompt's past (cache, row) until it joins the batch
 
     @property
@@ -469,7 +469,7 @@ class Engine:
         #    own settings, history and random generator (a failure ends that request only)
         for active in self._running:
             if not active.done:
-                self._pick(active, self._logits[active.start:active.start + active.request.rows])
+                self._pick(active, self._logits[active.rows])
         # 3. admit waiting requests while their rows fit; prefill joining prompts, shortest rest first, up to
         #    prefill_chunk tokens in all; a complete prompt picks its first tokens and joins the batch
         self._admit()
@@ -584,34 +584,54 @@ class Engine:
         return len(chunk)
 
     def _regroup(self, newcomers: list[_Active]) -> None:
-        """The batch after rows left and/or newcomers joined: a new right-aligned cache, trimmed."""
+        """The batch after rows left and/or newcomers joined. In place when it can be (the rows that leave are
+        filled by the last rows, newcomers written into free rows: only those rows are copied); otherwise
+        one new right-aligned cache without the leading columns that are padding in every row."""
         stay = [a for a in self._running if not a.done]
-        parts, lengths, width = [], [], 0
-        if stay:
-            rows = np.concatenate([np.arange(a.start, a.start + a.request.rows) for a in stay])
-            lengths.append(self._cache.length - self._pad[rows])
-            parts.append((self._cache, rows))
-        for newcomer in newcomers:
-            cache, row = newcomer.cache
-            lengths.append(np.full(newcomer.request.rows, len(newcomer.request.prompt_ids)))
-            parts.append((cache, np.full(newcomer.request.rows, row)))
-            newcomer.cache = None
-            stay.append(newcomer)
-        self._running = stay
-        if not stay:
+        gone = [a for a in self._running if a.done]
+        self._running = stay + newcomers
+        if not self._running:
             self._cache, self._pad = None, np.zeros(0, np.int64)
             return
-        lengths = np.concatenate(lengths)
-        width = int(lengths.max())
-        room = max(a.remaining() for a in stay)  # every row gains one position per step, until its end
-        self._cache = KVCache.gather(parts, width=width, capacity=min(width + room, self.model.config.n_positions))
-        self._pad = width - lengths
-        start = 0
-        for active in stay:
-            active.start, start = start, start + active.request.rows
+        cache, width = self._cache, self._cache.length if self._cache is not None else 0
+        joining = [(*n.cache, n.request.rows, len(n.request.prompt_ids)) for n in newcomers]  # cache, row, n, length
+        leaving = sum(a.request.rows for a in gone)
+        room = max(a.remaining() for a in self._running)  # every row gains one position per step, until its end
+        lengths = np.concatenate([width - self._pad[a.rows] for a in stay] + [np.full(n, length)
+                                                                            for _, _, n, length in joining])
+        # leading columns that would be padding in every row: attention reads them every step, so once they
+        # are an eighth of the width, one copy without them is cheaper than keeping them
+        trim = width - int(lengths.max())
+        in_place = (stay and all(length <= width for *_, length in joining)
+                    and cache.free_rows + leaving >= sum(n for _, _, n, _ in joining)
+                    and width + room <= cache.capacity and trim < max(16, width // 8))
+        if in_place:
+            cache, where = cache.drop(np.concatenate([a.rows for a in gone]) if gone else [])
+            pad = np.empty(cache.batch, np.int64)
+            for active in stay:
+                pad[where[active.rows]] = self._pad[active.rows]
+                active.rows = where[active.rows]
+            self._cache = cache.join([(c, np.full(n, row)) for c, row, n, _ in joining])
+            self._pad = np.concatenate([pad] + [np.full(n, width - length) for *_, n, length in joining])
+        else:
+            parts = ([(cache, np.concatenate([a.rows for a in stay]))] if stay else []) + \
+                [(c, np.full(n, row)) for c, row, n, _ in joining]
+            width = int(lengths.max())
+            self._cache = KVCache.gather(parts, width=width, capacity=min(width + room, self.model.config.n_positions),
+                                         rows=self.options.max_batch)
+            self._pad = width - lengths
+            start = 0
+            for active in stay:
+                active.rows, start = np.arange(start, start + active.request.rows), start + active.request.rows
+        start = self._cache.batch - sum(n.request.rows for n in newcomers)
+        for newcomer in newcomers:
+            newcomer.rows, start = np.arange(start, start + newcomer.request.rows), start + newcomer.request.rows
+            newcomer.cache = None
 
     def _decode(self) -> None:
-        ids = np.concatenate([a.history[:, a.now - 1] for a in self._running])[:, None]
+        ids = np.empty((self._cache.batch, 1), np.int64)
+        for active in self._running:
+            ids[active.rows, 0] = active.history[:, active.now - 1]
         width = self._cache.length
         mask = (np.arange(width + 1)[None, :] >= self._pad[:, None]).astype(np.int64)
         positions = (width - self._pad)[:, None]

@@ -12,6 +12,7 @@ import gpt2onnx
 from gpt2onnx import logprobs
 from gpt2onnx.engine import Engine, EngineClosedError, EngineOptions, QueueFullError
 from gpt2onnx.errors import InvalidArgumentError
+from gpt2onnx.kv_cache import KVCache
 from gpt2onnx.settings import GenerationSettings
 
 PROMPTS = ["The :substitute command", "fs.readFile(path, options", "In Vim, to", "x",
@@ -95,6 +96,12 @@ def test_amid_concurrent_requests_equals_alone(trained, monkeypatch):
     together = Engine._prefill_together
     monkeypatch.setattr(Engine, "_prefill_together", lambda self, group: batched_prefills.append(len(group))
                         or together(self, group))
+    regroups = {"in place": 0, "copied": 0}
+    join, gather = KVCache.join, KVCache.gather.__func__
+    monkeypatch.setattr(KVCache, "join", lambda self, parts: regroups.__setitem__("in place", regroups["in place"] + 1)
+                        or join(self, parts))
+    monkeypatch.setattr(KVCache, "gather", classmethod(lambda cls, parts, **kw: regroups.__setitem__(
+        "copied", regroups["copied"] + 1) or gather(cls, parts, **kw)))
     with Engine(trained, EngineOptions(max_batch=16, prefill_chunk=32, on_step=rows_per_step.append)) as engine:
         submitted = [(p, engine.submit(trained.encode_prompt(p), s), None) for p, s in (target, target_greedy)]
         for i, (prompt, settings) in enumerate(jobs):  # join at different steps
@@ -108,8 +115,8 @@ def test_amid_concurrent_requests_equals_alone(trained, monkeypatch):
     rows = sum(r.rows for _, r, _ in submitted)
     print(f"rows differing from generate alone: {sum(differing)} of {rows}; batch sizes seen: "
           f"{min(rows_per_step)}..{max(rows_per_step)} over {len(rows_per_step)} steps; prompts prefilled together: "
-          f"{batched_prefills}")
-    assert batched_prefills
+          f"{batched_prefills}; batch changes {regroups}")
+    assert batched_prefills and regroups["in place"] and regroups["copied"]
     assert max(rows_per_step) > 6 and max(rows_per_step) <= 16
     assert sum(differing) == 0
 
@@ -356,3 +363,32 @@ def test_logit_bias_and_penalties_follow_openai(trained):
                                   decode=trained.tokenizer.decode)
         raw = score.token_logprobs[len(ids):]
         assert np.allclose([e.logprob for e in events], raw, atol=1e-4)
+
+
+def test_kv_cache_row_surgery():
+    """gather right-aligns rows of several caches (zeros in front), drop fills holes with the last rows,
+    join writes new rows into free rows in place; every row keeps its own past."""
+    rng = np.random.default_rng(0)
+
+    def cache(batch, length):
+        return KVCache([rng.normal(size=(batch, 2, length + 3, 4)).astype(np.float32) for _ in range(4)], length)
+
+    def past(c, row):  # a row's past without its leading zeros, per buffer
+        return [b[row, :, :c.length] for b in c.buffers]
+
+    a, b = cache(3, 5), cache(1, 2)
+    merged = KVCache.gather([(a, np.array([2, 0])), (b, np.array([0, 0]))], width=5, capacity=9, rows=6)
+    assert (merged.batch, merged.length, merged.capacity, merged.free_rows) == (4, 5, 9, 2)
+    for layer in range(4):
+        assert np.array_equal(merged.buffers[layer][0, :, :5], a.buffers[layer][2, :, :5])
+        assert np.array_equal(merged.buffers[layer][3, :, 3:5], b.buffers[layer][0, :, :2])
+        assert not merged.buffers[layer][2:, :, :3].any()
+    expected = {0: past(merged, 0), 3: past(merged, 3)}
+    dropped, where = merged.drop([0, 1])
+    assert dropped.batch == 2 and where.tolist() == [-1, -1, 0, 1] and dropped.free_rows == 4
+    assert all(np.array_equal(x, y) for x, y in zip(past(dropped, 1), expected[3]))
+    joined = dropped.join([(a, np.array([1]))])
+    assert joined.batch == 3 and joined.buffers[0].base is merged.buffers[0].base  # the same memory
+    assert all(np.array_equal(x, y[1, :, :5]) for x, y in zip(past(joined, 2), a.buffers))
+    trimmed = KVCache.gather([(joined, np.array([2, 0]))], width=3)  # drops two leading columns
+    assert np.array_equal(trimmed.buffers[1][0, :, :3], a.buffers[1][1, :, 2:5])
