@@ -2,8 +2,10 @@
 the text the API gives, shades every token by its probability and shows the alternatives on hover.
 
 CI needs Debian's `chromium` package (and `fonts-dejavu-core` for legible screenshots); Playwright's own
-browser download is not used."""
+browser download is not used. The screenshot goes to the test's temporary directory; with
+GPT2ONNX_UPDATE_DOCS=1 it also replaces docs/playground.png (the README's picture)."""
 
+import os
 import shutil
 from pathlib import Path
 
@@ -30,7 +32,7 @@ def browser():
         browser.close()
 
 
-def test_playground_streams_shaded_tokens_with_alternatives(browser, trained_export):
+def test_playground_streams_shaded_tokens_with_alternatives(browser, trained_export, tmp_path):
     from test_server import LiveServer
 
     model = gpt2onnx.load(trained_export)
@@ -68,6 +70,7 @@ def test_playground_streams_shaded_tokens_with_alternatives(browser, trained_exp
         assert tooltip.locator("tr").count() >= 5  # the 5 likeliest (plus the chosen token when it is not one)
         assert tooltip.locator("tr.chosen").count() == 1
         assert "%" in tooltip.inner_text()
-        SCREENSHOT.parent.mkdir(exist_ok=True)
-        page.screenshot(path=str(SCREENSHOT))
+        page.screenshot(path=str(tmp_path / "playground.png"))
+        if os.environ.get("GPT2ONNX_UPDATE_DOCS") == "1":
+            shutil.copyfile(tmp_path / "playground.png", SCREENSHOT)
         assert not errors, errors
