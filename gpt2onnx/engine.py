@@ -114,7 +114,10 @@ class EngineStats:
 
 
 class Request:
-    """A submitted request: read its events (or wait for its result) and cancel it, from any thread."""
+    """A submitted request: read its events (or wait for its result) and cancel it, from any thread.
+
+    Read the events once, with one consumer: events() in a thread or aevents() in an event loop.
+    """
 
     def __init__(self, engine: Engine, prompt_ids: list[int], settings: GenerationSettings, seed: int | None, rng,
                  logprobs: int | None, echo_logprobs: bool, logit_bias: dict[int, float] | None,
@@ -671,7 +674,7 @@ class Engine:
                 active.end(ERROR, f"the engine stopped: {message}")
             except Exception:  # keep ending the others
                 _log.exception("could not end request %s", active.request.id)
-        self._running, self._joining = [], []
+        self._running, self._joining, self._cache = [], [], None
 
     def _wake(self) -> None:
         with self._lock:
