@@ -7,8 +7,9 @@ For each number of clients N: N requests (different seeds, OpenAI's default samp
 top-k, torch's random stream; ignore_eos so each makes exactly --new-tokens tokens) are submitted at once to
 one Engine, and each is read by its own thread; aggregate tok/s = all new tokens / wall time from the first
 submit to the last token. Also: time to first token and the gap between a request's tokens (median, p99),
-the batch's mean rows per decode step, and as baselines `model.generate` alone (one request, batch 1) and N
-plain threads each calling `model.generate` at once (what a server without batching does).
+the batch's mean rows per decode step, and as baselines `model.generate` alone (one request, batch 1;
+measured again right before each N, so that a machine shared with other work compares like with like) and
+N plain threads each calling `model.generate` at once (what a server without batching does).
 """
 
 from __future__ import annotations
@@ -116,18 +117,18 @@ def main() -> None:
         return GenerationSettings(**options_for(i))
 
     model.generate(PROMPT, max_new_tokens=4)  # warm up
-    alone = run_threads(model, 1, options_for)
-    print(f"\nmodel.generate alone (batch 1): {alone['tok_s']:.1f} tok/s")
-    results = {"cpu": cpu_model(), "model": str(args.model_dir), "alone": alone, "engine": [], "threads": []}
-    print(f"\n{'clients':>7} {'engine tok/s':>12} {'x alone':>8} {'TTFT p50/p99 ms':>16} {'ITL p50/p99 ms':>15} "
-          f"{'rows/step':>9} {'threads tok/s':>13}")
+    results = {"cpu": cpu_model(), "model": str(args.model_dir), "alone": [], "engine": [], "threads": []}
+    print(f"\n{'clients':>7} {'alone tok/s':>11} {'engine tok/s':>12} {'x alone':>8} {'TTFT p50/p99 ms':>16} "
+          f"{'ITL p50/p99 ms':>15} {'rows/step':>9} {'threads tok/s':>13}")
     for clients in (int(c) for c in args.clients.split(",")):
+        alone = run_threads(model, 1, options_for)
         engine = run_engine(model, clients, settings_for)
         threads = None if args.no_thread_baseline else run_threads(model, clients, options_for)
+        results["alone"].append(alone)
         results["engine"].append(engine)
         if threads:
             results["threads"].append(threads)
-        print(f"{clients:>7} {engine['tok_s']:>12.1f} {engine['tok_s'] / alone['tok_s']:>7.2f}x "
+        print(f"{clients:>7} {alone['tok_s']:>11.1f} {engine['tok_s']:>12.1f} {engine['tok_s'] / alone['tok_s']:>7.2f}x "
               f"{engine['ttft_p50_ms']:>7.0f}/{engine['ttft_p99_ms']:<8.0f} "
               f"{engine['itl_p50_ms']:>6.0f}/{engine['itl_p99_ms']:<8.0f} {engine['mean_rows_per_step']:>9.1f} "
               f"{threads['tok_s'] if threads else float('nan'):>13.1f}")
