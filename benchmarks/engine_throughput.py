@@ -128,7 +128,8 @@ def main() -> None:
         results["engine"].append(engine)
         if threads:
             results["threads"].append(threads)
-        print(f"{clients:>7} {alone['tok_s']:>11.1f} {engine['tok_s']:>12.1f} {engine['tok_s'] / alone['tok_s']:>7.2f}x "
+        speedup = engine["tok_s"] / alone["tok_s"]
+        print(f"{clients:>7} {alone['tok_s']:>11.1f} {engine['tok_s']:>12.1f} {speedup:>7.2f}x "
               f"{engine['ttft_p50_ms']:>7.0f}/{engine['ttft_p99_ms']:<8.0f} "
               f"{engine['itl_p50_ms']:>6.0f}/{engine['itl_p99_ms']:<8.0f} {engine['mean_rows_per_step']:>9.1f} "
               f"{threads['tok_s'] if threads else float('nan'):>13.1f}")

@@ -700,7 +700,8 @@ class Engine:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2 <= value <= 2:
                 raise InvalidArgumentError(f"{name} must be a number from -2 to 2, got {value!r}")
         for token, bias in (logit_bias or {}).items():
-            if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not 0 <= token < config.vocab_size:
+            if (isinstance(token, bool) or not isinstance(token, (int, np.integer))
+                    or not 0 <= token < config.vocab_size):
                 raise InvalidArgumentError(f"logit_bias keys must be token ids from 0 to {config.vocab_size - 1}, "
                                            f"got {token!r}")
             if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:

@@ -77,8 +77,9 @@ class KVCache:
         """
         first = parts[0][0]
         batch = sum(len(r) for _, r in parts)
-        shape = lambda b: (max(rows, batch), b.shape[1], max(capacity, width), b.shape[3])  # noqa: E731
-        new = cls([np.empty(shape(b), b.dtype)[:batch] for b in first.buffers], length=width)
+        rows, capacity = max(rows, batch), max(capacity, width)
+        new = cls([np.empty((rows, b.shape[1], capacity, b.shape[3]), b.dtype)[:batch] for b in first.buffers],
+                  length=width)
         new._write(0, parts)
         return new
 

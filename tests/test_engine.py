@@ -128,14 +128,17 @@ def test_stop_strings_and_max_tokens(trained):
         request = engine.submit(trained.encode_prompt(PROMPTS[1]),
                                 GenerationSettings(max_new_tokens=60, stop=("never here", stop)))
         assert assert_same(trained, PROMPTS[1], request) == 0
-        assert request.result()[0].finish_reason == "stop" and request.result()[0].text == full.text[:full.text.find(stop)]
-        request = engine.submit(trained.encode_prompt(PROMPTS[2]), GenerationSettings(max_new_tokens=5, ignore_eos=True))
+        (result,) = request.result()
+        assert result.finish_reason == "stop" and result.text == full.text[:full.text.find(stop)]
+        request = engine.submit(trained.encode_prompt(PROMPTS[2]),
+                                GenerationSettings(max_new_tokens=5, ignore_eos=True))
         assert assert_same(trained, PROMPTS[2], request) == 0
         assert request.result()[0].finish_reason == "length" and len(request.result()[0].token_ids) == 5
 
 
 def test_text_pieces_never_split_a_character(trained, monkeypatch):
-    from gpt2onnx import engine as engine_module, generator
+    from gpt2onnx import engine as engine_module
+    from gpt2onnx import generator
 
     text = " naïve 😀 日本語 ok"
     forced = trained.tokenizer.encode(text)
@@ -206,7 +209,11 @@ def test_long_prompt_is_prefilled_in_chunks_while_others_decode(trained):
     long_prompt = " ".join(PROMPTS * 12)
     assert len(trained.encode_prompt(long_prompt)) > 250
     engines = []
-    on_step = lambda rows: seen.append((rows, engines[0].stats().prefilling, engines[0].stats().tokens))  # noqa: E731
+
+    def on_step(rows):
+        stats = engines[0].stats()
+        seen.append((rows, stats.prefilling, stats.tokens))
+
     with Engine(trained, EngineOptions(prefill_chunk=16, on_step=on_step)) as engine:
         engines.append(engine)
         short = engine.submit(trained.encode_prompt(PROMPTS[0]), GenerationSettings(max_new_tokens=60,
