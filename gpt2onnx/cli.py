@@ -102,6 +102,54 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVE_EXAMPLES = """examples:
+  gpt2onnx serve out/gpt2                                   # http://127.0.0.1:8000 (playground at /)
+  gpt2onnx serve out/gpt2 --api-key-file key.txt --max-batch 32 --port 9000
+  # then, from Python:  OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY").completions.create(
+  #                         model="gpt2", prompt="Hello", max_tokens=20, seed=1)
+"""
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    try:
+        from . import server
+    except ImportError as error:
+        raise MissingDependencyError(f"serving needs the serve extra (cannot import {error.name or error})",
+                                     hint="pip install 'gpt2onnx[serve]'") from error
+    from .engine import Engine, EngineOptions
+    from .manifest import read_manifest
+    from .model import load
+
+    directory = Path(args.model_dir)
+    read_manifest(directory, check_hashes=False)  # a wrong directory fails now, not after the server started
+    keys = [args.api_key] if args.api_key else []
+    if args.api_key_file:
+        try:
+            keys += [line.strip() for line in Path(args.api_key_file).read_text().splitlines() if line.strip()]
+        except OSError as error:
+            raise InvalidArgumentError(f"cannot read --api-key-file {args.api_key_file}: {error.strerror}",
+                                       hint="give a file holding one key per line") from None
+        if not keys:
+            raise InvalidArgumentError(f"--api-key-file {args.api_key_file} holds no key",
+                                       hint="write the key on the file's first line")
+    keys += [os.environ["GPT2ONNX_API_KEY"]] if not keys and os.environ.get("GPT2ONNX_API_KEY") else []
+    engine_options = dict(max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)
+    EngineOptions(**engine_options)  # bad values fail here, before the port opens
+
+    def engine(on_step):
+        return Engine(load(directory, threads=args.threads), EngineOptions(**engine_options, on_step=on_step))
+
+    options = server.ServerOptions(model_name=args.model_name or directory.resolve().name, api_keys=tuple(keys),
+                                   drain_timeout=args.drain_timeout)
+    print(f"gpt2onnx: serving {directory} as {options.model_name!r} on http://{args.host}:{args.port} "
+          f"(playground at /, API at /v1; {'API key required' if keys else 'no API key'})", file=sys.stderr,
+          flush=True)
+    return server.serve(engine, options, host=args.host, port=args.port, log_level=args.log_level)
+
+
 def _numbers(text: str) -> list[int]:
     """"0,2,5" -> [0, 2, 5]."""
     try:
@@ -205,6 +253,35 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--heads", type=_selection, default="all", help="heads to draw in each of those layers (e.g. 0,1)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per physical core)")
     p.set_defaults(func=cmd_plot)
+
+    from .engine import EngineOptions
+
+    e = EngineOptions()  # the defaults are the engine's own
+    p = commands.add_parser("serve", formatter_class=formatter, help="serve an OpenAI-compatible API and a playground",
+                            description="Serve MODEL_DIR over HTTP: OpenAI's legacy Completions API at "
+                                        "/v1/completions (streaming, logprobs, echo), /v1/models, /health, "
+                                        "/metrics (Prometheus), /tokenize, /detokenize, and a playground page at /. "
+                                        "Concurrent requests share one continuously batched engine. SIGTERM "
+                                        "drains: no new requests, the ones in flight finish, then exit. Needs the "
+                                        "serve extra: pip install 'gpt2onnx[serve]'.",
+                            epilog=SERVE_EXAMPLES)
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="exported model directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=8000, help="port to bind")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health "
+                                                   "(visible in ps: prefer --api-key-file or $GPT2ONNX_API_KEY)")
+    p.add_argument("--api-key-file", default=None, metavar="FILE", help="read the accepted keys from FILE, one per line")
+    p.add_argument("--max-batch", type=int, default=e.max_batch, help="rows (sequences) decoded together at most")
+    p.add_argument("--max-queue", type=int, default=e.max_queue,
+                   help="requests waiting to join the batch at most; beyond, 429 with Retry-After")
+    p.add_argument("--prefill-chunk", type=int, default=e.prefill_chunk,
+                   help="prompt tokens prefilled per step (a long prompt never freezes the others)")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per physical core)")
+    p.add_argument("--model-name", default=None, help="the model name clients pass (default: MODEL_DIR's name)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM waits for requests in flight before ending them")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="server log level")
+    p.set_defaults(func=cmd_serve)
 
     if _command(sys.argv[1:] if argv is None else argv) not in commands.choices:
         plugins.register(commands, formatter)

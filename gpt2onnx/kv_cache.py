@@ -63,6 +63,67 @@ class KVCache:
                    for b in self.buffers]
         return KVCache(buffers, length=self.length)
 
+    @classmethod
+    def gather(cls, parts: list[tuple["KVCache", np.ndarray]], *, width: int, capacity: int = 0,
+               rows: int = 0) -> "KVCache":
+        """A new cache holding the given rows of several caches, right-aligned: `width` positions in use, the
+        last positions of every part's past ending together at `width` (room for `capacity` in all, and for
+        `rows` rows, so that more can join in place: see join).
+
+        parts: (cache, row indices) pairs, rows in the order given, a row may repeat (one prefill shared by
+        several samples). A part whose past is shorter than `width` gets zeros in front (left padding: the
+        attention mask hides it, and zeros keep it finite); a longer one loses its first positions (the
+        caller drops only columns that are padding in every one of its rows).
+        """
+        first = parts[0][0]
+        batch = sum(len(r) for _, r in parts)
+        rows, capacity = max(rows, batch), max(capacity, width)
+        new = cls([np.empty((rows, b.shape[1], capacity, b.shape[3]), b.dtype)[:batch] for b in first.buffers],
+                  length=width)
+        new._write(0, parts)
+        return new
+
+    @property
+    def free_rows(self) -> int:
+        """Rows allocated after the batch's own (see gather's `rows`), where rows can join in place."""
+        base = self.buffers[0].base
+        return 0 if base is None else base.shape[0] - self.batch
+
+    def join(self, parts: list[tuple["KVCache", np.ndarray]]) -> "KVCache":
+        """This cache with the parts' rows added after its own, right-aligned, in place: only the new rows
+        are copied. Needs that many free_rows and no part's past longer than this one's."""
+        batch = self.batch + sum(len(r) for _, r in parts)
+        new = KVCache([b.base[:batch] for b in self.buffers], length=self.length)
+        new._write(self.batch, parts)
+        return new
+
+    def drop(self, rows) -> tuple["KVCache", np.ndarray]:
+        """This cache without `rows`, in place: the last rows that stay move into the holes (only they are
+        copied). Returns the cache and every old row's new index (-1 for a dropped row)."""
+        gone = set(np.asarray(rows).tolist())
+        batch = self.batch - len(gone)
+        holes = sorted(r for r in gone if r < batch)
+        movers = [r for r in range(batch, self.batch) if r not in gone]
+        for buffer in self.buffers:
+            for hole, mover in zip(holes, movers):
+                buffer[hole, :, :self.length] = buffer[mover, :, :self.length]
+        where = np.arange(self.batch)
+        where[list(gone)] = -1
+        where[movers] = holes
+        return KVCache([b[:batch] for b in self.buffers], length=self.length), where
+
+    def _write(self, at: int, parts: list[tuple["KVCache", np.ndarray]]) -> None:
+        """Copy the parts' rows to rows at, at + 1, ..., right-aligned at self.length, zeros in front."""
+        width = self.length
+        for layer, new in enumerate(self.buffers):
+            row_at = at
+            for cache, rows in parts:
+                keep = min(width, cache.length)
+                new[row_at:row_at + len(rows), :, :width - keep] = 0
+                for row in np.asarray(rows).tolist():  # one copy per row, straight from its buffer
+                    new[row_at, :, width - keep:width] = cache.buffers[layer][row, :, cache.length - keep:cache.length]
+                    row_at += 1
+
     def _moved(self, buffer: np.ndarray, batch: int, capacity: int, rows) -> np.ndarray:
         new = np.empty((batch, buffer.shape[1], capacity, buffer.shape[3]), buffer.dtype)
         new[:, :, :self.length] = rows(buffer[:, :, :self.length])

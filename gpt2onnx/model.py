@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from .config import ModelConfig
 from .defaults import model_defaults, resolve
 from .errors import InvalidArgumentError, ModelLoadError
 from .generator import generate, generate_tokens
+from .logprobs import Score, TopLogprobs, check_top, chosen, score
 from .manifest import read_manifest
 from .session import OnnxSession, SessionOptions
 from .settings import GenerationSettings
@@ -33,6 +35,8 @@ class Generation:
     prompt_token_ids: list[int]  # what the model saw (after an empty prompt became <|endoftext|>, truncation)
     finish_reason: str  # "eos", "stop" (a stop string) or "length" (max_new_tokens)
     seed: int | None  # the seed that reproduces this result (None for greedy)
+    # per new token (logprob, its top alternatives) of the RAW model distribution, when asked (logprobs=k)
+    logprobs: list[tuple[float, TopLogprobs]] | None = None
 
     def __str__(self) -> str:
         return self.text
@@ -77,7 +81,7 @@ class Model:
                  no_repeat_ngram_size: int | None = None, num_return_sequences: int | None = None,
                  stop: str | list[str] | None = None, seed: int | None = None, sampler: str | None = None,
                  ignore_eos: bool | None = None, return_full_text: bool = False, truncate: str | None = None,
-                 allow_special_tokens: bool = False):
+                 allow_special_tokens: bool = False, logprobs: int | None = None):
         """Continue `prompt` (a string, or a list of strings run as one left-padded batch).
 
         Returns a Generation for a string prompt, a list of num_return_sequences Generations when that is
@@ -104,6 +108,9 @@ class Model:
         truncate: "left" drops the oldest prompt tokens when prompt + new tokens exceed the context;
             None (default) raises an error instead.
         allow_special_tokens: read "<|endoftext|>" typed in a prompt as the special token, not as text.
+        logprobs: k >= 0 fills Generation.logprobs: per new token its log-probability and the k likeliest
+            tokens, from the model's RAW logits (before repetition penalty, temperature, top-k, top-p), as
+            OpenAI and vLLM report them; None (default) leaves it None.
         """
         options = dict(max_new_tokens=max_new_tokens, max_length=max_length, min_new_tokens=min_new_tokens,
                        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -113,12 +120,24 @@ class Model:
         prompts = [prompt] if isinstance(prompt, str) else prompt
         _check_flag("return_full_text", return_full_text)
         prompt_ids, settings = self._prepare(prompts, options, truncate=truncate, allow_special=allow_special_tokens)
+        check_top("logprobs", logprobs, self.config.vocab_size)
         seed, rng = self._rng(settings)
-        rows = self.generate_rows(prompt_ids, settings, rng)
-        results, n = [], settings.num_return_sequences
+        n = settings.num_return_sequences
+        values = [[] for _ in range(len(prompts) * n)]
+
+        def record(logits, next_ids, live):  # the raw distribution at each live row's chosen token
+            rows = np.flatnonzero(live)
+            for row, value in zip(rows.tolist(), chosen(logits[rows], next_ids[rows], logprobs)):
+                values[row].append(value)
+
+        rows = self.generate_rows(prompt_ids, settings, rng, watch=None if logprobs is None else record)
+        results = []
         for index, new_ids in enumerate(rows):
             p = index // n
-            results.append(self._result(prompts[p], prompt_ids[p], new_ids, settings, seed, return_full_text))
+            result = self._result(prompts[p], prompt_ids[p], new_ids, settings, seed, return_full_text)
+            if logprobs is not None:
+                result = dataclasses.replace(result, logprobs=values[index])
+            results.append(result)
         grouped = results if n == 1 else [results[i:i + n] for i in range(0, len(results), n)]
         return grouped[0] if isinstance(prompt, str) else grouped
 
@@ -166,12 +185,40 @@ class Model:
         if len(text) > sent:
             yield text[sent:]
 
-    def generate_rows(self, prompt_ids: list[list[int]], settings: GenerationSettings, rng) -> list[list[int]]:
-        """New token ids of every row (prompt-major, then its return sequences) from prepared inputs."""
+    def generate_rows(self, prompt_ids: list[list[int]], settings: GenerationSettings, rng, *,
+                      watch=None) -> list[list[int]]:
+        """New token ids of every row (prompt-major, then its return sequences) from prepared inputs.
+        watch(logits, next_ids, live): called at every step (see generator.generate_tokens)."""
         self.check_budget(prompt_ids, settings)
         stops = StopStrings(settings.stop, self.tokenizer.decode, len(prompt_ids) * settings.num_return_sequences)
         return generate(self.session, prompt_ids, settings, eos_id=self.eos_token_id, rng=rng,
-                        stopped=stops.update if settings.stop else None)
+                        stopped=stops.update if settings.stop else None, watch=watch)
+
+    def score(self, texts: str | list[str], *, top_logprobs: int = 0, allow_special_tokens: bool = False
+              ) -> Score | list[Score]:
+        """How likely the model finds each text: every token's log-probability given the ones before it (the
+        first token's is None) and the perplexity. Texts run as left-padded batches.
+
+        Returns a Score for a string, a list of Scores for a list of strings. Logprobs are of the RAW model
+        distribution (no sampling settings apply). An empty text scores <|endoftext|> alone.
+        top_logprobs: also list the k likeliest tokens at every position (0: Score.top_logprobs is None).
+        allow_special_tokens: read "<|endoftext|>" typed in a text as the special token, not as text.
+        """
+        items = [texts] if isinstance(texts, str) else texts
+        if not isinstance(items, list) or not items:
+            raise InvalidArgumentError("texts must be a string or a non-empty list of strings")
+        check_top("top_logprobs", top_logprobs, self.config.vocab_size)
+        ids = [self.encode_prompt(t, allow_special=allow_special_tokens, index=i if len(items) > 1 else None)
+               for i, t in enumerate(items)]
+        for i, text_ids in enumerate(ids):
+            if len(text_ids) > self.config.n_positions:
+                name = "the text" if len(items) == 1 else f"text {i}"
+                raise InvalidArgumentError(
+                    f"{name} has {len(text_ids)} tokens; this model has n_positions={self.config.n_positions}",
+                    hint="split the text into windows of at most n_positions tokens and score each")
+        scores = score(self.session, ids, pad_id=self.eos_token_id, decode=self.tokenizer.decode,
+                       top_logprobs=top_logprobs or None)
+        return scores[0] if isinstance(texts, str) else scores
 
     def _prepare(self, prompts: list, options: dict, *, truncate: str | None,
                  allow_special: bool) -> tuple[list[list[int]], GenerationSettings]:

@@ -1,0 +1,325 @@
+"""Load on `gpt2onnx serve`: N concurrent streaming clients against one server, next to N plain threads
+calling the library (each its own batch-1 loop) on the same export.
+
+    python benchmarks/serve_load.py [--model random:gpt2] [--precisions fp32,int4] [--clients 1,4,16,64]
+                                    [--new-tokens 128] [--out bench-results/serve_load.json]
+
+For each export (made once into --work-dir; or pass --model-dir DIR) and each client count N:
+  server    `python -m gpt2onnx.cli serve` in a subprocess; N AsyncOpenAI clients each stream one completion
+            of --new-tokens tokens (ignore_eos, seeded, temperature 1) at once;
+  baseline  the same N requests as N threads of this process, each iterating `model.stream(...)`.
+Reported per run: aggregate tokens/s (all tokens / wall time), p50/p99 time to first token, p50/p99
+inter-token latency (gaps between consecutive chunks of one stream; a chunk is one token except where a
+multi-byte character is held back), rejections (429). Then one interference probe: the time to first
+token of a short prompt idle, and while a --long-prompt-token prompt is being prefilled.
+
+Prints the CPU model and its SIMD flags first; writes --out (JSON) and a chart beside it (matplotlib).
+The clients run in this process, on the same cores as the server: on a 2-core machine they take a share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+PROMPT = "Hello, I'm a language model,"
+SIMD = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
+        "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16", "asimd", "sve")
+
+
+def cpu_description() -> dict:
+    """The CPU model and its SIMD flags (from /proc/cpuinfo on Linux)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model") and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            if key.strip() in ("flags", "Features"):
+                flags |= set(value.split())
+    except OSError:
+        pass
+    return {"model": model, "cores": os.cpu_count(), "simd": [f for f in SIMD if f in flags],
+            "python": platform.python_version()}
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def summary(kind: str, clients: int, wall: float, tokens: int, ttft: list[float], gaps: list[float],
+            rejected: int) -> dict:
+    def ms(seconds):
+        return None if seconds is None else round(1000 * seconds, 2)
+
+    return {"kind": kind, "clients": clients, "tokens": tokens, "seconds": round(wall, 3),
+            "tok_per_s": round(tokens / wall, 1) if wall else None,
+            "ttft_p50_ms": ms(percentile(ttft, 50)), "ttft_p99_ms": ms(percentile(ttft, 99)),
+            "itl_p50_ms": ms(percentile(gaps, 50)), "itl_p99_ms": ms(percentile(gaps, 99)), "rejected": rejected}
+
+
+# --- the server and its clients ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`gpt2onnx serve` in a subprocess, up until stop()."""
+
+    def __init__(self, model_dir: Path, *, max_batch: int, max_queue: int, threads: int):
+        import httpx
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gpt2onnx.cli", "serve", str(model_dir), "--port", str(self.port), "--model-name",
+             "bench", "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--threads", str(threads),
+             "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 180
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited: {self.process.stderr.read()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server did not become healthy in 180 s")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+async def _one_stream(client, prompt: str, new_tokens: int, seed: int, start: float, ttft: list, gaps: list):
+    import openai
+
+    try:
+        stream = await client.completions.create(model="bench", prompt=prompt, max_tokens=new_tokens, seed=seed,
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True})
+    except openai.RateLimitError:
+        return 0, True
+    last, tokens = None, 0
+    async for chunk in stream:
+        now = time.perf_counter()
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+        if chunk.choices and chunk.choices[0].text:
+            if last is None:
+                ttft.append(now - start)
+            else:
+                gaps.append(now - last)
+            last = now
+    return tokens, False
+
+
+async def _server_round(url: str, clients: int, new_tokens: int, prompt: str) -> dict:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=1800)
+    ttft, gaps = [], []
+    start = time.perf_counter()
+    results = await asyncio.gather(*[_one_stream(client, prompt, new_tokens, seed, start, ttft, gaps)
+                                     for seed in range(clients)])
+    wall = time.perf_counter() - start
+    await client.close()
+    return summary("server", clients, wall, sum(t for t, _ in results), ttft, gaps, sum(r for _, r in results))
+
+
+async def _interference(url: str, long_tokens: int, repeats: int = 5) -> dict:
+    """TTFT of a short prompt alone, and while a long prompt is being prefilled (median of `repeats`)."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=1800)
+
+    async def short_ttft() -> float:
+        start = time.perf_counter()
+        stream = await client.completions.create(model="bench", prompt=PROMPT, max_tokens=4, seed=0, stream=True)
+        first = None
+        async for chunk in stream:
+            if first is None and chunk.choices and chunk.choices[0].text:
+                first = time.perf_counter() - start
+        return first
+
+    idle, loaded = [], []
+    long_prompt = [464 + i % 1000 for i in range(long_tokens)]  # token ids: exactly long_tokens positions
+    for _ in range(repeats):
+        idle.append(await short_ttft())
+        long = asyncio.create_task(client.completions.create(model="bench", prompt=long_prompt, max_tokens=1))
+        await asyncio.sleep(0.005)  # the long prompt is queued first and starts its prefill
+        loaded.append(await short_ttft())
+        await long
+    await client.close()
+    return {"long_prompt_tokens": long_tokens, "ttft_idle_ms": round(1000 * statistics.median(idle), 1),
+            "ttft_during_long_prefill_ms": round(1000 * statistics.median(loaded), 1),
+            "ratio": round(statistics.median(loaded) / statistics.median(idle), 2)}
+
+
+# --- the baseline: threads calling the library --------------------------------------------------------------
+
+
+def baseline_round(model, clients: int, new_tokens: int, prompt: str) -> dict:
+    ttft, gaps, tokens, lock = [], [], [], threading.Lock()
+    start = time.perf_counter()
+
+    def run(seed: int) -> None:
+        last, count, mine_ttft, mine_gaps = None, 0, None, []
+        for piece in model.stream(prompt, max_new_tokens=new_tokens, do_sample=True, top_k=0, seed=seed,
+                                  ignore_eos=True):
+            now = time.perf_counter()
+            if last is None:
+                mine_ttft = now - start
+            else:
+                mine_gaps.append(now - last)
+            last, count = now, count + 1
+        with lock:
+            ttft.append(mine_ttft)
+            gaps.extend(mine_gaps)
+            tokens.append(new_tokens)
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return summary("threads", clients, time.perf_counter() - start, sum(tokens), ttft, gaps, 0)
+
+
+# --- driver ----------------------------------------------------------------------------------------------
+
+
+def exported(model: str, precision: str, work_dir: Path) -> Path:
+    out = work_dir / f"{model.replace(':', '-').replace('/', '_')}-{precision}"
+    if not (out / "manifest.json").is_file():
+        from gpt2onnx_export import ExportOptions, export_model
+
+        print(f"exporting {model} ({precision}) to {out} ...", flush=True)
+        export_model(model, out, ExportOptions(precision=precision, force=True), progress=lambda message: None)
+    return out
+
+
+def measure(model_dir: Path, label: str, args) -> dict:
+    import gpt2onnx
+
+    rows = []
+    server = Server(model_dir, max_batch=args.max_batch, max_queue=args.max_queue, threads=args.threads)
+    try:
+        asyncio.run(_server_round(server.url, 2, 8, PROMPT))  # warm-up
+        for clients in args.clients:
+            row = asyncio.run(_server_round(server.url, clients, args.new_tokens, PROMPT))
+            rows.append(row)
+            print(f"{label:>6} server  N={clients:<3} {row['tok_per_s']:>7} tok/s  TTFT p50/p99 "
+                  f"{row['ttft_p50_ms']}/{row['ttft_p99_ms']} ms  ITL p50/p99 {row['itl_p50_ms']}/"
+                  f"{row['itl_p99_ms']} ms  rejected {row['rejected']}", flush=True)
+        probe = asyncio.run(_interference(server.url, args.long_prompt)) if args.long_prompt else None
+        if probe:
+            print(f"{label:>6} short-prompt TTFT idle {probe['ttft_idle_ms']} ms, during a {args.long_prompt}-token "
+                  f"prefill {probe['ttft_during_long_prefill_ms']} ms ({probe['ratio']}x)", flush=True)
+    finally:
+        server.stop()
+    if not args.no_baseline:
+        model = gpt2onnx.load(model_dir, threads=args.threads)
+        baseline_round(model, 1, 8, PROMPT)  # warm-up
+        for clients in args.clients:
+            row = baseline_round(model, clients, args.new_tokens, PROMPT)
+            rows.append(row)
+            print(f"{label:>6} threads N={clients:<3} {row['tok_per_s']:>7} tok/s  TTFT p50/p99 "
+                  f"{row['ttft_p50_ms']}/{row['ttft_p99_ms']} ms  ITL p50/p99 {row['itl_p50_ms']}/"
+                  f"{row['itl_p99_ms']} ms", flush=True)
+    return {"export": label, "model_dir": str(model_dir), "rows": rows, "interference": probe}
+
+
+def chart(report: dict, path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for run in report["runs"]:
+        for kind, style in (("server", "-o"), ("threads", "--s")):
+            rows = [r for r in run["rows"] if r["kind"] == kind]
+            if not rows:
+                continue
+            label = f"{run['export']} {'server' if kind == 'server' else 'threads + generate'}"
+            left.plot([r["clients"] for r in rows], [r["tok_per_s"] for r in rows], style, label=label)
+            right.plot([r["clients"] for r in rows], [r["itl_p99_ms"] for r in rows], style, label=label)
+    for axis, title, unit in ((left, "aggregate throughput", "tokens / s"),
+                              (right, "p99 inter-token latency", "ms")):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(report["clients"], [str(c) for c in report["clients"]])
+        axis.set_xlabel("concurrent streaming clients")
+        axis.set_ylabel(unit)
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+    right.set_yscale("log")
+    left.legend(fontsize=8)
+    fig.suptitle(f"gpt2onnx serve: {report['new_tokens']} new tokens per client — {report['cpu']['model']}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="random:gpt2", help="what to export and serve (124M: random:gpt2)")
+    parser.add_argument("--precisions", default="fp32,int4", help="exports to measure")
+    parser.add_argument("--model-dir", action="append", default=[], help="measure this export instead (repeatable)")
+    parser.add_argument("--clients", default="1,4,16,64", type=lambda s: [int(c) for c in s.split(",")])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--long-prompt", type=int, default=1000, help="prompt tokens of the interference probe (0: skip)")
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--max-queue", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per physical core)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the threads + generate baseline")
+    parser.add_argument("--work-dir", default="~/.cache/gpt2onnx/serve-bench", help="where exports are kept")
+    parser.add_argument("--out", default="bench-results/serve_load.json")
+    args = parser.parse_args()
+
+    cpu = cpu_description()
+    print(f"CPU: {cpu['model']} ({cpu['cores']} logical cores), SIMD: {' '.join(cpu['simd']) or 'unknown'}",
+          flush=True)
+    work = Path(args.work_dir).expanduser()
+    targets = [(Path(d), Path(d).name) for d in args.model_dir] or \
+              [(exported(args.model, p, work), p) for p in args.precisions.split(",")]
+    report = {"cpu": cpu, "clients": args.clients, "new_tokens": args.new_tokens, "max_batch": args.max_batch,
+              "max_queue": args.max_queue, "threads": args.threads, "command": " ".join(sys.argv),
+              "runs": [measure(directory, label, args) for directory, label in targets]}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    picture = chart(report, out.with_suffix(".png"))
+    print(f"wrote {out}" + (f" and {picture}" if picture else " (no chart: pip install matplotlib)"))
+
+
+if __name__ == "__main__":
+    main()

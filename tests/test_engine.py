@@ -1,0 +1,401 @@
+"""The continuous-batching engine: every request gives what `model.generate` gives alone, whatever the batch."""
+
+import asyncio
+import dataclasses
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import gpt2onnx
+from gpt2onnx import logprobs
+from gpt2onnx.engine import Engine, EngineClosedError, EngineOptions, QueueFullError
+from gpt2onnx.errors import InvalidArgumentError
+from gpt2onnx.kv_cache import KVCache
+from gpt2onnx.settings import GenerationSettings
+
+PROMPTS = ["The :substitute command", "fs.readFile(path, options", "In Vim, to", "x",
+           "A buffer is the in-memory text of a file. A window is a viewport on a buffer. " * 2]
+
+
+@pytest.fixture(scope="module")
+def trained(trained_export):
+    return gpt2onnx.load(trained_export)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_export):
+    return gpt2onnx.load(tiny_export)
+
+
+def alone(model, prompt: str, settings: GenerationSettings, seed=None, logprobs=None) -> list:
+    """model.generate with the same settings: a list of Generations (one per row)."""
+    options = dataclasses.asdict(settings) | {"stop": list(settings.stop), "seed": seed or settings.seed}
+    result = model.generate(prompt, logprobs=logprobs, **options)
+    return result if isinstance(result, list) else [result]
+
+
+def collect(request, timeout=60):
+    """Events per row, checking the event contract on the way."""
+    rows = [[] for _ in range(request.rows)]
+    for event in request.events(timeout=timeout):
+        assert not rows[event.row] or rows[event.row][-1].finish_reason is None  # nothing after a final event
+        rows[event.row].append(event)
+    assert all(r and r[-1].finish_reason for r in rows)
+    return rows
+
+
+def assert_same(model, prompt, request, *, logprobs=None):
+    """The request's rows equal model.generate alone: tokens, text, finish reason (and events join to text)."""
+    rows = collect(request)
+    results = request.result()
+    expected = alone(model, prompt, request.settings, request.seed, logprobs)
+    differing = 0
+    for events, result, generation in zip(rows, results, expected):
+        assert "".join(e.text for e in events) == result.text
+        assert [e.token_id for e in events if e.token_id is not None] == result.token_ids
+        if (result.token_ids, result.text, result.finish_reason) != \
+                (generation.token_ids, generation.text, generation.finish_reason):
+            differing += 1
+            continue
+        if logprobs is not None:
+            ours = [(e.logprob, e.top_logprobs) for e in events]
+            assert len(ours) == len(generation.logprobs)
+            for (a, top_a), (b, top_b) in zip(ours, generation.logprobs):
+                assert abs(a - b) < 1e-4 and [t for t, _ in top_a] == [t for t, _ in top_b]
+    return differing
+
+
+def test_alone_equals_generate(trained):
+    with Engine(trained) as engine:
+        for settings in (GenerationSettings(max_new_tokens=24, do_sample=True, seed=11, top_k=0),
+                         GenerationSettings(max_new_tokens=24),
+                         GenerationSettings(max_new_tokens=16, do_sample=True, seed=3, num_return_sequences=3,
+                                            temperature=0.8, top_p=0.9, repetition_penalty=1.2)):
+            request = engine.submit(trained.encode_prompt(PROMPTS[0]), settings, logprobs=2)
+            assert assert_same(trained, PROMPTS[0], request, logprobs=2) == 0
+        request = engine.submit(trained.encode_prompt(PROMPTS[1]), GenerationSettings(do_sample=True, max_new_tokens=8))
+        assert request.seed is not None and assert_same(trained, PROMPTS[1], request) == 0
+
+
+def test_amid_concurrent_requests_equals_alone(trained, monkeypatch):
+    """Requests of different prompt lengths, settings and seeds, joining at different steps, some leaving
+    early: each equals model.generate alone (sampled and greedy). Any difference (a near-tie flipped by the
+    batch's float rounding) is counted and reported; at fp32 there is none here."""
+    jobs = []
+    for i in range(14):
+        jobs.append((PROMPTS[i % len(PROMPTS)] * (1 + i % 3), GenerationSettings(
+            max_new_tokens=8 + 3 * (i % 5), do_sample=i % 4 != 0, seed=100 + i, top_k=(0, 50, 5)[i % 3],
+            temperature=(1.0, 0.7)[i % 2], num_return_sequences=1 if i % 4 == 0 else 1 + i % 3,
+            repetition_penalty=1.3 if i % 5 == 2 else 1.0, min_new_tokens=4 if i % 6 == 1 else 0,
+            stop=("\n",) if i % 7 == 3 else ())))
+    target = ("In Vim, to", GenerationSettings(max_new_tokens=30, do_sample=True, seed=7, top_k=0))
+    target_greedy = ("fs.readFile(path, options", GenerationSettings(max_new_tokens=30))
+    rows_per_step, batched_prefills = [], []
+    together = Engine._prefill_together
+    monkeypatch.setattr(Engine, "_prefill_together", lambda self, group: batched_prefills.append(len(group))
+                        or together(self, group))
+    regroups = {"in place": 0, "copied": 0}
+    join, gather = KVCache.join, KVCache.gather.__func__
+    monkeypatch.setattr(KVCache, "join", lambda self, parts: regroups.__setitem__("in place", regroups["in place"] + 1)
+                        or join(self, parts))
+    monkeypatch.setattr(KVCache, "gather", classmethod(lambda cls, parts, **kw: regroups.__setitem__(
+        "copied", regroups["copied"] + 1) or gather(cls, parts, **kw)))
+    with Engine(trained, EngineOptions(max_batch=16, prefill_chunk=32, on_step=rows_per_step.append)) as engine:
+        submitted = [(p, engine.submit(trained.encode_prompt(p), s), None) for p, s in (target, target_greedy)]
+        for i, (prompt, settings) in enumerate(jobs):  # join at different steps
+            deadline = time.monotonic() + 1
+            while engine.stats().steps < 2 * i and time.monotonic() < deadline:
+                time.sleep(0.002)
+            for copy in range(1 + 2 * (i % 5 == 1)):  # sometimes a burst: fresh prompts prefilled as one batch
+                changed = dataclasses.replace(settings, seed=settings.seed + 1000 * copy)
+                submitted.append((prompt, engine.submit(trained.encode_prompt(prompt), changed, logprobs=1), 1))
+        differing = [assert_same(trained, p, r, logprobs=k) for p, r, k in submitted]
+    rows = sum(r.rows for _, r, _ in submitted)
+    print(f"rows differing from generate alone: {sum(differing)} of {rows}; batch sizes seen: "
+          f"{min(rows_per_step)}..{max(rows_per_step)} over {len(rows_per_step)} steps; prompts prefilled together: "
+          f"{batched_prefills}; batch changes {regroups}")
+    assert batched_prefills and regroups["in place"] and regroups["copied"]
+    assert max(rows_per_step) > 6 and max(rows_per_step) <= 16
+    assert sum(differing) == 0
+
+
+def test_stop_strings_and_max_tokens(trained):
+    full = alone(trained, PROMPTS[1], GenerationSettings(max_new_tokens=60))[0]
+    stop = full.text[len(full.text) // 2:][:5]
+    with Engine(trained) as engine:
+        request = engine.submit(trained.encode_prompt(PROMPTS[1]),
+                                GenerationSettings(max_new_tokens=60, stop=("never here", stop)))
+        assert assert_same(trained, PROMPTS[1], request) == 0
+        (result,) = request.result()
+        assert result.finish_reason == "stop" and result.text == full.text[:full.text.find(stop)]
+        request = engine.submit(trained.encode_prompt(PROMPTS[2]),
+                                GenerationSettings(max_new_tokens=5, ignore_eos=True))
+        assert assert_same(trained, PROMPTS[2], request) == 0
+        assert request.result()[0].finish_reason == "length" and len(request.result()[0].token_ids) == 5
+
+
+def test_text_pieces_never_split_a_character(trained, monkeypatch):
+    from gpt2onnx import engine as engine_module
+    from gpt2onnx import generator
+
+    text = " naïve 😀 日本語 ok"
+    forced = trained.tokenizer.encode(text)
+    assert any("\ufffd" in trained.tokenizer.decode([t]) for t in forced)  # some tokens are partial bytes
+    for module in (engine_module, generator):  # the same scripted tokens for the engine and Model.stream
+        steps = iter(forced)
+        monkeypatch.setattr(module, "sample", lambda *a, _steps=steps, **k: np.array([next(_steps)]))
+    with Engine(trained) as engine:
+        request = engine.submit(trained.encode_prompt("x"), GenerationSettings(max_new_tokens=len(forced)))
+        pieces = [e.text for e in collect(request)[0] if e.text]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    assert pieces == list(trained.stream("x", max_new_tokens=len(forced)))
+
+
+def test_cancel_frees_rows_within_one_step(trained):
+    steps = []
+    with Engine(trained, EngineOptions(on_step=steps.append, max_queue=4, max_batch=3)) as engine:
+        settings = GenerationSettings(max_new_tokens=500, do_sample=True, seed=1, num_return_sequences=3,
+                                      ignore_eos=True)
+        request = engine.submit(trained.encode_prompt("x"), settings)
+        queued = engine.submit(trained.encode_prompt("y"), GenerationSettings(max_new_tokens=5))
+        events = request.events(timeout=30)
+        next(events)
+        assert engine.stats().waiting == 1
+        queued.cancel()
+        request.cancel()
+        before = len(steps)
+        rest = list(events)
+        assert {e.finish_reason for e in rest if e.finish_reason} == {"cancelled"}
+        assert [e.finish_reason for e in queued.events(timeout=5)] == ["cancelled"]
+        deadline = time.monotonic() + 5
+        while engine.stats().running_rows and time.monotonic() < deadline:
+            time.sleep(0.001)
+        stats = engine.stats()
+        assert stats.running_rows == 0 and stats.running_requests == 0 and stats.waiting == 0
+        assert len(steps) - before <= 1  # at most the step already under way ran its rows
+        assert len(request.result()[0].token_ids) < 500
+
+
+def test_queue_full_and_bad_requests(trained):
+    with Engine(trained, EngineOptions(max_batch=2, max_queue=2)) as engine:
+        long = GenerationSettings(max_new_tokens=300, ignore_eos=True)
+        running = engine.submit(trained.encode_prompt("x"), dataclasses.replace(long, do_sample=True,
+                                                                              num_return_sequences=2))
+        next(running.events(timeout=30))  # it holds both rows: the next ones wait
+        waiting = [engine.submit(trained.encode_prompt("y"), long) for _ in range(2)]
+        with pytest.raises(QueueFullError) as error:
+            engine.submit(trained.encode_prompt("z"), long)
+        assert error.value.hint and engine.stats().rejected == 1 and engine.stats().waiting == 2
+        for bad, match in (([], "prompt_ids"), ([trained.config.vocab_size], "prompt_ids"),
+                           ([1] * 1000, "n_positions")):
+            with pytest.raises(InvalidArgumentError, match=match):
+                engine.submit(bad, GenerationSettings(max_new_tokens=100))
+        with pytest.raises(InvalidArgumentError, match="max_batch"):
+            engine.submit([1], GenerationSettings(do_sample=True, num_return_sequences=3))
+        with pytest.raises(InvalidArgumentError, match="logit_bias"):
+            engine.submit([1], GenerationSettings(), logit_bias={5: 101})
+        with pytest.raises(InvalidArgumentError, match="presence_penalty"):
+            engine.submit([1], GenerationSettings(), presence_penalty=3)
+        for request in [running, *waiting]:
+            request.cancel()
+    with pytest.raises(InvalidArgumentError, match="max_batch"):
+        EngineOptions(max_batch=0)
+
+
+def test_long_prompt_is_prefilled_in_chunks_while_others_decode(trained):
+    seen = []  # per decode step: (rows in the batch, a prefill under way, tokens so far)
+    long_prompt = " ".join(PROMPTS * 12)
+    assert len(trained.encode_prompt(long_prompt)) > 250
+    engines = []
+
+    def on_step(rows):
+        stats = engines[0].stats()
+        seen.append((rows, stats.prefilling, stats.tokens))
+
+    with Engine(trained, EngineOptions(prefill_chunk=16, on_step=on_step)) as engine:
+        engines.append(engine)
+        short = engine.submit(trained.encode_prompt(PROMPTS[0]), GenerationSettings(max_new_tokens=60,
+                                                                                   ignore_eos=True))
+        while not engine.stats().tokens:  # the short request is decoding
+            time.sleep(0.001)
+        long = engine.submit(trained.encode_prompt(long_prompt), GenerationSettings(max_new_tokens=10, do_sample=True,
+                                                                                   seed=2))
+        while not engine.stats().prefilling:
+            time.sleep(0.001)
+        late = engine.submit(trained.encode_prompt(PROMPTS[3]), GenerationSettings(max_new_tokens=3))
+        next(late.events(timeout=30))  # a short prompt does not wait behind the long one
+        assert engine.stats().prefilling == 1 and not long.done
+        assert assert_same(trained, long_prompt, long) == 0  # chunked prefill gives generate's tokens
+        assert assert_same(trained, PROMPTS[0], short) == 0
+    during = [tokens for rows, prefilling, tokens in seen if prefilling]
+    # the short request got a token at every step of the long prompt's prefill (>= 15 chunks of 16)
+    assert len(during) >= 15 and during[-1] - during[0] >= len(during) - 1
+
+
+def test_close_drains_or_cancels(trained):
+    engine = Engine(trained, EngineOptions(max_batch=4))
+    settings = GenerationSettings(max_new_tokens=12, do_sample=True, seed=5)
+    requests = [engine.submit(trained.encode_prompt(p), settings) for p in PROMPTS[:4] * 2]  # half wait
+    engine.close(drain=True)
+    assert all(r.done and r.result()[0].finish_reason in ("eos", "length") for r in requests)
+    assert assert_same(trained, PROMPTS[3], requests[-1]) == 0
+    with pytest.raises(EngineClosedError):
+        engine.submit([1], settings)
+    engine = Engine(trained, EngineOptions(max_batch=4))
+    requests = [engine.submit(trained.encode_prompt(p), GenerationSettings(max_new_tokens=400, ignore_eos=True))
+                for p in PROMPTS * 2]
+    next(requests[0].events(timeout=30))
+    engine.close(drain=False)
+    assert all(r.done and r.result()[0].finish_reason == "cancelled" for r in requests)
+    assert [e.finish_reason for e in requests[-1].events()] == ["cancelled"]
+    assert not engine._thread.is_alive() and engine.alive
+
+
+def test_submits_from_many_threads(tiny):
+    jobs = [(PROMPTS[i % 5], GenerationSettings(max_new_tokens=6 + i % 7, do_sample=i % 2 == 0, seed=i, top_k=0))
+            for i in range(24)]
+    results, errors = {}, []
+
+    def client(k):
+        try:
+            for i in range(k, len(jobs), 8):
+                prompt, settings = jobs[i]
+                request = engine.submit(tiny.encode_prompt(prompt), settings)
+                results[i] = (prompt, request, collect(request))
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    with Engine(tiny, EngineOptions(max_batch=8)) as engine:
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors and len(results) == len(jobs)
+    for prompt, request, rows in results.values():
+        assert [e.token_id for e in rows[0]] == alone(tiny, prompt, request.settings, request.seed)[0].token_ids
+
+
+def test_asyncio_consumers(tiny):
+    async def consume(engine, prompt, seed):
+        request = engine.submit(tiny.encode_prompt(prompt), GenerationSettings(max_new_tokens=10, do_sample=True,
+                                                                               seed=seed, num_return_sequences=2))
+        rows = [[], []]
+        async for event in request.aevents():
+            rows[event.row].append(event)
+        return request, rows
+
+    async def main(engine):
+        return await asyncio.gather(*(consume(engine, p, i) for i, p in enumerate(PROMPTS)))
+
+    with Engine(tiny) as engine:
+        outcomes = asyncio.run(main(engine))
+    for prompt, (request, rows) in zip(PROMPTS, outcomes):
+        expected = alone(tiny, prompt, request.settings, request.seed)
+        assert ["".join(e.text for e in row) for row in rows] == [g.text for g in expected]
+        assert [r.token_ids for r in request.result()] == [g.token_ids for g in expected]
+
+
+def test_scheduler_failure_ends_every_request_with_error(tiny, monkeypatch):
+    engine = Engine(tiny, EngineOptions(max_batch=2))
+    calls = []
+    real_run = tiny.session.run
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 5:
+            raise RuntimeError("injected failure")
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(tiny.session, "run", failing)
+    requests = [engine.submit(tiny.encode_prompt(p), GenerationSettings(max_new_tokens=50, ignore_eos=True))
+                for p in PROMPTS]
+    for request in requests:  # never hangs: every row gets a final "error" event
+        assert [e.finish_reason for e in request.events(timeout=30)][-1] == "error"
+        assert "injected failure" in request.error
+    assert not engine.alive and not engine.stats().alive
+    with pytest.raises(EngineClosedError, match="injected failure"):
+        engine.submit([1], GenerationSettings())
+    engine.close()
+
+
+def test_logprobs_echo_and_scoring_only(trained):
+    with Engine(trained, EngineOptions(prefill_chunk=4)) as engine:
+        for prompt in (PROMPTS[0], PROMPTS[4]):
+            ids = trained.encode_prompt(prompt)
+            request = engine.submit(ids, GenerationSettings(max_new_tokens=0), echo_logprobs=True, logprobs=2)
+            events = list(request.events(timeout=30))
+            assert [(e.token_id, e.text, e.finish_reason) for e in events] == [(None, "", "length")]
+            score = trained.score(prompt, top_logprobs=2)
+            assert request.prompt_logprobs[0] == (None, None) and len(request.prompt_logprobs) == len(ids)
+            for (ours, top), expected, expected_top in zip(request.prompt_logprobs[1:], score.token_logprobs[1:],
+                                                           score.top_logprobs[1:]):
+                assert abs(ours - expected) < 1e-5 and [t for t, _ in top] == [t for t, _ in expected_top]
+        request = engine.submit(trained.encode_prompt(PROMPTS[2]), GenerationSettings(max_new_tokens=6),
+                                echo_logprobs=True)
+        assert assert_same(trained, PROMPTS[2], request) == 0
+        assert request.prompt_logprobs[1][1] is None  # no top lists unless logprobs=k
+
+
+def test_logit_bias_and_penalties_follow_openai(trained):
+    """Greedy with OpenAI's logit_bias / frequency / presence penalties equals a plain reference loop."""
+    ids = trained.encode_prompt(PROMPTS[1])
+
+    def reference(bias, frequency, presence, steps=10):
+        sequence, counts = list(ids), np.zeros(trained.config.vocab_size)
+        for _ in range(steps):
+            cache = trained.session.empty_cache(1)
+            logits, _ = trained.session.run(np.array([sequence]), np.ones((1, len(sequence)), np.int64),
+                                            np.arange(len(sequence))[None], cache, logits_for="last")
+            scores = logits[0, -1].astype(np.float64) - frequency * counts - presence * (counts > 0)
+            for token, value in bias.items():
+                scores[token] += value
+            token = int(scores.argmax())
+            counts[token] += 1
+            sequence.append(token)
+        return sequence[len(ids):]
+
+    plain = reference({}, 0, 0)
+    cases = [({plain[0]: -100}, 0, 0), ({}, 2.0, 0), ({}, 0, 1.5), ({13: 5.0, plain[1]: -3}, 0.5, 0.5)]
+    with Engine(trained) as engine:
+        for bias, frequency, presence in cases:
+            request = engine.submit(ids, GenerationSettings(max_new_tokens=10, ignore_eos=True), logit_bias=bias,
+                                    frequency_penalty=frequency, presence_penalty=presence, logprobs=0)
+            events = collect(request)[0]
+            assert [e.token_id for e in events] == reference(bias, frequency, presence)
+        # logprobs stay those of the raw distribution, whatever bias picked the token
+        (score,) = logprobs.score(trained.session, [ids + [e.token_id for e in events]], pad_id=0,
+                                  decode=trained.tokenizer.decode)
+        raw = score.token_logprobs[len(ids):]
+        assert np.allclose([e.logprob for e in events], raw, atol=1e-4)
+
+
+def test_kv_cache_row_surgery():
+    """gather right-aligns rows of several caches (zeros in front), drop fills holes with the last rows,
+    join writes new rows into free rows in place; every row keeps its own past."""
+    rng = np.random.default_rng(0)
+
+    def cache(batch, length):
+        return KVCache([rng.normal(size=(batch, 2, length + 3, 4)).astype(np.float32) for _ in range(4)], length)
+
+    def past(c, row):  # a row's past without its leading zeros, per buffer
+        return [b[row, :, :c.length] for b in c.buffers]
+
+    a, b = cache(3, 5), cache(1, 2)
+    merged = KVCache.gather([(a, np.array([2, 0])), (b, np.array([0, 0]))], width=5, capacity=9, rows=6)
+    assert (merged.batch, merged.length, merged.capacity, merged.free_rows) == (4, 5, 9, 2)
+    for layer in range(4):
+        assert np.array_equal(merged.buffers[layer][0, :, :5], a.buffers[layer][2, :, :5])
+        assert np.array_equal(merged.buffers[layer][3, :, 3:5], b.buffers[layer][0, :, :2])
+        assert not merged.buffers[layer][2:, :, :3].any()
+    expected = {0: past(merged, 0), 3: past(merged, 3)}
+    dropped, where = merged.drop([0, 1])
+    assert dropped.batch == 2 and where.tolist() == [-1, -1, 0, 1] and dropped.free_rows == 4
+    assert all(np.array_equal(x, y) for x, y in zip(past(dropped, 1), expected[3]))
+    joined = dropped.join([(a, np.array([1]))])
+    assert joined.batch == 3 and joined.buffers[0].base is merged.buffers[0].base  # the same memory
+    assert all(np.array_equal(x, y[1, :, :5]) for x, y in zip(past(joined, 2), a.buffers))
+    trimmed = KVCache.gather([(joined, np.array([2, 0]))], width=3)  # drops two leading columns
+    assert np.array_equal(trimmed.buffers[1][0, :, :3], a.buffers[1][1, :, 2:5])
