@@ -12,7 +12,7 @@ import json
 import sys
 
 from . import plugins
-from .errors import Gpt2OnnxError, InvalidArgumentError
+from .errors import Gpt2OnnxError, InvalidArgumentError, MissingDependencyError
 
 EXAMPLES = """examples:
   gpt2onnx export gpt2 out/gpt2                 # download, convert, verify against PyTorch
