@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gpt2onnx.defaults import TRANSFORMERS_DEFAULTS
 from gpt2onnx.sampling import process, softmax
 from gpt2onnx.session import StepRecord
 from gpt2onnx.settings import GenerationSettings
@@ -60,10 +61,10 @@ SETTINGS = (
 )
 BATCH_SIZES = (1, 3, 5)
 MAX_NEW_TOKENS = 24
-# Every option is passed to both sides, so neither side's defaults (generation_config.json,
-# task_specific_params) can make them differ.
-_OPTIONS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
-            "num_return_sequences": 1, "min_new_tokens": 0}
+# Every option both sides have (transformers' GenerationConfig's, at its defaults) is passed to both, so neither
+# side's defaults (generation_config.json, task_specific_params) can make them differ; a case sets the lengths
+# and do_sample itself.
+_OPTIONS = {k: v for k, v in TRANSFORMERS_DEFAULTS.items() if k not in ("max_length", "do_sample")}
 _WORDS_PER_SKIP = 1 << 24  # raw words skipped per call when replaying the stream
 
 

@@ -10,9 +10,11 @@ import argparse
 import dataclasses
 import json
 import sys
+import typing
 
 from . import plugins
 from .errors import Gpt2OnnxError, InvalidArgumentError, MissingDependencyError
+from .settings import OPTIONS, GenerationSettings
 
 EXAMPLES = """examples:
   gpt2onnx export gpt2 out/gpt2                 # download, convert, verify against PyTorch
@@ -62,20 +64,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("--stream and --json do not go together", hint="pick one")
     prompt = _read_stdin() if args.prompt == "-" else args.prompt
     model = load(args.model, threads=args.threads)
-    options = dict(max_new_tokens=args.max_new_tokens, max_length=args.max_length,
-                   min_new_tokens=args.min_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                   no_repeat_ngram_size=args.no_repeat_ngram_size, stop=[_unescape(t) for t in args.stop] if args.stop else None, seed=args.seed,
-                   sampler=args.sampler, ignore_eos=args.ignore_eos or None, truncate=args.truncate,
+    options = {name: value for name, value in vars(args).items() if name in OPTIONS}  # None: the model's
+    options.update(stop=[_unescape(t) for t in args.stop] if args.stop else None,
+                   ignore_eos=args.ignore_eos or None, truncate=args.truncate,
                    allow_special_tokens=args.allow_special_tokens)
     if args.stream:
-        pieces = model.stream(prompt, num_return_sequences=args.num_return_sequences, **options)  # checks all
+        pieces = model.stream(prompt, **options)  # checks all
         print(prompt, end="", flush=True)
         for piece in pieces:
             print(piece, end="", flush=True)
         print()
         return 0
-    results = model.generate(prompt, num_return_sequences=args.num_return_sequences, **options)
+    results = model.generate(prompt, **options)
     results = results if isinstance(results, list) else [results]
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in results], ensure_ascii=False, indent=2))
@@ -178,6 +178,21 @@ class _GenerateFormatter(_Formatter):
     unset = "the model's"  # generate's unset options come from the model directory
 
 
+def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag per generation option in settings.OPTIONS, in its order: --max-new-tokens for max_new_tokens, with
+    the table's help; its type is the GenerationSettings field's (a bool is --name/--no-name) unless the table
+    says otherwise. Unset (None) means the model's."""
+    types = typing.get_type_hints(GenerationSettings)
+    for name, option in OPTIONS.items():
+        flag = dict(option.flag)
+        short = [flag.pop("short")] if "short" in flag else []
+        if "action" not in flag and types.get(name) is bool:
+            flag.update(action=argparse.BooleanOptionalAction, default=None)
+        elif not {"action", "type", "choices"} & set(flag):
+            flag["type"] = next(t for t in typing.get_args(types[name]) or [types[name]] if t is not type(None))
+        parser.add_argument(*short, "--" + name.replace("_", "-"), help=option.help, **flag)
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser for `argv` (default: sys.argv[1:]): the runtime's commands, and the plugins' unless argv
     names one of the runtime's."""
@@ -196,23 +211,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                             epilog=GENERATE_EXAMPLES)
     p.add_argument("prompt", metavar="PROMPT", help="text to continue; - reads it from stdin")
     p.add_argument("--model", "-m", required=True, help="exported model directory")
-    p.add_argument("--max-new-tokens", type=int, help="tokens to add after the prompt (wins over --max-length)")
-    p.add_argument("--max-length", type=int, help="prompt + new tokens")
-    p.add_argument("--min-new-tokens", type=int, help="forbid <|endoftext|> before this many new tokens")
-    p.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=None,
-                   help="sample (--do-sample) or take the most likely token (--no-do-sample); default: the model's")
-    p.add_argument("--temperature", type=float, help="divide logits by this before sampling; 0 = greedy")
-    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens; 0 = all")
-    p.add_argument("--top-p", type=float, help="sample among the fewest tokens reaching this probability")
-    p.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeating tokens")
-    p.add_argument("--no-repeat-ngram-size", type=int, help="never repeat an n-gram of this size")
-    p.add_argument("-n", "--num-return-sequences", type=int, default=None, help="continuations (needs sampling)")
-    p.add_argument("--stop", action="append", metavar="TEXT", help="end where the new text contains TEXT "
-                                                                  "(repeatable; \\n is a newline)")
-    p.add_argument("--seed", type=int, help="same seed, same text (the tokens transformers gives after set_seed)")
-    p.add_argument("--sampler", choices=["torch", "numpy"], help="random stream: torch (transformers' tokens, the "
-                                                                 "default) or numpy")
-    p.add_argument("--ignore-eos", action="store_true", help="keep going after <|endoftext|>")
+    _add_generation_flags(p)
     p.add_argument("--truncate", choices=["left"], help="drop the oldest prompt tokens when it does not fit")
     p.add_argument("--allow-special-tokens", action="store_true", help="read <|endoftext|> in PROMPT as the token")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated")

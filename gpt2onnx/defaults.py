@@ -11,18 +11,17 @@ max_new_tokens wins, as in transformers.
 
 from __future__ import annotations
 
-import dataclasses
 import numbers
 
 from .errors import InvalidArgumentError, ModelLoadError
-from .settings import GenerationSettings
+from .settings import OPTIONS, GenerationSettings
 
-# transformers.GenerationConfig() defaults for the options we support
+# transformers.GenerationConfig() defaults for the options we support (a test checks them against transformers);
+# an option transformers has is also one a model directory may set, and one the pipeline takes
 TRANSFORMERS_DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
                          "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "num_return_sequences": 1,
                          "min_new_tokens": 0}
 _FROM_MODEL = set(TRANSFORMERS_DEFAULTS) | {"max_new_tokens"}
-OPTIONS = {f.name for f in dataclasses.fields(GenerationSettings)} | {"max_length"}
 
 
 def model_defaults(generation_config: dict, config: dict) -> dict:
@@ -69,14 +68,13 @@ def _check_default(key: str, value, where: str) -> None:
 def _check_max_length(max_length) -> int:
     if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral) or max_length < 1:
         raise InvalidArgumentError(f"max_length must be an integer >= 1, got {max_length!r}",
-                                   hint="max_length counts the prompt and the new tokens; max_new_tokens counts "
-                                        "only new ones")
+                                   hint=OPTIONS["max_length"].hint)
     return int(max_length)
 
 
 def resolve(defaults: dict, user: dict, *, prompt_length: int) -> GenerationSettings:
     """Settings for one call: user options over the model's defaults, lengths turned into max_new_tokens."""
-    unknown = sorted(set(user) - OPTIONS)
+    unknown = sorted(set(user) - set(OPTIONS))
     if unknown:
         raise InvalidArgumentError(f"unknown generation option(s) {', '.join(unknown)}",
                                    hint=f"allowed: {', '.join(sorted(OPTIONS))}")

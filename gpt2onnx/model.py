@@ -20,7 +20,7 @@ from .generator import generate, generate_tokens
 from .logprobs import Score, TopLogprobs, check_top, chosen, score
 from .manifest import read_manifest
 from .session import OnnxSession, SessionOptions
-from .settings import GenerationSettings
+from .settings import OPTIONS, GenerationSettings
 from .stopping import EOS, LENGTH, STOP, StopStrings, cut_at_stop
 from .tokenizer import ENDOFTEXT, Tokenizer
 
@@ -112,11 +112,8 @@ class Model:
             tokens, from the model's RAW logits (before repetition penalty, temperature, top-k, top-p), as
             OpenAI and vLLM report them; None (default) leaves it None.
         """
-        options = dict(max_new_tokens=max_new_tokens, max_length=max_length, min_new_tokens=min_new_tokens,
-                       do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                       repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                       num_return_sequences=num_return_sequences, stop=stop, seed=seed, sampler=sampler,
-                       ignore_eos=ignore_eos)
+        given = locals()
+        options = {name: given[name] for name in OPTIONS}  # the generation options, as settings.OPTIONS lists them
         prompts = [prompt] if isinstance(prompt, str) else prompt
         _check_flag("return_full_text", return_full_text)
         prompt_ids, settings = self._prepare(prompts, options, truncate=truncate, allow_special=allow_special_tokens)

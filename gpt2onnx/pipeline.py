@@ -19,15 +19,15 @@ import secrets
 from .defaults import TRANSFORMERS_DEFAULTS
 from .errors import InvalidArgumentError
 from .model import Model, load
-from .settings import GenerationSettings
+from .settings import OPTIONS, GenerationSettings
 from .torch_random import TorchGenerator
 
 # TextGenerationPipeline._default_generation_config in transformers 4.57
 PIPELINE_DEFAULTS = {"max_new_tokens": 256, "do_sample": True, "temperature": 0.7}
 _GLOBAL = {**TRANSFORMERS_DEFAULTS, "max_new_tokens": None}
 _KEYS = set(_GLOBAL)
-CALL_OPTIONS = ("max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-                "repetition_penalty", "no_repeat_ngram_size", "num_return_sequences")
+# what a call may pass: the generation options transformers' GenerationConfig has (in our table's order)
+CALL_OPTIONS = tuple(name for name in OPTIONS if name in _KEYS)
 
 
 class TextGenerationPipeline:

@@ -14,19 +14,60 @@ from .limits import MAX_NEW_TOKENS, MAX_RETURN_SEQUENCES
 SEED_MAX = 2**32 - 1  # transformers' set_seed(seed) accepts 0 .. 2**32 - 1 (numpy's limit)
 SAMPLERS = ("torch", "numpy")
 
-# what each option means, for the hint of an error about it
-_HINTS = {
-    "max_new_tokens": "the tokens to add after the prompt; the prompt plus them must fit in the model's n_positions",
-    "min_new_tokens": "0 lets <|endoftext|> end a row at once",
-    "top_k": "0 keeps every token; transformers' default is 50",
-    "no_repeat_ngram_size": "0 turns it off; 3 forbids repeating any 3 tokens in a row",
-    "num_return_sequences": f"continuations per prompt, 1 to {MAX_RETURN_SEQUENCES}; more than 1 needs do_sample=True",
-    "seed": f"any integer from 0 to {SEED_MAX}; leave it unset to draw a fresh seed (reported in the result)",
-    "temperature": "0 is greedy, 1 leaves the logits as they are; 0.7 is common",
-    "top_p": "1 keeps every token; 0.9 keeps the most likely tokens holding 90% of the probability",
-    "repetition_penalty": "1 means no penalty; 1.2 discourages repeating tokens",
-    "do_sample": "pass True (sample) or False (greedy)",
-    "ignore_eos": "pass True (keep going after <|endoftext|>) or False",
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One generation option as it is explained to a user.
+
+    help: the one line of `gpt2onnx generate --help` (Model.generate's docstring says it at more length).
+    hint: how to fix a bad value, the hint of the error about it.
+    flag: the argparse settings of its CLI flag that its type in GenerationSettings does not give
+        (a bool becomes --name/--no-name, an int or float a typed value; "short" adds a one-letter flag).
+    """
+
+    help: str
+    hint: str | None = None
+    flag: dict = dataclasses.field(default_factory=dict)
+
+
+# Every generation option, once: GenerationSettings' fields plus max_length (turned into max_new_tokens).
+# In this order they are Model.generate's keyword arguments and `gpt2onnx generate`'s flags; the CLI's flags,
+# its options dict, the pipeline's accepted set and the parity checker's options are derived from this table.
+OPTIONS = {
+    "max_new_tokens": Option(
+        "tokens to add after the prompt (wins over --max-length)",
+        hint="the tokens to add after the prompt; the prompt plus them must fit in the model's n_positions"),
+    "max_length": Option("prompt + new tokens", flag={"type": int},
+                         hint="max_length counts the prompt and the new tokens; max_new_tokens counts only new ones"),
+    "min_new_tokens": Option("forbid <|endoftext|> before this many new tokens",
+                             hint="0 lets <|endoftext|> end a row at once"),
+    "do_sample": Option(
+        "sample (--do-sample) or take the most likely token (--no-do-sample); default: the model's",
+        hint="pass True (sample) or False (greedy)"),
+    "temperature": Option("divide logits by this before sampling; 0 = greedy",
+                          hint="0 is greedy, 1 leaves the logits as they are; 0.7 is common"),
+    "top_k": Option("sample among the k most likely tokens; 0 = all",
+                    hint="0 keeps every token; transformers' default is 50"),
+    "top_p": Option("sample among the fewest tokens reaching this probability",
+                    hint="1 keeps every token; 0.9 keeps the most likely tokens holding 90% of the probability"),
+    "repetition_penalty": Option("> 1 discourages repeating tokens",
+                                 hint="1 means no penalty; 1.2 discourages repeating tokens"),
+    "no_repeat_ngram_size": Option("never repeat an n-gram of this size",
+                                   hint="0 turns it off; 3 forbids repeating any 3 tokens in a row"),
+    "num_return_sequences": Option(
+        "continuations (needs sampling)", flag={"short": "-n"},
+        hint=f"continuations per prompt, 1 to {MAX_RETURN_SEQUENCES}; more than 1 needs do_sample=True"),
+    "stop": Option("end where the new text contains TEXT (repeatable; \\n is a newline)",
+                   flag={"action": "append", "metavar": "TEXT"},
+                   hint='pass a string or a list of non-empty strings, e.g. stop=["\\n\\n"]'),
+    "seed": Option("same seed, same text (the tokens transformers gives after set_seed)",
+                   hint=f"any integer from 0 to {SEED_MAX}; leave it unset to draw a fresh seed (reported in the "
+                        "result)"),
+    "sampler": Option("random stream: torch (transformers' tokens, the default) or numpy",
+                      flag={"choices": list(SAMPLERS)},
+                      hint="'torch' gives transformers' tokens for a seed; 'numpy' is faster"),
+    "ignore_eos": Option("keep going after <|endoftext|>", flag={"action": "store_true"},
+                         hint="pass True (keep going after <|endoftext|>) or False"),
 }
 
 
@@ -68,11 +109,11 @@ class GenerationSettings:
                                                     lambda r: math.isfinite(r) and r > 0))
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             raise InvalidArgumentError(f"stop must be a list of non-empty strings, got {self.stop!r}",
-                                       hint='pass a string or a list of non-empty strings, e.g. stop=["\\n\\n"]')
+                                       hint=OPTIONS["stop"].hint)
         self._set("stop", tuple(str(s) for s in self.stop))
         if not isinstance(self.sampler, str) or self.sampler not in SAMPLERS:
             raise InvalidArgumentError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}",
-                                       hint="'torch' gives transformers' tokens for a seed; 'numpy' is faster")
+                                       hint=OPTIONS["sampler"].hint)
         if self.num_return_sequences > 1 and self.greedy:
             raise InvalidArgumentError(
                 f"num_return_sequences={self.num_return_sequences} with greedy decoding gives identical rows",
@@ -91,14 +132,14 @@ def _check_int(name: str, value, low: int, high: int | None) -> int:
     if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < low
             or (high is not None and value > high)):
         allowed = f">= {low}" if high is None else f"from {low} to {high}"
-        raise InvalidArgumentError(f"{name} must be an integer {allowed}, got {value!r}", hint=_HINTS.get(name))
+        raise InvalidArgumentError(f"{name} must be an integer {allowed}, got {value!r}", hint=OPTIONS[name].hint)
     return int(value)
 
 
 def _check_real(name: str, value, allowed: str, ok) -> float:
     """`value` as a Python float: any real number (numpy's too) but a bool, for which `ok` holds."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not _holds(ok, value):
-        raise InvalidArgumentError(f"{name} must be {allowed}, got {value!r}", hint=_HINTS.get(name))
+        raise InvalidArgumentError(f"{name} must be {allowed}, got {value!r}", hint=OPTIONS[name].hint)
     return float(value)
 
 
@@ -112,5 +153,5 @@ def _holds(ok, value) -> bool:
 def _check_bool(name: str, value) -> bool:
     """`value` as a Python bool (numpy's bool too); 0 and 1 are not booleans."""
     if not isinstance(value, (bool, np.bool_)):
-        raise InvalidArgumentError(f"{name} must be True or False, got {value!r}", hint=_HINTS.get(name))
+        raise InvalidArgumentError(f"{name} must be True or False, got {value!r}", hint=OPTIONS[name].hint)
     return bool(value)

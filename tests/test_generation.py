@@ -1,6 +1,9 @@
 """Generation as users expect it: batches, sampling, seeds, streaming, stopping, threads, bad input."""
 
+import argparse
 import concurrent.futures
+import dataclasses
+import inspect
 import json
 import math
 import subprocess
@@ -11,10 +14,12 @@ import pytest
 
 import gpt2onnx
 from gpt2onnx import generator
-from gpt2onnx.cli import main
-from gpt2onnx.defaults import model_defaults, resolve
+from gpt2onnx.cli import build_parser, main
+from gpt2onnx.defaults import TRANSFORMERS_DEFAULTS, model_defaults, resolve
 from gpt2onnx.errors import GenerationError, InvalidArgumentError
+from gpt2onnx.pipeline import CALL_OPTIONS
 from gpt2onnx.sampling import process
+from gpt2onnx.settings import OPTIONS, GenerationSettings
 
 PROMPTS = ["The :substitute command", "fs.readFile(path, options", "In Vim, to", "x"]
 
@@ -249,6 +254,42 @@ def test_model_directory_defaults_apply(tiny_export, tmp_path):
     assert len(result.token_ids) == 11 and result.seed == 3  # sampled (seeded), max_length counted the prompt
     assert result.token_ids == model.generate("Hello", seed=3, ignore_eos=True, do_sample=True, top_k=50,
                                               max_new_tokens=11).token_ids
+
+
+def test_every_generation_option_is_written_in_one_table():
+    """settings.OPTIONS, GenerationSettings, Model.generate's signature and docstring and the CLI's flags agree, so
+    an option written in one place only fails here."""
+    fields = [f.name for f in dataclasses.fields(GenerationSettings)]
+    assert set(OPTIONS) == set(fields) | {"max_length"}  # max_length is resolved into max_new_tokens
+    assert all(option.help and option.hint for option in OPTIONS.values())
+    parameters = inspect.signature(gpt2onnx.Model.generate).parameters
+    keywords = [name for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY]
+    calls = ["return_full_text", "truncate", "allow_special_tokens", "logprobs"]  # how to run, not what to generate
+    assert keywords == list(OPTIONS) + calls
+    assert [name for name in OPTIONS if parameters[name].default is not None] == []  # None: the model's default
+    undocumented = [name for name in keywords if f"\n        {name}: " not in gpt2onnx.Model.generate.__doc__]
+    assert undocumented == []
+    commands = next(a for a in build_parser(["generate"])._actions if isinstance(a, argparse._SubParsersAction))
+    flags = {action.dest: action for action in commands.choices["generate"]._actions}
+    for name, option in OPTIONS.items():
+        assert "--" + name.replace("_", "-") in flags[name].option_strings and flags[name].help == option.help
+    assert flags["do_sample"].default is None and flags["seed"].type is int and flags["top_p"].type is float
+
+
+def test_transformers_defaults_are_transformers_own():
+    """TRANSFORMERS_DEFAULTS (what a model directory may set, the pipeline's options, parity's) holds transformers'
+    GenerationConfig defaults, for every option of ours that transformers has; ours are the same."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig()
+    theirs = {name: getattr(config, name) for name in OPTIONS if hasattr(config, name)}
+    assert theirs.pop("max_new_tokens") is None and theirs.pop("min_new_tokens") is None  # None: 0 new tokens
+    assert theirs == {k: v for k, v in TRANSFORMERS_DEFAULTS.items() if k != "min_new_tokens"}
+    assert TRANSFORMERS_DEFAULTS["min_new_tokens"] == 0
+    ours = {f.name: f.default for f in dataclasses.fields(GenerationSettings)}
+    assert {k: ours[k] for k in TRANSFORMERS_DEFAULTS if k in ours} == {k: v for k, v in TRANSFORMERS_DEFAULTS.items()
+                                                                     if k != "max_length"}
+    assert set(CALL_OPTIONS) == set(theirs) | {"max_new_tokens", "min_new_tokens"}
 
 
 BAD = [
