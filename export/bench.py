@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2onnx.errors import InvalidArgumentError, MissingDependencyError
+from gpt2onnx.errors import GenerationError, InvalidArgumentError, MissingDependencyError
 from gpt2onnx.precisions import FLOAT_KV_CACHE, PRECISIONS
 
 # (framework, precision) in report order; gpt2onnx's precisions are the table's, and "+kv32" is one whose KV
@@ -292,10 +292,12 @@ class _Worker:
         line = self._proc.stdout.readline()
         if not line:
             tail = self.log.read_text()[-2000:] if self.log.is_file() else ""
-            raise RuntimeError(f"the {self.name} worker died; its log ({self.log}) ends with:\n{tail}")
+            raise GenerationError(f"the {self.name} worker died; its log ({self.log}) ends with:\n{tail}",
+                                  hint="fix what the log shows, or leave this framework out (--only, --precisions)")
         reply = json.loads(line)
         if "error" in reply:
-            raise RuntimeError(f"the {self.name} worker failed: {reply['error']}")
+            raise GenerationError(f"the {self.name} worker failed: {reply['error']}",
+                                  hint=f"its log is {self.log}; leave this framework out with --only or --precisions")
         return reply
 
     def close(self) -> None:
@@ -513,7 +515,8 @@ def _timed(runner: _Runner, prompt: list[int], new: int, rows: int = 1) -> float
     out = runner.generate(prompt, new, rows)
     seconds = time.perf_counter() - start
     if len(out) != rows or any(len(row) != new for row in out):
-        raise RuntimeError(f"asked for {rows} x {new} tokens, got {[len(row) for row in out]}")
+        raise GenerationError(f"asked for {rows} x {new} tokens, got {[len(row) for row in out]}",
+                              hint="every runner must ignore <|endoftext|> and give exactly the tokens asked for")
     return seconds
 
 

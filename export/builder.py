@@ -197,8 +197,7 @@ def build_graph(config: ModelConfig, quantization: Quantization | None = None,
 
     kv_cache "int8" stores the cache as int8 with per-channel scales (slots named by contract.kv_scale_names,
     filled from `kv_cache_scales`)."""
-    if kv_cache not in c.KV_CACHE_DTYPES:
-        raise ValueError(f"kv_cache must be one of {c.KV_CACHE_DTYPES}, got {kv_cache!r}")
+    precisions.check_kv_cache(kv_cache)
     g = _Graph()
     q = quantization
     e, h, d, v = config.n_embd, config.n_head, config.head_dim, config.vocab_size

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from gpt2onnx.errors import ModelLoadError
+
 
 def torch_model(config_dict: dict, weights: dict[str, np.ndarray], *, attn_implementation: str = "eager"):
     """GPT2LMHeadModel in eval mode whose parameters are views of `weights` (no second copy in memory).
@@ -27,7 +29,8 @@ def torch_model(config_dict: dict, weights: dict[str, np.ndarray], *, attn_imple
     model.tie_weights()
     missing = [m for m in missing if m != "lm_head.weight" and not m.endswith((".attn.bias", ".attn.masked_bias"))]
     if missing:
-        raise RuntimeError(f"reference model lacks weights: {missing[:5]}")
+        raise ModelLoadError(f"the reference model lacks {len(missing)} weights, e.g. {missing[:5]}",
+                             hint="the checkpoint is incomplete or not a GPT-2: check the source it was loaded from")
     n = config.n_positions
     for module in model.modules():  # buffers made on the meta device hold garbage after to_empty
         if hasattr(module, "bias") and isinstance(module.bias, torch.Tensor) and module.bias.dtype == torch.bool:

@@ -93,10 +93,7 @@ def check_options(options: ExportOptions) -> tuple[builder.Quantization | None, 
                                     or not Path(o.eval_text).expanduser().is_file()):
         raise InvalidArgumentError(f"the evaluation text {o.eval_text!r} is not a file",
                                    hint="pass a UTF-8 text file to --eval-text")
-    kv_cache = o.kv_cache or precision.kv_cache_dtype
-    if kv_cache not in c.KV_CACHE_DTYPES:
-        raise InvalidArgumentError(f"kv_cache must be one of {', '.join(c.KV_CACHE_DTYPES)}, got {kv_cache!r}",
-                                   hint="leave it out for the precision's default (the table in gpt2onnx/precisions.py)")
+    kv_cache = precisions.check_kv_cache(o.kv_cache or precision.kv_cache_dtype)
     if kv_cache not in precision.kv_cache_dtypes:
         raise InvalidArgumentError(f"an {kv_cache} KV cache needs quantized weights (the {precision.name} export is "
                                    "verified exactly)", hint="add --precision " + " or --precision ".join(

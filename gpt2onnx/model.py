@@ -203,7 +203,8 @@ class Model:
         """
         items = [texts] if isinstance(texts, str) else texts
         if not isinstance(items, list) or not items:
-            raise InvalidArgumentError("texts must be a string or a non-empty list of strings")
+            raise InvalidArgumentError("texts must be a string or a non-empty list of strings",
+                                       hint='pass "text" or ["text", "more text"]')
         check_top("top_logprobs", top_logprobs, self.config.vocab_size)
         ids = [self.encode_prompt(t, allow_special=allow_special_tokens, index=i if len(items) > 1 else None)
                for i, t in enumerate(items)]

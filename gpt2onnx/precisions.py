@@ -71,8 +71,17 @@ def get(name: str) -> Precision:
     """The precision called `name`, or an InvalidArgumentError listing the known ones."""
     precision = PRECISIONS.get(name) if isinstance(name, str) else None
     if precision is None:
-        raise InvalidArgumentError(f"precision must be one of {', '.join(NAMES)}, got {name!r}")
+        raise InvalidArgumentError(f"precision must be one of {', '.join(NAMES)}, got {name!r}",
+                                   hint="fp32 is exact; the quantized ones are smaller and faster, gated on quality")
     return precision
+
+
+def check_kv_cache(kv_cache) -> str:
+    """`kv_cache` if it is a KV-cache dtype, else an InvalidArgumentError listing them."""
+    if kv_cache not in KV_CACHE_DTYPES:
+        raise InvalidArgumentError(f"kv_cache must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache!r}",
+                                   hint="leave it out for the precision's default (see gpt2onnx/precisions.py)")
+    return kv_cache
 
 
 def per_precision(field: str) -> str:
