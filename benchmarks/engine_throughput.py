@@ -41,6 +41,15 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
+def in_threads(clients: int, work) -> None:
+    """work(0) .. work(clients - 1), each in its own thread, all started at once; returns when all are done."""
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def run_engine(model, clients: int, settings_for) -> dict:
     from gpt2onnx.engine import Engine, EngineOptions
 
@@ -57,11 +66,7 @@ def run_engine(model, clients: int, settings_for) -> dict:
             if event.token_id is not None:
                 times[i].append(time.perf_counter())
 
-    readers = [threading.Thread(target=read, args=(i,)) for i in range(clients)]
-    for reader in readers:
-        reader.start()
-    for reader in readers:
-        reader.join()
+    in_threads(clients, read)
     wall = time.perf_counter() - start
     engine.close()
     tokens = sum(len(t) for t in times)
@@ -80,11 +85,7 @@ def run_threads(model, clients: int, options_for) -> dict:
     def client(i):
         done.append(len(model.generate(PROMPT, **options_for(i)).token_ids))
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    in_threads(clients, client)
     wall = time.perf_counter() - start
     return {"clients": clients, "tokens": sum(done), "seconds": wall, "tok_s": sum(done) / wall}
 

@@ -29,6 +29,7 @@ from . import contract as c
 from . import matmulnbits
 from .errors import InvalidArgumentError, MissingDependencyError, ModelLoadError
 from .gpt2 import EMBEDDING, OUT_IN_WEIGHTS, state_dict_shapes
+from .limits import format_bytes
 from .manifest import read_manifest
 from .model import read_config
 
@@ -126,17 +127,18 @@ class ModelReport:
                  f"config     n_layer={cfg['n_layer']} n_head={cfg['n_head']} n_embd={cfg['n_embd']} "
                  f"n_positions={cfg['n_positions']} vocab_size={cfg['vocab_size']}",
                  "", f"weights    {len(self.weights)} tensors, {self.parameters:,} parameters, "
-                     f"{_size(self.weight_bytes)} stored"]
+                     f"{format_bytes(self.weight_bytes)} stored"]
         width = max(len(w.name) for w in self.weights)
         for w in self.weights:
             shape = "[" + ", ".join(map(str, w.shape)) + "]"
             if w.tied_to:
                 lines.append(f"  {w.name:<{width}}  {shape:<14} tied to {w.tied_to} (not stored)")
                 continue
-            line = f"  {w.name:<{width}}  {shape:<14} {w.dtype:<8} {_size(w.nbytes):>9}"
+            line = f"  {w.name:<{width}}  {shape:<14} {w.dtype:<8} {format_bytes(w.nbytes):>10}"
             lines.append(line + (f"  {w.scheme}" if w.scheme else ""))
         if self.constants:
-            lines.append(f"  (+ {len(self.constants)} graph constants, {_size(sum(t.nbytes for t in self.constants))})")
+            constants = format_bytes(sum(t.nbytes for t in self.constants))
+            lines.append(f"  (+ {len(self.constants)} graph constants, {constants})")
         lines += ["", "inputs"] + [f"  {v.name:<28} {v.dtype:<8} {_dims(v.shape)}" for v in self.inputs]
         lines += ["outputs"] + [f"  {v.name:<28} {v.dtype:<8} {_dims(v.shape)}" for v in self.outputs]
         ops = sorted(self.op_counts.items(), key=lambda kv: (-kv[1], kv[0]))
@@ -256,7 +258,8 @@ class ModelFile:
             return np.array(self._array(name), dtype=np.float32)  # a writable copy, as dequantized ones are
         node, data, scales, zeros = self._quantized[name]
         if node.op_type != "MatMulNBits":
-            raise InvalidArgumentError(f"{name} is stored as {info.scheme}, which cannot be dequantized for display yet",
+            raise InvalidArgumentError(f"{name} is stored as {info.scheme}, which cannot be dequantized for display "
+                                       "yet",
                                        hint="plot another weight, or a float32 export of the same model")
         attrs = _attributes(node)
         dense = matmulnbits.dequantize(self._array(data), self._array(scales),
@@ -355,21 +358,14 @@ def _parity_text(parity) -> str:
     diffs = parity.get("max_abs_diff")
     if isinstance(diffs, dict) and diffs:
         worst = max(diffs, key=diffs.get)
-        parts.append(f"largest |diff| {diffs[worst]:.2g} ({worst}) over {len(diffs)} outputs, atol {parity.get('atol')}")
+        parts.append(f"largest |diff| {diffs[worst]:.2g} ({worst}) over {len(diffs)} outputs, "
+                     f"atol {parity.get('atol')}")
     greedy = parity.get("greedy")
     if isinstance(greedy, dict):
         parts.append(f"greedy {greedy.get('tokens')} tokens {'identical' if greedy.get('equal') else 'DIFFER'}")
     if parity.get("reference"):
         parts.append(f"vs {parity['reference']}")
     return "; ".join(parts)
-
-
-def _size(nbytes: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if nbytes < 1024 or unit == "GB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return ""
 
 
 def _dims(shape) -> str:

@@ -49,11 +49,13 @@ def check_cache_bytes(max_cache_bytes) -> int:
     if (isinstance(max_cache_bytes, bool) or not isinstance(max_cache_bytes, numbers.Integral)
             or max_cache_bytes < 1):
         raise InvalidArgumentError(f"max_cache_bytes must be an integer > 0, got {max_cache_bytes!r}",
-                                   hint=f"the default is {DEFAULT_MAX_CACHE_BYTES} ({format_bytes(DEFAULT_MAX_CACHE_BYTES)})")
+                                   hint=f"the default is {DEFAULT_MAX_CACHE_BYTES} "
+                                        f"({format_bytes(DEFAULT_MAX_CACHE_BYTES)})")
     return int(max_cache_bytes)
 
 
 def format_bytes(n: int) -> str:
+    """1536 -> "1.5 KiB" (powers of 1024; "512 bytes" below one KiB)."""
     for unit in ("bytes", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n} bytes" if unit == "bytes" else f"{n:.1f} {unit}"

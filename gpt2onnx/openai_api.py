@@ -52,6 +52,10 @@ MAX_LOGPROBS = 5
 LOGIT_BIAS_LIMIT = 100.0
 PENALTY_LIMIT = 2.0
 
+# Fields whose limit is the server's (in the validation context): field -> (context key, default, what is allowed)
+_SERVER_LIMITS = {"n": ("max_n", MAX_RETURN_SEQUENCES, "n must be at most {limit} on this server (its --max-batch)"),
+                  "logprobs": ("max_logprobs", MAX_LOGPROBS, "logprobs must be from 0 to {limit}")}
+
 # Our own options, sent by the openai client through extra_body (merged into the top level of the body).
 EXTRAS = ("top_k", "repetition_penalty", "min_tokens", "no_repeat_ngram_size", "ignore_eos")
 
@@ -215,20 +219,13 @@ class CompletionRequest(_Strict):
             bias[token] = float(number)
         return bias
 
-    @field_validator("n")
+    @field_validator("n", "logprobs")
     @classmethod
-    def _n(cls, value, info: ValidationInfo):
-        limit = (info.context or {}).get("max_n", MAX_RETURN_SEQUENCES)
+    def _server_limit(cls, value, info: ValidationInfo):
+        key, default, allowed = _SERVER_LIMITS[info.field_name]
+        limit = (info.context or {}).get(key, default)
         if value is not None and value > limit:
-            raise ValueError(f"n must be at most {limit} on this server (its --max-batch), got {value}")
-        return value
-
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs(cls, value, info: ValidationInfo):
-        limit = (info.context or {}).get("max_logprobs", MAX_LOGPROBS)
-        if value is not None and value > limit:
-            raise ValueError(f"logprobs must be from 0 to {limit}, got {value}")
+            raise ValueError(f"{allowed.format(limit=limit)}, got {value}")
         return value
 
     @field_validator("suffix")

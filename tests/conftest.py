@@ -72,6 +72,22 @@ def trained_export(tmp_path_factory, trained_dir) -> Path:
     return export(str(trained_dir), tmp_path_factory.mktemp("trained") / "model")
 
 
+@pytest.fixture(scope="module")
+def tiny(tiny_export):
+    """The random:tiny export, loaded (once per test module)."""
+    import gpt2onnx
+
+    return gpt2onnx.load(tiny_export)
+
+
+@pytest.fixture(scope="module")
+def trained(trained_export):
+    """The trained test model's export, loaded (once per test module)."""
+    import gpt2onnx
+
+    return gpt2onnx.load(trained_export)
+
+
 @pytest.fixture(scope="session")
 def trained_reference(trained_dir):
     """transformers' own model and tokenizer, loaded the ordinary way (not through our export code): the

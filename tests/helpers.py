@@ -6,6 +6,7 @@
     external_data_copy(src, dst)          an export rewritten with its weights in model.onnx.data
     quantized_copy(src, dst, bits, block_size)   an fp32 export rewritten with MatMulNBits, as another
                                           exporter could write it (packed here, independently of ours)
+    run_matmul_nbits(x, packed, scales, zeros, n, bits, block_size)   ONNX Runtime's MatMulNBits on x
 """
 
 from __future__ import annotations
@@ -124,3 +125,23 @@ def quantized_copy(src, dst, *, bits: int = 4, block_size: int = 32):
     rewrite(dst, model, **{c.M_PRECISION: f"int{bits}", c.M_QUANTIZATION: {"bits": bits, "block_size": block_size,
                                                                              "symmetric": True, "accuracy_level": 4}})
     return dst
+
+
+def run_matmul_nbits(x: np.ndarray, packed, scales, zeros, *, n: int, bits: int, block_size: int) -> np.ndarray:
+    """ONNX Runtime's MatMulNBits (one node, CPU) on x [rows, K] with a packed weight W [N, K]: x @ W.T, [rows, N].
+    `zeros` None: symmetric (no zero-point input)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rows, k = x.shape
+    tensors = [("b", packed), ("s", scales)] + ([("z", zeros)] if zeros is not None else [])
+    node = helper.make_node("MatMulNBits", ["x"] + [name for name, _ in tensors], ["y"], domain="com.microsoft",
+                            K=k, N=n, bits=bits, block_size=block_size)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, n])],
+                              initializer=[numpy_helper.from_array(a, name) for name, a in tensors])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]

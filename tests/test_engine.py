@@ -8,7 +8,6 @@ import time
 import numpy as np
 import pytest
 
-import gpt2onnx
 from gpt2onnx import logprobs
 from gpt2onnx.engine import Engine, EngineClosedError, EngineOptions, QueueFullError
 from gpt2onnx.errors import InvalidArgumentError
@@ -17,16 +16,6 @@ from gpt2onnx.settings import GenerationSettings
 
 PROMPTS = ["The :substitute command", "fs.readFile(path, options", "In Vim, to", "x",
            "A buffer is the in-memory text of a file. A window is a viewport on a buffer. " * 2]
-
-
-@pytest.fixture(scope="module")
-def trained(trained_export):
-    return gpt2onnx.load(trained_export)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_export):
-    return gpt2onnx.load(tiny_export)
 
 
 def alone(model, prompt: str, settings: GenerationSettings, seed=None, logprobs=None) -> list:

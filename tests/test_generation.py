@@ -24,16 +24,6 @@ from gpt2onnx.settings import OPTIONS, GenerationSettings
 PROMPTS = ["The :substitute command", "fs.readFile(path, options", "In Vim, to", "x"]
 
 
-@pytest.fixture(scope="module")
-def trained(trained_export):
-    return gpt2onnx.load(trained_export)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_export):
-    return gpt2onnx.load(tiny_export)
-
-
 def test_batch_equals_single_runs(trained):
     for options in (dict(max_new_tokens=24), dict(max_new_tokens=24, repetition_penalty=1.3, no_repeat_ngram_size=3)):
         batch = trained.generate(PROMPTS, **options)

@@ -33,11 +33,6 @@ def int4_export(tmp_path_factory):
     return export("random:tiny", tmp_path_factory.mktemp("int4") / "model", precision="int4", block_size=32)
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_export):
-    return gpt2onnx.load(tiny_export)
-
-
 def copy_of(src, tmp_path, name="copy") -> Path:
     return Path(shutil.copytree(src, tmp_path / name))
 

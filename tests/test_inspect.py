@@ -8,7 +8,6 @@ from collections import Counter
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -16,8 +15,7 @@ from gpt2onnx import contract as c
 from gpt2onnx.cli import main
 from gpt2onnx.errors import InvalidArgumentError
 from gpt2onnx.inspect import ModelFile, dequantize_matmul_nbits, inspect_model
-
-from helpers import external_data_copy, quantized_copy, rewrite, run_python
+from helpers import external_data_copy, quantized_copy, rewrite, run_matmul_nbits, run_python
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +139,8 @@ def test_dequantize_matches_onnxruntime_kernel(bits, zero_points):
     zeros = {"default": None, "packed": rng.integers(0, 256, (n, -(-k_blocks * bits // 8)), dtype=np.uint8),
              "float": rng.uniform(0, 2 ** bits - 1, (n, k_blocks)).astype(np.float32)}[zero_points]
     ours = dequantize_matmul_nbits(packed, scales, zeros, k=k, n=n, bits=bits, block_size=block)
-    assert np.abs(ours.T - _run_matmul_nbits(packed, scales, zeros, k=k, n=n, bits=bits, block_size=block)).max() <= 1e-6
+    theirs = run_matmul_nbits(np.eye(k, dtype=np.float32), packed, scales, zeros, n=n, bits=bits, block_size=block)
+    assert np.abs(ours.T - theirs).max() <= 1e-6
 
 
 @pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, True), (8, False), (2, False)])
@@ -167,23 +166,10 @@ def test_dequantize_matches_onnxruntime_quantizer(bits, symmetric):
     zeros = arrays[node.input[3]] if len(node.input) > 3 and node.input[3] else None
     assert (zeros is None) == symmetric
     ours = dequantize_matmul_nbits(packed, scales, zeros, k=k, n=n, bits=bits, block_size=block)
-    assert np.abs(ours.T - _run_matmul_nbits(packed, scales, zeros, k=k, n=n, bits=bits, block_size=block)).max() <= 1e-6
+    theirs = run_matmul_nbits(np.eye(k, dtype=np.float32), packed, scales, zeros, n=n, bits=bits, block_size=block)
+    assert np.abs(ours.T - theirs).max() <= 1e-6
     step = np.abs(w).max() * 2 / (2 ** bits - 1)  # an upper bound on any block's scale
     assert np.abs(ours.T - w).max() <= step
-
-
-def _run_matmul_nbits(packed, scales, zeros, *, k, n, bits, block_size) -> np.ndarray:
-    """ONNX Runtime's MatMulNBits applied to the identity: the dequantized weight, [K, N]."""
-    tensors = [("b", packed), ("s", scales)] + ([("z", zeros)] if zeros is not None else [])
-    node = helper.make_node("MatMulNBits", ["a"] + [name for name, _ in tensors], ["y"], domain="com.microsoft",
-                            K=k, N=n, bits=bits, block_size=block_size)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [k, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [k, n])],
-                              initializer=[numpy_helper.from_array(a, name) for name, a in tensors])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    model.ir_version = 8
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"a": np.eye(k, dtype=np.float32)})[0]
 
 
 # -- without the plot extra ---------------------------------------------------------------------------

@@ -5,17 +5,11 @@ import math
 import numpy as np
 import pytest
 
-import gpt2onnx
 from gpt2onnx.errors import InvalidArgumentError
 from gpt2onnx.logprobs import log_softmax, top
 
 TEXTS = ["The :substitute command replaces text", "fs.readFile(path, options", "x", "In Vim, to delete a line, type dd"]
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def trained(trained_export):
-    return gpt2onnx.load(trained_export)
 
 
 def torch_logprobs(reference, ids: list[int]) -> np.ndarray:

@@ -12,8 +12,7 @@ import gpt2onnx
 from gpt2onnx import contract as c
 from gpt2onnx import precisions
 from gpt2onnx.errors import VerificationError
-
-from helpers import export
+from helpers import export, run_matmul_nbits
 
 
 @pytest.fixture(scope="module", params=[("int8", None), ("int4", None), ("int4", "float32")],
@@ -174,9 +173,6 @@ def test_reused_logits_buffer_is_rebound_when_the_cache_moves(tiny_export):
 
 def test_quantizer_layout_matches_onnxruntime():
     """Our packing is what MatMulNBits reads: x @ dequantize(W)^T equals ONNX Runtime's result."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
     from gpt2onnx_export.quantize import quantize
 
     rng = np.random.default_rng(0)
@@ -187,17 +183,6 @@ def test_quantizer_layout_matches_onnxruntime():
         for symmetric in (False, True):
             qw = quantize(w, bits=bits, block_size=32, symmetric=symmetric)
             assert np.abs(qw.dequantize() - w).max() <= np.abs(w).max() * (2.0 / 2 ** bits)
-            inits = [numpy_helper.from_array(qw.codes, "B"), numpy_helper.from_array(qw.scales, "S")]
-            inputs = ["x", "B", "S"]
-            if not symmetric:
-                inits.append(numpy_helper.from_array(qw.zero_points, "Z"))
-                inputs.append("Z")
-            node = helper.make_node("MatMulNBits", inputs, ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
-                                    block_size=32, accuracy_level=0)
-            graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
-                                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])], inits)
-            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                            helper.make_opsetid("com.microsoft", 1)])
-            model.ir_version = 8
-            got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+            zeros = None if symmetric else qw.zero_points
+            got = run_matmul_nbits(x, qw.codes, qw.scales, zeros, n=n, bits=bits, block_size=32)
             np.testing.assert_allclose(got, x @ qw.dequantize().T, atol=1e-4, rtol=1e-4)
