@@ -132,8 +132,8 @@ class _Copying:
 
 def _in_place_decode_ms(session, ids, steps):
     n = ids.shape[1]
-    _, cache = session.run(ids, np.ones((1, n), np.int64), np.arange(n)[None], session.empty_cache(1, capacity=n + steps),
-                           logits_for="last")
+    cache = session.empty_cache(1, capacity=n + steps)
+    _, cache = session.run(ids, np.ones((1, n), np.int64), np.arange(n)[None], cache, logits_for="last")
     start = CLOCK()
     for i in range(steps):
         _, cache = session.run(np.array([[1]]), np.ones((1, n + i + 1), np.int64), np.array([[n + i]]), cache,
@@ -196,7 +196,7 @@ def main() -> None:
             print(f"round {round_ + 1}/{args.rounds} done", flush=True)
     print(f"\n{args.model} {args.precision}, {args.clock} clock, {args.threads or 'default'} threads, "
           f"ms (10th percentile / median of {args.rounds} rounds)")
-    print(f"| variant | decode step @8 | decode step @768 | @768 / @8 | prefill 512 |\n|---|---|---|---|---|")
+    print("| variant | decode step @8 | decode step @768 | @768 / @8 | prefill 512 |\n|---|---|---|---|---|")
     for name in order:
         r = results[name]
         cells = [f"{np.percentile(r[k], 10):.2f} / {np.median(r[k]):.2f}" if r[k] else "—" for k in r]

@@ -102,7 +102,8 @@ def main() -> None:
     print(f"\nspeed: {args.speed_model}, decode step after 8 tokens, {args.clock} clock, {args.threads or 'default'} "
           f"threads (10th percentile / median of {args.rounds} rounds);"
           f" quality: {Path(args.quality_model).name}, first {args.tokens} held-out tokens")
-    print("| scheme | size MB | decode step ms | perplexity | vs PyTorch fp32 | top-1 agreement |\n|---|---|---|---|---|---|")
+    print("| scheme | size MB | decode step ms | perplexity | vs PyTorch fp32 | top-1 agreement |\n"
+          "|---|---|---|---|---|---|")
     for name in schemes:
         qd = quality[name]
         print(f"| {name} | {sizes[name]:.0f} | {np.percentile(times[name], 10):.2f} / {np.median(times[name]):.2f} | "

@@ -296,7 +296,8 @@ def main() -> None:
     parser.add_argument("--model-dir", action="append", default=[], help="measure this export instead (repeatable)")
     parser.add_argument("--clients", default="1,4,16,64", type=lambda s: [int(c) for c in s.split(",")])
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--long-prompt", type=int, default=1000, help="prompt tokens of the interference probe (0: skip)")
+    parser.add_argument("--long-prompt", type=int, default=1000,
+                        help="prompt tokens of the interference probe (0: skip)")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-queue", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per physical core)")

@@ -279,7 +279,8 @@ class _Worker:
         self.log = logs / f"{framework}-{precision}.log"
         self.rounds: list[dict] = []
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "gpt2onnx_export.bench", "worker", framework, precision, str(directory), str(threads)],
+            [sys.executable, "-m", "gpt2onnx_export.bench", "worker", framework, precision, str(directory),
+             str(threads)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(self.log, "w"), text=True)
         self.loaded = self._read()
 
@@ -357,7 +358,8 @@ def _workload(options: BenchOptions) -> dict:
 
 _COLUMNS = [("decode_short", "decode@{short} tok/s", "{:.1f}"), ("decode_long", "decode@{long} tok/s", "{:.1f}"),
             ("decode_long_over_short", "@{long}/@{short}", "{:.2f}"), ("prefill", "prefill@{prefill} tok/s", "{:.0f}"),
-            ("ttft_ms", "TTFT ms", "{:.1f}"), ("batch", "batch-{batch} tok/s", "{:.1f}"), ("load_s", "load s", "{:.2f}"),
+            ("ttft_ms", "TTFT ms", "{:.1f}"), ("batch", "batch-{batch} tok/s", "{:.1f}"),
+            ("load_s", "load s", "{:.2f}"),
             ("peak_rss_mb", "peak RSS MB", "{:.0f}"), ("size_mb", "disk MB", "{:.0f}"),
             ("outside_ort", "outside ORT", "{:.1%}")]
 

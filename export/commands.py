@@ -111,9 +111,11 @@ def register_verify(subparsers, formatter) -> None:
     p.add_argument("--reference", metavar="HF_ID_OR_DIR", default=argparse.SUPPRESS,
                    help="checkpoint to compare with: hub id, local directory or random:NAME (default: the source "
                         "in the manifest)")
-    p.add_argument("--seeds", type=int, default=10, help="sampling: seeds 0..N-1, each with every setting (10 settings)")
+    p.add_argument("--seeds", type=int, default=10,
+                   help="sampling: seeds 0..N-1, each with every setting (10 settings)")
     p.add_argument("--max-new-tokens", type=int, default=24, help="sampling: tokens generated per case")
-    p.add_argument("--atol", type=float, default=1e-4, help="fp32: largest |logit difference| that counts as float noise")
+    p.add_argument("--atol", type=float, default=1e-4,
+                   help="fp32: largest |logit difference| that counts as float noise")
     p.add_argument("--attention", choices=["sdpa", "eager"], default=argparse.SUPPRESS,
                    help="the reference's attention (default: sdpa, as from_pretrained loads it, unless the config "
                         "needs eager)")

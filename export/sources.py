@@ -64,10 +64,12 @@ def load_source(spec: str, *, workdir: Path, seed: int = 0, revision: str | None
         return random_source(spec[len(RANDOM_PREFIX):], seed=seed, workdir=workdir)
     path = Path(spec).expanduser()
     if path.exists():
-        return local_source(path, allow_pickle=allow_pickle, workdir=workdir, description={"kind": "local", "path": str(path.resolve())})
+        return local_source(path, allow_pickle=allow_pickle, workdir=workdir,
+                            description={"kind": "local", "path": str(path.resolve())})
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise ExportError(f"model directory {spec} does not exist",
-                          hint="pass an existing directory in Hugging Face layout, a hub id such as gpt2, or random:gpt2")
+                          hint="pass an existing directory in Hugging Face layout, a hub id such as gpt2, or "
+                               "random:gpt2")
     return hub_source(spec, revision=revision, allow_pickle=allow_pickle, workdir=workdir)
 
 
@@ -90,10 +92,12 @@ def hub_source(repo_id: str, *, revision: str | None, allow_pickle: bool, workdi
 
 def local_source(path: Path, *, allow_pickle: bool, workdir: Path, description: dict) -> Source:
     if not path.is_dir():
-        raise ExportError(f"{path} is not a directory", hint="pass the directory that holds config.json and the weights")
+        raise ExportError(f"{path} is not a directory",
+                          hint="pass the directory that holds config.json and the weights")
     config_path = path / c.CONFIG_FILE
     if not config_path.is_file():
-        raise ExportError(f"{path} has no config.json", hint="a Hugging Face model directory has config.json beside its weights")
+        raise ExportError(f"{path} has no config.json",
+                          hint="a Hugging Face model directory has config.json beside its weights")
     config_dict = without_code_references(read_json(config_path))
     config = ModelConfig.from_dict(config_dict, source=str(config_path))
     gen_path = path / c.GENERATION_CONFIG_FILE
@@ -161,7 +165,8 @@ def _read_weights(path: Path, *, allow_pickle: bool) -> dict[str, np.ndarray]:
         return weights
     pickles = sorted(path.glob("pytorch_model*.bin"))
     if pickles and not allow_pickle:
-        raise ExportError(f"{path} has only pickle checkpoints ({pickles[0].name}), which can run arbitrary code when loaded",
+        raise ExportError(f"{path} has only pickle checkpoints ({pickles[0].name}), which can run arbitrary code "
+                          "when loaded",
                           hint="convert it to safetensors, or pass --allow-pickle if you trust its source")
     if pickles:
         weights = {}
@@ -224,7 +229,8 @@ def normalize_weights(raw: dict[str, np.ndarray], config: ModelConfig) -> dict[s
     shapes = state_dict_shapes(config)
     missing = [n for n in weight_names(config) if n not in weights]
     if missing:
-        raise ExportError(f"the checkpoint lacks {len(missing)} weights of a GPT-2 with this config, e.g. {missing[:3]}",
+        raise ExportError(f"the checkpoint lacks {len(missing)} weights of a GPT-2 with this config, "
+                          f"e.g. {missing[:3]}",
                           hint="is this a GPT2LMHeadModel checkpoint that matches its config.json?")
     wrong = [f"{n} {weights[n].shape} (config says {shapes[n]})" for n in weight_names(config)
              if weights[n].shape != shapes[n]]
@@ -276,7 +282,8 @@ def write_gpt2_tokenizer(vocab: Path, merges: Path, out: Path, *, model_max_leng
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     tokenizer.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=True)])
-    (out / c.TOKENIZER_FILE).write_text(tokenizer.to_str(pretty=True), encoding="utf-8")  # Python's write: an OSError if full
+    # Python's write, not the tokenizer's: an OSError if the disk is full
+    (out / c.TOKENIZER_FILE).write_text(tokenizer.to_str(pretty=True), encoding="utf-8")
     if vocab.resolve() != (out / "vocab.json").resolve():
         shutil.copyfile(vocab, out / "vocab.json")
         shutil.copyfile(merges, out / "merges.txt")
@@ -284,7 +291,8 @@ def write_gpt2_tokenizer(vocab: Path, merges: Path, out: Path, *, model_max_leng
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "GPT2Tokenizer", "model_max_length": model_max_length, "add_prefix_space": False,
         "bos_token": eot, "eos_token": eot, "unk_token": eot, "clean_up_tokenization_spaces": False}, indent=2))
-    (out / "special_tokens_map.json").write_text(json.dumps({"bos_token": eot, "eos_token": eot, "unk_token": eot}, indent=2))
+    special = {"bos_token": eot, "eos_token": eot, "unk_token": eot}
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
 
 
 def random_source(name: str, *, seed: int, workdir: Path) -> Source:

@@ -18,9 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt2onnx import __version__
+from gpt2onnx import __version__, precisions
 from gpt2onnx import contract as c
-from gpt2onnx import precisions
 from gpt2onnx.errors import InvalidArgumentError
 from gpt2onnx.session import OnnxSession
 from gpt2onnx.tokenizer import Tokenizer
@@ -81,7 +80,8 @@ def check_options(options: ExportOptions) -> tuple[builder.Quantization | None, 
     increase = o.max_perplexity_increase
     if increase is not None and (not _is_real(increase) or not math.isfinite(increase) or increase <= -1):
         raise InvalidArgumentError(f"max_perplexity_increase must be a finite fraction > -1 (0.01 is 1%), "
-                                   f"got {increase!r}", hint="default: " + precisions.per_precision("max_perplexity_increase"))
+                                   f"got {increase!r}",
+                                   hint="default: " + precisions.per_precision("max_perplexity_increase"))
     top1 = o.min_top1_agreement
     if top1 is not None and (not _is_real(top1) or not 0 <= top1 <= 1):
         raise InvalidArgumentError(f"min_top1_agreement must be a fraction from 0 to 1 (0.95 is 95%), got {top1!r}",

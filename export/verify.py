@@ -122,7 +122,7 @@ def verify(session: OnnxSession, reference, tokenizer, *, atol: float = DEFAULT_
                 report.compare(f"decode[past={length}]", name, ours, ref)
 
     # a left-padded batch: rows of different lengths give the logits they give alone
-    short, long = [int(t) for t in rng.integers(0, config.vocab_size, 3)], [int(t) for t in rng.integers(0, config.vocab_size, 9)]
+    short, long = ([int(t) for t in rng.integers(0, config.vocab_size, length)] for length in (3, 9))
     ids, mask = left_pad([short, long], pad_id=0)
     positions = position_ids(mask)
     logits, _ = session.run(ids, mask, positions, session.empty_cache(2))

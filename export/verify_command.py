@@ -49,7 +49,8 @@ class VerifyOptions:
     max_new_tokens: int = parity.MAX_NEW_TOKENS  # sampling: tokens generated per case
     atol: float = verify.DEFAULT_ATOL  # fp32: largest |logit difference| that counts as float noise
     attention: str | None = None  # the reference's attention: "sdpa" (from_pretrained's default) or "eager"
-    min_top1: float | None = None  # quantized: least top-1 agreement where PyTorch is decisive (default: the precision's)
+    # quantized: least top-1 agreement where PyTorch is decisive (default: the precision's)
+    min_top1: float | None = None
     max_kl: float | None = None  # quantized: largest mean KL divergence per position (nats)
     max_ppl_increase: float | None = None  # quantized: largest relative perplexity increase (0.01 = 1%)
     text: str | None = None  # quantized: the text scored (default: heldout.txt of a local source, else a sample)

@@ -5,13 +5,21 @@
     print(model.generate("Hello, I'm a language model,", max_new_tokens=30).text)
 """
 
-from .errors import (ExportError, GenerationError, Gpt2OnnxError, InvalidArgumentError, MissingDependencyError,
-                     ModelLoadError, OutputError, VerificationError)
+from .errors import (
+    ExportError,
+    GenerationError,
+    Gpt2OnnxError,
+    InvalidArgumentError,
+    MissingDependencyError,
+    ModelLoadError,
+    OutputError,
+    VerificationError,
+)
 from .model import Generation, Model, load
 from .settings import GenerationSettings
 
 __version__ = "0.1.0"
 
 __all__ = ["load", "Model", "Generation", "GenerationSettings", "Gpt2OnnxError", "InvalidArgumentError",
-           "ModelLoadError", "ExportError", "VerificationError", "GenerationError", "MissingDependencyError", "OutputError",
-           "__version__"]
+           "ModelLoadError", "ExportError", "VerificationError", "GenerationError", "MissingDependencyError",
+           "OutputError", "__version__"]

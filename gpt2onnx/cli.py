@@ -239,7 +239,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                                         "attention maps of a prompt (per layer, one square per head; computed by ONNX "
                                         "Runtime from the export). Needs the plot extra: pip install 'gpt2onnx[plot]'.")
     p.add_argument("model_dir", metavar="MODEL_DIR", help="exported model directory")
-    p.add_argument("--out", "-o", required=True, default=argparse.SUPPRESS, metavar="DIR", help="directory for the PNGs (created if missing)")
+    p.add_argument("--out", "-o", required=True, default=argparse.SUPPRESS, metavar="DIR",
+                   help="directory for the PNGs (created if missing)")
     p.add_argument("--prompt", default=plot.DEFAULT_PROMPT, help="text whose attention maps are drawn")
     p.add_argument("--weight", default=plot.DEFAULT_WEIGHT, metavar="NAME",
                    help="state-dict name of the weight to draw (gpt2onnx inspect lists them)")
@@ -269,7 +270,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port to bind")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health "
                                                    "(visible in ps: prefer --api-key-file or $GPT2ONNX_API_KEY)")
-    p.add_argument("--api-key-file", default=None, metavar="FILE", help="read the accepted keys from FILE, one per line")
+    p.add_argument("--api-key-file", default=None, metavar="FILE",
+                   help="read the accepted keys from FILE, one per line")
     p.add_argument("--max-batch", type=int, default=e.max_batch, help="rows (sequences) decoded together at most")
     p.add_argument("--max-queue", type=int, default=e.max_queue,
                    help="requests waiting to join the batch at most; beyond, 429 with Retry-After")
@@ -279,7 +281,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="the model name clients pass (default: MODEL_DIR's name)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for requests in flight before ending them")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="server log level")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="server log level")
     p.set_defaults(func=cmd_serve)
 
     if _command(sys.argv[1:] if argv is None else argv) not in commands.choices:

@@ -25,7 +25,8 @@ BITS = (2, 4, 8)
 
 def check_block_size(block_size) -> None:
     """A block holds a power of two >= 16 inputs (what MatMulNBits accepts)."""
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
+    if (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 16
+            or block_size & (block_size - 1)):
         raise InvalidArgumentError(f"block size must be a power of two >= 16, got {block_size!r}",
                                    hint="16, 32, 64, 128, ...: smaller blocks are more accurate, larger ones faster")
 

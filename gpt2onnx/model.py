@@ -259,7 +259,8 @@ class Model:
                 hint="ask for fewer sequences, or split the prompts over several calls")
         config = self.config
         positions = min(max(map(len, prompt_ids)) + settings.max_new_tokens, config.n_positions)
-        per_position = 2 * config.n_layer * config.n_head * config.head_dim * np.dtype(self.session.cache_dtype).itemsize
+        itemsize = np.dtype(self.session.cache_dtype).itemsize
+        per_position = 2 * config.n_layer * config.n_head * config.head_dim * itemsize
         # the prefill's cache is still held while it is copied out to the return sequences
         held = rows + (len(prompt_ids) if settings.num_return_sequences > 1 else 0)
         need = held * positions * per_position

@@ -179,11 +179,12 @@ class OnnxSession:
         if not ok:
             shapes = ("input_ids and position_ids [batch, new], attention_mask [batch, past + new], past = the cache's "
                       "length")
-            got = ", ".join(f"{name} {getattr(a, 'shape', type(a).__name__)}" for name, a in
-                            (("input_ids", input_ids), ("attention_mask", attention_mask), ("position_ids", position_ids)))
+            arrays = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+            got = ", ".join(f"{name} {getattr(a, 'shape', type(a).__name__)}" for name, a in arrays.items())
             raise InvalidArgumentError(f"a step needs integer arrays shaped {shapes}; got {got} and a cache of "
                                        f"{cache.batch} rows x {cache.length} positions",
-                                       hint="start from session.empty_cache(batch) and pass the cache each run returned")
+                                       hint="start from session.empty_cache(batch) and pass the cache each run "
+                                            "returned")
         total = attention_mask.shape[1]
         if total > self.config.n_positions:
             raise InvalidArgumentError(f"a step would reach {total} positions; this model has n_positions="

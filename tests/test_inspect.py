@@ -122,12 +122,14 @@ def test_other_dtypes_show_the_node_that_reads_them(tiny_export, tmp_path):
     model.graph.node.insert(0, helper.make_node("Cast", [name], ["wpe_f32"], to=TensorProto.FLOAT))
     rewrite(copy, model)
     listed = next(w for w in inspect_model(copy).weights if w.name == name)
-    assert (listed.dtype, listed.scheme, listed.nbytes, listed.shape) == ("float16", "Cast to=1", 256 * 64 * 2, (256, 64))
+    assert (listed.dtype, listed.scheme, listed.nbytes) == ("float16", "Cast to=1", 256 * 64 * 2)
+    assert listed.shape == (256, 64)
     expected = ModelFile(tiny_export).weight(name).astype(np.float16).astype(np.float32)
     assert np.array_equal(ModelFile(copy).weight(name), expected)
 
 
-@pytest.mark.parametrize("bits,zero_points", [(bits, zeros) for bits in (2, 4, 8) for zeros in ("default", "packed", "float")
+@pytest.mark.parametrize("bits,zero_points", [(bits, zeros) for bits in (2, 4, 8)
+                                               for zeros in ("default", "packed", "float")
                                                if (bits, zeros) != (8, "float")])  # not in ONNX Runtime's CPU kernel
 def test_dequantize_matches_onnxruntime_kernel(bits, zero_points):
     """ONNX Runtime's own MatMulNBits, multiplying the identity, returns the dequantized matrix: ours must match."""

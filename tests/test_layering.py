@@ -10,7 +10,6 @@ import pytest
 import gpt2onnx
 from gpt2onnx import plugins
 from gpt2onnx.cli import main
-
 from helpers import run_python
 
 EXPORT_SIDE = ("gpt2onnx_export", "torch", "transformers", "optimum", "ctranslate2")

@@ -94,9 +94,9 @@ def test_pipeline_generated_text_equals_transformers(trained_export, trained_dir
 def test_seeded_sampling_equals_transformers_random_gpt2(tmp_path):
     from transformers import AutoTokenizer
 
-    from helpers import export
     from gpt2onnx_export.reference import torch_model
     from gpt2onnx_export.sources import random_source
+    from helpers import export
 
     out = export("random:gpt2", tmp_path / "gpt2")
     source = random_source("gpt2", seed=0, workdir=tmp_path / "work")

@@ -15,7 +15,6 @@ from gpt2onnx.cli import main
 from gpt2onnx.errors import InvalidArgumentError
 from gpt2onnx.inspect import ModelFile, inspect_model
 from gpt2onnx.plot import plot_model
-
 from helpers import blocker, export, external_data_copy, quantized_copy
 
 PROMPTS = ["The cat sat on the mat because it was tired.", "Hello",

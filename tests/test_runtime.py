@@ -12,7 +12,6 @@ import gpt2onnx
 from gpt2onnx import contract as c
 from gpt2onnx.cli import main
 from gpt2onnx.errors import InvalidArgumentError, ModelLoadError
-
 from helpers import blocker
 
 BLOCK_TORCH = blocker("torch", "transformers")
@@ -128,7 +127,8 @@ def test_help_says_where_unset_options_come_from(capsys):
         main(["generate", "--help"])
     assert exit_.value.code == 0
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "--temperature TEMPERATURE divide logits by this before sampling; 0 = greedy (default: the model's)" in help_text
+    temperature = "--temperature TEMPERATURE divide logits by this before sampling; 0 = greedy (default: the model's)"
+    assert temperature in help_text
     with pytest.raises(SystemExit):
         main(["export", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())

@@ -139,7 +139,8 @@ def test_seeded_request_equals_library(client, model):
     expected = library(model, PROMPT, max_new_tokens=24, seed=7, do_sample=True, temperature=0.9, top_p=0.95,
                        top_k=40, repetition_penalty=1.1)
     assert answer.choices[0].text == expected.text
-    assert answer.choices[0].finish_reason == {"eos": "stop", "stop": "stop", "length": "length"}[expected.finish_reason]
+    openai_reason = {"eos": "stop", "stop": "stop", "length": "length"}
+    assert answer.choices[0].finish_reason == openai_reason[expected.finish_reason]
     assert answer.usage.prompt_tokens == len(expected.prompt_token_ids)
     assert answer.usage.completion_tokens == len(expected.token_ids)
     assert answer.model == NAME and answer.object == "text_completion" and answer.id.startswith("cmpl-")

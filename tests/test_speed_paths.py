@@ -115,7 +115,8 @@ def test_decode_at_long_past_equals_uncached_forward(quantized_export, tiny_expo
         session = gpt2onnx.load(directory).session
         n = session.config.n_positions - 1
         ids = _ids(n, seed=1)
-        _, cache = session.run(ids[:, :-1], np.ones((1, n - 1), np.int64), np.arange(n - 1)[None], session.empty_cache(1))
+        cache = session.empty_cache(1)
+        _, cache = session.run(ids[:, :-1], np.ones((1, n - 1), np.int64), np.arange(n - 1)[None], cache)
         step, _ = session.run(ids[:, -1:], np.ones((1, n), np.int64), np.array([[n - 1]]), cache, logits_for="last")
         full, _ = session.run(ids, np.ones((1, n), np.int64), np.arange(n)[None], session.empty_cache(1),
                               logits_for="last")

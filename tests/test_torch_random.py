@@ -12,7 +12,6 @@ transformers = pytest.importorskip("transformers")
 
 from gpt2onnx.errors import InvalidArgumentError  # noqa: E402
 from gpt2onnx.torch_random import TorchGenerator  # noqa: E402
-
 from helpers import blocker  # noqa: E402
 
 SEEDS = [0, 1, 42, 2**31, 2**32 - 1] + list(range(1000, 1017))  # 22 seeds, both ends of the range included

@@ -143,9 +143,9 @@ def test_planted_greedy_near_tie_is_explained(tmp_path, capsys):
     from safetensors.numpy import save_file
     from transformers import GPT2LMHeadModel, GPT2TokenizerFast
 
-    from helpers import export
     from gpt2onnx_export import parity
     from gpt2onnx_export.sources import random_source
+    from helpers import export
 
     source = random_source("tiny", seed=0, workdir=tmp_path / "work")
     checkpoint = tmp_path / "checkpoint"
@@ -310,11 +310,11 @@ def test_quantized_export_reports_agreement(tmp_path, capsys):
     """int8: agreement with PyTorch, not identity; the KL divergence is torch's own kl_div of the two models."""
     import torch
 
-    from helpers import export
     from gpt2onnx.session import OnnxSession
     from gpt2onnx_export.reference import torch_model
     from gpt2onnx_export.sources import random_source
     from gpt2onnx_export.verify import SAMPLE_TEXT
+    from helpers import export
 
     out = export("random:tiny", tmp_path / "int8", precision="int8")
     code, report, _ = _verify(capsys, out, seeds="0")
