@@ -8,7 +8,8 @@ For each export (made once into --work-dir; or pass --model-dir DIR) and each cl
   server    `python -m gpt2onnx.cli serve` in a subprocess; N AsyncOpenAI clients each stream one completion
             of --new-tokens tokens (ignore_eos, seeded, temperature 1) at once;
   baseline  the same N requests as N threads of this process, each iterating `model.stream(...)`.
-Reported per run: aggregate tokens/s (all tokens / wall time), p50/p99 time to first token, p50/p99
+The two are interleaved per N (server round, then baseline round) so both see the same machine; the
+baseline runs N in --baseline-clients only (default 1,4,16). Reported per run: aggregate tokens/s (all tokens / wall time), p50/p99 time to first token, p50/p99
 inter-token latency (gaps between consecutive chunks of one stream; a chunk is one token except where a
 multi-byte character is held back), rejections (429). Then one interference probe: the time to first
 token of a short prompt idle, and while a --long-prompt-token prompt is being prefilled.
@@ -225,33 +226,35 @@ def exported(model: str, precision: str, work_dir: Path) -> Path:
 
 
 def measure(model_dir: Path, label: str, args) -> dict:
+    """Server and baseline rounds interleaved per client count (the idle server waits on a condition), so
+    that both see the same machine even when its load changes over the run."""
     import gpt2onnx
 
-    rows = []
+    rows, probe = [], None
     server = Server(model_dir, max_batch=args.max_batch, max_queue=args.max_queue, threads=args.threads)
+    model = None if args.no_baseline else gpt2onnx.load(model_dir, threads=args.threads)
     try:
         asyncio.run(_server_round(server.url, 2, 8, PROMPT))  # warm-up
+        if model is not None:
+            baseline_round(model, 1, 8, PROMPT)
         for clients in args.clients:
             row = asyncio.run(_server_round(server.url, clients, args.new_tokens, PROMPT))
             rows.append(row)
             print(f"{label:>6} server  N={clients:<3} {row['tok_per_s']:>7} tok/s  TTFT p50/p99 "
                   f"{row['ttft_p50_ms']}/{row['ttft_p99_ms']} ms  ITL p50/p99 {row['itl_p50_ms']}/"
                   f"{row['itl_p99_ms']} ms  rejected {row['rejected']}", flush=True)
-        probe = asyncio.run(_interference(server.url, args.long_prompt)) if args.long_prompt else None
-        if probe:
+            if model is not None and clients in args.baseline_clients:
+                row = baseline_round(model, clients, args.new_tokens, PROMPT)
+                rows.append(row)
+                print(f"{label:>6} threads N={clients:<3} {row['tok_per_s']:>7} tok/s  TTFT p50/p99 "
+                      f"{row['ttft_p50_ms']}/{row['ttft_p99_ms']} ms  ITL p50/p99 {row['itl_p50_ms']}/"
+                      f"{row['itl_p99_ms']} ms", flush=True)
+        if args.long_prompt:
+            probe = asyncio.run(_interference(server.url, args.long_prompt))
             print(f"{label:>6} short-prompt TTFT idle {probe['ttft_idle_ms']} ms, during a {args.long_prompt}-token "
                   f"prefill {probe['ttft_during_long_prefill_ms']} ms ({probe['ratio']}x)", flush=True)
     finally:
         server.stop()
-    if not args.no_baseline:
-        model = gpt2onnx.load(model_dir, threads=args.threads)
-        baseline_round(model, 1, 8, PROMPT)  # warm-up
-        for clients in args.clients:
-            row = baseline_round(model, clients, args.new_tokens, PROMPT)
-            rows.append(row)
-            print(f"{label:>6} threads N={clients:<3} {row['tok_per_s']:>7} tok/s  TTFT p50/p99 "
-                  f"{row['ttft_p50_ms']}/{row['ttft_p99_ms']} ms  ITL p50/p99 {row['itl_p50_ms']}/"
-                  f"{row['itl_p99_ms']} ms", flush=True)
     return {"export": label, "model_dir": str(model_dir), "rows": rows, "interference": probe}
 
 
@@ -301,6 +304,9 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-queue", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per physical core)")
+    parser.add_argument("--baseline-clients", default="1,4,16", type=lambda s: [int(c) for c in s.split(",")],
+                        help="client counts of the threads baseline (64 threads of batch-1 loops take many minutes "
+                             "on 2 cores; add 64 to measure it)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the threads + generate baseline")
     parser.add_argument("--work-dir", default="~/.cache/gpt2onnx/serve-bench", help="where exports are kept")
     parser.add_argument("--out", default="bench-results/serve_load.json")
