@@ -84,7 +84,7 @@ def free_port() -> int:
 class Server:
     """`gpt2onnx serve` in a subprocess, up until stop()."""
 
-    def __init__(self, model_dir: Path, *, max_batch: int, max_queue: int, threads: int):
+    def __init__(self, model_dir: Path, *, max_batch: int, max_queue: int, threads: int, extra_args=()):
         import httpx
 
         self.port = free_port()
@@ -94,7 +94,8 @@ class Server:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gpt2onnx.cli", "serve", str(model_dir), "--port", str(self.port), "--model-name",
              "bench", "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--threads", str(threads),
-             "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             "--log-level", "warning", *extra_args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True)
         deadline = time.monotonic() + 180
         while True:
             if self.process.poll() is not None:

@@ -20,7 +20,9 @@ replica first lets its requests in flight finish, for at most drain_timeout seco
 (ray.serve.metrics, tagged with deployment and replica), which Ray's metrics agent exports on each node for
 Prometheus to scrape and sum over replicas; a /metrics request through the proxy reaches one replica only.
 
-Ray is optional (`pip install 'gpt2onnx[ray]'`); nothing else in gpt2onnx imports this module.
+The app is given to Ray the documented way, `@serve.ingress(app)`: a small ASGI app that hands each request
+to the app its replica built in its constructor (see _ReplicaApp). Ray is optional
+(`pip install 'gpt2onnx[ray]'`); nothing else in gpt2onnx imports this module.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import InvalidArgumentError, MissingDependencyError, ModelLoadError
@@ -85,7 +87,7 @@ class RayServeOptions:
             raise InvalidArgumentError(f"threads must be >= 0 (0: from cpus_per_replica), got {self.threads}")
         if self.max_replicas is None and self.min_replicas is not None:
             raise InvalidArgumentError("min_replicas needs max_replicas", hint="give --max-replicas to autoscale")
-        if self.max_replicas is not None and not 0 <= self.autoscale_min <= self.max_replicas >= 1:
+        if self.max_replicas is not None and not (self.max_replicas >= 1 and 0 <= self.autoscale_min <= self.max_replicas):
             raise InvalidArgumentError(f"autoscaling needs 0 <= min_replicas <= max_replicas and max_replicas >= 1, "
                                        f"got {self.min_replicas}..{self.max_replicas}")
         if self.target_ongoing_requests is not None and not self.target_ongoing_requests > 0:
@@ -94,7 +96,7 @@ class RayServeOptions:
         from .server import ServerOptions
 
         EngineOptions(max_batch=self.max_batch, max_queue=self.max_queue, prefill_chunk=self.prefill_chunk)
-        ServerOptions(model_name=self.model_name or "x", api_keys=self.api_keys, drain_timeout=self.drain_timeout)
+        ServerOptions(api_keys=self.api_keys, drain_timeout=self.drain_timeout)
 
     @property
     def ort_threads(self) -> int:
@@ -116,7 +118,7 @@ class RayServeOptions:
                 "ray_actor_options": {"num_cpus": self.cpus_per_replica},
                 "max_ongoing_requests": self.max_batch,
                 "max_queued_requests": self.max_queue,
-                "backpressure_config": {"status_code": 429, "retry_after_s": self.retry_after},
+                **_backpressure(self.retry_after),
                 # a stopping replica waits for its requests in flight (Ray counts a stream until its end)
                 "graceful_shutdown_timeout_s": self.drain_timeout + 5,
                 "graceful_shutdown_wait_loop_s": 0.5,
@@ -137,6 +139,16 @@ class RayServeOptions:
                 value = _parse(key, value, kind)
             values[key] = value
         return cls(**values)
+
+
+def _backpressure(retry_after: int) -> dict:
+    """A full proxy queue answers 429 with Retry-After where Ray has backpressure_config (2.60 has; older
+    versions answer 503, which the openai client retries too)."""
+    import inspect
+
+    if "backpressure_config" not in inspect.signature(serve.deployment).parameters:
+        return {}
+    return {"backpressure_config": {"status_code": 429, "retry_after_s": retry_after}}
 
 
 def _parse(key: str, text: str, kind: str):
@@ -220,7 +232,7 @@ class Gpt2OnnxReplica:
 def _replica_id() -> str:
     try:
         return serve.get_replica_context().replica_id.to_full_id_str()
-    except RayServeException:  # outside a replica (tests calling the class directly)
+    except (RayServeException, AttributeError):  # outside a replica, or an older Ray's context
         return f"{socket.gethostname()}-{os.getpid()}"
 
 
@@ -239,8 +251,8 @@ def _keep_internal_grpc_on_loopback() -> None:
             return
         from ray.serve._private import replica as ray_replica
 
-        bind = ray_replica.add_port_to_grpc_server
-        if getattr(bind, "gpt2onnx_loopback", False):
+        bind = getattr(ray_replica, "add_port_to_grpc_server", None)
+        if bind is None or getattr(bind, "gpt2onnx_loopback", False):  # no such server, or done already
             return
 
         def loopback(server, address):
@@ -422,11 +434,3 @@ def _wait_ready(url: str, timeout: float, stop: threading.Event) -> None:
             raise InvalidArgumentError(f"the deployment did not become healthy at {url} in {timeout:.0f} s",
                                        hint="see the replicas' logs under /tmp/ray/session_latest/logs/serve")
         stop.wait(0.5)
-
-
-def options_dict(options: RayServeOptions) -> dict:
-    """The options as `serve run` args (for a config file)."""
-    values = asdict(options)
-    values.pop("extra")
-    values["api_keys"] = list(values["api_keys"])
-    return values
