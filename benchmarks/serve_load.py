@@ -9,8 +9,9 @@ For each export (made once into --work-dir; or pass --model-dir DIR) and each cl
             of --new-tokens tokens (ignore_eos, seeded, temperature 1) at once;
   baseline  the same N requests as N threads of this process, each iterating `model.stream(...)`.
 The two are interleaved per N (server round, then baseline round) so both see the same machine; the
-baseline runs N in --baseline-clients only (default 1,4,16). Reported per run: aggregate tokens/s (all tokens / wall time), p50/p99 time to first token, p50/p99
-inter-token latency (gaps between consecutive chunks of one stream; a chunk is one token except where a
+baseline runs N in --baseline-clients only (default 1,4,16). Reported per run: aggregate tokens/s (all tokens /
+wall time), p50/p99 time to first token, p50/p99 inter-token latency (gaps between consecutive chunks of one stream; a
+chunk is one token except where a
 multi-byte character is held back), rejections (429). Then one interference probe: the time to first
 token of a short prompt idle, and while a --long-prompt-token prompt is being prefilled.
 
@@ -85,7 +86,7 @@ def free_port() -> int:
 class Server:
     """`gpt2onnx serve` in a subprocess, up until stop()."""
 
-    def __init__(self, model_dir: Path, *, max_batch: int, max_queue: int, threads: int):
+    def __init__(self, model_dir: Path, *, max_batch: int, max_queue: int, threads: int, extra_args=()):
         import httpx
 
         self.port = free_port()
@@ -95,7 +96,8 @@ class Server:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gpt2onnx.cli", "serve", str(model_dir), "--port", str(self.port), "--model-name",
              "bench", "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--threads", str(threads),
-             "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             "--log-level", "warning", *extra_args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True)
         deadline = time.monotonic() + 180
         while True:
             if self.process.poll() is not None:

@@ -105,6 +105,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 SERVE_EXAMPLES = """examples:
   gpt2onnx serve out/gpt2                                   # http://127.0.0.1:8000 (playground at /)
   gpt2onnx serve out/gpt2 --api-key-file key.txt --max-batch 32 --port 9000
+  gpt2onnx serve out/gpt2 --ray --replicas 2 --cpus-per-replica 1   # 2 replicas on Ray Serve, 1 core each
   # then, from Python:  OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY").completions.create(
   #                         model="gpt2", prompt="Hello", max_tokens=20, seed=1)
 """
@@ -142,12 +143,58 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def engine(on_step):
         return Engine(load(directory, threads=args.threads), EngineOptions(**engine_options, on_step=on_step))
 
+    if args.ray:
+        return _serve_on_ray(args, directory, keys)
+    _no_ray_options(args)
     options = server.ServerOptions(model_name=args.model_name or directory.resolve().name, api_keys=tuple(keys),
                                    drain_timeout=args.drain_timeout)
     print(f"gpt2onnx: serving {directory} as {options.model_name!r} on http://{args.host}:{args.port} "
           f"(playground at /, API at /v1; {'API key required' if keys else 'no API key'})", file=sys.stderr,
           flush=True)
     return server.serve(engine, options, host=args.host, port=args.port, log_level=args.log_level)
+
+
+RAY_FLAGS = {"replicas": 1, "cpus_per_replica": 1.0, "min_replicas": None, "max_replicas": None,
+             "target_ongoing_requests": None, "ray_address": None, "ray_metrics_port": None}
+
+
+def _no_ray_options(args: argparse.Namespace) -> None:
+    given = [name for name, default in RAY_FLAGS.items() if getattr(args, name) != default]
+    if given:
+        raise InvalidArgumentError(f"--{given[0].replace('_', '-')} needs --ray",
+                                   hint="add --ray to serve on Ray Serve (pip install 'gpt2onnx[ray]')")
+
+
+def _serve_on_ray(args: argparse.Namespace, directory, keys: list[str]) -> int:
+    """`gpt2onnx serve --ray`: the same app as replicas on Ray Serve (gpt2onnx/ray_serve.py)."""
+    import os
+
+    from .manifest import read_manifest
+
+    if not args.ray_address:  # a local cluster: Ray reads this when imported; "0" keeps it on 127.0.0.1
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        read_manifest(directory, check_hashes=True)  # a damaged file fails now, not in every replica
+    from . import ray_serve  # raises MissingDependencyError without ray
+
+    options = ray_serve.RayServeOptions(
+        model_dir=str(directory.resolve()), replicas=args.replicas, cpus_per_replica=args.cpus_per_replica,
+        threads=args.threads, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+        target_ongoing_requests=args.target_ongoing_requests, max_batch=args.max_batch, max_queue=args.max_queue,
+        prefill_chunk=args.prefill_chunk, model_name=args.model_name or directory.resolve().name,
+        api_keys=tuple(keys), drain_timeout=args.drain_timeout)
+    scale = (f"{options.autoscale_min}..{options.max_replicas} replicas (autoscaling)"
+             if options.max_replicas is not None else f"{options.replicas} replica(s)")
+    print(f"gpt2onnx: starting {scale} of {directory} on Ray ({options.cpus_per_replica:g} CPU and "
+          f"{options.ort_threads} ORT thread(s) each) at {args.ray_address or 'a local cluster on 127.0.0.1'}",
+          file=sys.stderr, flush=True)
+
+    def ready(metrics_url: str):
+        print(f"gpt2onnx: serving {options.model_name!r} on http://{args.host}:{args.port} through Ray's proxy "
+              f"(playground at /, API at /v1; {'API key required' if keys else 'no API key'}); metrics of all "
+              f"replicas for Prometheus at {metrics_url}; Ctrl-C stops", file=sys.stderr, flush=True)
+
+    return ray_serve.run(options, host=args.host, port=args.port, address=args.ray_address,
+                         metrics_port=args.ray_metrics_port, on_ready=ready)
 
 
 def _numbers(text: str) -> list[int]:
@@ -283,6 +330,20 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                    help="seconds SIGTERM waits for requests in flight before ending them")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="server log level")
+    ray = p.add_argument_group("Ray Serve (replicas on one machine or a cluster; pip install 'gpt2onnx[ray]')")
+    ray.add_argument("--ray", action="store_true", help="serve the same API as Ray Serve replicas behind Ray's proxy")
+    ray.add_argument("--replicas", type=int, default=RAY_FLAGS["replicas"], help="replicas, one engine each")
+    ray.add_argument("--cpus-per-replica", type=float, default=RAY_FLAGS["cpus_per_replica"], metavar="C",
+                     help="CPUs Ray reserves per replica; --threads defaults to C (replicas x C = the cores)")
+    ray.add_argument("--min-replicas", type=int, default=None, help="autoscale from this many replicas (default 1)")
+    ray.add_argument("--max-replicas", type=int, default=None, help="autoscale up to this many replicas")
+    ray.add_argument("--target-ongoing-requests", type=float, default=None, metavar="R",
+                     help="autoscaling aim: requests per replica (default 0.75 x --max-batch)")
+    ray.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                     help="join this Ray cluster (e.g. auto) instead of starting a local one on 127.0.0.1")
+    ray.add_argument("--ray-metrics-port", type=int, default=None, metavar="PORT",
+                     help="port where the local cluster exports every replica's metrics to Prometheus "
+                          "(default: Ray picks)")
     p.set_defaults(func=cmd_serve)
 
     if _command(sys.argv[1:] if argv is None else argv) not in commands.choices:
