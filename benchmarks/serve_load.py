@@ -9,11 +9,11 @@ For each export (made once into --work-dir; or pass --model-dir DIR) and each cl
             of --new-tokens tokens (ignore_eos, seeded, temperature 1) at once;
   baseline  the same N requests as N threads of this process, each iterating `model.stream(...)`.
 The two are interleaved per N (server round, then baseline round) so both see the same machine; the
-baseline runs N in --baseline-clients only (default 1,4,16). Reported per run: aggregate tokens/s (all tokens /
-wall time), p50/p99 time to first token, p50/p99 inter-token latency (gaps between consecutive chunks of one stream; a
-chunk is one token except where a
-multi-byte character is held back), rejections (429). Then one interference probe: the time to first
-token of a short prompt idle, and while a --long-prompt-token prompt is being prefilled.
+baseline runs N in --baseline-clients only (default 1,4,16). Reported per run: aggregate tokens/s (all
+tokens / wall time), p50/p99 time to first token, p50/p99 inter-token latency (gaps between consecutive
+chunks of one stream; a chunk is one token except where a multi-byte character is held back), rejections
+(429). Then one interference probe: the time to first token of a short prompt idle, and while a
+--long-prompt-token prompt is being prefilled.
 
 Prints the CPU model and its SIMD flags first; writes --out (JSON) and a chart beside it (matplotlib).
 The clients run in this process, on the same cores as the server: on a 2-core machine they take a share.
