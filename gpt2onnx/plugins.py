@@ -1,13 +1,10 @@
 """Commands other packages add to the `gpt2onnx` CLI, through the entry-point group `gpt2onnx.commands`.
 
-A package declares each command in its pyproject.toml (as this project's export side does),
-
-    [project.entry-points."gpt2onnx.commands"]
-    export = "gpt2onnx_export.commands:register_export"
-
-as a function `register(subparsers, formatter)` that adds its parser with `set_defaults(func=...)`. The CLI
-loads them only when the command line may name one (`gpt2onnx --help`, `gpt2onnx export ...`; never for its
-own commands), so `gpt2onnx generate` imports nothing of theirs; loading one must be cheap.
+A package declares each command in its pyproject.toml (as this project's export side does: see
+`[project.entry-points."gpt2onnx.commands"]` there), one line per command naming a function
+`register(subparsers, formatter)` that adds its parser with `set_defaults(func=...)`. The CLI loads them
+only when the command line may name one (`gpt2onnx --help`, `gpt2onnx export ...`; never for its own
+commands), so `gpt2onnx generate` imports nothing of theirs; loading one must be cheap.
 
 The commands this project's extras bring are known here by name, so that when their extra is not installed
 `gpt2onnx --help` still lists them and running one says how to install it.
