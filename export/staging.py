@@ -164,25 +164,29 @@ def publish(staging: Path, out: Path) -> None:
     os.rename(out, old / "model")
     try:
         os.rename(staging, out)
-    except OSError:
-        os.rename(old / "model", out)  # put the earlier export back
+    except BaseException:  # an OSError, or SIGTERM / Ctrl-C between the two renames
+        if not out.exists():
+            os.rename(old / "model", out)  # put the earlier export back
         raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
+    # only once the new export is in place is the earlier one deleted (if the process dies before, the next
+    # export finds `old` as a stale directory of a dead process and removes it)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def output_error(error: OSError, out: Path, staging: Path | None = None) -> ExportError:
     """An OSError met while exporting to `out`, as one line naming the path (no traceback)."""
     reason = error.strerror or str(error) or type(error).__name__
     filename = Path(error.filename) if error.filename else None
-    ours = filename is not None and (filename == out.parent or out.parent in filename.parents)
-    if error.errno in _OUTPUT_ERRNOS or ours:
+    inside_staging = staging is not None and filename is not None and (filename == staging
+                                                                        or staging in filename.parents)
+    # the output's own paths; an unreadable source file is not the output's fault, whatever its errno
+    ours = filename is not None and (filename == out or filename in out.parents or filename.parent == out.parent
+                                     or inside_staging)
+    if ours or (filename is None and error.errno in _OUTPUT_ERRNOS):
         if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             hint = "free space on that disk, or choose an OUT_DIR on another one"
         else:
             hint = "choose an OUT_DIR you can write to"
-        inside_staging = staging is not None and filename is not None and (filename == staging
-                                                                            or staging in filename.parents)
         detail = f" ({filename})" if filename is not None and filename != out and not inside_staging else ""
         return ExportError(f"cannot write the export to {out}: {reason}{detail}", hint=hint)
     return ExportError(f"the export failed: {reason}" + (f" ({filename})" if filename else ""),

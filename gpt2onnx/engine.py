@@ -34,8 +34,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import GenerationError, Gpt2OnnxError, InvalidArgumentError
-from .generator import left_pad
+from .errors import Gpt2OnnxError, InvalidArgumentError
+from .generator import check_finite, left_pad
+from .gpt2 import position_ids
 from .kv_cache import KVCache
 from .logprobs import TopLogprobs, check_top, chosen
 from .sampling import sample
@@ -270,10 +271,10 @@ class _Active:
         emit the live rows' events, end rows at EOS, a stop string or max_new_tokens."""
         s, rng = self.settings, self.request._rng
         if not s.greedy:
-            _check_finite(logits, self.step)  # sampling reads every probability
+            check_finite(logits, self.step)  # sampling reads every probability
         next_ids = sample(self._biased(logits), self.history[:, :self.now], self.step, s, rng, eos_id=self.eos_id)
         if s.greedy:
-            _check_finite(logits[np.arange(len(next_ids)), next_ids], self.step)
+            check_finite(logits[np.arange(len(next_ids)), next_ids], self.step)
         next_ids = np.where(self.live, next_ids, self.eos_id)  # finished rows are padded with EOS
         live = np.flatnonzero(self.live).tolist()
         ended = np.zeros(len(next_ids), bool) if s.ignore_eos else next_ids == self.eos_id
@@ -378,6 +379,10 @@ class Engine:
         # owned by the scheduler thread
         self._running: list[_Active] = []
         self._joining: list[_Joining] = []  # admitted, prompt being prefilled (their rows are reserved)
+        # between the steps that own them: popped from the queue but not yet joining, and prefilled but not yet
+        # running (a failure in between must still end them: _die)
+        self._admitting: list[Request] = []
+        self._landing: list[_Active] = []
         self._cache: KVCache | None = None  # the running rows' past, right-aligned
         self._pad = np.zeros(0, np.int64)  # per running row: leading padding positions in the cache
         self._logits: np.ndarray | None = None  # [rows, vocab] of the last decode step
@@ -509,18 +514,21 @@ class Engine:
             while self._waiting and rows + self._waiting[0].rows <= self.options.max_batch:
                 admitted.append(self._waiting.popleft())
                 rows += admitted[-1].rows
-        for request in admitted:
+            self._admitting = admitted
+        while self._admitting:
+            request = self._admitting[0]
             active = self._active(request)
             if request.settings.max_new_tokens == 0 and not request.echo_logprobs:
                 active.end(LENGTH)  # nothing to compute
             else:
                 self._joining.append(_Joining(active, self._session.empty_cache(1, capacity=len(request.prompt_ids))))
+            self._admitting.pop(0)
 
     def _prefill(self) -> list[_Active]:
         """One chunk of each joining prompt, the shortest rest first, prefill_chunk tokens in all (a short
         prompt never waits behind a long one). Returns the requests whose prompt is complete, first tokens
         picked and rows still live."""
-        budget, newcomers = self.options.prefill_chunk, []
+        budget, newcomers = self.options.prefill_chunk, self._landing
         order = sorted(self._joining, key=lambda j: len(j.active.request.prompt_ids) - j.done)
         # fresh prompts that fit whole go together, as one left-padded batch from an empty past (a burst of
         # clients costs one run, not one run each)
@@ -557,7 +565,7 @@ class Engine:
     def _prefill_together(self, group: list[_Joining]) -> int:
         """Prefill whole fresh prompts as one left-padded batch; each request gets its row of the cache."""
         ids, mask = left_pad([j.active.request.prompt_ids for j in group], self._eos)
-        positions = np.where(mask == 1, mask.cumsum(axis=1) - 1, 1)
+        positions = position_ids(mask)
         cache = self._session.empty_cache(len(group), capacity=ids.shape[1])
         logits, cache = self._session.run(ids, mask, positions, cache, logits_for="last")
         for row, joining in enumerate(group):
@@ -592,7 +600,7 @@ class Engine:
         one new right-aligned cache without the leading columns that are padding in every row."""
         stay = [a for a in self._running if not a.done]
         gone = [a for a in self._running if a.done]
-        self._running = stay + newcomers
+        self._running, self._landing = stay + newcomers, []
         if not self._running:
             self._cache, self._pad = None, np.zeros(0, np.int64)
             return
@@ -668,13 +676,15 @@ class Engine:
             self._waiting.clear()
         pending = [a for a in self._running if not a.done]
         pending += [j.active for j in self._joining]
-        pending += [self._active(r) for r in waiting]
+        pending += [a for a in self._landing if not a.done]
+        pending += [self._active(r) for r in self._admitting + waiting]
         for active in pending:
             try:
                 active.end(ERROR, f"the engine stopped: {message}")
             except Exception:  # keep ending the others
                 _log.exception("could not end request %s", active.request.id)
         self._running, self._joining, self._cache = [], [], None
+        self._admitting, self._landing = [], []
 
     def _wake(self) -> None:
         with self._lock:
@@ -707,9 +717,3 @@ class Engine:
             if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
                 raise InvalidArgumentError(f"logit_bias values must be numbers from -100 to 100, got {bias!r} "
                                            f"for token {token}")
-
-
-def _check_finite(logits: np.ndarray, step: int) -> None:
-    if not np.isfinite(logits).all():
-        raise GenerationError(f"the model produced non-finite logits at step {step}",
-                              hint="the weights may be damaged; run `gpt2onnx verify` on the model")

@@ -57,12 +57,12 @@ def generate_tokens(session: OnnxSession, prompts: list[list[int]], settings: Ge
     rows = np.arange(len(ids))
     for step in range(settings.max_new_tokens):
         if not settings.greedy:
-            _check_finite(logits, step)  # sampling reads every probability
+            check_finite(logits, step)  # sampling reads every probability
         # pick every row's next token from its processed logits; finished rows emit padding
         now = width + step  # tokens so far
         next_ids = sample(logits, ids[:, :now], step, settings, rng, eos_id=eos_id)
         if settings.greedy:
-            _check_finite(logits[rows, next_ids], step)  # a NaN or +inf anywhere is what argmax picks
+            check_finite(logits[rows, next_ids], step)  # a NaN or +inf anywhere is what argmax picks
         if not all_live:
             next_ids = np.where(live, next_ids, eos_id)
         if watch is not None:
@@ -86,7 +86,7 @@ def generate_tokens(session: OnnxSession, prompts: list[list[int]], settings: Ge
         logits = logits[:, -1, :]
 
 
-def _check_finite(logits: np.ndarray, step: int) -> None:
+def check_finite(logits: np.ndarray, step: int) -> None:
     if not np.isfinite(logits).all():
         raise GenerationError(f"the model produced non-finite logits at step {step}",
                               hint="the weights may be damaged; run `gpt2onnx verify` on the model")

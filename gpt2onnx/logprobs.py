@@ -17,6 +17,7 @@ import numpy as np
 
 from .errors import InvalidArgumentError
 from .generator import left_pad
+from .gpt2 import position_ids
 from .session import OnnxSession
 
 TopLogprobs = list[tuple[int, float]]  # (token id, logprob), most likely first
@@ -79,7 +80,7 @@ def score(session: OnnxSession, texts: list[list[int]], *, pad_id: int, decode: 
 
 def _score_batch(session: OnnxSession, texts: list[list[int]], pad_id: int, decode, k: int | None) -> list[Score]:
     ids, mask = left_pad(texts, pad_id)
-    positions = np.where(mask == 1, mask.cumsum(axis=1) - 1, 1)
+    positions = position_ids(mask)
     cache = session.empty_cache(len(texts), capacity=ids.shape[1])
     logits, _ = session.run(ids, mask, positions, cache, logits_for="all")
     results = []

@@ -84,6 +84,7 @@ class TextGenerationPipeline:
                 f"the prompt ({len(ids)} tokens) plus {settings.max_new_tokens} new tokens exceed n_positions="
                 f"{self.model.config.n_positions}",
                 hint="the pipeline's default is max_new_tokens=256; pass a smaller max_new_tokens")
+        self.model.check_budget([ids], settings)
         decode = self.model.tokenizer.decode_text
         prompt_text = decode(ids, clean_up=clean)
         records = []

@@ -250,10 +250,18 @@ async def _completions(request: Request, state: _State) -> Response:
     arrived = time.perf_counter()
     engine = state.require()
     model = state.model
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
+    declared = request.headers.get("content-length", "")
+    size = int(declared) if declared.isdigit() else 0
+    raw = b""
+    if size <= MAX_BODY_BYTES:  # refused from the header alone, before anything is read into memory
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > MAX_BODY_BYTES:
+                break
+        size = len(raw)
+    if size > MAX_BODY_BYTES:
         state.metrics.rejected.labels("invalid").inc()
-        raise ApiError(413, f"the request body is {len(raw)} bytes; at most {MAX_BODY_BYTES} are accepted",
+        raise ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes, the most accepted",
                        code="request_too_large")
     try:
         body = parse_completion_request(raw, vocab_size=model.config.vocab_size,

@@ -5,17 +5,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-# The trained test model ships with the tests (float16 weights, configs, held-out text; tests/data/.../TRAINING.md).
-TRAINED_DATA = REPO / "tests" / "data" / "gpt2-tiny-trained"
-TRAINED_FILES = ("model.safetensors", "config.json", "generation_config.json", "TRAINING.md", "heldout.txt")
-
-
-def export(spec: str, out: Path, **options) -> Path:
-    from gpt2onnx_export import ExportOptions, export_model
-
-    export_model(spec, out, ExportOptions(**options), progress=lambda message: None)
-    return out
+from helpers import TRAINED_DATA, TRAINED_FILES, export
 
 
 def write_gpt2_tokenizer_files(directory: Path) -> None:

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import export
 from onnx import helper
 
 import gpt2onnx
@@ -24,6 +23,7 @@ from gpt2onnx.errors import GenerationError, InvalidArgumentError, ModelLoadErro
 from gpt2onnx.graph_facts import read_graph_facts
 from gpt2onnx.manifest import hash_files, write_manifest
 from gpt2onnx.settings import GenerationSettings
+from helpers import export
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -182,7 +182,7 @@ def test_manifest_file_may_not_lead_outside(tiny_export, tmp_path):
     ("config not utf-8", "config.json is not valid JSON"),
     ("config a list", "config.json holds a JSON list"),
     ("config n_head", "n_head"),
-    ("config n_layer 0", "n_layer=0"),
+    ("config n_layer 0", "n_layer must be"),
     ("generation config not json", "generation_config.json is not valid JSON"),
     ("generation config temperature", "generation_config.json is invalid: temperature must be"),
     ("task params max_length", "task_specific_params\\['text-generation'\\] is invalid: max_length must be"),
@@ -354,10 +354,6 @@ def test_bad_generate_options_are_one_error_and_a_hint(tiny_export, capsys, opti
     code, out, err = run_cli(capsys, "generate", "Hello there", "-m", tiny_export, *options)
     assert code == 2 and out == ""
     assert message in one_error(err)
-
-
-def test_the_table_is_long_enough():
-    assert len(CLI_BAD) >= 20
 
 
 PY_BAD = [

@@ -115,6 +115,7 @@ function requestBody() {
 }
 
 async function generate() {
+  if ($("generate").disabled) return;  // Ctrl+Enter while a run is streaming
   $("error").hidden = true;
   const output = $("output");
   output.innerHTML = "";
