@@ -22,7 +22,8 @@ _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 # why a request was refused (the `reason` label of gpt2onnx_rejected_total)
-REASONS = ("invalid", "context_length", "unauthorized", "not_found", "queue_full", "loading", "draining")
+REASONS = ("invalid", "context_length", "unauthorized", "not_found", "queue_full", "loading", "load_failed",
+           "draining", "engine_stopped")
 
 
 class Metrics:

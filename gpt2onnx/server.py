@@ -146,7 +146,7 @@ class _State:
     def require(self):
         error = self.unavailable()
         if error is not None:
-            self.metrics.rejected.labels("loading" if error.code == "model_loading" else "draining").inc()
+            self.metrics.rejected.labels("loading" if error.code == "model_loading" else error.code).inc()
             raise error
         return self.engine
 
@@ -687,7 +687,7 @@ class _DrainingServer(uvicorn.Server):
         deadline = time.monotonic() + state.options.drain_timeout
         while state.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if state.in_flight and state.engine is not None:  # out of time: end them with an error event
+        if state.in_flight and state.engine is not None and state.owns_engine:  # out of time: end them
             log.warning("drain timeout: cancelling %d request(s)", state.in_flight)
             await asyncio.to_thread(state.engine.close, drain=False)
             stop = time.monotonic() + 2
