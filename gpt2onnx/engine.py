@@ -556,7 +556,9 @@ class Engine:
 
     def _prefill_budget(self) -> int:
         """Prompt tokens to prefill this step: about one decode step's time of the running batch (two batch-1
-        steps' time when no row decodes), from the measured costs; prefill_chunk at most, 8 at least."""
+        steps' time when no row decodes), from the measured costs; prefill_chunk at most, 16 at least (two short
+        prompts: a burst of clients joins in a few steps; an int4 step of 16 tokens costs about 4 batch-1 decode
+        steps, so a short prompt arriving still waits little)."""
         most = self.options.prefill_chunk
         rows, steps = len(self._pad), self._decode_seconds
         if self._token_seconds is None or not steps:
@@ -565,7 +567,7 @@ class Engine:
             seconds = steps[min(steps, key=lambda r: abs(r - rows))]  # a batch of (about) this many rows
         else:
             seconds = 2 * steps[min(steps)]  # the smallest batch measured: about one row
-        return max(min(most, 8), min(most, int(seconds / self._token_seconds)))
+        return max(min(most, 16), min(most, int(seconds / self._token_seconds)))
 
     def _measured(self, kind: str, seconds: float, count: int) -> None:
         """Fold one run's time into the costs (moving averages: the machine's load changes)."""

@@ -394,17 +394,17 @@ def test_kv_cache_row_surgery():
 
 def test_prefill_budget_follows_the_measured_costs(tiny):
     """Per step, about one decode step's time of prompt tokens while rows decode, two batch-1 steps' time while
-    none does; prefill_chunk before anything is measured, and never more than it nor fewer than 8."""
+    none does; prefill_chunk before anything is measured, and never more than it nor fewer than 16."""
     with Engine(tiny, EngineOptions(prefill_chunk=64)) as engine:
         assert engine._prefill_budget() == 64  # nothing measured yet
-        engine._measured("decode", 0.010, 1)
-        engine._measured("decode", 0.030, 16)
+        engine._measured("decode", 0.020, 1)
+        engine._measured("decode", 0.045, 16)
         engine._measured("prefill", 0.032, 32)  # 1 ms a token
-        assert engine._prefill_budget() == 20  # idle: two batch-1 steps
+        assert engine._prefill_budget() == 40  # idle: two batch-1 steps
         engine._pad = np.zeros(16, np.int64)  # 16 rows decode
-        assert engine._prefill_budget() == 30
+        assert engine._prefill_budget() == 45
         engine._pad = np.zeros(3, np.int64)  # the nearest batch measured: 1 row
-        assert engine._prefill_budget() == 10
+        assert engine._prefill_budget() == 20
         engine._measured("prefill", 0.32, 8)  # much dearer now: the average moves, the floor holds
-        assert engine._prefill_budget() == 8
+        assert engine._prefill_budget() == 16
         engine._pad = np.zeros(0, np.int64)
