@@ -323,7 +323,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=e.max_queue,
                    help="requests waiting to join the batch at most; beyond, 429 with Retry-After")
     p.add_argument("--prefill-chunk", type=int, default=e.prefill_chunk,
-                   help="prompt tokens prefilled per step (a long prompt never freezes the others)")
+                   help="the most prompt tokens prefilled per step (a long prompt never freezes the others; "
+                        "fewer when decode steps are cheaper)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per physical core)")
     p.add_argument("--model-name", default=None, help="the model name clients pass (default: MODEL_DIR's name)")
     p.add_argument("--drain-timeout", type=float, default=30.0,

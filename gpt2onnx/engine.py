@@ -8,10 +8,10 @@
 
 A request joins the running batch as soon as its rows fit: its prompt is prefilled alone (batch 1: the graph
 takes several new positions after a past only at batch 1), the joining prompts sharing a budget of
-`prefill_chunk` tokens per step, shortest rest first (a long prompt never stalls the others for long, and a
-short one never waits behind it); then its rows (one per return sequence, sharing the prompt's cache) are
-right-aligned with the running rows in one cache (left padding, hidden by the attention mask; every row has
-its own position ids). It leaves as soon as all its rows
+prompt tokens per step (about one decode step's time, measured; `prefill_chunk` at most), shortest rest first
+(a long prompt never stalls the others for long, and a short one never waits behind it); then its rows (one
+per return sequence, sharing the prompt's cache) are right-aligned with the running rows in one cache (left
+padding, hidden by the attention mask; every row has its own position ids). It leaves as soon as all its rows
 are done or it is cancelled. Each request keeps its own settings, history and random generator and is
 sampled by the same `sampling.sample` call as in `generator.generate_tokens`, so a seeded request gives the
 tokens of `model.generate(prompt, seed=...)` alone whatever else is in the batch (the graph's logits of a row
@@ -27,9 +27,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,7 +44,7 @@ from .kv_cache import KVCache
 from .logprobs import TopLogprobs, check_top, chosen
 from .sampling import sample
 from .settings import GenerationSettings
-from .stopping import EOS, LENGTH, STOP, StopStrings, cut_at_stop
+from .stopping import EOS, LENGTH, STOP, ReleasedText
 
 CANCELLED, ERROR = "cancelled", "error"
 _log = logging.getLogger(__name__)
@@ -65,9 +68,12 @@ class EngineOptions:
 
     max_batch: int = 16  # rows (sequences) in the running batch at once
     max_queue: int = 64  # requests waiting to join; submit() beyond raises QueueFullError
-    # prompt tokens prefilled per scheduler step (a long prompt never freezes the batch). GPT-2 small fp32 on 2
-    # cores: a 64-token chunk costs about 3.5 batch-1 decode steps and as much per token as a 256-token one
-    # (10 against 9.5 ms), while 256 tokens stall every running row for 13 steps' time.
+    # the most prompt tokens prefilled per scheduler step (a long prompt never freezes the batch). GPT-2 small fp32
+    # on 2 cores: a 64-token chunk costs about 3.5 batch-1 decode steps and as much per token as a 256-token one
+    # (10 against 9.5 ms), while 256 tokens stall every running row for 13 steps' time. Each step prefills fewer
+    # when the measured cost says so: about one decode step's time of prompt while rows decode (no step takes
+    # much more than two decode steps), two batch-1 steps' time while none does (a short prompt arriving waits
+    # that long at most)
     prefill_chunk: int = 64
     on_step: Callable[[int], None] | None = None  # called after each decode step with the batch's rows (metrics)
 
@@ -214,48 +220,24 @@ class Request:
                 pass
 
 
-class _RowText:
-    """One row's tokens and the text released so far, as Model.stream releases it (never a partial
-    character, never the start of a possible stop string), so the released pieces join to the final text."""
-
-    def __init__(self, stop: tuple[str, ...]):
-        self.stop = stop
-        self.hold = max((len(s) for s in stop), default=1) - 1
-        self.tokens: list[int] = []
-        self.sent = 0
-
-    def add(self, token: int, decode) -> str:
-        self.tokens.append(token)
-        text, _ = cut_at_stop(decode(self.tokens), self.stop)
-        ready = min(len(text.rstrip("\ufffd")), len(text) - self.hold)
-        piece, self.sent = (text[self.sent:ready], ready) if ready > self.sent else ("", self.sent)
-        return piece
-
-    def finish(self, decode) -> tuple[str, str, bool]:
-        """(the rest of the text, the whole text, whether a stop string cut it)."""
-        text, hit = cut_at_stop(decode(self.tokens), self.stop)
-        rest, self.sent = text[self.sent:], len(text)
-        return rest, text, hit
-
-
 class _Active:
     """Scheduler side of a request: its rows' history, random generator and text, one step at a time."""
 
-    def __init__(self, request: Request, eos_id: int, decode, vocab: int):
+    def __init__(self, request: Request, eos_id: int, decode):
         s = request.settings
-        self.request, self.settings, self.eos_id, self.decode = request, s, eos_id, decode
+        self.request, self.settings, self.eos_id = request, s, eos_id
         n, p = request.rows, len(request.prompt_ids)
         # every row's tokens so far, no padding: the sequences transformers' processors see in generate()
         self.history = np.full((n, p + s.max_new_tokens), eos_id, np.int64)
         self.history[:, :p] = request.prompt_ids
         self.now, self.step = p, 0  # tokens in the history, new tokens so far
         self.live = np.ones(n, dtype=bool)
-        self.stops = StopStrings(s.stop, decode, n) if s.stop else None
-        self.texts = [_RowText(s.stop) for _ in range(n)]
+        self.texts = [ReleasedText(s.stop, decode) for _ in range(n)]
         self.reasons: list[str | None] = [None] * n
         self.values: list[list] | None = [[] for _ in range(n)] if request.logprobs is not None else None
-        self.counts = (np.zeros((n, vocab), np.float32)
-                       if request.frequency_penalty or request.presence_penalty else None)
+        # per row: token id -> times generated (OpenAI's penalties), only when a penalty applies
+        self.counts: list[dict[int, int]] | None = ([{} for _ in range(n)]
+                                                    if request.frequency_penalty or request.presence_penalty else None)
         self.rows = np.zeros(0, np.int64)  # its rows' indices in the running batch
         self.cache: tuple[KVCache, int] | None = None  # its prompt's past (cache, row) until it joins the batch
 
@@ -277,9 +259,6 @@ class _Active:
             check_finite(logits[np.arange(len(next_ids)), next_ids], self.step)
         next_ids = np.where(self.live, next_ids, self.eos_id)  # finished rows are padded with EOS
         live = np.flatnonzero(self.live).tolist()
-        ended = np.zeros(len(next_ids), bool) if s.ignore_eos else next_ids == self.eos_id
-        if self.stops is not None:
-            ended |= self.stops.update(next_ids, self.live)
         last = self.step + 1 == s.max_new_tokens
         values = chosen(logits[live], next_ids[live], self.request.logprobs) if self.values is not None else None
         events = []
@@ -289,13 +268,15 @@ class _Active:
             if values is not None:
                 self.values[row].append(values[i])
             if self.counts is not None:
-                self.counts[row, token] += 1
-            if ended[row] or last:
-                text, reason = self._finish_row(row, token)
-            else:
-                text, reason = self.texts[row].add(token, self.decode), None
-            events.append(Event(row, token, text, logprob, alternatives, reason))
-        self.live &= ~ended
+                self.counts[row][token] = self.counts[row].get(token, 0) + 1
+            # the row ends at EOS (not part of the text), a stop string, or max_new_tokens, as in Model._result
+            text, by_eos, reason = self.texts[row], token == self.eos_id and not s.ignore_eos, None
+            piece = "" if by_eos else text.add(token)
+            if by_eos or text.hit or last:
+                piece += text.finish()
+                reason = self.reasons[row] = STOP if text.hit else EOS if by_eos else LENGTH
+                self.live[row] = False
+            events.append(Event(row, token, piece, logprob, alternatives, reason))
         self.history[:, self.now] = next_ids
         self.now, self.step = self.now + 1, self.step + 1
         if last:
@@ -310,20 +291,11 @@ class _Active:
         events = []
         for row in range(len(self.reasons)):
             if self.reasons[row] is None:
-                rest, _, _ = self.texts[row].finish(self.decode)
+                rest = self.texts[row].finish()
                 self.reasons[row] = reason
                 events.append(Event(row, None, rest, None, None, reason))
         self.live[:] = False
         self._emit(events)
-
-    def _finish_row(self, row: int, token: int) -> tuple[str, str]:
-        """The row's last token: its reason as Model._result gives it, and the rest of the text."""
-        by_eos = token == self.eos_id and not self.settings.ignore_eos
-        if not by_eos:
-            self.texts[row].tokens.append(token)
-        rest, _, hit = self.texts[row].finish(self.decode)
-        self.reasons[row] = STOP if hit else EOS if by_eos else LENGTH
-        return rest, self.reasons[row]
 
     def _biased(self, logits: np.ndarray) -> np.ndarray:
         """OpenAI's logit_bias and frequency/presence penalties, on the raw logits (a copy when any applies)."""
@@ -331,8 +303,11 @@ class _Active:
         if not r.logit_bias and self.counts is None:
             return logits
         scores = np.array(logits, dtype=np.float32)
-        if self.counts is not None:
-            scores -= np.float32(r.frequency_penalty) * self.counts + np.float32(r.presence_penalty) * (self.counts > 0)
+        for row, counts in enumerate(self.counts or ()):  # tokens never generated are left as they are (- 0)
+            if counts:
+                ids, times = list(counts), np.array(list(counts.values()), np.float32)
+                scores[row, ids] -= (np.float32(r.frequency_penalty) * times
+                                     + np.float32(r.presence_penalty) * (times > 0))
         if r.logit_bias:
             scores[:, list(r.logit_bias)] += np.array(list(r.logit_bias.values()), np.float32)
         return scores
@@ -341,7 +316,7 @@ class _Active:
         results = None
         if self.done:
             values = self.values or [None] * len(self.reasons)
-            results = [RowResult(row, text.finish(self.decode)[1], self._row_ids(row), reason, values[row])
+            results = [RowResult(row, text.text, self._row_ids(row), reason, values[row])
                        for row, (text, reason) in enumerate(zip(self.texts, self.reasons))]
         self.request._emit(events, results)
 
@@ -386,6 +361,11 @@ class Engine:
         self._cache: KVCache | None = None  # the running rows' past, right-aligned
         self._pad = np.zeros(0, np.int64)  # per running row: leading padding positions in the cache
         self._logits: np.ndarray | None = None  # [rows, vocab] of the last decode step
+        # measured costs, for the prefill budget: seconds of a decode step by rows, seconds per prefilled token
+        self._decode_seconds: dict[int, float] = {}
+        self._token_seconds: float | None = None
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self._pickers = ThreadPoolExecutor(min(cores, 4), thread_name_prefix="gpt2onnx-pick") if cores > 1 else None
         self._thread = threading.Thread(target=self._loop, name="gpt2onnx-engine", daemon=True)
         self._thread.start()
 
@@ -468,18 +448,30 @@ class Engine:
         except BaseException as error:  # never leave a consumer waiting: every request ends with "error"
             _log.exception("the engine's scheduler stopped")
             self._die(f"{type(error).__name__}: {error}")
+        finally:
+            if self._pickers is not None:
+                self._pickers.shutdown(wait=False)
 
     def _step(self) -> None:
         """One step of the running batch."""
         # 1. cancelled requests (all of them when closing without drain) end now; waiting ones leave the queue
         self._sweep_cancelled()
         # 2. every running request picks its rows' next tokens from the last decode step's logits, with its
-        #    own settings, history and random generator (a failure ends that request only)
-        for active in self._running:
-            if not active.done:
+        #    own settings, history and random generator (a failure ends that request only). Requests are
+        #    independent, and most of a sampled pick is numpy work that releases the GIL (drawing 100,000
+        #    random words per row, the softmax), so they pick on as many threads as there are cores: the
+        #    cores ONNX Runtime used for the decode step are free meanwhile
+        picking = [a for a in self._running if not a.done]
+        if len(picking) > 1 and self._pickers is not None:
+            picks = [self._pickers.submit(self._pick, a, self._logits[a.rows]) for a in picking]
+            wait(picks)  # all of them, before a failure (re-raised here) stops the scheduler
+            for pick in picks:
+                pick.result()
+        else:
+            for active in picking:
                 self._pick(active, self._logits[active.rows])
         # 3. admit waiting requests while their rows fit; prefill joining prompts, shortest rest first, up to
-        #    prefill_chunk tokens in all; a complete prompt picks its first tokens and joins the batch
+        #    the step's budget in all (_prefill_budget); a complete prompt picks its first tokens and joins the batch
         self._admit()
         newcomers = self._prefill()
         # 4. on any change of membership: one new cache with the rows that stay and the newcomers',
@@ -525,10 +517,10 @@ class Engine:
             self._admitting.pop(0)
 
     def _prefill(self) -> list[_Active]:
-        """One chunk of each joining prompt, the shortest rest first, prefill_chunk tokens in all (a short
+        """One chunk of each joining prompt, the shortest rest first, the step's budget in all (a short
         prompt never waits behind a long one). Returns the requests whose prompt is complete, first tokens
         picked and rows still live."""
-        budget, newcomers = self.options.prefill_chunk, self._landing
+        budget, newcomers = self._prefill_budget(), self._landing
         order = sorted(self._joining, key=lambda j: len(j.active.request.prompt_ids) - j.done)
         # fresh prompts that fit whole go together, as one left-padded batch from an empty past (a burst of
         # clients costs one run, not one run each)
@@ -562,12 +554,39 @@ class Engine:
                 newcomers.append(active)
         return newcomers
 
+    def _prefill_budget(self) -> int:
+        """Prompt tokens to prefill this step: about one decode step's time of the running batch (two batch-1
+        steps' time when no row decodes), from the measured costs; prefill_chunk at most, 16 at least (two short
+        prompts: a burst of clients joins in a few steps; an int4 step of 16 tokens costs about 4 batch-1 decode
+        steps, so a short prompt arriving still waits little)."""
+        most = self.options.prefill_chunk
+        rows, steps = len(self._pad), self._decode_seconds
+        if self._token_seconds is None or not steps:
+            return most
+        if rows:
+            seconds = steps[min(steps, key=lambda r: abs(r - rows))]  # a batch of (about) this many rows
+        else:
+            seconds = 2 * steps[min(steps)]  # the smallest batch measured: about one row
+        return max(min(most, 16), min(most, int(seconds / self._token_seconds)))
+
+    def _measured(self, kind: str, seconds: float, count: int) -> None:
+        """Fold one run's time into the costs (moving averages: the machine's load changes)."""
+        if kind == "decode":
+            old = self._decode_seconds.get(count)
+            self._decode_seconds[count] = seconds if old is None else 0.7 * old + 0.3 * seconds
+        else:
+            per_token = seconds / count
+            old = self._token_seconds
+            self._token_seconds = per_token if old is None else 0.7 * old + 0.3 * per_token
+
     def _prefill_together(self, group: list[_Joining]) -> int:
         """Prefill whole fresh prompts as one left-padded batch; each request gets its row of the cache."""
         ids, mask = left_pad([j.active.request.prompt_ids for j in group], self._eos)
         positions = position_ids(mask)
         cache = self._session.empty_cache(len(group), capacity=ids.shape[1])
+        start = time.perf_counter()
         logits, cache = self._session.run(ids, mask, positions, cache, logits_for="last")
+        self._measured("prefill", time.perf_counter() - start, ids.size)
         for row, joining in enumerate(group):
             joining.cache, joining.row, joining.done = cache, row, len(joining.active.request.prompt_ids)
             joining.last_logits = logits[row:row + 1, -1, :].copy()
@@ -581,9 +600,11 @@ class Engine:
         prompt, start = request.prompt_ids, joining.done
         chunk = prompt[start:start + budget]
         end = start + len(chunk)
+        began = time.perf_counter()
         logits, joining.cache = self._session.run(
             np.array([chunk], np.int64), np.ones((1, end), np.int64), np.arange(start, end)[None],
             joining.cache, logits_for="all" if request.echo_logprobs else "last")
+        self._measured("prefill", time.perf_counter() - began, len(chunk))
         if request.echo_logprobs:  # the logits at position i predict prompt token i + 1
             predicted = logits[0, :-1] if joining.last_logits is None else \
                 np.concatenate([joining.last_logits, logits[0, :-1]])
@@ -646,8 +667,10 @@ class Engine:
         width = self._cache.length
         mask = (np.arange(width + 1)[None, :] >= self._pad[:, None]).astype(np.int64)
         positions = (width - self._pad)[:, None]
+        start = time.perf_counter()
         logits, self._cache = self._session.run(ids, mask, positions, self._cache, logits_for="last",
                                                 reuse_logits=True)
+        self._measured("decode", time.perf_counter() - start, len(ids))
         self._logits = logits[:, -1, :]
         with self._lock:
             self._stats["steps"] += 1
@@ -667,7 +690,7 @@ class Engine:
             self._stats["tokens"] += tokens
 
     def _active(self, request: Request) -> _Active:
-        return _Active(request, self._eos, self.model.tokenizer.decode, self.model.config.vocab_size)
+        return _Active(request, self._eos, self.model.tokenizer.decode)
 
     def _die(self, message: str) -> None:
         with self._lock:

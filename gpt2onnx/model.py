@@ -21,7 +21,7 @@ from .logprobs import Score, TopLogprobs, check_top, chosen, score
 from .manifest import read_manifest
 from .session import OnnxSession, SessionOptions
 from .settings import OPTIONS, GenerationSettings
-from .stopping import EOS, LENGTH, STOP, StopStrings, cut_at_stop
+from .stopping import EOS, LENGTH, STOP, ReleasedText, StopStrings, cut_at_stop
 from .tokenizer import ENDOFTEXT, Tokenizer
 
 
@@ -161,8 +161,7 @@ class Model:
     def _stream(self, prompt: str, prompt_ids: list[int], settings: GenerationSettings,
                 return_full_text: bool) -> Iterator[str]:
         _, rng = self._rng(settings)
-        hold = max((len(s) for s in settings.stop), default=1) - 1  # a stop string may still be completing
-        tokens, sent = [], 0
+        text = ReleasedText(settings.stop, self.tokenizer.decode)
         if return_full_text:
             yield prompt
         for next_ids, live in generate_tokens(self.session, [prompt_ids], settings, eos_id=self.eos_token_id,
@@ -170,17 +169,14 @@ class Model:
             token = int(next_ids[0])
             if token == self.eos_token_id and not settings.ignore_eos:
                 break
-            tokens.append(token)
-            text, hit = cut_at_stop(self.tokenizer.decode(tokens), settings.stop)
-            if hit:
+            piece = text.add(token)
+            if piece:
+                yield piece
+            if text.hit:
                 break
-            ready = min(len(text.rstrip("\ufffd")), len(text) - hold)  # hold back a partial char or stop
-            if ready > sent:
-                yield text[sent:ready]
-                sent = ready
-        text, _ = cut_at_stop(self.tokenizer.decode(tokens), settings.stop)
-        if len(text) > sent:
-            yield text[sent:]
+        rest = text.finish()
+        if rest:
+            yield rest
 
     def generate_rows(self, prompt_ids: list[list[int]], settings: GenerationSettings, rng, *,
                       watch=None) -> list[list[int]]:

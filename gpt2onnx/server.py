@@ -268,8 +268,10 @@ async def _completions(request: Request, state: _State) -> Response:
                                         max_n=min(MAX_RETURN_SEQUENCES, _max_batch(engine)),
                                         max_logprobs=state.options.max_logprobs)
         _check_model(body.model, state)
-        prepared = prepare(body, encode=lambda text: model.encode_prompt(text, allow_special=True),
-                           decode=model.tokenizer.decode, n_positions=model.config.n_positions)
+        # tokenizing a long prompt takes milliseconds: off the event loop, which streams everyone's tokens
+        prepared = await asyncio.to_thread(prepare, body, decode=model.tokenizer.decode,
+                                           encode=lambda text: model.encode_prompt(text, allow_special=True),
+                                           n_positions=model.config.n_positions)
         most = getattr(getattr(engine, "options", None), "max_queue", None)
         if most is not None and len(prepared.prompt_ids) > most:  # could never be queued at once
             raise bad_request(f"prompt holds {len(prepared.prompt_ids)} prompts; this server takes at most {most} "

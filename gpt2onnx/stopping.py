@@ -29,6 +29,49 @@ class StopStrings:
         return hit
 
 
+class ReleasedText:
+    """One row's new text as its tokens arrive, released the way Model.stream and the engine send it: never a
+    partial character, never the start of a possible stop string, so the released pieces join to the final
+    text (cut before the first stop string).
+
+    Each token costs a decode of the tokens since the last character boundary only (a byte-level BPE's text is
+    the concatenation of its tokens' texts wherever the bytes so far end a character), and a search for stop
+    strings in the text that could hold a new one.
+    """
+
+    def __init__(self, stop: tuple[str, ...], decode):
+        self.stop, self.decode = stop, decode
+        self.hold = max((len(s) for s in stop), default=1) - 1  # a stop string may still be completing
+        self.tokens: list[int] = []
+        self.text = ""  # the whole text so far, cut before the first stop string
+        self.hit = False  # a stop string was found (the row is done: add no more tokens)
+        self._fixed, self._fixed_tokens = "", 0  # text of tokens[:_fixed_tokens], ending on a character boundary
+        self._sent = 0  # characters released so far
+
+    def add(self, token: int) -> str:
+        """Record one token; the text it releases ("" while a partial character or possible stop is held back)."""
+        self.tokens.append(token)
+        tail = self.decode(self.tokens[self._fixed_tokens:])
+        text = self._fixed + tail
+        searched = max(0, len(self._fixed) - self.hold)  # text before this holds no stop string (searched already)
+        if not tail.endswith("\ufffd"):  # a partial character decodes to U+FFFD: cut after whole characters only
+            self._fixed, self._fixed_tokens = text, len(self.tokens)
+        if self.stop:
+            cut, self.hit = cut_at_stop(text[searched:], self.stop)
+            text = text[:searched] + cut
+        self.text = text
+        ready = min(len(text.rstrip("\ufffd")), len(text) - self.hold)
+        if ready <= self._sent:
+            return ""
+        piece, self._sent = text[self._sent:ready], ready
+        return piece
+
+    def finish(self) -> str:
+        """The text not released yet (all of it is final now)."""
+        rest, self._sent = self.text[self._sent:], len(self.text)
+        return rest
+
+
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
     """The text before the first stop string, and whether one was found."""
     cuts = [i for i in (text.find(s) for s in stop) if i >= 0]

@@ -68,18 +68,38 @@ class TorchGenerator:
 
     def _argmax_ratio(self, p: np.ndarray) -> int:
         """argmax(p / q) for one row, drawing its q from the stream."""
-        words = self.bit_generator.random_raw(2 * p.size)
-        with np.errstate(divide="ignore", invalid="ignore"):  # p / 0 and 0 / 0 pass silently, as in torch
-            nonzero = p != 0
-            if np.count_nonzero(nonzero) > p.size // 4:
-                return int(np.argmax(p / _exponential(words)))
-            # Mostly zeros (after top-k or top-p). Where p = 0 and the second word isn't 0, u > 0 so q > 0 and
-            # p / q is exactly 0: no q needed there. (When u = 0, odds 2**-53, q = 0 and a zero probability
-            # gives 0 / 0 = NaN, which wins, as in torch.)
-            live = nonzero | (words[1::2] == 0)
-            ratios = np.zeros(p.size, np.float32)
-            ratios[live] = p[live] / _exponential(words.reshape(-1, 2)[live].ravel())
-        return int(ratios.argmax())
+        return _argmax_ratio(p, self.bit_generator.random_raw(2 * p.size))
+
+
+def _argmax_ratio(p: np.ndarray, words: np.ndarray) -> int:
+    """argmax(float32(p / q)) for one row, q the exponentials of the word pairs, computing q only where it can win.
+
+    Computing q for every entry (MT19937 words -> float64 -> log1p -> float32) is most of the cost of a draw
+    over the whole vocabulary, yet only the few entries whose ratio could reach the maximum matter. The first
+    word alone bounds q from below: with a = first & (2**21 - 1), u = (a * 2**32 + second) * 2**-53 >= a * 2**-21,
+    and q = float32(-log1p(-u)) >= u (1 - 2**-24) (-log1p(-u) >= u; rounding to float32 loses at most 2**-24
+    relatively, the C library's log1p far less; q is never subnormal: u > 0 gives q > 1e-16).
+    So for the candidates  {a <= float32(p * c)},  c = 2**21 k (1 + 2**-20), k a power of two, every other entry
+    has a > p c (1 - 2**-24) (a float32 product is within 2**-24 of the real one, or below 2**-126 when a >= 1
+    is larger anyway), hence q > p k (1 + 2**-20)(1 - 2**-24)**2 >= p k: its real ratio p / q is below 1 / k and,
+    rounding being monotone and 1 / k a float32, its float32 ratio at most 1 / k. If the best candidate's exact
+    ratio beats 1 / k (or is NaN: 0 / 0, which torch lets win), no other entry can reach it, and the candidates
+    in index order keep torch's rule that the first maximum wins. Entries with q = 0 (u = 0, odds 2**-53 each)
+    have a = 0 and are always candidates. The expected number of candidates is about k + vocab * 2**-21, and the
+    maximum of p / q stays at or below 1 / k with probability exp(-k) (P(max <= x) = exp(-sum(p) / x)): k = 8
+    keeps ~8 candidates and fails 1 time in 3,000; then k = 2**10, 2**40, then every q. Same integer as the
+    full computation, bit for bit (tests/test_torch_random.py).
+    """
+    first = (words[0::2] & _LOW_21).astype(np.float32)  # a: exact in float32 (21 bits)
+    pairs = words.reshape(-1, 2)
+    with np.errstate(divide="ignore", invalid="ignore"):  # p / 0 and 0 / 0 pass silently, as in torch
+        for k in (8.0, 2.0**10, 2.0**40):
+            candidates = np.flatnonzero(first <= p * np.float32(2**21 * k * (1 + 2**-20)))
+            ratios = p[candidates] / _exponential(pairs[candidates].ravel())
+            best = int(ratios.argmax()) if candidates.size else 0
+            if candidates.size and not ratios[best] <= np.float32(1 / k):
+                return int(candidates[best])
+        return int(np.argmax(p / _exponential(words)))  # all ratios tiny (subnormal probabilities): every q
 
 
 def _exponential(words: np.ndarray) -> np.ndarray:

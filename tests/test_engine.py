@@ -82,6 +82,8 @@ def test_amid_concurrent_requests_equals_alone(trained, monkeypatch):
     target = ("In Vim, to", GenerationSettings(max_new_tokens=30, do_sample=True, seed=7, top_k=0))
     target_greedy = ("fs.readFile(path, options", GenerationSettings(max_new_tokens=30))
     rows_per_step, batched_prefills = [], []
+    # the whole prefill_chunk every step, whatever the measured costs: bursts of fresh prompts fit in one step
+    monkeypatch.setattr(Engine, "_prefill_budget", lambda self: self.options.prefill_chunk)
     together = Engine._prefill_together
     monkeypatch.setattr(Engine, "_prefill_together", lambda self, group: batched_prefills.append(len(group))
                         or together(self, group))
@@ -388,3 +390,21 @@ def test_kv_cache_row_surgery():
     assert all(np.array_equal(x, y[1, :, :5]) for x, y in zip(past(joined, 2), a.buffers))
     trimmed = KVCache.gather([(joined, np.array([2, 0]))], width=3)  # drops two leading columns
     assert np.array_equal(trimmed.buffers[1][0, :, :3], a.buffers[1][1, :, 2:5])
+
+
+def test_prefill_budget_follows_the_measured_costs(tiny):
+    """Per step, about one decode step's time of prompt tokens while rows decode, two batch-1 steps' time while
+    none does; prefill_chunk before anything is measured, and never more than it nor fewer than 16."""
+    with Engine(tiny, EngineOptions(prefill_chunk=64)) as engine:
+        assert engine._prefill_budget() == 64  # nothing measured yet
+        engine._measured("decode", 0.020, 1)
+        engine._measured("decode", 0.045, 16)
+        engine._measured("prefill", 0.032, 32)  # 1 ms a token
+        assert engine._prefill_budget() == 40  # idle: two batch-1 steps
+        engine._pad = np.zeros(16, np.int64)  # 16 rows decode
+        assert engine._prefill_budget() == 45
+        engine._pad = np.zeros(3, np.int64)  # the nearest batch measured: 1 row
+        assert engine._prefill_budget() == 20
+        engine._measured("prefill", 0.32, 8)  # much dearer now: the average moves, the floor holds
+        assert engine._prefill_budget() == 16
+        engine._pad = np.zeros(0, np.int64)

@@ -20,6 +20,7 @@ from gpt2onnx.errors import GenerationError, InvalidArgumentError
 from gpt2onnx.pipeline import CALL_OPTIONS
 from gpt2onnx.sampling import process
 from gpt2onnx.settings import OPTIONS, GenerationSettings
+from gpt2onnx.stopping import ReleasedText, cut_at_stop
 
 PROMPTS = ["The :substitute command", "fs.readFile(path, options", "In Vim, to", "x"]
 
@@ -161,6 +162,32 @@ def test_stream_never_splits_a_character(trained, monkeypatch):
     monkeypatch.setattr(generator, "sample", lambda *a, **k: np.array([next(steps)]))
     pieces = list(trained.stream("x", max_new_tokens=len(forced)))
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+
+
+def test_released_text_joins_to_the_whole_decode(trained):
+    """ReleasedText decodes only the tail since the last character boundary: its pieces still join to the
+    decode of all the tokens, cut before the first stop string, at the first token whose text holds one;
+    no piece holds a partial character or the start of a possible stop string."""
+    decode = trained.tokenizer.decode
+    rng = np.random.default_rng(0)
+    text = " naïve 😀 日本語 ok, the end.\n\n" * 3
+    pieces_of = trained.tokenizer.encode(text)
+    for trial in range(40):
+        tokens = pieces_of if trial % 2 else rng.integers(0, trained.config.vocab_size, 60).tolist()
+        full = decode(tokens)
+        stop = () if trial % 4 == 1 else (full[rng.integers(5, len(full) - 3):][:2 + trial % 3], "never")
+        release = ReleasedText(stop, decode)
+        pieces, used = [], 0
+        for token in tokens:
+            pieces.append(release.add(token))
+            used += 1
+            assert release.hit == (cut_at_stop(decode(tokens[:used]), stop)[1] if stop else False)
+            if release.hit:
+                break
+        pieces.append(release.finish())
+        assert "".join(pieces) == cut_at_stop(decode(tokens[:used]), stop)[0] == release.text, trial
+        if trial % 2:
+            assert not any("\ufffd" in p for p in pieces)
 
 
 def test_stream_can_stop_early(trained, monkeypatch):

@@ -168,6 +168,28 @@ def test_planted_edge_cases(name, special, torch_picks, vocab):
         np.testing.assert_array_equal(got, expected, err_msg=name)
 
 
+@pytest.mark.parametrize("case", ["max ratio below 1/8", "max ratio below 1/1024", "subnormal probabilities"])
+def test_draws_where_few_candidates_are_not_enough(case):
+    """The sampler computes q only for entries whose ratio could beat 1/k (k = 8 first); when none does, it
+    widens the search. Planted words make every q large, so the first (and second) bound fail."""
+    rng = np.random.default_rng(len(case))
+    vocab = 300
+    if case == "max ratio below 1/8":  # q about log 2, p about 1/300: ratios about 1/200
+        u53 = (2**52 + rng.integers(-2**48, 2**48, vocab)).tolist()
+        probs = rng.dirichlet(np.full(vocab, 5.0)).astype(np.float32)
+    elif case == "max ratio below 1/1024":  # q from 20 to 36: ratios below 1/5000
+        u53 = (2**53 - rng.integers(1, 2**24, vocab)).tolist()
+        probs = rng.dirichlet(np.full(vocab, 5.0)).astype(np.float32)
+    else:  # every ratio is subnormal or 0: the first maximum of all exact ratios
+        u53 = rng.integers(2**50, 2**53, vocab).tolist()
+        probs = np.full(vocab, 1e-45, np.float32)
+        probs[::7] = 3e-45
+    probs = probs[None]
+    ours = plant(words_for(u53))
+    expected = torch.multinomial(torch.from_numpy(probs), 1)[:, 0].numpy()
+    np.testing.assert_array_equal(ours.multinomial_one(probs), expected, err_msg=case)
+
+
 def test_values_on_a_float32_rounding_edge():
     """Where numpy's vectorised log1p and the C library's (torch's) round to different float32 values."""
     target = np.random.default_rng(0).uniform(1e-3, 30, 20_000).astype(np.float32).astype(np.float64)
