@@ -27,7 +27,10 @@ class Tokenizer:
         self._special_reader = None  # the same tokenizer reading special tokens: built when first asked for
         self._lock = threading.Lock()
         self.eos_token_id = self._plain.token_to_id(ENDOFTEXT)
-        self.vocab_size = self._plain.get_vocab_size()
+        # ids up to the largest of the model's and the added tokens' (get_vocab_size() builds the whole vocab
+        # to count it: 20 ms of a cold start)
+        self.vocab_size = max([self._plain.get_vocab_size(with_added_tokens=False)]
+                              + [i + 1 for i in self._plain.get_added_tokens_decoder()])
 
     def _read(self) -> tokenizers.Tokenizer:
         try:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import shutil
 import threading
 import time
@@ -138,6 +137,8 @@ def cpu_flags() -> str:
                     return " ".join(sorted(line.partition(":")[2].split()))
     except OSError:
         pass
+    import platform
+
     return f"{platform.machine()} {platform.processor()}"
 
 
