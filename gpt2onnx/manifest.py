@@ -75,8 +75,7 @@ def read_manifest(directory: Path, *, check_hashes: bool = True) -> dict:
     files = manifest.get(c.M_FILES)
     if not isinstance(files, dict) or c.MODEL_FILE not in files:
         raise ModelLoadError(f"{path} lists no files", hint=_REEXPORT)
-    known = user_cache.known_sha256s([directory / n for n in files if isinstance(n, str)]) if check_hashes else {}
-    verified = {}
+    records, verified = user_cache.records() if check_hashes else {}, {}
     for name, expected in files.items():
         file = member(directory, name)
         if not isinstance(expected, str) or not _SHA256.fullmatch(expected):
@@ -87,7 +86,8 @@ def read_manifest(directory: Path, *, check_hashes: bool = True) -> dict:
                 f"{directory} lacks {name}, which its manifest lists",
                 hint="the directory is incomplete; copy it again or export again",
             )
-        if check_hashes and known.get(file) != expected:  # unchanged since it last matched: not hashed again
+        # a file unchanged since it last matched is not hashed again
+        if check_hashes and user_cache.known_sha256(file, records) != expected:
             stat = user_cache.stat_key(file)  # before hashing: a write during the hash changes it
             if sha256_file(file) != expected:
                 raise ModelLoadError(

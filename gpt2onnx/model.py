@@ -337,8 +337,8 @@ def _verified_graph_hashes(directory: Path, manifest: dict | None) -> dict[str, 
     if not isinstance(files, dict):
         return None
     names = [name for name in (c.MODEL_FILE, c.MODEL_DATA_FILE) if name in files]
-    known = user_cache.known_sha256s([directory / name for name in names])
-    if names and all(known[directory / name] == files[name] for name in names):
+    records = user_cache.records()
+    if names and all(user_cache.known_sha256(directory / name, records) == files[name] for name in names):
         return {name: files[name] for name in names}
     return None
 

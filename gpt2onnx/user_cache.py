@@ -83,15 +83,19 @@ def _read_records() -> dict:
         return {**records, **_memory}
 
 
-def known_sha256s(paths: list[Path]) -> dict[Path, str | None]:
-    """Each file's sha256 as recorded when it was verified, if the file has not changed since; else None."""
-    records = _read_records()
-    known = {}
-    for path in paths:
-        record = records.get(str(Path(path).resolve()))
-        ok = isinstance(record, list) and len(record) == 2 and isinstance(record[1], str)
-        known[path] = record[1] if ok and record[0] == stat_key(path) and record[0] is not None else None
-    return known
+def records() -> dict:
+    """The records of verified files (for known_sha256)."""
+    return _read_records()
+
+
+def known_sha256(path: Path, verified: dict) -> str | None:
+    """The file's sha256 as `verified` (from records()) has it, if the file has not changed since; else None."""
+    try:
+        record = verified.get(str(Path(path).resolve()))
+    except (OSError, ValueError, RuntimeError):  # a name no file can have, a symlink loop
+        return None
+    ok = isinstance(record, list) and len(record) == 2 and isinstance(record[1], str) and record[0] is not None
+    return record[1] if ok and record[0] == stat_key(path) else None
 
 
 def remember(verified: dict[Path, tuple[list | None, str]]) -> None:
