@@ -319,7 +319,10 @@ def load(directory: str | Path, *, threads: int = 0, check_hashes: bool = True,
     """Load an exported model directory after checking its manifest.
 
     threads: ONNX Runtime intra-op threads; 0 uses one per physical core (at most 4 per usable CPU).
-    check_hashes: verify the sha256 of every file against the manifest (a few seconds for large models).
+    check_hashes: verify the sha256 of every file against the manifest (a few seconds for large models). A
+        file that matched once is not hashed again while its size, mtime, ctime and inode are unchanged (a
+        record in the user cache, gpt2onnx/user_cache.py); a changed file is hashed again. False skips the
+        check, and then the optimized graph is cached only for a model file verified before.
     max_cache_bytes: the most KV cache one generate/stream call may reserve (default 4 GiB); a call that
         needs more is refused before it runs.
     """
