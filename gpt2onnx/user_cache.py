@@ -14,7 +14,7 @@
 Measured on the 2-core build machine (random:gpt2, one process per load; the machine shared):
 - int4 (224 MB): ONNX Runtime's session 1.01 s from model.onnx, 0.17 s from the saved graph; first step 26
   vs 19 ms; logits bitwise equal. Our export is fused already, so the saved graph holds the same nodes
-  (no layout transform applied on this AVX-512 CPU either): the gain is the weights, which ONNX Runtime
+  (no layout transform applied on this AVX2 CPU either): the gain is the weights, which ONNX Runtime
   maps from the external file instead of parsing them out of model.onnx and copying them (with the
   optimizer off the plain model still takes 0.59 s). fp32 (498 MB): 1.53 -> 0.64 s, as the optimizer's
   passes are skipped too.
