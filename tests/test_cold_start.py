@@ -213,3 +213,17 @@ print("LOADED", sorted(m for m in sys.modules if m.startswith(prefixes)))
     done = run_python(code)
     assert done.returncode == 0, done.stderr
     assert "LOADED []" in done.stdout, done.stdout
+
+
+def test_the_program_prints_everything_before_it_ends_without_teardown(tiny_export):
+    """`gpt2onnx generate` as a program ends with os._exit after flushing: the whole output is there."""
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "gpt2onnx.cli", "generate", "Hello", "-m", str(tiny_export), "--max-new-tokens", "3"]
+    done = subprocess.run(base + ["--json"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    (result,) = json.loads(done.stdout)
+    assert len(result["token_ids"]) == 3
+    streamed = subprocess.run(base + ["--stream"], capture_output=True, text=True)
+    assert streamed.returncode == 0 and streamed.stdout == "Hello" + result["text"] + "\n"
