@@ -269,11 +269,15 @@ def publish(graph: Path, key: dict) -> None:
 
 def _evict(graphs: Path) -> None:
     """Keep the MAX_GRAPHS most recently used entries (and no scratch directory of a process long gone)."""
-    entries = []
+    entries, now = [], time.time()
     for path in graphs.iterdir():
         try:
+            if path.name.endswith(".partial"):  # a scratch directory: being written, or left by a killed process
+                if now - path.stat().st_mtime > 3600:
+                    shutil.rmtree(path, ignore_errors=True)
+                continue
             entries.append(((path / _ENTRY).stat().st_mtime, path))
         except OSError:
-            continue  # a scratch directory being written, or a damaged entry (cached_graph removes it)
+            continue  # a damaged entry (cached_graph removes it), or one just removed by another process
     for _, path in sorted(entries, reverse=True)[MAX_GRAPHS:]:
         shutil.rmtree(path, ignore_errors=True)

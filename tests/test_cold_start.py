@@ -227,3 +227,17 @@ def test_the_program_prints_everything_before_it_ends_without_teardown(tiny_expo
     assert len(result["token_ids"]) == 3
     streamed = subprocess.run(base + ["--stream"], capture_output=True, text=True)
     assert streamed.returncode == 0 and streamed.stdout == "Hello" + result["text"] + "\n"
+
+
+def test_only_the_most_recently_used_graphs_are_kept(model_dir, int4_dir, cache, monkeypatch):
+    monkeypatch.setattr(user_cache, "MAX_GRAPHS", 1)
+    gpt2onnx.load(model_dir)
+    (first,) = _graphs(cache)
+    gpt2onnx.load(int4_dir)
+    (second,) = _graphs(cache)
+    assert second != first
+    stale = cache / "graphs" / ".gone.123.456.partial"  # left by a killed process
+    stale.mkdir()
+    os.utime(stale, (0, 0))
+    gpt2onnx.load(model_dir)
+    assert _graphs(cache) != [second] and not stale.exists()
