@@ -364,7 +364,7 @@ def _in_background(function, *args, **kwargs):
         thread.join()
         if errors and "error" in outcome:
             raise outcome["error"]
-        return outcome["value"]
+        return outcome.get("value")
 
     return wait
 

@@ -241,3 +241,14 @@ def test_only_the_most_recently_used_graphs_are_kept(model_dir, int4_dir, cache,
     os.utime(stale, (0, 0))
     gpt2onnx.load(model_dir)
     assert _graphs(cache) != [second] and not stale.exists()
+
+
+def test_a_damaged_tokenizer_and_graph_report_the_tokenizer(model_dir, cache):
+    """Both load side by side: when both fail, the error is the tokenizer's (as before), never a traceback of
+    the loading thread."""
+    (model_dir / c.MODEL_FILE).write_bytes(b"\x08\x07garbage")
+    with pytest.raises(ModelLoadError, match="ONNX Runtime cannot load"):  # (Model: no manifest check first)
+        gpt2onnx.Model(model_dir, manifest=None)
+    (model_dir / c.TOKENIZER_FILE).write_text("{")
+    with pytest.raises(ModelLoadError, match="cannot read the tokenizer"):
+        gpt2onnx.Model(model_dir, manifest=None)
