@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 from . import contract as c
+from . import user_cache
 from .errors import ModelLoadError
 from .graph_facts import check_claims, read_graph_facts
 
@@ -39,8 +40,10 @@ def write_manifest(directory: Path, manifest: dict) -> None:
 
 def read_manifest(directory: Path, *, check_hashes: bool = True) -> dict:
     """Read and check a model directory's manifest: its files (plain names inside the directory), their
-    sha256 (unless check_hashes=False) and its claims against the graph itself (precision, quantization, KV
-    cache dtype; always, see graph_facts). Raises ModelLoadError naming what is wrong."""
+    sha256 (unless check_hashes=False; a file that matched once and is unchanged since, by size, mtime, ctime
+    and inode, is not hashed again: gpt2onnx/user_cache.py) and its claims against the graph itself
+    (precision, quantization, KV cache dtype; always, see graph_facts). Raises ModelLoadError naming what is
+    wrong."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ModelLoadError(f"{directory} is a file, not a model directory",
@@ -72,6 +75,7 @@ def read_manifest(directory: Path, *, check_hashes: bool = True) -> dict:
     files = manifest.get(c.M_FILES)
     if not isinstance(files, dict) or c.MODEL_FILE not in files:
         raise ModelLoadError(f"{path} lists no files", hint=_REEXPORT)
+    records, verified = user_cache.records() if check_hashes else {}, {}
     for name, expected in files.items():
         file = member(directory, name)
         if not isinstance(expected, str) or not _SHA256.fullmatch(expected):
@@ -82,17 +86,22 @@ def read_manifest(directory: Path, *, check_hashes: bool = True) -> dict:
                 f"{directory} lacks {name}, which its manifest lists",
                 hint="the directory is incomplete; copy it again or export again",
             )
-        if check_hashes and sha256_file(file) != expected:
-            raise ModelLoadError(
-                f"{file} does not match the sha256 in the manifest: the file was changed or damaged",
-                hint=_REEXPORT,
-            )
+        # a file unchanged since it last matched is not hashed again
+        if check_hashes and user_cache.known_sha256(file, records) != expected:
+            stat = user_cache.stat_key(file)  # before hashing: a write during the hash changes it
+            if sha256_file(file) != expected:
+                raise ModelLoadError(
+                    f"{file} does not match the sha256 in the manifest: the file was changed or damaged",
+                    hint=_REEXPORT,
+                )
+            verified[file] = (stat, expected)
     unlisted = [n for n in REQUIRED_FILES if n not in files]
     unlisted += [n for n in OPTIONAL_FILES if n not in files and (directory / n).exists()]
     if unlisted:
         raise ModelLoadError(f"{path} does not list {', '.join(unlisted)}, so nothing checks "
                              f"{'its' if len(unlisted) == 1 else 'their'} sha256", hint=_REEXPORT)
     check_claims(manifest, read_graph_facts(directory / c.MODEL_FILE), directory)
+    user_cache.remember(verified)
     return manifest
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import secrets
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from . import contract as c
-from . import limits
+from . import limits, user_cache
 from .config import ModelConfig
 from .defaults import model_defaults, resolve
 from .errors import InvalidArgumentError, ModelLoadError
@@ -51,8 +52,16 @@ class Model:
         self.manifest = manifest
         self.max_cache_bytes = limits.check_cache_bytes(max_cache_bytes)
         self.raw_config, self.config = read_config(self.directory / c.CONFIG_FILE)
-        self.tokenizer = Tokenizer(self.directory / c.TOKENIZER_FILE)
-        self.session = OnnxSession(self.directory / c.MODEL_FILE, self.config, options)
+        # the session and the tokenizer load side by side: ONNX Runtime releases the GIL while it loads (the
+        # tokenizers library does not, so it is the one on this thread)
+        session = _in_background(OnnxSession, self.directory / c.MODEL_FILE, self.config, options,
+                                 model_hashes=_verified_graph_hashes(self.directory, manifest))
+        try:
+            self.tokenizer = Tokenizer(self.directory / c.TOKENIZER_FILE)
+        except BaseException:
+            session(errors=False)  # the tokenizer's error is the one reported
+            raise
+        self.session = session()
         path = self.directory / c.GENERATION_CONFIG_FILE
         self.generation_config = _read_json(path) if path.is_file() else {}
         self.defaults = model_defaults(self.generation_config, self.raw_config)
@@ -306,7 +315,10 @@ def load(directory: str | Path, *, threads: int = 0, check_hashes: bool = True,
     """Load an exported model directory after checking its manifest.
 
     threads: ONNX Runtime intra-op threads; 0 uses one per physical core (at most 4 per usable CPU).
-    check_hashes: verify the sha256 of every file against the manifest (a few seconds for large models).
+    check_hashes: verify the sha256 of every file against the manifest (a few seconds for large models). A
+        file that matched once is not hashed again while its size, mtime, ctime and inode are unchanged (a
+        record in the user cache, gpt2onnx/user_cache.py); a changed file is hashed again. False skips the
+        check, and then the optimized graph is cached only for a model file verified before.
     max_cache_bytes: the most KV cache one generate/stream call may reserve (default 4 GiB); a call that
         needs more is refused before it runs.
     """
@@ -314,6 +326,43 @@ def load(directory: str | Path, *, threads: int = 0, check_hashes: bool = True,
     max_cache_bytes = limits.check_cache_bytes(max_cache_bytes)
     manifest = read_manifest(Path(directory), check_hashes=check_hashes)
     return Model(Path(directory), manifest=manifest, options=options, max_cache_bytes=max_cache_bytes)
+
+
+def _verified_graph_hashes(directory: Path, manifest: dict | None) -> dict[str, str] | None:
+    """The manifest's sha256 of the graph's files when they are verified (by this load or an earlier one, and
+    unchanged since): what the saved optimized graph is keyed on. None: not verified (check_hashes=False on a
+    file never verified), so the graph is optimized afresh and not cached."""
+    files = manifest.get(c.M_FILES) if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        return None
+    names = [name for name in (c.MODEL_FILE, c.MODEL_DATA_FILE) if name in files]
+    records = user_cache.records()
+    if names and all(user_cache.known_sha256(directory / name, records) == files[name] for name in names):
+        return {name: files[name] for name in names}
+    return None
+
+
+def _in_background(function, *args, **kwargs):
+    """Start function(*args, **kwargs) on a thread; returns wait(), which gives its result or raises its error
+    (wait(errors=False) only waits)."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = function(*args, **kwargs)
+        except BaseException as error:  # handed to the waiting thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="gpt2onnx-load", daemon=True)
+    thread.start()
+
+    def wait(errors: bool = True):
+        thread.join()
+        if errors and "error" in outcome:
+            raise outcome["error"]
+        return outcome.get("value")
+
+    return wait
 
 
 def _read_json(path: Path) -> dict:

@@ -22,6 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from . import contract as c
+from . import user_cache
 from .config import ModelConfig
 from .errors import GenerationError, InvalidArgumentError, ModelLoadError
 from .kv_cache import KVCache
@@ -82,10 +83,19 @@ _LOGITS_KEPT = {"all": np.array(0, np.int64), "last": np.array(1, np.int64)}
 class OnnxSession:
     """Runs one step of the graph. Safe to use from many threads at once, each with its own cache."""
 
-    def __init__(self, path: Path, config: ModelConfig, options: SessionOptions = SessionOptions()):
+    def __init__(self, path: Path, config: ModelConfig, options: SessionOptions = SessionOptions(), *,
+                 model_hashes: dict[str, str] | None = None):
+        """model_hashes: the verified sha256 of the model's files (model.onnx and its external data, by name):
+        then ONNX Runtime's optimized graph is kept in the user cache and the next load opens that instead of
+        optimizing again (gpt2onnx/user_cache.py)."""
         so = ort_options(threads=options.threads, optimization=options.optimization)
         try:
-            self._session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            if model_hashes and options.optimization != "disable":
+                self._session = user_cache.open_session(
+                    path, lambda: ort_options(threads=options.threads, optimization=options.optimization),
+                    options.optimization, model_hashes)
+            else:
+                self._session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         except Exception as error:  # onnxruntime raises its own untyped exceptions
             raise ModelLoadError(f"ONNX Runtime cannot load {path}: {error}",
                                  hint="export the model again; the file may be damaged") from error

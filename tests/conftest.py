@@ -47,6 +47,19 @@ def _no_temporary_leftovers(tmp_path_factory):
     assert not leftovers, f"the test run left scratch directories behind: {leftovers}"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_user_cache(tmp_path_factory):
+    """The run's loads keep their verified-file records and optimized graphs (gpt2onnx/user_cache.py) in a
+    private directory, not in the user's ~/.cache."""
+    saved = os.environ.get("GPT2ONNX_CACHE_DIR")
+    os.environ["GPT2ONNX_CACHE_DIR"] = str(tmp_path_factory.mktemp("user-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("GPT2ONNX_CACHE_DIR", None)
+    else:
+        os.environ["GPT2ONNX_CACHE_DIR"] = saved
+
+
 @pytest.fixture(scope="session")
 def trained_dir(tmp_path_factory) -> Path:
     return assemble_trained_model(tmp_path_factory.mktemp("trained-source") / "gpt2-tiny-trained")
