@@ -40,8 +40,8 @@ from .gpt2 import position_ids
 from .kv_cache import KVCache
 from .logprobs import TopLogprobs, check_top, chosen
 from .sampling import sample
-from .settings import GenerationSettings
-from .stopping import EOS, LENGTH, STOP, StopStrings, cut_at_stop
+from .settings import GenerationSettings, check_token_ids
+from .stopping import EOS, LENGTH, STOP, Deadline, StopStrings, StopStringsKept, cut_at_stop
 
 CANCELLED, ERROR = "cancelled", "error"
 _log = logging.getLogger(__name__)
@@ -127,6 +127,8 @@ class Request:
         self.prompt_ids = prompt_ids
         self.settings = settings
         self.seed = seed  # the seed that reproduces this request (None for greedy)
+        # max_time counts from the submission, as transformers' counts from the generate call
+        self.deadline = Deadline(settings.max_time) if settings.max_time is not None else None
         self.rows = settings.num_return_sequences
         self.logprobs, self.echo_logprobs = logprobs, echo_logprobs
         self.logit_bias, self.frequency_penalty, self.presence_penalty = logit_bias, frequency_penalty, presence_penalty
@@ -241,7 +243,7 @@ class _RowText:
 class _Active:
     """Scheduler side of a request: its rows' history, random generator and text, one step at a time."""
 
-    def __init__(self, request: Request, eos_id: int, decode, vocab: int):
+    def __init__(self, request: Request, eos_id: int, decode, vocab: int, token_text):
         s = request.settings
         self.request, self.settings, self.eos_id, self.decode = request, s, eos_id, decode
         n, p = request.rows, len(request.prompt_ids)
@@ -251,6 +253,7 @@ class _Active:
         self.now, self.step = p, 0  # tokens in the history, new tokens so far
         self.live = np.ones(n, dtype=bool)
         self.stops = StopStrings(s.stop, decode, n) if s.stop else None
+        self.kept = StopStringsKept(s.stop_strings, token_text, [request.prompt_ids] * n) if s.stop_strings else None
         self.texts = [_RowText(s.stop) for _ in range(n)]
         self.reasons: list[str | None] = [None] * n
         self.values: list[list] | None = [[] for _ in range(n)] if request.logprobs is not None else None
@@ -280,6 +283,10 @@ class _Active:
         ended = np.zeros(len(next_ids), bool) if s.ignore_eos else next_ids == self.eos_id
         if self.stops is not None:
             ended |= self.stops.update(next_ids, self.live)
+        completed = self.kept.update(next_ids, self.live) if self.kept is not None else np.zeros_like(ended)
+        ended |= completed  # transformers' stop_strings: the row ends with the completing token
+        if self.request.deadline is not None:
+            ended |= self.request.deadline.update(next_ids, self.live)
         last = self.step + 1 == s.max_new_tokens
         values = chosen(logits[live], next_ids[live], self.request.logprobs) if self.values is not None else None
         events = []
@@ -291,7 +298,7 @@ class _Active:
             if self.counts is not None:
                 self.counts[row, token] += 1
             if ended[row] or last:
-                text, reason = self._finish_row(row, token)
+                text, reason = self._finish_row(row, token, bool(completed[row]))
             else:
                 text, reason = self.texts[row].add(token, self.decode), None
             events.append(Event(row, token, text, logprob, alternatives, reason))
@@ -316,13 +323,14 @@ class _Active:
         self.live[:] = False
         self._emit(events)
 
-    def _finish_row(self, row: int, token: int) -> tuple[str, str]:
-        """The row's last token: its reason as Model._result gives it, and the rest of the text."""
+    def _finish_row(self, row: int, token: int, completed: bool = False) -> tuple[str, str]:
+        """The row's last token: its reason as Model._result gives it, and the rest of the text.
+        completed: the token completed one of transformers' stop_strings."""
         by_eos = token == self.eos_id and not self.settings.ignore_eos
         if not by_eos:
             self.texts[row].tokens.append(token)
         rest, _, hit = self.texts[row].finish(self.decode)
-        self.reasons[row] = STOP if hit else EOS if by_eos else LENGTH
+        self.reasons[row] = STOP if hit or (completed and not by_eos) else EOS if by_eos else LENGTH
         return rest, self.reasons[row]
 
     def _biased(self, logits: np.ndarray) -> np.ndarray:
@@ -667,7 +675,8 @@ class Engine:
             self._stats["tokens"] += tokens
 
     def _active(self, request: Request) -> _Active:
-        return _Active(request, self._eos, self.model.tokenizer.decode, self.model.config.vocab_size)
+        return _Active(request, self._eos, self.model.tokenizer.decode, self.model.config.vocab_size,
+                       self.model.token_text)
 
     def _die(self, message: str) -> None:
         with self._lock:
@@ -706,6 +715,7 @@ class Engine:
             raise InvalidArgumentError(f"num_return_sequences={settings.num_return_sequences} exceeds the engine's "
                                        f"max_batch={self.options.max_batch}", hint="ask for fewer sequences")
         check_top("logprobs", logprobs, config.vocab_size)
+        check_token_ids(settings, config.vocab_size)
         for name, value in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2 <= value <= 2:
                 raise InvalidArgumentError(f"{name} must be a number from -2 to 2, got {value!r}")
