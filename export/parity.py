@@ -58,6 +58,12 @@ SETTINGS = (
     {"num_return_sequences": 5},
     {"temperature": 0.5, "top_p": 0.95, "repetition_penalty": 1.2, "no_repeat_ngram_size": 3},
     {"min_new_tokens": 10, "top_k": 10},
+    # transformers' other warpers and processors (issue 13)
+    {"min_p": 0.05, "top_k": 0, "temperature": 1.2},
+    {"typical_p": 0.9, "top_k": 0},
+    {"epsilon_cutoff": 3e-4, "eta_cutoff": 1e-3, "top_k": 0},
+    {"bad_words_ids": [[11], [13, 198]], "suppress_tokens": [262], "sequence_bias": [[[198], -2.0]],
+     "renormalize_logits": True, "top_p": 0.95},
 )
 BATCH_SIZES = (1, 3, 5)
 MAX_NEW_TOKENS = 24

@@ -19,8 +19,8 @@ from .defaults import model_defaults, resolve
 from .errors import InvalidArgumentError, ModelLoadError
 from .generator import generate, generate_tokens
 from .logprobs import Score, TopLogprobs, check_top, chosen, score
-from .sampling import log_softmax
 from .manifest import read_manifest
+from .sampling import log_softmax
 from .session import OnnxSession, SessionOptions
 from .settings import OPTIONS, GenerationSettings, check_token_ids
 from .stopping import EOS, LENGTH, STOP, Deadline, StopStrings, StopStringsKept, any_of, completes, cut_at_stop
@@ -168,7 +168,7 @@ class Model:
                 for row, value in zip(rows.tolist(), chosen(logits[rows], next_ids[rows], logprobs)):
                     values[row].append(value)
             if output_scores:
-                picked = np.take_along_axis(log_softmax(scores[rows]), next_ids[rows, None], axis=1)[:, 0]
+                picked = np.take_along_axis(log_softmax(scores()[rows]), next_ids[rows, None], axis=1)[:, 0]
                 for row, value in zip(rows.tolist(), picked.tolist()):
                     processed[row].append(value)
 

@@ -26,11 +26,7 @@ def sample(logits: np.ndarray, sequences: np.ndarray, new_tokens: int, settings:
     rng: None for greedy; a numpy Generator, or a gpt2onnx.torch_random.TorchGenerator to replay
     PyTorch's stream.
     """
-    return choose(process(logits, sequences, new_tokens, settings, eos_id=eos_id), settings, rng)
-
-
-def choose(scores: np.ndarray, settings: GenerationSettings, rng) -> np.ndarray:
-    """Next token id of every row from its processed scores: argmax when greedy, else one draw."""
+    scores = process(logits, sequences, new_tokens, settings, eos_id=eos_id)
     if settings.greedy:
         return scores.argmax(axis=-1)
     return draw(softmax(scores), rng)
@@ -101,7 +97,7 @@ def _warp(scores: np.ndarray, s: GenerationSettings) -> None:
     if s.top_p < 1.0:  # TopPLogitsWarper
         # sort ascending; drop tokens while the cumulative probability is <= 1 - top_p (the top one stays)
         order = np.argsort(scores, axis=-1, kind="stable")
-        cumulative = _cumsum(softmax(np.take_along_axis(scores, order, axis=-1)))
+        cumulative = _cumsum(torch_softmax(np.take_along_axis(scores, order, axis=-1)))
         drop_sorted = cumulative <= np.float32(1 - s.top_p)
         drop_sorted[:, -1] = False
         _drop_sorted(scores, order, drop_sorted)
@@ -115,16 +111,16 @@ def _warp(scores: np.ndarray, s: GenerationSettings) -> None:
         shifted = np.abs(-normalized - entropy)  # how far each token's surprise is from the entropy
         order = np.argsort(shifted, axis=-1, kind="stable")
         distance = np.take_along_axis(shifted, order, axis=-1)
-        cumulative = _cumsum(softmax(np.take_along_axis(scores, order, axis=-1)))
+        cumulative = _cumsum(torch_softmax(np.take_along_axis(scores, order, axis=-1)))
         last = np.minimum((cumulative < np.float32(s.typical_p)).sum(axis=-1, keepdims=True), scores.shape[-1] - 1)
         drop_sorted = distance > np.take_along_axis(distance, last, axis=-1)
         drop_sorted[:, 0] = False
         _drop_sorted(scores, order, drop_sorted)
     if 0 < s.epsilon_cutoff < 1:  # EpsilonLogitsWarper (the top token always stays)
-        probs = softmax(scores)
+        probs = torch_softmax(scores)
         scores[(probs < np.float32(s.epsilon_cutoff)) & (scores < scores.max(axis=-1, keepdims=True))] = -np.inf
     if 0 < s.eta_cutoff < 1:  # EtaLogitsWarper: epsilon scaled by the entropy (the top token always stays)
-        probs = softmax(scores)
+        probs = torch_softmax(scores)
         eta = np.float32(s.eta_cutoff)
         eta = np.minimum(eta, np.sqrt(eta) * np.exp(-_entropy(scores)))
         scores[(probs < eta) & (scores < scores.max(axis=-1, keepdims=True))] = -np.inf
@@ -185,15 +181,23 @@ def _entropy(scores: np.ndarray) -> np.ndarray:
 
 
 def softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def torch_softmax(scores: np.ndarray) -> np.ndarray:
     """torch's float32 softmax on CPU: exp(x - max), summed as its kernel sums (see _lane_sum), times 1 / sum.
-    The probabilities equal torch's to an ulp of exp (a pairwise sum is off by up to ~6e-6 relative, enough to
-    move a top-p or typical-p cut-off)."""
+    Where probabilities meet a fixed cut-off (top-p's and typical-p's cumulative sums, epsilon, eta), this
+    matters: numpy's pairwise sum differs from torch's by up to ~6e-6 relative, which moves the cut-off across
+    a token about once in 20 rows of typical_p on random logits; this one equals torch's to an ulp of exp.
+    (A uniform scale does not change the draw or min-p: those use softmax.) Costs ~0.1 ms per row."""
     shifted = np.exp(scores - scores.max(axis=-1, keepdims=True))
     return shifted * (np.float32(1) / _lane_sum(shifted))
 
 
 def log_softmax(scores: np.ndarray) -> np.ndarray:
-    """torch's float32 log_softmax over the last axis: (x - max) - log(sum(exp(x - max)))."""
+    """torch's float32 log_softmax on CPU: (x - max) - log(sum(exp(x - max))), summed as torch (typical-p sorts
+    tokens by distances an ulp apart)."""
     shifted = scores - scores.max(axis=-1, keepdims=True)
     return shifted - np.log(_lane_sum(np.exp(shifted)))
 

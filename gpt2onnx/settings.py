@@ -272,8 +272,8 @@ def check_token_ids(settings: GenerationSettings, vocab_size: int) -> None:
 
 def _check_ids(name: str, ids) -> tuple[int, ...]:
     """A list of token ids (integers >= 0; the model's vocabulary is checked when a call runs) as a tuple."""
-    if (isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple))
-            or not all(isinstance(t, numbers.Integral) and not isinstance(t, (bool, np.bool_)) and t >= 0 for t in ids)):
+    if not isinstance(ids, (list, tuple)) or not all(
+            isinstance(t, numbers.Integral) and not isinstance(t, (bool, np.bool_)) and t >= 0 for t in ids):
         raise InvalidArgumentError(f"{name} must be a list of token ids (integers >= 0), got {ids!r}",
                                    hint=OPTIONS[name].hint)
     return tuple(int(t) for t in ids)

@@ -10,7 +10,6 @@ import math
 import numpy as np
 import pytest
 
-import gpt2onnx
 from gpt2onnx.cli import main
 from gpt2onnx.defaults import TRANSFORMERS_DEFAULTS
 from gpt2onnx.engine import Engine
