@@ -87,7 +87,8 @@ OPTIONS = {
                       hint="'torch' gives transformers' tokens for a seed; 'numpy' is faster"),
     "ignore_eos": Option("keep going after <|endoftext|>", flag={"action": "store_true"},
                          hint="pass True (keep going after <|endoftext|>) or False"),
-    # transformers' other logits processors, warpers and stopping criteria (issue 13), in its processing order
+    # transformers' other logits processors, warpers and stopping criteria (issue 13; sampling.process applies them
+    # in transformers' order)
     "min_p": Option("drop tokens less likely than min_p x the likeliest one's probability",
                     hint="0 keeps every token; 0.05 to 0.1 is common"),
     "typical_p": Option("typical sampling: keep the tokens closest to the entropy, up to this probability",
