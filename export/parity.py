@@ -58,6 +58,12 @@ SETTINGS = (
     {"num_return_sequences": 5},
     {"temperature": 0.5, "top_p": 0.95, "repetition_penalty": 1.2, "no_repeat_ngram_size": 3},
     {"min_new_tokens": 10, "top_k": 10},
+    # transformers' other warpers and processors (issue 13)
+    {"min_p": 0.05, "top_k": 0, "temperature": 1.2},
+    {"typical_p": 0.9, "top_k": 0},
+    {"epsilon_cutoff": 3e-4, "eta_cutoff": 1e-3, "top_k": 0},
+    {"bad_words_ids": [[11], [13, 198]], "suppress_tokens": [262], "sequence_bias": [[[198], -2.0]],
+     "renormalize_logits": True, "top_p": 0.95},
 )
 BATCH_SIZES = (1, 3, 5)
 MAX_NEW_TOKENS = 24
@@ -221,29 +227,91 @@ def _verdict(divergence: Divergence, reproduced: bool, atol: float, margin: floa
 
 def _filter_margin(ours_unfiltered: np.ndarray, theirs_unfiltered: np.ndarray, flipped: np.ndarray,
                    settings: GenerationSettings) -> tuple[str, float, str, float]:
-    """(kind, margin, unit, bound) when top-k or top-p kept the `flipped` tokens on one side only."""
-    bound = 2 * _max_abs_diff(ours_unfiltered, theirs_unfiltered)
-    k = settings.top_k
-    if k and k < len(theirs_unfiltered):
-        top_ours, top_theirs = _top_k(ours_unfiltered, k), _top_k(theirs_unfiltered, k)
-        if not np.array_equal(np.isfinite(top_ours), np.isfinite(top_theirs)):
-            # top-k: the k-th and the (k+1)-th score swapped places
-            ranked = -np.sort(-theirs_unfiltered)
-            return "top-k boundary", float(ranked[k - 1] - ranked[k]), "logit gap at the k-th token", bound
-        theirs_unfiltered = top_theirs
-    # top-p (ascending order; a token is dropped while the cumulative probability is <= 1 - top_p): how far
-    # the flipped tokens' cumulative probability is from the cut-off. A change of every score by at most d
-    # moves a cumulative probability by at most about 2 d.
-    order = np.argsort(theirs_unfiltered, kind="stable")
-    cumulative = np.empty_like(theirs_unfiltered)
-    cumulative[order] = np.cumsum(softmax(theirs_unfiltered[order][None])[0], dtype=np.float32)
-    distance = float(np.min(np.abs(cumulative[flipped] - np.float32(1 - settings.top_p))))
-    return "top-p boundary", distance, "probability from the top-p cut-off", bound + 1e-6
+    """(kind, margin, unit, bound) when a filter (top-k, top-p, min-p, typical-p, epsilon or eta) kept the
+    `flipped` tokens on one side only: the first filter, in transformers' order, whose choice differs, with the
+    torch side's distance to its cut-off and how far the score difference can move it."""
+    ours, theirs = ours_unfiltered, theirs_unfiltered
+    for name, only in _filters(settings):
+        ours_next, theirs_next = _apply(ours, only), _apply(theirs, only)
+        if not np.array_equal(np.isfinite(ours_next[flipped]), np.isfinite(theirs_next[flipped])):
+            return _margin(name, ours, theirs, flipped, settings)
+        ours, theirs = ours_next, theirs_next
+    return "filter boundary", None, "", 0.0
 
 
-def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    kth = -np.partition(-scores, k - 1)[k - 1]
-    return np.where(scores < kth, -np.inf, scores)
+def _filters(settings: GenerationSettings) -> list[tuple[str, GenerationSettings]]:
+    """The filters these settings use, in transformers' order, each as settings that apply it alone."""
+    plain = dict(do_sample=True, top_k=0)
+    filters = [("top-k boundary", dict(top_k=settings.top_k)) if 0 < settings.top_k else None,
+               ("top-p boundary", dict(top_p=settings.top_p)) if settings.top_p < 1 else None,
+               ("min-p boundary", dict(min_p=settings.min_p)) if settings.min_p is not None else None,
+               ("typical-p boundary", dict(typical_p=settings.typical_p)) if settings.typical_p < 1 else None,
+               ("epsilon boundary", dict(epsilon_cutoff=settings.epsilon_cutoff)) if settings.epsilon_cutoff else None,
+               ("eta boundary", dict(eta_cutoff=settings.eta_cutoff)) if settings.eta_cutoff else None]
+    return [(name, GenerationSettings(**{**plain, **only})) for name, only in filter(None, filters)]
+
+
+def _apply(scores: np.ndarray, only: GenerationSettings) -> np.ndarray:
+    return process(scores[None], np.zeros((1, 1), np.int64), 0, only, eos_id=None)[0]
+
+
+def _margin(name: str, ours: np.ndarray, theirs: np.ndarray, flipped: np.ndarray,
+            settings: GenerationSettings) -> tuple[str, float, str, float]:
+    """The torch side's distance from the cut-off of filter `name` (scores before it: ours, theirs) and the bound
+    of how much the score difference moves it. A change of every score by at most d moves a log-probability by
+    at most 2 d and a cumulative probability by at most about 2 d."""
+    d = _max_abs_diff(ours, theirs)
+    log_p = {side: x - _logsumexp(x) for side, x in (("ours", ours), ("theirs", theirs))}
+    if name == "top-k boundary":  # the k-th and the (k+1)-th score swapped places
+        k = settings.top_k
+        ranked = -np.sort(-theirs)
+        return name, float(ranked[k - 1] - ranked[k]), "logit gap at the k-th token", 2 * d
+    if name == "top-p boundary":  # ascending order; a token is dropped while the cumulative probability <= 1 - top_p
+        cumulative = _cumulative(theirs, np.argsort(theirs, kind="stable"))
+        distance = float(np.min(np.abs(cumulative[flipped] - np.float32(1 - settings.top_p))))
+        return name, distance, "probability from the top-p cut-off", 2 * d + 1e-6
+    if name == "min-p boundary":  # dropped when log p < log(min_p) + the top log p
+        gap = np.abs(theirs[flipped] - theirs.max() - np.log(settings.min_p))
+        return name, float(gap.min()), "log-probability from the min-p cut-off", 2 * d + 1e-6
+    if name == "epsilon boundary":  # dropped when log p < log(epsilon)
+        gap = np.abs(log_p["theirs"][flipped] - np.log(settings.epsilon_cutoff))
+        return name, float(gap.min()), "log-probability from the epsilon cut-off", 2 * d + 1e-6
+    entropy = {side: -np.sum(np.where(np.isfinite(x), np.exp(x) * x, 0.0)) for side, x in log_p.items()}
+    moved = abs(entropy["ours"] - entropy["theirs"])  # measured, not bounded
+    if name == "eta boundary":  # dropped when log p < log(min(eta, sqrt(eta) exp(-entropy)))
+        eta = settings.eta_cutoff
+        cut = min(np.log(eta), 0.5 * np.log(eta) - entropy["theirs"])
+        gap = np.abs(log_p["theirs"][flipped] - cut)
+        return name, float(gap.min()), "log-probability from the eta cut-off", 2 * d + moved + 1e-6
+    # typical-p: tokens in order of |-log p - entropy|; kept up to the first whose cumulative probability
+    # reaches typical_p. Either the flipped token's distance is at the last kept one's, or the cumulative
+    # probability is at typical_p.
+    ends = {}
+    for side, x in log_p.items():
+        distance = np.abs(-x - entropy[side])
+        order = np.argsort(distance, kind="stable")
+        cumulative = _cumulative(x, order)[order]
+        last = min(int((cumulative < np.float32(settings.typical_p)).sum()), len(x) - 1)
+        ends[side] = (distance, cumulative, order, last)
+    distance, cumulative, order, last = ends["theirs"]
+    if order[last] != ends["ours"][2][ends["ours"][3]]:  # the cumulative probability crossed typical_p elsewhere
+        low, high = sorted((last, int(np.flatnonzero(order == ends["ours"][2][ends["ours"][3]])[0])))
+        gap = np.abs(cumulative[low:high + 1] - np.float32(settings.typical_p))
+        return "typical-p mass boundary", float(gap.min()), "probability from typical_p", 2 * d + 1e-6
+    gap = np.abs(distance[flipped] - distance[order[last]])
+    return name, float(gap.min()), "entropy distance from the typical-p cut-off", 2 * (2 * d + moved) + 1e-6
+
+
+def _logsumexp(x: np.ndarray) -> float:
+    top = np.max(x)
+    return float(top + np.log(np.sum(np.exp(x.astype(np.float64) - top))))
+
+
+def _cumulative(scores: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Per token, the probability of the tokens up to it in `order` (itself included), as torch sums it."""
+    cumulative = np.empty_like(scores)
+    cumulative[order] = np.cumsum(softmax(scores[order][None])[0], dtype=np.float64)
+    return cumulative
 
 
 def _max_abs_diff(x: np.ndarray, y: np.ndarray) -> float:
@@ -312,9 +380,18 @@ class SideBySide:
         with torch.inference_mode():
             out = self.reference.generate(**batch, do_sample=case.do_sample, max_new_tokens=case.max_new_tokens,
                                           pad_token_id=eos, eos_token_id=eos, output_logits=True, output_scores=True,
-                                          return_dict_in_generate=True, **case.kwargs)
-        rows = out.sequences[:, batch["input_ids"].shape[1]:].tolist()
-        return [row[: row.index(eos) + 1] if eos in row else row for row in rows], batch, out
+                                          return_dict_in_generate=True, tokenizer=self.tokenizer, **case.kwargs)
+        width = batch["input_ids"].shape[1]
+        rows = out.sequences[:, width:].tolist()
+        ends = [row.index(eos) + 1 if eos in row else len(row) for row in rows]
+        if case.kwargs.get("stop_strings"):  # a row also ends at the token that completes a stop string
+            from transformers.generation.stopping_criteria import StopStringCriteria
+
+            criterion = StopStringCriteria(self.tokenizer, case.kwargs["stop_strings"])
+            for step in range(out.sequences.shape[1] - width):
+                done = criterion(out.sequences[:, :width + step + 1], None).tolist()
+                ends = [min(end, step + 1) if hit else end for end, hit in zip(ends, done)]
+        return [row[:end] for row, end in zip(rows, ends)], batch, out
 
     def _explain(self, case: Case, row: int, step: int, mine: list[int], yours: list[int],
                  prompt_ids: list[list[int]], outputs) -> Divergence:
@@ -339,7 +416,8 @@ class SideBySide:
         if case.do_sample:
             theirs_probs = torch.softmax(theirs_scores_all, dim=-1)[row].numpy()  # as transformers computes it
             q = replayed_draws(case.seed, step=step, rows=rows, row=row, vocab=ours_logits.shape[-1])
-        unfiltered = dataclasses.replace(settings, top_k=0, top_p=1.0)  # penalties and temperature only
+        unfiltered = dataclasses.replace(settings, top_k=0, top_p=1.0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0,
+                                         eta_cutoff=0.0, renormalize_logits=False)  # processors and temperature
         theirs_logits = outputs.logits[step][row].float().numpy()
         return explain(ours_logits=ours_logits, theirs_logits=theirs_logits, ours_scores=ours_scores,
                        theirs_scores=theirs_scores_all[row].numpy(), theirs_probs=theirs_probs,

@@ -37,7 +37,7 @@ GENERATE_EXAMPLES = """examples:
 
 
 def _unescape(text: str) -> str:
-    """Let a shell user type a newline or tab in --stop as \\n or \\t."""
+    """Let a shell user type a newline or tab in --stop / --stop-strings as \\n or \\t."""
     return text.replace("\\n", "\n").replace("\\t", "\t")
 
 
@@ -67,6 +67,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = load(args.model, threads=args.threads)
     options = {name: value for name, value in vars(args).items() if name in OPTIONS}  # None: the model's
     options.update(stop=[_unescape(t) for t in args.stop] if args.stop else None,
+                   stop_strings=[_unescape(t) for t in args.stop_strings] if args.stop_strings else None,
                    ignore_eos=args.ignore_eos or None, truncate=args.truncate,
                    allow_special_tokens=args.allow_special_tokens)
     if args.stream:

@@ -43,8 +43,8 @@ from .gpt2 import position_ids
 from .kv_cache import KVCache
 from .logprobs import TopLogprobs, check_top, chosen
 from .sampling import sample
-from .settings import GenerationSettings
-from .stopping import EOS, LENGTH, STOP, ReleasedText
+from .settings import GenerationSettings, check_token_ids
+from .stopping import EOS, LENGTH, STOP, Deadline, ReleasedText, StopStringsKept
 
 CANCELLED, ERROR = "cancelled", "error"
 _log = logging.getLogger(__name__)
@@ -133,6 +133,8 @@ class Request:
         self.prompt_ids = prompt_ids
         self.settings = settings
         self.seed = seed  # the seed that reproduces this request (None for greedy)
+        # max_time counts from the submission, as transformers' counts from the generate call
+        self.deadline = Deadline(settings.max_time) if settings.max_time is not None else None
         self.rows = settings.num_return_sequences
         self.logprobs, self.echo_logprobs = logprobs, echo_logprobs
         self.logit_bias, self.frequency_penalty, self.presence_penalty = logit_bias, frequency_penalty, presence_penalty
@@ -223,7 +225,7 @@ class Request:
 class _Active:
     """Scheduler side of a request: its rows' history, random generator and text, one step at a time."""
 
-    def __init__(self, request: Request, eos_id: int, decode):
+    def __init__(self, request: Request, eos_id: int, decode, token_text):
         s = request.settings
         self.request, self.settings, self.eos_id = request, s, eos_id
         n, p = request.rows, len(request.prompt_ids)
@@ -233,6 +235,8 @@ class _Active:
         self.now, self.step = p, 0  # tokens in the history, new tokens so far
         self.live = np.ones(n, dtype=bool)
         self.texts = [ReleasedText(s.stop, decode) for _ in range(n)]
+        # transformers' stop_strings: the row ends with (and keeps) the token that completes one
+        self.kept = StopStringsKept(s.stop_strings, token_text, [request.prompt_ids] * n) if s.stop_strings else None
         self.reasons: list[str | None] = [None] * n
         self.values: list[list] | None = [[] for _ in range(n)] if request.logprobs is not None else None
         # per row: token id -> times generated (OpenAI's penalties), only when a penalty applies
@@ -259,6 +263,9 @@ class _Active:
             check_finite(logits[np.arange(len(next_ids)), next_ids], self.step)
         next_ids = np.where(self.live, next_ids, self.eos_id)  # finished rows are padded with EOS
         live = np.flatnonzero(self.live).tolist()
+        # transformers' stop_strings and max_time end rows too (reasons: stop and length)
+        completed = self.kept.update(next_ids, self.live) if self.kept is not None else None
+        timed_out = self.request.deadline.update(next_ids, self.live) if self.request.deadline is not None else None
         last = self.step + 1 == s.max_new_tokens
         values = chosen(logits[live], next_ids[live], self.request.logprobs) if self.values is not None else None
         events = []
@@ -272,9 +279,10 @@ class _Active:
             # the row ends at EOS (not part of the text), a stop string, or max_new_tokens, as in Model._result
             text, by_eos, reason = self.texts[row], token == self.eos_id and not s.ignore_eos, None
             piece = "" if by_eos else text.add(token)
-            if by_eos or text.hit or last:
+            kept = completed is not None and bool(completed[row]) and not by_eos
+            if by_eos or text.hit or kept or last or (timed_out is not None and timed_out[row]):
                 piece += text.finish()
-                reason = self.reasons[row] = STOP if text.hit else EOS if by_eos else LENGTH
+                reason = self.reasons[row] = STOP if text.hit or kept else EOS if by_eos else LENGTH
                 self.live[row] = False
             events.append(Event(row, token, piece, logprob, alternatives, reason))
         self.history[:, self.now] = next_ids
@@ -690,7 +698,7 @@ class Engine:
             self._stats["tokens"] += tokens
 
     def _active(self, request: Request) -> _Active:
-        return _Active(request, self._eos, self.model.tokenizer.decode)
+        return _Active(request, self._eos, self.model.tokenizer.decode, self.model.token_text)
 
     def _die(self, message: str) -> None:
         with self._lock:
@@ -729,6 +737,7 @@ class Engine:
             raise InvalidArgumentError(f"num_return_sequences={settings.num_return_sequences} exceeds the engine's "
                                        f"max_batch={self.options.max_batch}", hint="ask for fewer sequences")
         check_top("logprobs", logprobs, config.vocab_size)
+        check_token_ids(settings, config.vocab_size)
         for name, value in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2 <= value <= 2:
                 raise InvalidArgumentError(f"{name} must be a number from -2 to 2, got {value!r}")

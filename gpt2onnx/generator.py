@@ -8,7 +8,7 @@ import numpy as np
 
 from .errors import GenerationError
 from .gpt2 import position_ids
-from .sampling import sample
+from .sampling import process, sample
 from .session import OnnxSession
 from .settings import GenerationSettings
 
@@ -26,14 +26,16 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
 
 def generate_tokens(session: OnnxSession, prompts: list[list[int]], settings: GenerationSettings, *,
                     eos_id: int, rng=None, stopped: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
-                    watch: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None,
+                    watch: Callable[..., None] | None = None,
                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (next token of every row, which rows were still live) step by step.
 
     Rows are prompts x num_return_sequences, prompt-major. A finished row yields `eos_id` as padding
     (as transformers does) and is not live. `stopped(next_ids, live)` may end rows for reasons of its
-    own (stop strings). `watch(logits, next_ids, live)` sees each step's raw logits [rows, vocab] (a buffer
-    the next step overwrites) before the tokens are yielded (logprobs). To stop early, stop iterating.
+    own (stop strings). `watch(logits, next_ids, live, scores)` sees each step's raw logits [rows, vocab] (a
+    buffer the next step overwrites) before the tokens are yielded (logprobs); scores() gives the processed
+    scores they were picked from (output_scores; computed again only when asked: process is pure). To stop
+    early, stop iterating.
     """
     ids, mask = left_pad(prompts, eos_id)
     positions = position_ids(mask)
@@ -66,7 +68,7 @@ def generate_tokens(session: OnnxSession, prompts: list[list[int]], settings: Ge
         if not all_live:
             next_ids = np.where(live, next_ids, eos_id)
         if watch is not None:
-            watch(logits, next_ids, live)
+            watch(logits, next_ids, live, lambda: process(logits, ids[:, :now], step, settings, eos_id=eos_id))
         yield next_ids, live
         ended = None if settings.ignore_eos else next_ids == eos_id
         if stopped is not None:
@@ -94,7 +96,7 @@ def check_finite(logits: np.ndarray, step: int) -> None:
 
 def generate(session: OnnxSession, prompts: list[list[int]], settings: GenerationSettings, *, eos_id: int,
              rng=None, stopped: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
-             watch: Callable[[np.ndarray, np.ndarray, np.ndarray], None] | None = None) -> list[list[int]]:
+             watch: Callable[..., None] | None = None) -> list[list[int]]:
     """The new tokens of every row (prompt-major, then its return sequences), padding left out: a row ends
     at its EOS (included), at the token that completed a stop string, or at max_new_tokens."""
     rows: list[list[int]] = [[] for _ in range(len(prompts) * settings.num_return_sequences)]

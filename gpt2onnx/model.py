@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import secrets
 import threading
@@ -20,9 +21,21 @@ from .errors import InvalidArgumentError, ModelLoadError
 from .generator import generate, generate_tokens
 from .logprobs import Score, TopLogprobs, check_top, chosen, score
 from .manifest import read_manifest
+from .sampling import log_softmax
 from .session import OnnxSession, SessionOptions
-from .settings import OPTIONS, GenerationSettings
-from .stopping import EOS, LENGTH, STOP, ReleasedText, StopStrings, cut_at_stop
+from .settings import OPTIONS, GenerationSettings, check_token_ids
+from .stopping import (
+    EOS,
+    LENGTH,
+    STOP,
+    Deadline,
+    ReleasedText,
+    StopStrings,
+    StopStringsKept,
+    any_of,
+    completes,
+    cut_at_stop,
+)
 from .tokenizer import ENDOFTEXT, Tokenizer
 
 
@@ -38,6 +51,9 @@ class Generation:
     seed: int | None  # the seed that reproduces this result (None for greedy)
     # per new token (logprob, its top alternatives) of the RAW model distribution, when asked (logprobs=k)
     logprobs: list[tuple[float, TopLogprobs]] | None = None
+    # per new token the log-probability of the PROCESSED distribution it was picked from (output_scores=True):
+    # transformers' compute_transition_scores(sequences, scores, normalize_logits=True)
+    scores: list[float] | None = None
 
     def __str__(self) -> str:
         return self.text
@@ -68,6 +84,8 @@ class Model:
         eos = self.generation_config.get("eos_token_id", self.config.eos_token_id)
         self.eos_token_id = eos if isinstance(eos, int) and not isinstance(eos, bool) else self.tokenizer.eos_token_id
         self._check_vocabulary()
+        # a token's text alone, as transformers' stop_strings read each token
+        self.token_text = functools.lru_cache(maxsize=None)(lambda token: self.tokenizer.decode([token]))
 
     def _check_vocabulary(self) -> None:
         """Every id the tokenizer or <|endoftext|> can give must be a row of the model's embedding."""
@@ -89,8 +107,16 @@ class Model:
                  top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
                  no_repeat_ngram_size: int | None = None, num_return_sequences: int | None = None,
                  stop: str | list[str] | None = None, seed: int | None = None, sampler: str | None = None,
-                 ignore_eos: bool | None = None, return_full_text: bool = False, truncate: str | None = None,
-                 allow_special_tokens: bool = False, logprobs: int | None = None):
+                 ignore_eos: bool | None = None, min_p: float | None = None, typical_p: float | None = None,
+                 epsilon_cutoff: float | None = None, eta_cutoff: float | None = None,
+                 bad_words_ids: list[list[int]] | None = None, suppress_tokens: list[int] | None = None,
+                 begin_suppress_tokens: list[int] | None = None, sequence_bias: dict | list | None = None,
+                 forced_bos_token_id: int | None = None, forced_eos_token_id: int | list[int] | None = None,
+                 exponential_decay_length_penalty: tuple[int, float] | None = None,
+                 renormalize_logits: bool | None = None, stop_strings: str | list[str] | None = None,
+                 max_time: float | None = None, return_full_text: bool = False, truncate: str | None = None,
+                 allow_special_tokens: bool = False, logprobs: int | None = None, output_scores: bool = False,
+                 return_dict_in_generate: bool = False):
         """Continue `prompt` (a string, or a list of strings run as one left-padded batch).
 
         Returns a Generation for a string prompt, a list of num_return_sequences Generations when that is
@@ -113,6 +139,24 @@ class Model:
         sampler: "torch" replays PyTorch's random stream (the tokens of transformers after set_seed(seed));
             "numpy" uses numpy's generator (faster, different tokens).
         ignore_eos: keep generating after <|endoftext|> (fixed-length runs).
+        min_p: sample only among tokens at least min_p times as likely as the likeliest (0..1; None: off).
+        typical_p: typical sampling: the tokens whose surprise is closest to the entropy, up to this mass (1: off).
+        epsilon_cutoff: sample only among tokens of probability >= this (0: off; 3e-4 .. 9e-4 suggested).
+        eta_cutoff: epsilon scaled down by the entropy: min(eta, sqrt(eta) * exp(-entropy)) (0: off).
+        bad_words_ids: token sequences never generated, e.g. [[257], [11, 290]]; a longer one bans its last
+            token only right after the others ([<|endoftext|>] alone is never banned, as in transformers).
+        suppress_tokens: token ids never generated.
+        begin_suppress_tokens: token ids never generated as the first new token.
+        sequence_bias: {(ids...): bias} or [[[ids...], bias], ...]: the bias is added to the last token's logit
+            when the row ends with the others (a one-token sequence: always).
+        forced_bos_token_id: this token first, when the (padded) prompt is a single token (transformers' rule).
+        forced_eos_token_id: this token (or one of these) as the last one, at max_new_tokens.
+        exponential_decay_length_penalty: (start_index, decay_factor): n tokens after start_index new tokens,
+            <|endoftext|>'s logit grows by |logit| * (decay_factor**n - 1).
+        renormalize_logits: log-softmax the scores after every other processor.
+        stop_strings: a string or list of strings; a row ends at the token that completes one, which is kept
+            in the text (transformers' StopStringCriteria; the prompt counts). `stop` instead cuts the text.
+        max_time: seconds; every row ends (finish_reason "length") at the first step that finishes later.
         return_full_text: put the prompt in front of the returned text.
         truncate: "left" drops the oldest prompt tokens when prompt + new tokens exceed the context;
             None (default) raises an error instead.
@@ -120,29 +164,44 @@ class Model:
         logprobs: k >= 0 fills Generation.logprobs: per new token its log-probability and the k likeliest
             tokens, from the model's RAW logits (before repetition penalty, temperature, top-k, top-p), as
             OpenAI and vLLM report them; None (default) leaves it None.
+        output_scores: fill Generation.scores: per new token its log-probability under the PROCESSED scores
+            it was picked from (transformers' compute_transition_scores(..., normalize_logits=True)).
+        return_dict_in_generate: accepted for transformers' code and ignored: a Generation always carries
+            token_ids (transformers' sequences without the prompt) and, with output_scores, scores.
         """
         given = locals()
         options = {name: given[name] for name in OPTIONS}  # the generation options, as settings.OPTIONS lists them
         prompts = [prompt] if isinstance(prompt, str) else prompt
         _check_flag("return_full_text", return_full_text)
+        _check_flag("output_scores", output_scores)
+        _check_flag("return_dict_in_generate", return_dict_in_generate)
         prompt_ids, settings = self._prepare(prompts, options, truncate=truncate, allow_special=allow_special_tokens)
         check_top("logprobs", logprobs, self.config.vocab_size)
         seed, rng = self._rng(settings)
         n = settings.num_return_sequences
         values = [[] for _ in range(len(prompts) * n)]
+        processed = [[] for _ in range(len(prompts) * n)]
 
-        def record(logits, next_ids, live):  # the raw distribution at each live row's chosen token
+        def record(logits, next_ids, live, scores=None):  # each live row's chosen token: raw and processed
             rows = np.flatnonzero(live)
-            for row, value in zip(rows.tolist(), chosen(logits[rows], next_ids[rows], logprobs)):
-                values[row].append(value)
+            if logprobs is not None:
+                for row, value in zip(rows.tolist(), chosen(logits[rows], next_ids[rows], logprobs)):
+                    values[row].append(value)
+            if output_scores:
+                picked = np.take_along_axis(log_softmax(scores()[rows]), next_ids[rows, None], axis=1)[:, 0]
+                for row, value in zip(rows.tolist(), picked.tolist()):
+                    processed[row].append(value)
 
-        rows = self.generate_rows(prompt_ids, settings, rng, watch=None if logprobs is None else record)
+        watch = record if logprobs is not None or output_scores else None
+        rows = self.generate_rows(prompt_ids, settings, rng, watch=watch)
         results = []
         for index, new_ids in enumerate(rows):
             p = index // n
             result = self._result(prompts[p], prompt_ids[p], new_ids, settings, seed, return_full_text)
             if logprobs is not None:
                 result = dataclasses.replace(result, logprobs=values[index])
+            if output_scores:
+                result = dataclasses.replace(result, scores=processed[index])
             results.append(result)
         grouped = results if n == 1 else [results[i:i + n] for i in range(0, len(results), n)]
         return grouped[0] if isinstance(prompt, str) else grouped
@@ -174,7 +233,7 @@ class Model:
         if return_full_text:
             yield prompt
         for next_ids, live in generate_tokens(self.session, [prompt_ids], settings, eos_id=self.eos_token_id,
-                                              rng=rng):
+                                              rng=rng, stopped=any_of(*self._criteria([prompt_ids], settings))):
             token = int(next_ids[0])
             if token == self.eos_token_id and not settings.ignore_eos:
                 break
@@ -191,9 +250,22 @@ class Model:
                       watch=None) -> list[list[int]]:
         """New token ids of every row (prompt-major, then its return sequences) from prepared inputs.
         watch(logits, next_ids, live): called at every step (see generator.generate_tokens)."""
-        stops = StopStrings(settings.stop, self.tokenizer.decode, len(prompt_ids) * settings.num_return_sequences)
+        rows = len(prompt_ids) * settings.num_return_sequences
+        stops = StopStrings(settings.stop, self.tokenizer.decode, rows) if settings.stop else None
         return generate(self.session, prompt_ids, settings, eos_id=self.eos_token_id, rng=rng,
-                        stopped=stops.update if settings.stop else None, watch=watch)
+                        stopped=any_of(stops, *self._criteria(prompt_ids, settings)), watch=watch)
+
+    def _criteria(self, prompt_ids: list[list[int]], settings: GenerationSettings) -> list:
+        """transformers' stopping criteria of these settings (stop_strings, max_time); the clock starts now."""
+        criteria = []
+        if settings.max_time is not None:
+            criteria.append(Deadline(settings.max_time))
+        if settings.stop_strings:
+            width = max(map(len, prompt_ids))  # the rows as transformers sees them: left-padded
+            padded = [[self.eos_token_id] * (width - len(p)) + p for p in prompt_ids
+                      for _ in range(settings.num_return_sequences)]
+            criteria.append(StopStringsKept(settings.stop_strings, self.token_text, padded))
+        return criteria
 
     def score(self, texts: str | list[str], *, top_logprobs: int = 0, allow_special_tokens: bool = False
               ) -> Score | list[Score]:
@@ -239,6 +311,7 @@ class Model:
         ids = [self.encode_prompt(p, allow_special=allow_special, index=i if len(prompts) > 1 else None)
                for i, p in enumerate(prompts)]
         settings = resolve(self.defaults, options, prompt_length=max(map(len, ids)))
+        check_token_ids(settings, self.config.vocab_size)
         room = self.config.n_positions - settings.max_new_tokens
         longest = max(map(len, ids))
         if longest > room:
@@ -305,7 +378,9 @@ class Model:
                 seed: int | None, full: bool) -> Generation:
         ended_by_eos = bool(new_ids) and new_ids[-1] == self.eos_token_id and not settings.ignore_eos
         text, hit = cut_at_stop(self.tokenizer.decode(new_ids[:-1] if ended_by_eos else new_ids), settings.stop)
-        reason = STOP if hit else EOS if ended_by_eos else LENGTH
+        completed = bool(new_ids and settings.stop_strings) and completes(settings.stop_strings, self.token_text,
+                                                                          prompt_ids + new_ids)
+        reason = STOP if hit or (completed and not ended_by_eos) else EOS if ended_by_eos else LENGTH
         return Generation(text=prompt + text if full else text, token_ids=new_ids, prompt=prompt,
                           prompt_token_ids=prompt_ids, finish_reason=reason, seed=seed)
 

@@ -1,11 +1,16 @@
 """Choosing the next token: a pure function of (logits, the sequences so far, settings, random generator).
 
-The logits are processed exactly in transformers' order and arithmetic (float32): repetition penalty,
-no-repeat n-grams, min_new_tokens, then — when sampling — temperature, top-k, top-p; softmax; one draw per
-row. Temperature 0 (or do_sample=False) is greedy: argmax of the processed logits.
+The logits are processed exactly in transformers' order and arithmetic (float32, its
+`GenerationMixin._get_logits_processor`): sequence bias, repetition penalty, no-repeat n-grams, bad words,
+min_new_tokens, forced BOS / EOS, exponential decay length penalty, suppressed tokens, tokens suppressed at
+the beginning; then, when sampling, temperature, top-k, top-p, min-p, typical-p, epsilon and eta cut-offs;
+last the log-softmax of renormalize_logits. Softmax; one draw per row. Temperature 0 (or do_sample=False)
+is greedy: argmax of the processed logits (the warpers do not apply, as in transformers).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -29,48 +34,187 @@ def sample(logits: np.ndarray, sequences: np.ndarray, new_tokens: int, settings:
 
 def process(logits: np.ndarray, sequences: np.ndarray, new_tokens: int, settings: GenerationSettings, *,
             eos_id: int | None) -> np.ndarray:
-    """The logits after transformers' processors and (when sampling) warpers, as float32."""
-    scores = np.asarray(logits, dtype=np.float32)
-    # the steps below that write in place get a copy, so the caller's logits stay untouched (greedy decoding
-    # with no processor reads the logits as they are: a copy of the vocabulary per step saved)
-    changes_in_place = (settings.repetition_penalty != 1.0 or settings.no_repeat_ngram_size > 0
-                        or (eos_id is not None and new_tokens < settings.min_new_tokens)
-                        or (not settings.greedy and settings.temperature == 1.0
-                            and (0 < settings.top_k < scores.shape[-1] or settings.top_p < 1.0)))
-    if changes_in_place:
-        scores = scores.copy()
-    if settings.repetition_penalty != 1.0:
+    """The logits after transformers' processors and (when sampling) warpers, as float32.
+
+    The prompt width (left padding included), which transformers' position-dependent processors count from,
+    is sequences.shape[1] - new_tokens."""
+    s = settings
+    length = sequences.shape[1]  # transformers' cur_len
+    width = length - new_tokens  # its input_ids_seq_length: the padded prompt
+    if s.greedy and not _changes(s, new_tokens, eos_id):
+        # greedy decoding with no processor reads the logits as they are: a copy of the vocabulary per step saved
+        return np.asarray(logits, dtype=np.float32)
+    scores = np.array(logits, dtype=np.float32)  # a copy: every step below may write in place
+    if s.sequence_bias:  # SequenceBiasLogitsProcessor
+        scores = _sequence_bias(scores, sequences, s.sequence_bias)
+    if s.repetition_penalty != 1.0:  # RepetitionPenaltyLogitsProcessor
         # tokens already in the row: negative scores are multiplied, positive ones divided
         seen = np.take_along_axis(scores, sequences, axis=1)
-        penalty = np.float32(settings.repetition_penalty)
+        penalty = np.float32(s.repetition_penalty)
         np.put_along_axis(scores, sequences, np.where(seen < 0, seen * penalty, seen / penalty), axis=1)
-    if settings.no_repeat_ngram_size > 0:
-        for row, banned in enumerate(_banned_ngram_tokens(sequences, settings.no_repeat_ngram_size)):
+    if s.no_repeat_ngram_size > 0:  # NoRepeatNGramLogitsProcessor
+        for row, banned in enumerate(_banned_ngram_tokens(sequences, s.no_repeat_ngram_size)):
             scores[row, banned] = -np.inf
-    if eos_id is not None and new_tokens < settings.min_new_tokens:
+    if s.bad_words_ids:  # NoBadWordsLogitsProcessor: a sequence bias of -inf; [eos] alone is never banned
+        words = tuple((w, -math.inf) for w in s.bad_words_ids if w != (eos_id,))
+        if words:
+            scores = _sequence_bias(scores, sequences, words)
+    if eos_id is not None and new_tokens < s.min_new_tokens:  # MinNewTokensLengthLogitsProcessor
         scores[:, eos_id] = -np.inf
-    if settings.greedy:
-        return scores
-    if settings.temperature != 1.0:
-        scores = scores / np.float32(settings.temperature)
-    if settings.top_k and settings.top_k < scores.shape[-1]:
-        kth = -np.partition(-scores, settings.top_k - 1, axis=-1)[:, settings.top_k - 1 : settings.top_k]
+    if s.forced_bos_token_id is not None and length == 1:  # ForcedBOSTokenLogitsProcessor
+        scores = _only(scores, [s.forced_bos_token_id])
+    if s.forced_eos_token_id is not None and new_tokens == s.max_new_tokens - 1:  # ForcedEOSTokenLogitsProcessor
+        scores = _only(scores, list(s.forced_eos_token_id))
+    if s.exponential_decay_length_penalty and eos_id is not None:  # ExponentialDecayLengthPenalty
+        start, factor = s.exponential_decay_length_penalty
+        if new_tokens > start:  # transformers: cur_len > start + input_ids_seq_length
+            try:
+                growth = factor ** (new_tokens - start) - 1  # in Python floats, then float32, as torch
+            except OverflowError:
+                growth = math.inf
+            with np.errstate(over="ignore", invalid="ignore"):
+                scores[:, eos_id] += np.abs(scores[:, eos_id]) * np.float32(growth)
+    if s.suppress_tokens:  # SuppressTokensLogitsProcessor
+        scores[:, list(s.suppress_tokens)] = -np.inf
+    if s.begin_suppress_tokens:  # SuppressTokensAtBeginLogitsProcessor
+        begin = width if width > 1 or s.forced_bos_token_id is None else width + 1
+        if length == begin:
+            scores[:, list(s.begin_suppress_tokens)] = -np.inf
+    if not s.greedy:
+        _warp(scores, s)
+    if s.renormalize_logits:  # LogitNormalization, always the last
+        scores = log_softmax(scores)
+    return scores
+
+
+def _warp(scores: np.ndarray, s: GenerationSettings) -> None:
+    """transformers' warpers, in its order, in place (sampling only; min_tokens_to_keep is 1 without beams)."""
+    if s.temperature != 1.0:  # TemperatureLogitsWarper
+        scores /= np.float32(s.temperature)
+    if s.top_k and s.top_k < scores.shape[-1]:  # TopKLogitsWarper
+        kth = -np.partition(-scores, s.top_k - 1, axis=-1)[:, s.top_k - 1 : s.top_k]
         scores[scores < kth] = -np.inf  # ties with the k-th score stay, as with torch.topk
-    if settings.top_p < 1.0:
+    if s.top_p < 1.0:  # TopPLogitsWarper
         # sort ascending; drop tokens while the cumulative probability is <= 1 - top_p (the top one stays)
         order = np.argsort(scores, axis=-1, kind="stable")
-        cumulative = np.cumsum(softmax(np.take_along_axis(scores, order, axis=-1)), axis=-1, dtype=np.float32)
-        drop_sorted = cumulative <= np.float32(1 - settings.top_p)
+        cumulative = _cumsum(torch_softmax(np.take_along_axis(scores, order, axis=-1)))
+        drop_sorted = cumulative <= np.float32(1 - s.top_p)
         drop_sorted[:, -1] = False
-        drop = np.empty_like(drop_sorted)
-        np.put_along_axis(drop, order, drop_sorted, axis=-1)
-        scores[drop] = -np.inf
-    return scores
+        _drop_sorted(scores, order, drop_sorted)
+    if s.min_p is not None:  # MinPLogitsWarper: below min_p x the top probability (the top token always stays)
+        probs = softmax(scores)
+        scores[probs < np.float32(s.min_p) * probs.max(axis=-1, keepdims=True)] = -np.inf
+    if s.typical_p < 1.0:  # TypicalLogitsWarper
+        normalized = log_softmax(scores)
+        with np.errstate(invalid="ignore"):  # -inf x 0 is NaN, left out of the sum as torch's nansum does
+            entropy = -np.nansum(normalized * np.exp(normalized), axis=-1, keepdims=True, dtype=np.float32)
+        shifted = np.abs(-normalized - entropy)  # how far each token's surprise is from the entropy
+        order = np.argsort(shifted, axis=-1, kind="stable")
+        distance = np.take_along_axis(shifted, order, axis=-1)
+        cumulative = _cumsum(torch_softmax(np.take_along_axis(scores, order, axis=-1)))
+        last = np.minimum((cumulative < np.float32(s.typical_p)).sum(axis=-1, keepdims=True), scores.shape[-1] - 1)
+        drop_sorted = distance > np.take_along_axis(distance, last, axis=-1)
+        drop_sorted[:, 0] = False
+        _drop_sorted(scores, order, drop_sorted)
+    if 0 < s.epsilon_cutoff < 1:  # EpsilonLogitsWarper (the top token always stays)
+        probs = torch_softmax(scores)
+        scores[(probs < np.float32(s.epsilon_cutoff)) & (scores < scores.max(axis=-1, keepdims=True))] = -np.inf
+    if 0 < s.eta_cutoff < 1:  # EtaLogitsWarper: epsilon scaled by the entropy (the top token always stays)
+        probs = torch_softmax(scores)
+        eta = np.float32(s.eta_cutoff)
+        eta = np.minimum(eta, np.sqrt(eta) * np.exp(-_entropy(scores)))
+        scores[(probs < eta) & (scores < scores.max(axis=-1, keepdims=True))] = -np.inf
+
+
+def _changes(s: GenerationSettings, new_tokens: int, eos_id: int | None) -> bool:
+    """Whether any processor that also applies when greedy is set (min_new_tokens: still in force)."""
+    return bool(s.sequence_bias or s.repetition_penalty != 1.0 or s.no_repeat_ngram_size > 0 or s.bad_words_ids
+                or (eos_id is not None and new_tokens < s.min_new_tokens) or s.forced_bos_token_id is not None
+                or s.forced_eos_token_id is not None or s.exponential_decay_length_penalty or s.suppress_tokens
+                or s.begin_suppress_tokens or s.renormalize_logits)
+
+
+def _sequence_bias(scores: np.ndarray, sequences: np.ndarray, pairs) -> np.ndarray:
+    """scores + the bias of every (token ids, bias) pair whose sequence the next token would complete: a one-token
+    sequence always, a longer one where the row ends with all its tokens but the last (transformers' rule and
+    order of additions, left padding included)."""
+    bias = np.zeros_like(scores)
+    single = np.zeros(scores.shape[-1], np.float32)
+    for ids, value in pairs:
+        if len(ids) == 1:
+            single[ids[0]] = value
+    bias += single
+    for ids, value in pairs:
+        if len(ids) == 1 or len(ids) > sequences.shape[1]:
+            continue
+        matches = (sequences[:, sequences.shape[1] - len(ids) + 1:] == np.array(ids[:-1])).all(axis=1)
+        bias[:, ids[-1]] += np.where(matches, np.float32(value), np.float32(0))
+    return scores + bias
+
+
+def _only(scores: np.ndarray, tokens: list[int]) -> np.ndarray:
+    """Every score -inf but these tokens', which are 0 (the forced-token processors)."""
+    forced = np.full_like(scores, -np.inf)
+    forced[:, tokens] = 0
+    return forced
+
+
+def _drop_sorted(scores: np.ndarray, order: np.ndarray, drop_sorted: np.ndarray) -> None:
+    """Set to -inf the tokens whose place in `order` is marked in drop_sorted."""
+    drop = np.empty_like(drop_sorted)
+    np.put_along_axis(drop, order, drop_sorted, axis=-1)
+    scores[drop] = -np.inf
+
+
+def _cumsum(probs: np.ndarray) -> np.ndarray:
+    """torch's float32 cumsum on CPU: the running sum kept in float64, each value rounded to float32."""
+    return np.cumsum(probs, axis=-1, dtype=np.float64).astype(np.float32)
+
+
+def _entropy(scores: np.ndarray) -> np.ndarray:
+    """torch.distributions.Categorical(logits=scores).entropy(), [batch, 1] (float32)."""
+    top = scores.max(axis=-1, keepdims=True)
+    normalized = scores - (np.log(np.exp(scores - top).sum(axis=-1, keepdims=True)) + top)  # logits - logsumexp
+    probs = softmax(normalized)
+    clamped = np.maximum(normalized, np.finfo(np.float32).min)
+    return -(clamped * probs).sum(axis=-1, keepdims=True)
 
 
 def softmax(scores: np.ndarray) -> np.ndarray:
     shifted = np.exp(scores - scores.max(axis=-1, keepdims=True))
     return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def torch_softmax(scores: np.ndarray) -> np.ndarray:
+    """torch's float32 softmax on CPU: exp(x - max), summed as its kernel sums (see _lane_sum), times 1 / sum.
+    Where probabilities meet a fixed cut-off (top-p's and typical-p's cumulative sums, epsilon, eta), this
+    matters: numpy's pairwise sum differs from torch's by up to ~6e-6 relative, which moves the cut-off across
+    a token about once in 20 rows of typical_p on random logits; this one equals torch's to an ulp of exp.
+    (A uniform scale does not change the draw or min-p: those use softmax.) Costs ~0.1 ms per row."""
+    shifted = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return shifted * (np.float32(1) / _lane_sum(shifted))
+
+
+def log_softmax(scores: np.ndarray) -> np.ndarray:
+    """torch's float32 log_softmax on CPU: (x - max) - log(sum(exp(x - max))), summed as torch (typical-p sorts
+    tokens by distances an ulp apart)."""
+    shifted = scores - scores.max(axis=-1, keepdims=True)
+    return shifted - np.log(_lane_sum(np.exp(shifted)))
+
+
+def _lane_sum(values: np.ndarray) -> np.ndarray:
+    """Sum over the last axis [..., 1] in float32 as torch's vectorised CPU kernels (AVX2, 8 lanes) add up:
+    each lane sequentially, the tail into the first lanes, then the lanes pairwise. (On AVX-512 machines torch
+    adds in 16 lanes; a cut-off can then differ at a ~1e-6 near-tie, which `gpt2onnx verify` explains.)"""
+    n = values.shape[-1]
+    whole = n - n % 8
+    lanes = np.zeros(values.shape[:-1] + (8,), np.float32)
+    if whole:
+        lanes += values[..., :whole].reshape(values.shape[:-1] + (-1, 8)).sum(axis=-2, dtype=np.float32)
+    lanes[..., :n - whole] += values[..., whole:]
+    total = ((lanes[..., 0] + lanes[..., 4]) + (lanes[..., 2] + lanes[..., 6])) + \
+        ((lanes[..., 1] + lanes[..., 5]) + (lanes[..., 3] + lanes[..., 7]))
+    return total[..., None]
 
 
 def draw(probs: np.ndarray, rng) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
 
@@ -29,6 +30,24 @@ class Option:
     hint: str | None = None
     flag: dict = dataclasses.field(default_factory=dict)
 
+
+def _ids_arg(text: str) -> list[int]:
+    """--suppress-tokens 1,2,3 (argparse reports a ValueError as an invalid value, exit 2)."""
+    return [int(t) for t in text.split(",")]
+
+
+def _json_arg(text: str):
+    """--bad-words-ids '[[1], [2, 3]]'."""
+    return json.loads(text)
+
+
+def _decay_arg(text: str) -> tuple[int, float]:
+    """--exponential-decay-length-penalty 10,1.2."""
+    start, factor = text.split(",")
+    return int(start), float(factor)
+
+
+_ids_arg.__name__, _json_arg.__name__, _decay_arg.__name__ = "comma-separated token ids", "JSON", "START,FACTOR"
 
 # Every generation option, once: GenerationSettings' fields plus max_length (turned into max_new_tokens).
 # In this order they are Model.generate's keyword arguments and `gpt2onnx generate`'s flags; the CLI's flags,
@@ -68,6 +87,46 @@ OPTIONS = {
                       hint="'torch' gives transformers' tokens for a seed; 'numpy' is faster"),
     "ignore_eos": Option("keep going after <|endoftext|>", flag={"action": "store_true"},
                          hint="pass True (keep going after <|endoftext|>) or False"),
+    # transformers' other logits processors, warpers and stopping criteria (issue 13; sampling.process applies them
+    # in transformers' order)
+    "min_p": Option("drop tokens less likely than min_p x the likeliest one's probability",
+                    hint="0 keeps every token; 0.05 to 0.1 is common"),
+    "typical_p": Option("typical sampling: keep the tokens closest to the entropy, up to this probability",
+                        hint="1 turns it off; 0.9 or 0.95 is common"),
+    "epsilon_cutoff": Option("drop tokens with probability below this",
+                             hint="0 turns it off; the paper suggests 3e-4 to 9e-4"),
+    "eta_cutoff": Option("eta sampling: drop tokens below min(eta, sqrt(eta) x exp(-entropy))",
+                         hint="0 turns it off; the paper suggests 3e-4 to 2e-3"),
+    "bad_words_ids": Option(
+        "never generate these token sequences (JSON, e.g. [[257], [11, 290]])", flag={"type": _json_arg,
+                                                                                     "metavar": "JSON"},
+        hint="a list of non-empty lists of token ids, e.g. [[257], [11, 290]]; a sequence of several tokens bans its "
+             "last token only right after the others"),
+    "suppress_tokens": Option("never generate these token ids (comma-separated)",
+                              flag={"type": _ids_arg, "metavar": "IDS"},
+                              hint="a list of token ids, e.g. [257, 290] (--suppress-tokens 257,290)"),
+    "begin_suppress_tokens": Option("never generate these token ids as the first new token (comma-separated)",
+                                    flag={"type": _ids_arg, "metavar": "IDS"},
+                                    hint="a list of token ids, e.g. [198] (--begin-suppress-tokens 198)"),
+    "sequence_bias": Option(
+        "add a bias to token sequences (JSON [[[ids], bias], ...])", flag={"type": _json_arg, "metavar": "JSON"},
+        hint="a dict {(ids...): bias} or a list [[[ids...], bias], ...], e.g. [[[11, 290], -5.0]]"),
+    "forced_bos_token_id": Option("force this token first when the prompt is one token",
+                                  hint="a token id of this model; it applies only when the (padded) prompt is 1 token"),
+    "forced_eos_token_id": Option("force this token (or one of these, comma-separated) last, at max_new_tokens",
+                                  flag={"type": _ids_arg, "metavar": "IDS"},
+                                  hint="a token id or a list of token ids of this model, e.g. 50256"),
+    "exponential_decay_length_penalty": Option(
+        "START,FACTOR: after START new tokens, raise <|endoftext|>'s logit by |logit| x (FACTOR^n - 1)",
+        flag={"type": _decay_arg, "metavar": "START,FACTOR"},
+        hint="a pair (start_index, decay_factor): an integer >= 0 and a number > 0, e.g. (10, 1.2)"),
+    "renormalize_logits": Option("log-softmax the scores after every processor (as transformers' option)",
+                                 hint="pass True or False"),
+    "stop_strings": Option("end where TEXT is completed, keeping it (transformers' stop_strings; repeatable)",
+                           flag={"action": "append", "metavar": "TEXT"},
+                           hint='pass a string or a list of non-empty strings, e.g. stop_strings=["\\n\\n"]'),
+    "max_time": Option("end every row after this many seconds (finish_reason length)",
+                       hint="seconds, a number > 0; the row keeps the tokens made so far"),
 }
 
 
@@ -88,6 +147,21 @@ class GenerationSettings:
     ignore_eos: bool = False  # keep going after <|endoftext|> (fixed-length runs, benchmarks)
     seed: int | None = None  # same seed, same tokens; None draws a fresh seed
     sampler: str = "torch"  # "torch": replays PyTorch's random stream (same tokens as transformers); "numpy"
+    # transformers' other processors, warpers and stopping criteria (same names, defaults and meanings)
+    min_p: float | None = None  # drop tokens with probability < min_p x the top token's (None: off)
+    typical_p: float = 1.0  # typical sampling: the tokens closest to the entropy, up to this mass (1: off)
+    epsilon_cutoff: float = 0.0  # drop tokens with probability < epsilon_cutoff (0: off)
+    eta_cutoff: float = 0.0  # drop tokens with probability < min(eta, sqrt(eta) exp(-entropy)) (0: off)
+    bad_words_ids: tuple[tuple[int, ...], ...] | None = None  # token sequences never generated
+    suppress_tokens: tuple[int, ...] | None = None  # tokens never generated
+    begin_suppress_tokens: tuple[int, ...] | None = None  # tokens never generated first
+    sequence_bias: tuple[tuple[tuple[int, ...], float], ...] | None = None  # ((token ids), bias) pairs, in order
+    forced_bos_token_id: int | None = None  # the first token when the (padded) prompt is one token
+    forced_eos_token_id: tuple[int, ...] | None = None  # the last token (one of these) at max_new_tokens
+    exponential_decay_length_penalty: tuple[int, float] | None = None  # (start_index, decay_factor)
+    renormalize_logits: bool = False  # log-softmax after every processor
+    stop_strings: tuple[str, ...] | None = None  # end a row at the token completing one (kept, unlike stop)
+    max_time: float | None = None  # seconds; every row ends once a step finishes after this
 
     def __post_init__(self):
         # numpy numbers are accepted, and stored as Python int, float and bool
@@ -114,10 +188,62 @@ class GenerationSettings:
         if not isinstance(self.sampler, str) or self.sampler not in SAMPLERS:
             raise InvalidArgumentError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}",
                                        hint=OPTIONS["sampler"].hint)
+        self._check_processors()
         if self.num_return_sequences > 1 and self.greedy:
             raise InvalidArgumentError(
                 f"num_return_sequences={self.num_return_sequences} with greedy decoding gives identical rows",
                 hint="pass do_sample=True (with a temperature > 0), or num_return_sequences=1")
+
+    def _check_processors(self) -> None:
+        """The options of transformers' other processors, warpers and stopping criteria, normalised to tuples."""
+        if self.min_p is not None:
+            self._set("min_p", _check_real("min_p", self.min_p, "a number from 0 to 1", lambda p: 0 <= p <= 1))
+        self._set("typical_p", _check_real("typical_p", self.typical_p, "a number in (0, 1]", lambda p: 0 < p <= 1))
+        for name in ("epsilon_cutoff", "eta_cutoff"):
+            self._set(name, _check_real(name, getattr(self, name), "a number in [0, 1) (0 turns it off)",
+                                        lambda e: 0 <= e < 1))
+        self._set("renormalize_logits", _check_bool("renormalize_logits", self.renormalize_logits))
+        if self.bad_words_ids is not None:
+            words = self.bad_words_ids
+            if not isinstance(words, (list, tuple)) or not words or not all(
+                    isinstance(w, (list, tuple)) and w for w in words):
+                raise InvalidArgumentError(f"bad_words_ids must be a non-empty list of non-empty lists of token ids, "
+                                           f"got {words!r}", hint=OPTIONS["bad_words_ids"].hint)
+            self._set("bad_words_ids", tuple(_check_ids("bad_words_ids", w) for w in words))
+        for name in ("suppress_tokens", "begin_suppress_tokens"):
+            if getattr(self, name) is not None:
+                self._set(name, _check_ids(name, getattr(self, name)))
+        if self.sequence_bias is not None:
+            self._set("sequence_bias", _check_sequence_bias(self.sequence_bias))
+        if self.forced_bos_token_id is not None:
+            self._set("forced_bos_token_id", _check_int("forced_bos_token_id", self.forced_bos_token_id, 0, None))
+        if self.forced_eos_token_id is not None:
+            eos = self.forced_eos_token_id
+            ids = _check_ids("forced_eos_token_id", [eos] if isinstance(eos, numbers.Integral) else eos)
+            if not ids:
+                raise InvalidArgumentError("forced_eos_token_id must be a token id or a non-empty list of them, got []",
+                                           hint=OPTIONS["forced_eos_token_id"].hint)
+            self._set("forced_eos_token_id", ids)
+        if self.exponential_decay_length_penalty is not None:
+            self._set("exponential_decay_length_penalty", _check_decay(self.exponential_decay_length_penalty))
+        if self.stop_strings is not None:
+            strings = (self.stop_strings,) if isinstance(self.stop_strings, str) else self.stop_strings
+            if not isinstance(strings, (list, tuple)) or not strings or not all(
+                    isinstance(s, str) and s for s in strings):
+                raise InvalidArgumentError(f"stop_strings must be a string or a non-empty list of non-empty strings, "
+                                           f"got {self.stop_strings!r}", hint=OPTIONS["stop_strings"].hint)
+            self._set("stop_strings", tuple(str(s) for s in strings))
+        if self.max_time is not None:
+            self._set("max_time", _check_real("max_time", self.max_time, "a number of seconds > 0",
+                                              lambda t: t > 0 and not math.isnan(t)))
+
+    def token_ids(self) -> set[int]:
+        """Every token id the options name (to be checked against the model's vocabulary)."""
+        ids = set(self.suppress_tokens or ()) | set(self.begin_suppress_tokens or ())
+        ids |= set(self.forced_eos_token_id or ())
+        ids |= {t for word in self.bad_words_ids or () for t in word}
+        ids |= {t for sequence, _ in self.sequence_bias or () for t in sequence}
+        return ids | ({self.forced_bos_token_id} if self.forced_bos_token_id is not None else set())
 
     @property
     def greedy(self) -> bool:
@@ -134,6 +260,49 @@ def _check_int(name: str, value, low: int, high: int | None) -> int:
         allowed = f">= {low}" if high is None else f"from {low} to {high}"
         raise InvalidArgumentError(f"{name} must be an integer {allowed}, got {value!r}", hint=OPTIONS[name].hint)
     return int(value)
+
+
+def check_token_ids(settings: GenerationSettings, vocab_size: int) -> None:
+    """Every token id the options name must be a token of the model (checked when a call runs)."""
+    outside = sorted(t for t in settings.token_ids() if t >= vocab_size)
+    if outside:
+        raise InvalidArgumentError(f"token id(s) {', '.join(map(str, outside[:5]))} in the generation options are "
+                                   f"not tokens of this model (vocab_size={vocab_size})",
+                                   hint=f"token ids run from 0 to {vocab_size - 1}; the tokenizer gives them")
+
+
+def _check_ids(name: str, ids) -> tuple[int, ...]:
+    """A list of token ids (integers >= 0; the model's vocabulary is checked when a call runs) as a tuple."""
+    if not isinstance(ids, (list, tuple)) or not all(
+            isinstance(t, numbers.Integral) and not isinstance(t, (bool, np.bool_)) and t >= 0 for t in ids):
+        raise InvalidArgumentError(f"{name} must be a list of token ids (integers >= 0), got {ids!r}",
+                                   hint=OPTIONS[name].hint)
+    return tuple(int(t) for t in ids)
+
+
+def _check_sequence_bias(bias) -> tuple[tuple[tuple[int, ...], float], ...]:
+    """transformers' two forms, {(ids...): bias} and [[[ids...], bias], ...], as ((ids...), bias) pairs in the
+    dict's order (a list is turned into a dict first, as transformers does: a later duplicate wins)."""
+    pairs = list(bias.items()) if isinstance(bias, dict) else bias
+    if not isinstance(pairs, (list, tuple)) or not pairs or not all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], (list, tuple)) and p[0] for p in pairs):
+        raise InvalidArgumentError(f"sequence_bias must be a non-empty dict or list of (token ids, bias) pairs, "
+                                   f"got {bias!r}", hint=OPTIONS["sequence_bias"].hint)
+    merged = {}
+    for ids, value in pairs:
+        merged[_check_ids("sequence_bias", ids)] = _check_real("sequence_bias", value, "(token ids, bias) pairs with "
+                                                               "numbers as biases", lambda b: not math.isnan(b))
+    return tuple(merged.items())
+
+
+def _check_decay(pair) -> tuple[int, float]:
+    ok = isinstance(pair, (list, tuple)) and len(pair) == 2
+    if not ok or isinstance(pair[0], (bool, np.bool_)) or not isinstance(pair[0], numbers.Integral) or pair[0] < 0:
+        raise InvalidArgumentError(f"exponential_decay_length_penalty must be a pair (start_index, decay_factor), "
+                                   f"got {pair!r}", hint=OPTIONS["exponential_decay_length_penalty"].hint)
+    factor = _check_real("exponential_decay_length_penalty", pair[1], "a pair (start_index, decay_factor) with a "
+                         "finite decay_factor > 0", lambda f: math.isfinite(f) and f > 0)
+    return int(pair[0]), factor
 
 
 def _check_real(name: str, value, allowed: str, ok) -> float:

@@ -1,6 +1,9 @@
-"""When a row is done: <|endoftext|>, a stop string in its new text, or max_new_tokens."""
+"""When a row is done: <|endoftext|>, a stop string in its new text, a stop string completed by a token
+(transformers' stop_strings), max_time, or max_new_tokens."""
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -76,3 +79,62 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
     """The text before the first stop string, and whether one was found."""
     cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
     return (text[:min(cuts)], True) if cuts else (text, False)
+
+
+class StopStringsKept:
+    """transformers' stop_strings (StopStringCriteria): a row ends at the token that completes a stop string,
+    and keeps it — unlike `stop`, which is matched on the decoded new text and cut from it.
+
+    As transformers does, each token stands for its own text (decoded alone: a piece of a multi-byte character
+    is "\ufffd"), the prompt counts (left padding included), and a string matches only where it ends inside
+    the newest token: the last L tokens are read, L the longest string's length (a token is >= 1 character).
+    """
+
+    def __init__(self, strings: tuple[str, ...], token_text, sequences: list[list[int]]):
+        self.strings = strings
+        self.token_text = token_text  # token id -> its text alone
+        self.longest = max(len(s) for s in strings)
+        self.tails = [list(row[-self.longest:]) for row in sequences]  # each row's last tokens so far
+
+    def update(self, next_ids: np.ndarray, active: np.ndarray) -> np.ndarray:
+        """Record one token per active row; True where it completed a stop string."""
+        hit = np.zeros(len(next_ids), dtype=bool)
+        for row in np.flatnonzero(active):
+            tail = self.tails[row]
+            tail.append(int(next_ids[row]))
+            del tail[:-self.longest]
+            hit[row] = completes(self.strings, self.token_text, tail)
+        return hit
+
+
+def completes(strings: tuple[str, ...], token_text, tokens: list[int]) -> bool:
+    """Whether one of `strings` ends inside the text of the last of `tokens` (StopStringCriteria's match)."""
+    texts = [token_text(t) for t in tokens[-max(len(s) for s in strings):]]
+    joined = "".join(texts)
+    newest = len(joined) - len(texts[-1])  # where the last token's text starts
+    return any(joined.find(s, max(0, newest - len(s) + 1)) >= 0 for s in strings)
+
+
+class Deadline:
+    """transformers' max_time (MaxTimeCriteria): every row ends once a step finishes after max_time seconds."""
+
+    def __init__(self, max_time: float):
+        self.end = time.monotonic() + max_time
+
+    def update(self, next_ids: np.ndarray, active: np.ndarray) -> np.ndarray:
+        return np.full(len(next_ids), time.monotonic() > self.end)
+
+
+def any_of(*criteria):
+    """One `stopped(next_ids, live)` callback from several (None ones left out); None when there are none."""
+    criteria = [c for c in criteria if c is not None]
+    if not criteria:
+        return None
+
+    def stopped(next_ids: np.ndarray, active: np.ndarray) -> np.ndarray:
+        hit = np.zeros(len(next_ids), dtype=bool)
+        for criterion in criteria:
+            hit |= criterion.update(next_ids, active)
+        return hit
+
+    return stopped

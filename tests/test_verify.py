@@ -67,7 +67,7 @@ def _check_passing_report(report, model_dir, reference, tokenizer):
     sampling = report["sampling"]
     assert report["passed"] and report["failures"] == []
     # every row of every case was compared (batch x num_return_sequences per case)
-    assert sampling["cases"] == len(all_cases) == 10 + len(parity.PROMPTS) + 1
+    assert sampling["cases"] == len(all_cases) == len(parity.SETTINGS) + len(parity.PROMPTS) + 1
     assert sampling["rows"] == sum(len(c.prompts) * c.kwargs["num_return_sequences"] for c in all_cases)
     assert sampling["equal_rows"] + sampling["mismatched_rows"] == sampling["rows"]
     assert sampling["unexplained"] == 0
