@@ -112,6 +112,26 @@ class KVCache:
         where[movers] = holes
         return KVCache([b[:batch] for b in self.buffers], length=self.length), where
 
+    def reorder(self, index) -> int:
+        """Row i takes the past of row index[i], in place (beam search: each beam continues one of the last
+        step's). Only rows whose source changes are copied; a source that is itself overwritten is first saved
+        in a small temporary. Returns the rows copied (temporaries included): at most 2 x batch, and 0 when
+        every beam continues its own past, against a whole-cache gather's batch per step."""
+        index = np.asarray(index, dtype=np.int64)
+        moved = np.flatnonzero(index != np.arange(self.batch))
+        if not moved.size:
+            return 0
+        sources = index[moved]
+        saved = np.intersect1d(sources, moved)  # rows still needed after they are overwritten
+        slot = {row: i for i, row in enumerate(saved.tolist())}
+        pairs = list(zip(moved.tolist(), sources.tolist()))
+        for buffer in self.buffers:
+            past = buffer[:, :, :self.length]
+            temporary = past[saved]  # a copy (fancy index)
+            for row, source in pairs:
+                past[row] = temporary[slot[source]] if source in slot else past[source]
+        return len(moved) + len(saved)
+
     def _write(self, at: int, parts: list[tuple["KVCache", np.ndarray]]) -> None:
         """Copy the parts' rows to rows at, at + 1, ..., right-aligned at self.length, zeros in front."""
         width = self.length

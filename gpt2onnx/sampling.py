@@ -28,8 +28,9 @@ def sample(logits: np.ndarray, sequences: np.ndarray, new_tokens: int, settings:
 
 
 def process(logits: np.ndarray, sequences: np.ndarray, new_tokens: int, settings: GenerationSettings, *,
-            eos_id: int | None) -> np.ndarray:
-    """The logits after transformers' processors and (when sampling) warpers, as float32."""
+            eos_id: int | None, min_tokens_to_keep: int = 1) -> np.ndarray:
+    """The logits after transformers' processors and (when sampling) warpers, as float32.
+    min_tokens_to_keep: top-k and top-p keep at least this many tokens (transformers' beam sampling: 2)."""
     scores = np.asarray(logits, dtype=np.float32)
     # the steps below that write in place get a copy, so the caller's logits stay untouched (greedy decoding
     # with no processor reads the logits as they are: a copy of the vocabulary per step saved)
@@ -53,15 +54,16 @@ def process(logits: np.ndarray, sequences: np.ndarray, new_tokens: int, settings
         return scores
     if settings.temperature != 1.0:
         scores = scores / np.float32(settings.temperature)
-    if settings.top_k and settings.top_k < scores.shape[-1]:
-        kth = -np.partition(-scores, settings.top_k - 1, axis=-1)[:, settings.top_k - 1 : settings.top_k]
+    top_k = max(settings.top_k, min_tokens_to_keep) if settings.top_k else 0
+    if top_k and top_k < scores.shape[-1]:
+        kth = -np.partition(-scores, top_k - 1, axis=-1)[:, top_k - 1 : top_k]
         scores[scores < kth] = -np.inf  # ties with the k-th score stay, as with torch.topk
     if settings.top_p < 1.0:
         # sort ascending; drop tokens while the cumulative probability is <= 1 - top_p (the top one stays)
         order = np.argsort(scores, axis=-1, kind="stable")
         cumulative = np.cumsum(softmax(np.take_along_axis(scores, order, axis=-1)), axis=-1, dtype=np.float32)
         drop_sorted = cumulative <= np.float32(1 - settings.top_p)
-        drop_sorted[:, -1] = False
+        drop_sorted[:, -min_tokens_to_keep:] = False
         drop = np.empty_like(drop_sorted)
         np.put_along_axis(drop, order, drop_sorted, axis=-1)
         scores[drop] = -np.inf
