@@ -219,13 +219,16 @@ def _sampling(model, reference, model_dir, options: VerifyOptions, step) -> dict
     runner = parity.SideBySide(model, reference, tokenizer, atol=options.atol)
     results = []
     all_cases = (parity.greedy_cases(max_new_tokens=options.max_new_tokens)
-                 + parity.cases(range(options.seeds), max_new_tokens=options.max_new_tokens))
+                 + parity.cases(range(options.seeds), max_new_tokens=options.max_new_tokens)
+                 + parity.beam_cases(range(options.seeds), max_new_tokens=options.max_new_tokens))
     for index, case in enumerate(all_cases):
         results.append(runner.run(case))
         if (index + 1) % 25 == 0:
             step(f"  {index + 1} / {len(all_cases)} cases")
     summary = parity.summarize(results)
-    return {"seeds": options.seeds, "greedy_cases": sum(not c.do_sample for c in all_cases),
+    beams = sum(c.kwargs["num_beams"] > 1 for c in all_cases)
+    return {"seeds": options.seeds, "beam_cases": beams,
+            "greedy_cases": sum(not c.do_sample for c in all_cases if c.kwargs["num_beams"] == 1),
             "settings": [dict(s) for s in parity.SETTINGS],
             "batch_sizes": list(parity.BATCH_SIZES), "prompts": list(parity.PROMPTS),
             "max_new_tokens": options.max_new_tokens, **summary}
@@ -285,7 +288,8 @@ def format_report(report: dict) -> str:
     if "sampling" in report:
         s = report["sampling"]
         lines += [f"generate vs transformers' generate (seeded: after set_seed(s)): {s['cases']} cases — "
-                  f"{s['greedy_cases']} greedy, {s['seeds']} seeds x {len(s['settings'])} sampling settings, batches "
+                  f"{s['greedy_cases']} greedy, {s['seeds']} seeds x {len(s['settings'])} sampling settings, "
+                  f"{s.get('beam_cases', 0)} beam search and beam sampling, batches "
                   f"{'/'.join(map(str, s['batch_sizes']))}, {s['max_new_tokens']} new tokens — {s['rows']} rows",
                   f"  identical rows: {s['equal_rows']} / {s['rows']}",
                   f"  explained near-ties: {s['explained']}" + (

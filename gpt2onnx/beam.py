@@ -33,13 +33,15 @@ _MASK = np.float32(-1e9)  # transformers' "not this one" score offset
 
 
 def beam_search(session: OnnxSession, prompts: list[list[int]], settings: GenerationSettings, *, eos_id: int,
-                rng=None) -> list[list[tuple[list[int], float]]]:
+                rng=None, watch=None) -> list[list[tuple[list[int], float]]]:
     """Per prompt, the best num_return_sequences (new token ids, sequence score), best first.
 
     A sequence ends with <|endoftext|> when that finished it (unless settings.ignore_eos); its score is its
     summed processed log-probability divided by its new tokens ** length_penalty (transformers'
     `sequences_scores`). rng: None for beam search; a TorchGenerator (transformers' draws after set_seed) or
-    a numpy Generator for beam sampling.
+    a numpy Generator for beam sampling. watch(step, logits, total, picked): called every step with the raw
+    logits [prompts x beams, vocab], the scores of every continuation [prompts, beams x vocab] and the
+    candidates picked from them [prompts, 2 x beams] (export/parity.py explains differences with them).
     """
     beams, batch, new_tokens = settings.num_beams, len(prompts), settings.max_new_tokens
     if new_tokens == 0:
@@ -81,6 +83,8 @@ def beam_search(session: OnnxSession, prompts: list[list[int]], settings: Genera
         total = (scores.reshape(batch, beams, vocab) + running[:, :, None]).reshape(batch, beams * vocab)
         # 2. the candidates: the best continuations, or drawn without replacement
         picked = _top(total, keep) if settings.greedy else _draw(softmax(total), keep, rng)
+        if watch is not None:
+            watch(step, logits, total, picked)
         picked_scores = np.take_along_axis(total, picked, axis=1)
         source, token = picked // vocab, picked % vocab
         candidates = np.take_along_axis(tokens, source[:, :, None], axis=1)
@@ -124,9 +128,35 @@ def beam_search(session: OnnxSession, prompts: list[list[int]], settings: Genera
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    """float32 log-softmax over the last axis (the normaliser summed in float64)."""
-    shifted = np.asarray(logits, np.float32) - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted, dtype=np.float64).sum(axis=-1, keepdims=True)).astype(np.float32)
+    """torch's float32 log_softmax on the CPU, float rounding included: its sum of exp(x - max) runs in float32
+    in SIMD lanes (each lane adds every lanes-th value in turn, the last partial vector goes into the first
+    lanes, then the lanes are added in halves). Summed exactly instead, the result differs from torch's by up
+    to 1e-4 over GPT-2's 50257 tokens, which would shift whole beams against each other; so it is 1e-7."""
+    x = np.asarray(logits, np.float32)
+    top = x.max(axis=-1, keepdims=True)
+    exp = np.exp(x - top)
+    rows, n = exp.shape
+    full = n - n % _LANES
+    lanes = exp[:, :full].reshape(rows, -1, _LANES).sum(axis=1, dtype=np.float32)  # lane by lane, in order
+    lanes[:, :n - full] += exp[:, full:]
+    while lanes.shape[1] > 1:
+        half = lanes.shape[1] // 2
+        lanes = lanes[:, :half] + lanes[:, half:]
+    return x - top - np.log(lanes)
+
+
+def _simd_lanes() -> int:
+    """float32 lanes of torch's CPU kernels here: 16 with AVX-512 (which torch uses when the CPU has these
+    four extensions), else 8 (AVX2; ARM's are different again and not replicated)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            flags = next((line for line in info if line.startswith("flags")), "").split()
+    except OSError:
+        return 8
+    return 16 if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(flags) else 8
+
+
+_LANES = _simd_lanes()
 
 
 def _top(values: np.ndarray, k: int) -> np.ndarray:
