@@ -13,10 +13,10 @@ import numpy as np
 
 from . import contract as c
 from . import limits
+from .beam import beam_search
 from .config import ModelConfig
 from .defaults import model_defaults, resolve
 from .errors import InvalidArgumentError, ModelLoadError
-from .beam import beam_search
 from .generator import generate, generate_tokens
 from .logprobs import Score, TopLogprobs, check_top, chosen, score
 from .manifest import read_manifest
@@ -84,7 +84,8 @@ class Model:
                  top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
                  no_repeat_ngram_size: int | None = None, num_return_sequences: int | None = None,
                  num_beams: int | None = None, length_penalty: float | None = None,
-                 early_stopping: bool | str | None = None, stop: str | list[str] | None = None, seed: int | None = None, sampler: str | None = None,
+                 early_stopping: bool | str | None = None,
+                 stop: str | list[str] | None = None, seed: int | None = None, sampler: str | None = None,
                  ignore_eos: bool | None = None, return_full_text: bool = False, truncate: str | None = None,
                  allow_special_tokens: bool = False, logprobs: int | None = None):
         """Continue `prompt` (a string, or a list of strings run as one left-padded batch).

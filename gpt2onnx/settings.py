@@ -63,7 +63,7 @@ OPTIONS = {
     "no_repeat_ngram_size": Option("never repeat an n-gram of this size",
                                    hint="0 turns it off; 3 forbids repeating any 3 tokens in a row"),
     "num_return_sequences": Option(
-        "continuations (needs sampling)", flag={"short": "-n"},
+        "continuations (needs sampling, or beams: at most --num-beams)", flag={"short": "-n"},
         hint=f"continuations per prompt, 1 to {MAX_RETURN_SEQUENCES}; more than 1 needs do_sample=True or "
              "num_beams > 1 (then at most num_beams)"),
     # beam search (num_beams > 1): transformers' _beam_search, see gpt2onnx/beam.py

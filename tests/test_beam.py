@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-import gpt2onnx
 from gpt2onnx.cli import main
 from gpt2onnx.errors import InvalidArgumentError
 from gpt2onnx.kv_cache import KVCache
