@@ -32,10 +32,12 @@ def _verify(capsys, *args, seeds: str = SEEDS) -> tuple[int, dict, str]:
 
 
 def _cases():
-    """What `verify --seeds SEEDS --max-new-tokens TOKENS` runs: greedy cases, then seeds x settings."""
+    """What `verify --seeds SEEDS --max-new-tokens TOKENS` runs: greedy cases, then seeds x settings, then beams."""
     from gpt2onnx_export import parity
 
-    return parity.greedy_cases(max_new_tokens=int(TOKENS)) + parity.cases(range(int(SEEDS)), max_new_tokens=int(TOKENS))
+    seeds, tokens = range(int(SEEDS)), int(TOKENS)
+    return (parity.greedy_cases(max_new_tokens=tokens) + parity.cases(seeds, max_new_tokens=tokens)
+            + parity.beam_cases(seeds, max_new_tokens=tokens))
 
 
 def _transformers_rows(reference, tokenizer, case) -> list[list[int]]:
@@ -67,7 +69,9 @@ def _check_passing_report(report, model_dir, reference, tokenizer):
     sampling = report["sampling"]
     assert report["passed"] and report["failures"] == []
     # every row of every case was compared (batch x num_return_sequences per case)
-    assert sampling["cases"] == len(all_cases) == 10 + len(parity.PROMPTS) + 1
+    beams = len(parity.BEAM_SETTINGS) + min(int(SEEDS), parity.BEAM_SAMPLING_SEEDS)
+    assert sampling["cases"] == len(all_cases) == 10 + len(parity.PROMPTS) + 1 + beams
+    assert sampling["beam_cases"] == beams
     assert sampling["rows"] == sum(len(c.prompts) * c.kwargs["num_return_sequences"] for c in all_cases)
     assert sampling["equal_rows"] + sampling["mismatched_rows"] == sampling["rows"]
     assert sampling["unexplained"] == 0
