@@ -439,12 +439,16 @@ def summarize(results: list[dict]) -> dict:
 class TorchSession:
     """The reference model behind OnnxSession's `empty_cache` / `run` interface, so that our own generation
     code (beam.py) can run on PyTorch's logits. The KV cache stays in a KVCache (float32), handed to the
-    model as its past each step."""
+    model as its past each step.
+
+    expand: run the prefill on every row `expand` times over, as transformers' beam search does (its batch of
+    prompts x beams), and keep one copy: PyTorch's float rounding can depend on the batch size, and a
+    near-tie then breaks as in transformers."""
 
     cache_dtype = np.float32
 
-    def __init__(self, reference, config):
-        self.reference, self.config = reference, config
+    def __init__(self, reference, config, *, expand: int = 1):
+        self.reference, self.config, self.expand = reference, config, expand
 
     def empty_cache(self, batch: int, *, capacity: int = 0) -> KVCache:
         return KVCache.empty(self.config, batch, capacity)
@@ -456,7 +460,10 @@ class TorchSession:
 
         total = attention_mask.shape[1]
         cache.reserve(total, self.config.n_positions)
-        past = None
+        past, expand = None, self.expand if cache.length == 0 else 1
+        if expand > 1:
+            input_ids, position_ids, attention_mask = (np.repeat(a, expand, axis=0)
+                                                       for a in (input_ids, position_ids, attention_mask))
         if cache.length:
             tensors = [torch.from_numpy(np.ascontiguousarray(t)) for t in cache.tensors]
             past = DynamicCache(ddp_cache_data=list(zip(tensors[0::2], tensors[1::2])))
@@ -466,10 +473,10 @@ class TorchSession:
                                  past_key_values=past, use_cache=True)
         for layer in range(self.config.n_layer):
             key, value = cache_layer(out.past_key_values, layer)
-            cache.buffers[2 * layer][:, :, :total] = key.numpy()
-            cache.buffers[2 * layer + 1][:, :, :total] = value.numpy()
+            cache.buffers[2 * layer][:, :, :total] = key.numpy()[::expand]
+            cache.buffers[2 * layer + 1][:, :, :total] = value.numpy()[::expand]
         cache.length = total
-        logits = out.logits.float().numpy()
+        logits = out.logits.float().numpy()[::expand]
         return (logits[:, -1:] if logits_for == "last" else logits), cache
 
 
@@ -479,7 +486,8 @@ def explain_beams(model, reference, case: Case, row: int, mine: list[int], yours
     (see the module docstring)."""
     settings = case.settings()
     runs = {}
-    for side, session in (("ours", model.session), ("torch", TorchSession(reference, model.config))):
+    torch_session = TorchSession(reference, model.config, expand=settings.num_beams)
+    for side, session in (("ours", model.session), ("torch", torch_session)):
         steps = []
         rng = TorchGenerator(case.seed) if case.do_sample else None
         found = beam_search(session, prompt_ids, settings, eos_id=model.eos_token_id, rng=rng,
@@ -492,6 +500,18 @@ def explain_beams(model, reference, case: Case, row: int, mine: list[int], yours
                 None)
     base = dict(row=row, step=-1 if step is None else step, kind="beam", margin_unit="candidate score gap")
     reproduced = replay[row % n] == yours and runs["ours"][0][row] == mine
+    tie = _first_tie(theirs, prompt, settings.num_beams)
+    if not reproduced and runs["ours"][0][row] == mine and tie is not None and (step is None or tie <= step):
+        # equal scores: torch.topk orders them its own way (a heap), ours lowest index first
+        logits = slice(prompt * settings.num_beams, (prompt + 1) * settings.num_beams)
+        diff = _max_abs_diff(ours[tie][0][logits], theirs[tie][0][logits])
+        divergence = Divergence(row=row, step=tie, kind="beam tie", ours=None, theirs=None, margin=0.0,
+                                margin_unit="candidate score gap", max_abs_diff=diff, explained=diff <= atol,
+                                reason="two candidates had exactly equal scores, which torch.topk orders in its "
+                                       "own way: an exact tie")
+        if not divergence.explained:
+            divergence.reason = f"the logits differ by {diff:.3g} > atol {atol:g}: not float noise (a bug)"
+        return divergence
     if step is None:
         return _beam_reason(_verdict(Divergence(ours=None, theirs=None, margin=None, max_abs_diff=0.0,
                                                 explained=False, reason="", **base), reproduced, atol, None, 0.0),
@@ -514,6 +534,16 @@ def explain_beams(model, reference, case: Case, row: int, mine: list[int], yours
                             max_abs_diff=_max_abs_diff(our_logits[rows], their_logits[rows]), explained=False,
                             reason="", **base)
     return _beam_reason(_verdict(divergence, reproduced, atol, margin, bound), reproduced)
+
+
+def _first_tie(steps: list, prompt: int, beams: int) -> int | None:
+    """The first step where two of a prompt's candidates (or the last one and the best left out) scored
+    exactly the same, in a run recorded by explain_beams."""
+    for step, (_, total, picked) in enumerate(steps):
+        scores = total[prompt][picked[prompt]]
+        if len(np.unique(scores)) < len(scores) or np.count_nonzero(total[prompt] >= scores.min()) > len(scores):
+            return step
+    return None
 
 
 def _beam_reason(divergence: Divergence, reproduced: bool) -> Divergence:

@@ -178,12 +178,13 @@ def test_planted_greedy_near_tie_is_explained(tmp_path, capsys):
                and _our_rows(model_dir, c) != _transformers_rows(reference, tokenizer, c)]
     if not flipped:
         pytest.skip("on this machine ONNX Runtime breaks the planted ties the way PyTorch does")
-    code, report, _ = _verify(capsys, model_dir, seeds="0")  # the greedy cases (and the gate's checks) only
+    code, report, _ = _verify(capsys, model_dir, seeds="0")  # greedy and beam search (and the gate's checks)
     assert code == 0 and report["passed"]
     divergences = report["sampling"]["divergences"]
     assert {d["case"] for d in divergences if d["case"] in flipped} == set(flipped)
-    for d in divergences:
-        assert d["explained"] and d["kind"] == "greedy" and abs(d["margin"]) < 1e-5 and d["max_abs_diff"] < 1e-4
+    for d in divergences:  # beam search cases run at --seeds 0 too: a planted tie can be exact there
+        assert d["explained"] and d["kind"] in ("greedy", "beam", "beam tie"), d
+        assert abs(d["margin"]) < 1e-5 and d["max_abs_diff"] < 1e-4
 
 
 # --- the near-tie detector, on constructed decisions whose outcome torch itself decides ------------------
