@@ -25,6 +25,17 @@ replays it to row r of step t), so a sampled token is argmax(p / q) on each side
 
 A flip that passes all three is an explained near-tie and is reported with its margin; anything else is
 unexplained.
+
+Beam cases (num_beams > 1) rank whole continuations, so a difference is traced to the first step where the
+two sides picked different candidates. Our beam search is run a second time on PyTorch's logits (the
+reference model behind the session's interface, `TorchSession`), recording every step on both runs:
+
+  * on PyTorch's logits it must give transformers' tokens (else the beam search differs: a bug);
+  * the raw logits at the first differing step must differ by no more than the tolerance;
+  * the torch side's margin there — the gap between the two candidates that swapped places in the ranking
+    (their summed log-probabilities, or log(p/q) with the replayed exponentials when sampling; the
+    softmax normaliser cancels) — is at most the sum of how much each of the two scores moved between
+    the sides.
 """
 
 from __future__ import annotations
@@ -35,12 +46,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gpt2onnx.beam import beam_search
 from gpt2onnx.defaults import TRANSFORMERS_DEFAULTS
+from gpt2onnx.kv_cache import KVCache
 from gpt2onnx.sampling import process, softmax
 from gpt2onnx.session import StepRecord
 from gpt2onnx.settings import GenerationSettings
 from gpt2onnx.torch_random import TorchGenerator
 
+from .reference import cache_layer
 from .verify import first_difference
 
 # Prompts of a case are taken round-robin from these (ASCII, code, Latin accents, CJK, emoji, Greek).
@@ -66,6 +80,15 @@ SETTINGS = (
      "renormalize_logits": True, "top_p": 0.95},
 )
 BATCH_SIZES = (1, 3, 5)
+# Beam search settings, each run once (batches 1 and 3 in turn), and beam sampling, run for the first seeds.
+BEAM_SETTINGS = (
+    {"num_beams": 4},
+    {"num_beams": 2, "length_penalty": 0.5, "num_return_sequences": 2},
+    {"num_beams": 5, "early_stopping": True, "no_repeat_ngram_size": 3},
+    {"num_beams": 3, "early_stopping": "never", "length_penalty": 2.0, "repetition_penalty": 1.2},
+)
+BEAM_SAMPLING = {"num_beams": 4, "num_return_sequences": 2}
+BEAM_SAMPLING_SEEDS = 3
 MAX_NEW_TOKENS = 24
 # Every option both sides have (transformers' GenerationConfig's, at its defaults) is passed to both, so neither
 # side's defaults (generation_config.json, task_specific_params) can make them differ; a case sets the lengths
@@ -93,6 +116,11 @@ class Case:
                                   **self.kwargs)
 
     def label(self) -> str:
+        if self.kwargs.get("num_beams", 1) > 1:
+            changed = {k: v for k, v in self.options if _OPTIONS[k] != v}
+            shown = ", ".join(f"{k}={v}" for k, v in changed.items())
+            what = f"beam sampling, seed {self.seed}" if self.do_sample else "beam search"
+            return f"{what}, batch {len(self.prompts)}, {shown}"
         if not self.do_sample:
             return f"greedy, batch {len(self.prompts)}" + (f" ({self.prompts[0]!r})" if len(self.prompts) == 1 else "")
         changed = {k: v for k, v in self.options if _OPTIONS[k] != v}
@@ -105,6 +133,18 @@ def greedy_cases(*, max_new_tokens: int = MAX_NEW_TOKENS) -> list[Case]:
     options = tuple(_OPTIONS.items())
     return [Case(0, prompts, options, max_new_tokens, do_sample=False)
             for prompts in [(p,) for p in PROMPTS] + [PROMPTS]]
+
+
+def beam_cases(seeds: Iterable[int], *, max_new_tokens: int = MAX_NEW_TOKENS) -> list[Case]:
+    """Every beam search setting once, then beam sampling for the first BEAM_SAMPLING_SEEDS seeds."""
+    out = []
+    for j, setting in enumerate(BEAM_SETTINGS):
+        prompts = tuple(PROMPTS[(j + i) % len(PROMPTS)] for i in range(1 + 2 * (j % 2)))
+        out.append(Case(0, prompts, tuple({**_OPTIONS, **setting}.items()), max_new_tokens, do_sample=False))
+    for seed in list(seeds)[:BEAM_SAMPLING_SEEDS]:
+        prompts = tuple(PROMPTS[(seed + i) % len(PROMPTS)] for i in range(1 + 2 * (seed % 2)))
+        out.append(Case(seed, prompts, tuple({**_OPTIONS, **BEAM_SAMPLING}.items()), max_new_tokens))
+    return out
 
 
 def cases(seeds: Iterable[int], *, max_new_tokens: int = MAX_NEW_TOKENS) -> list[Case]:
@@ -397,6 +437,9 @@ class SideBySide:
                  prompt_ids: list[list[int]], outputs) -> Divergence:
         import torch
 
+        if case.kwargs.get("num_beams", 1) > 1:
+            return explain_beams(self.model, self.reference, case, row, mine, yours, prompt_ids, atol=self.atol)
+
         if step >= len(mine) or step >= len(yours) or step >= len(outputs.logits) or step >= len(self.recorder.steps):
             return Divergence(row, step, "length", None, None, None, "", None, False,
                               f"one side ended after {step} tokens while the other went on (a bug)")
@@ -469,3 +512,122 @@ def summarize(results: list[dict]) -> dict:
             "mismatched_rows": len(divergences), "explained": len(explained),
             "unexplained": len(divergences) - len(explained),
             "largest_explained_margin": max(margins, default=None), "divergences": divergences}
+
+
+class TorchSession:
+    """The reference model behind OnnxSession's `empty_cache` / `run` interface, so that our own generation
+    code (beam.py) can run on PyTorch's logits. The KV cache stays in a KVCache (float32), handed to the
+    model as its past each step.
+
+    expand: run the prefill on every row `expand` times over, as transformers' beam search does (its batch of
+    prompts x beams), and keep one copy: PyTorch's float rounding can depend on the batch size, and a
+    near-tie then breaks as in transformers."""
+
+    cache_dtype = np.float32
+
+    def __init__(self, reference, config, *, expand: int = 1):
+        self.reference, self.config, self.expand = reference, config, expand
+
+    def empty_cache(self, batch: int, *, capacity: int = 0) -> KVCache:
+        return KVCache.empty(self.config, batch, capacity)
+
+    def run(self, input_ids, attention_mask, position_ids, cache: KVCache, *, logits_for: str = "all",
+            reuse_logits: bool = False):
+        import torch
+        from transformers import DynamicCache
+
+        total = attention_mask.shape[1]
+        cache.reserve(total, self.config.n_positions)
+        past, expand = None, self.expand if cache.length == 0 else 1
+        if expand > 1:
+            input_ids, position_ids, attention_mask = (np.repeat(a, expand, axis=0)
+                                                       for a in (input_ids, position_ids, attention_mask))
+        if cache.length:
+            tensors = [torch.from_numpy(np.ascontiguousarray(t)) for t in cache.tensors]
+            past = DynamicCache(ddp_cache_data=list(zip(tensors[0::2], tensors[1::2])))
+        with torch.inference_mode():
+            out = self.reference(input_ids=torch.from_numpy(input_ids), position_ids=torch.from_numpy(position_ids),
+                                 attention_mask=torch.from_numpy(np.ascontiguousarray(attention_mask)),
+                                 past_key_values=past, use_cache=True)
+        for layer in range(self.config.n_layer):
+            key, value = cache_layer(out.past_key_values, layer)
+            cache.buffers[2 * layer][:, :, :total] = key.numpy()[::expand]
+            cache.buffers[2 * layer + 1][:, :, :total] = value.numpy()[::expand]
+        cache.length = total
+        logits = out.logits.float().numpy()[::expand]
+        return (logits[:, -1:] if logits_for == "last" else logits), cache
+
+
+def explain_beams(model, reference, case: Case, row: int, mine: list[int], yours: list[int],
+                  prompt_ids: list[list[int]], *, atol: float) -> Divergence:
+    """A beam case's differing row, traced to the first step where the two sides picked different candidates
+    (see the module docstring)."""
+    settings = case.settings()
+    runs = {}
+    torch_session = TorchSession(reference, model.config, expand=settings.num_beams)
+    for side, session in (("ours", model.session), ("torch", torch_session)):
+        steps = []
+        rng = TorchGenerator(case.seed) if case.do_sample else None
+        found = beam_search(session, prompt_ids, settings, eos_id=model.eos_token_id, rng=rng,
+                            watch=lambda step, logits, total, picked, steps=steps: steps.append(
+                                (logits.copy(), total.copy(), picked.copy())))
+        runs[side] = ([ids for rows in found for ids, _ in rows], steps)
+    n, prompt = settings.num_return_sequences, row // settings.num_return_sequences
+    replay, (ours, theirs) = runs["torch"][0][prompt * n:(prompt + 1) * n], (runs["ours"][1], runs["torch"][1])
+    step = next((t for t, (a, b) in enumerate(zip(ours, theirs)) if not np.array_equal(a[2][prompt], b[2][prompt])),
+                None)
+    base = dict(row=row, step=-1 if step is None else step, kind="beam", margin_unit="candidate score gap")
+    reproduced = replay[row % n] == yours and runs["ours"][0][row] == mine
+    tie = _first_tie(theirs, prompt, settings.num_beams)
+    if not reproduced and runs["ours"][0][row] == mine and tie is not None and (step is None or tie <= step):
+        # equal scores: torch.topk orders them its own way (a heap), ours lowest index first
+        logits = slice(prompt * settings.num_beams, (prompt + 1) * settings.num_beams)
+        diff = _max_abs_diff(ours[tie][0][logits], theirs[tie][0][logits])
+        divergence = Divergence(row=row, step=tie, kind="beam tie", ours=None, theirs=None, margin=0.0,
+                                margin_unit="candidate score gap", max_abs_diff=diff, explained=diff <= atol,
+                                reason="two candidates had exactly equal scores, which torch.topk orders in its "
+                                       "own way: an exact tie")
+        if not divergence.explained:
+            divergence.reason = f"the logits differ by {diff:.3g} > atol {atol:g}: not float noise (a bug)"
+        return divergence
+    if step is None:
+        return _beam_reason(_verdict(Divergence(ours=None, theirs=None, margin=None, max_abs_diff=0.0,
+                                                explained=False, reason="", **base), reproduced, atol, None, 0.0),
+                            reproduced)
+    (our_logits, our_total, our_picked), (their_logits, their_total, their_picked) = ours[step], theirs[step]
+    beams = settings.num_beams
+    rows = slice(prompt * beams, (prompt + 1) * beams)
+    at = int(np.flatnonzero(our_picked[prompt] != their_picked[prompt])[0])
+    a, b = int(our_picked[prompt, at]), int(their_picked[prompt, at])  # ours ranked a there, torch b
+    gap_ours, gap_theirs = our_total[prompt], their_total[prompt]
+    if case.do_sample:  # ranked by p / q: log(p_b / q_b) - log(p_a / q_a), the softmax normaliser cancels
+        q = replayed_draws(case.seed, step=step, rows=len(prompt_ids), row=prompt, vocab=gap_theirs.size)
+        with np.errstate(divide="ignore"):
+            margin = float(gap_theirs[b] - gap_theirs[a] - np.log(q[b]) + np.log(q[a]))
+    else:
+        margin = float(gap_theirs[b] - gap_theirs[a])
+    bound = abs(float(gap_ours[a]) - float(gap_theirs[a])) + abs(float(gap_ours[b]) - float(gap_theirs[b]))
+    vocab = our_logits.shape[-1]
+    divergence = Divergence(ours=a % vocab, theirs=b % vocab, margin=margin,
+                            max_abs_diff=_max_abs_diff(our_logits[rows], their_logits[rows]), explained=False,
+                            reason="", **base)
+    return _beam_reason(_verdict(divergence, reproduced, atol, margin, bound), reproduced)
+
+
+def _first_tie(steps: list, prompt: int, beams: int) -> int | None:
+    """The first step where two of a prompt's candidates (or the last one and the best left out) scored
+    exactly the same, in a run recorded by explain_beams."""
+    for step, (_, total, picked) in enumerate(steps):
+        scores = total[prompt][picked[prompt]]
+        if len(np.unique(scores)) < len(scores) or np.count_nonzero(total[prompt] >= scores.min()) > len(scores):
+            return step
+    return None
+
+
+def _beam_reason(divergence: Divergence, reproduced: bool) -> Divergence:
+    if not reproduced:
+        divergence.reason = ("our beam search on PyTorch's logits does not give transformers' tokens: the beam search "
+                             "or the random stream differs (a bug)")
+    elif divergence.margin is None:
+        divergence.reason = "the two sides picked the same candidates at every step but returned different beams"
+    return divergence

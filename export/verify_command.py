@@ -7,10 +7,12 @@ seed), or `--reference`. Then, for an fp32 export:
   1. logits and cache against PyTorch for prompts of several lengths, a cached step and a padded batch,
      and a greedy continuation (`verify.verify`, the export gate itself);
   2. seeded sampling over seeds x settings x prompts (`parity`): `model.generate(..., seed=s)` against
-     `set_seed(s); generate(do_sample=True, ...)`, token for token; and greedy decoding of every prompt.
+     `set_seed(s); generate(do_sample=True, ...)`, token for token; greedy decoding of every prompt; and
+     beam search and beam sampling cases (`parity.beam_cases`).
 
-A greedy or sampled row that differs is analysed at its first differing step (`parity.explain`): a flip
-of a near-tie by float noise is reported with its margin; anything else fails the verification.
+A greedy or sampled row that differs is analysed at its first differing step (`parity.explain`; a beam row
+at the first step where the two sides ranked candidates differently, `parity.explain_beams`): a flip of a
+near-tie by float noise is reported with its margin; anything else fails the verification.
 
 A quantized export cannot be identical to PyTorch fp32, so it is measured instead (`verify.verify_quality`,
 the export's own quality gate) — the KL divergence of its next-token distributions from PyTorch's,
@@ -82,7 +84,7 @@ def verify_model(model_dir: str | Path, options: VerifyOptions = VerifyOptions()
         if not precisions.get(precision).quantized:
             step("logits, cache and greedy decoding against PyTorch")
             report["logits"] = _logits(model, reference, options.atol)
-            step(f"generate: greedy, and {options.seeds} seeds x {len(parity.SETTINGS)} sampling settings")
+            step(f"generate: greedy, {options.seeds} seeds x {len(parity.SETTINGS)} sampling settings, beams")
             report["sampling"] = _sampling(model, reference, model_dir, options, step)
         else:
             step(f"{precision}: perplexity, top-1 agreement and KL divergence against PyTorch fp32")
@@ -219,13 +221,16 @@ def _sampling(model, reference, model_dir, options: VerifyOptions, step) -> dict
     runner = parity.SideBySide(model, reference, tokenizer, atol=options.atol)
     results = []
     all_cases = (parity.greedy_cases(max_new_tokens=options.max_new_tokens)
-                 + parity.cases(range(options.seeds), max_new_tokens=options.max_new_tokens))
+                 + parity.cases(range(options.seeds), max_new_tokens=options.max_new_tokens)
+                 + parity.beam_cases(range(options.seeds), max_new_tokens=options.max_new_tokens))
     for index, case in enumerate(all_cases):
         results.append(runner.run(case))
         if (index + 1) % 25 == 0:
             step(f"  {index + 1} / {len(all_cases)} cases")
     summary = parity.summarize(results)
-    return {"seeds": options.seeds, "greedy_cases": sum(not c.do_sample for c in all_cases),
+    beams = sum(c.kwargs["num_beams"] > 1 for c in all_cases)
+    return {"seeds": options.seeds, "beam_cases": beams,
+            "greedy_cases": sum(not c.do_sample for c in all_cases if c.kwargs["num_beams"] == 1),
             "settings": [dict(s) for s in parity.SETTINGS],
             "batch_sizes": list(parity.BATCH_SIZES), "prompts": list(parity.PROMPTS),
             "max_new_tokens": options.max_new_tokens, **summary}
@@ -285,7 +290,8 @@ def format_report(report: dict) -> str:
     if "sampling" in report:
         s = report["sampling"]
         lines += [f"generate vs transformers' generate (seeded: after set_seed(s)): {s['cases']} cases — "
-                  f"{s['greedy_cases']} greedy, {s['seeds']} seeds x {len(s['settings'])} sampling settings, batches "
+                  f"{s['greedy_cases']} greedy, {s['seeds']} seeds x {len(s['settings'])} sampling settings, "
+                  f"{s.get('beam_cases', 0)} beam search and beam sampling, batches "
                   f"{'/'.join(map(str, s['batch_sizes']))}, {s['max_new_tokens']} new tokens — {s['rows']} rows",
                   f"  identical rows: {s['equal_rows']} / {s['rows']}",
                   f"  explained near-ties: {s['explained']}" + (

@@ -20,7 +20,7 @@ from .settings import OPTIONS, GenerationSettings
 # an option transformers has is also one a model directory may set, and one the pipeline takes
 TRANSFORMERS_DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
                          "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "num_return_sequences": 1,
-                         "min_new_tokens": 0,
+                         "min_new_tokens": 0, "num_beams": 1, "length_penalty": 1.0, "early_stopping": False,
                          # transformers' other processors, warpers and stopping criteria (None or 0: off)
                          "min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
                          "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,

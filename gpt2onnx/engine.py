@@ -733,6 +733,9 @@ class Engine:
             raise InvalidArgumentError(
                 f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({settings.max_new_tokens}) exceeds "
                 f"n_positions={config.n_positions}", hint="shorten the prompt or ask for fewer new tokens")
+        if settings.num_beams != 1:  # beams reorder a request's rows every step: not a continuous batch's rows
+            raise InvalidArgumentError(f"the engine does not run beam search (num_beams={settings.num_beams})",
+                                       hint="use Model.generate(..., num_beams=N) for beam search, or num_beams=1")
         if settings.num_return_sequences > self.options.max_batch:
             raise InvalidArgumentError(f"num_return_sequences={settings.num_return_sequences} exceeds the engine's "
                                        f"max_batch={self.options.max_batch}", hint="ask for fewer sequences")

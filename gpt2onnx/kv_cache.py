@@ -112,6 +112,40 @@ class KVCache:
         where[movers] = holes
         return KVCache([b[:batch] for b in self.buffers], length=self.length), where
 
+    def reorder(self, index) -> int:
+        """Row i takes the past of row index[i], in place (beam search: each beam continues one of the last
+        step's). Only rows whose source changes are copied, in an order that overwrites a row only after the
+        rows reading it are done; a cycle of rows (1 <- 2 <- 1) saves one of them in a small temporary first.
+        Returns the rows copied (temporaries included): 0 when every beam continues its own past, against
+        a whole-cache gather's batch every step."""
+        index = np.asarray(index, dtype=np.int64).tolist()
+        pending = {row: source for row, source in enumerate(index) if source != row}
+        readers = dict.fromkeys(range(self.batch), 0)
+        for source in pending.values():
+            readers[source] += 1
+        ready = [row for row in pending if readers[row] == 0]
+        order, saved = [], []
+        while pending:
+            if not ready:  # only cycles left: save one row, so that it can be overwritten
+                row = next(iter(pending))
+                saved.append(row)
+                readers[row] = 0
+                ready.append(row)
+            row = ready.pop()
+            source = pending.pop(row)
+            order.append((row, source))
+            if source not in saved:
+                readers[source] -= 1
+                if readers[source] == 0 and source in pending:
+                    ready.append(source)
+        slot = {row: i for i, row in enumerate(saved)}
+        for buffer in self.buffers:
+            past = buffer[:, :, :self.length]
+            temporary = past[saved]  # a copy (fancy index) of the rows that cycles overwrite
+            for row, source in order:
+                past[row] = temporary[slot[source]] if source in slot else past[source]
+        return len(order) + len(saved)
+
     def _write(self, at: int, parts: list[tuple["KVCache", np.ndarray]]) -> None:
         """Copy the parts' rows to rows at, at + 1, ..., right-aligned at self.length, zeros in front."""
         width = self.length

@@ -15,6 +15,7 @@ import numpy as np
 
 from . import contract as c
 from . import limits, user_cache
+from .beam import beam_search
 from .config import ModelConfig
 from .defaults import model_defaults, resolve
 from .errors import InvalidArgumentError, ModelLoadError
@@ -54,6 +55,9 @@ class Generation:
     # per new token the log-probability of the PROCESSED distribution it was picked from (output_scores=True):
     # transformers' compute_transition_scores(sequences, scores, normalize_logits=True)
     scores: list[float] | None = None
+    # beam search (num_beams > 1): the summed log-probability / new tokens ** length_penalty, transformers'
+    # `sequences_scores` (None without beams)
+    sequence_score: float | None = None
 
     def __str__(self) -> str:
         return self.text
@@ -106,6 +110,8 @@ class Model:
                  min_new_tokens: int | None = None, do_sample: bool | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
                  no_repeat_ngram_size: int | None = None, num_return_sequences: int | None = None,
+                 num_beams: int | None = None, length_penalty: float | None = None,
+                 early_stopping: bool | str | None = None,
                  stop: str | list[str] | None = None, seed: int | None = None, sampler: str | None = None,
                  ignore_eos: bool | None = None, min_p: float | None = None, typical_p: float | None = None,
                  epsilon_cutoff: float | None = None, eta_cutoff: float | None = None,
@@ -133,7 +139,16 @@ class Model:
         top_p: sample among the fewest tokens whose probabilities add up to top_p (1: all).
         repetition_penalty: > 1 makes tokens already in the sequence less likely (1: none).
         no_repeat_ngram_size: never repeat an n-gram of this size (0: off).
-        num_return_sequences: continuations per prompt, sampled from one shared prefill (at most 64).
+        num_return_sequences: continuations per prompt, sampled from one shared prefill (at most 64); with
+            num_beams > 1, the best num_return_sequences <= num_beams finished beams.
+        num_beams: > 1 runs beam search over this many beams per prompt (beam sampling with do_sample=True),
+            as transformers does, token for token; each prompt is prefilled once and its beams share that
+            cache. Not with stop strings, logprobs or stream(). Generation.sequence_score holds the score.
+        length_penalty: beam search ranks a finished sequence by its summed log-probability divided by
+            new tokens ** length_penalty (1: the mean per token; 0: the sum; > 0 favours longer ones).
+        early_stopping: when beam search stops: True once num_beams sequences are finished; False (the
+            default) once transformers' heuristic finds no beam can beat the finished ones; "never" once no
+            beam can in theory.
         stop: a string or list of strings; a row ends when its new text contains one (cut from the text).
         seed: 0 .. 2**32-1; the same seed and settings give the same tokens (None: a fresh seed, reported).
         sampler: "torch" replays PyTorch's random stream (the tokens of transformers after set_seed(seed));
@@ -179,6 +194,14 @@ class Model:
         check_top("logprobs", logprobs, self.config.vocab_size)
         seed, rng = self._rng(settings)
         n = settings.num_return_sequences
+        if settings.num_beams > 1:
+            _check_beams(settings, logprobs)
+            found = beam_search(self.session, prompt_ids, settings, eos_id=self.eos_token_id, rng=rng)
+            results = [dataclasses.replace(self._result(prompts[p], prompt_ids[p], new_ids, settings, seed,
+                                                        return_full_text), sequence_score=score)
+                       for p, rows in enumerate(found) for new_ids, score in rows]
+            grouped = results if n == 1 else [results[i:i + n] for i in range(0, len(results), n)]
+            return grouped[0] if isinstance(prompt, str) else grouped
         values = [[] for _ in range(len(prompts) * n)]
         processed = [[] for _ in range(len(prompts) * n)]
 
@@ -224,6 +247,10 @@ class Model:
         if settings.num_return_sequences != 1:
             raise InvalidArgumentError("stream() produces one sequence; num_return_sequences must be 1",
                                        hint="use generate() for several sequences")
+        if settings.num_beams != 1:
+            raise InvalidArgumentError(f"stream() cannot run beam search (num_beams={settings.num_beams}): the best "
+                                       "beam is known only at the end", hint="use generate() for beam search, or "
+                                                                             "num_beams=1 to stream")
         return self._stream(prompt, prompt_ids, settings, bool(return_full_text))
 
     def _stream(self, prompt: str, prompt_ids: list[int], settings: GenerationSettings,
@@ -328,10 +355,12 @@ class Model:
 
     def check_budget(self, prompt_ids: list[list[int]], settings: GenerationSettings) -> None:
         """Refuse a call whose rows or KV cache exceed the limits (gpt2onnx/limits.py), before anything runs."""
-        rows = len(prompt_ids) * settings.num_return_sequences
+        fan_out = max(settings.num_return_sequences, settings.num_beams)  # rows per prompt (beams: num_beams)
+        rows = len(prompt_ids) * fan_out
         if rows > limits.MAX_ROWS:
+            name = "num_beams" if settings.num_beams > settings.num_return_sequences else "num_return_sequences"
             raise InvalidArgumentError(
-                f"{len(prompt_ids)} prompt(s) x num_return_sequences={settings.num_return_sequences} is {rows} rows; "
+                f"{len(prompt_ids)} prompt(s) x {name}={fan_out} is {rows} rows; "
                 f"one call may run at most {limits.MAX_ROWS}",
                 hint="ask for fewer sequences, or split the prompts over several calls")
         config = self.config
@@ -339,7 +368,7 @@ class Model:
         itemsize = np.dtype(self.session.cache_dtype).itemsize
         per_position = 2 * config.n_layer * config.n_head * config.head_dim * itemsize
         # the prefill's cache is still held while it is copied out to the return sequences
-        held = rows + (len(prompt_ids) if settings.num_return_sequences > 1 else 0)
+        held = rows + (len(prompt_ids) if fan_out > 1 else 0)
         need = held * positions * per_position
         if need > self.max_cache_bytes:
             raise InvalidArgumentError(
@@ -456,6 +485,17 @@ def read_config(path: Path) -> tuple[dict, ModelConfig]:
     """config.json as read and as a ModelConfig; a value of the wrong type is a ModelLoadError, not a traceback."""
     raw = _read_json(path)
     return raw, ModelConfig.from_dict(raw, source=str(path))
+
+
+def _check_beams(settings: GenerationSettings, logprobs: int | None) -> None:
+    """What beam search does not support, refused before anything runs."""
+    if settings.stop:
+        raise InvalidArgumentError("stop strings cannot end beams (num_beams > 1)",
+                                   hint="cut the returned text at the stop string yourself, or use num_beams=1")
+    if logprobs is not None:
+        raise InvalidArgumentError("logprobs are not reported with beam search (num_beams > 1)",
+                                   hint="Generation.sequence_score holds each beam's score; model.score(texts) "
+                                        "gives every token's log-probability")
 
 
 def _check_flag(name: str, value) -> None:

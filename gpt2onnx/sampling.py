@@ -33,8 +33,10 @@ def sample(logits: np.ndarray, sequences: np.ndarray, new_tokens: int, settings:
 
 
 def process(logits: np.ndarray, sequences: np.ndarray, new_tokens: int, settings: GenerationSettings, *,
-            eos_id: int | None) -> np.ndarray:
+            eos_id: int | None, min_tokens_to_keep: int = 1) -> np.ndarray:
     """The logits after transformers' processors and (when sampling) warpers, as float32.
+
+    min_tokens_to_keep: every warper keeps at least this many tokens (transformers' beam sampling: 2).
 
     The prompt width (left padding included), which transformers' position-dependent processors count from,
     is sequences.shape[1] - new_tokens."""
@@ -81,29 +83,31 @@ def process(logits: np.ndarray, sequences: np.ndarray, new_tokens: int, settings
         if length == begin:
             scores[:, list(s.begin_suppress_tokens)] = -np.inf
     if not s.greedy:
-        _warp(scores, s)
+        _warp(scores, s, min_tokens_to_keep)
     if s.renormalize_logits:  # LogitNormalization, always the last
         scores = log_softmax(scores)
     return scores
 
 
-def _warp(scores: np.ndarray, s: GenerationSettings) -> None:
-    """transformers' warpers, in its order, in place (sampling only; min_tokens_to_keep is 1 without beams)."""
+def _warp(scores: np.ndarray, s: GenerationSettings, keep: int) -> None:
+    """transformers' warpers, in its order, in place (sampling only). keep: min_tokens_to_keep, 1 without beams;
+    with 1 each warper's own rule already keeps the top token."""
     if s.temperature != 1.0:  # TemperatureLogitsWarper
         scores /= np.float32(s.temperature)
-    if s.top_k and s.top_k < scores.shape[-1]:  # TopKLogitsWarper
-        kth = -np.partition(-scores, s.top_k - 1, axis=-1)[:, s.top_k - 1 : s.top_k]
+    top_k = max(s.top_k, keep) if s.top_k else 0
+    if top_k and top_k < scores.shape[-1]:  # TopKLogitsWarper
+        kth = -np.partition(-scores, top_k - 1, axis=-1)[:, top_k - 1 : top_k]
         scores[scores < kth] = -np.inf  # ties with the k-th score stay, as with torch.topk
     if s.top_p < 1.0:  # TopPLogitsWarper
         # sort ascending; drop tokens while the cumulative probability is <= 1 - top_p (the top one stays)
         order = np.argsort(scores, axis=-1, kind="stable")
         cumulative = _cumsum(torch_softmax(np.take_along_axis(scores, order, axis=-1)))
         drop_sorted = cumulative <= np.float32(1 - s.top_p)
-        drop_sorted[:, -1] = False
+        drop_sorted[:, -keep:] = False
         _drop_sorted(scores, order, drop_sorted)
     if s.min_p is not None:  # MinPLogitsWarper: below min_p x the top probability (the top token always stays)
         probs = softmax(scores)
-        scores[probs < np.float32(s.min_p) * probs.max(axis=-1, keepdims=True)] = -np.inf
+        scores[_kept(probs < np.float32(s.min_p) * probs.max(axis=-1, keepdims=True), scores, keep)] = -np.inf
     if s.typical_p < 1.0:  # TypicalLogitsWarper
         normalized = log_softmax(scores)
         with np.errstate(invalid="ignore"):  # -inf x 0 is NaN, left out of the sum as torch's nansum does
@@ -114,16 +118,25 @@ def _warp(scores: np.ndarray, s: GenerationSettings) -> None:
         cumulative = _cumsum(torch_softmax(np.take_along_axis(scores, order, axis=-1)))
         last = np.minimum((cumulative < np.float32(s.typical_p)).sum(axis=-1, keepdims=True), scores.shape[-1] - 1)
         drop_sorted = distance > np.take_along_axis(distance, last, axis=-1)
-        drop_sorted[:, 0] = False
+        drop_sorted[:, :keep] = False
         _drop_sorted(scores, order, drop_sorted)
     if 0 < s.epsilon_cutoff < 1:  # EpsilonLogitsWarper (the top token always stays)
         probs = torch_softmax(scores)
-        scores[(probs < np.float32(s.epsilon_cutoff)) & (scores < scores.max(axis=-1, keepdims=True))] = -np.inf
+        drop = (probs < np.float32(s.epsilon_cutoff)) & (scores < scores.max(axis=-1, keepdims=True))
+        scores[_kept(drop, scores, keep)] = -np.inf
     if 0 < s.eta_cutoff < 1:  # EtaLogitsWarper: epsilon scaled by the entropy (the top token always stays)
         probs = torch_softmax(scores)
         eta = np.float32(s.eta_cutoff)
         eta = np.minimum(eta, np.sqrt(eta) * np.exp(-_entropy(scores)))
-        scores[(probs < eta) & (scores < scores.max(axis=-1, keepdims=True))] = -np.inf
+        scores[_kept((probs < eta) & (scores < scores.max(axis=-1, keepdims=True)), scores, keep)] = -np.inf
+
+
+def _kept(drop: np.ndarray, scores: np.ndarray, keep: int) -> np.ndarray:
+    """`drop` [batch, vocab] with the `keep` highest scores of every row taken out of it (min_tokens_to_keep > 1)."""
+    if keep > 1:
+        top = np.argpartition(-scores, keep - 1, axis=-1)[:, :keep]
+        np.put_along_axis(drop, top, False, axis=-1)
+    return drop
 
 
 def _changes(s: GenerationSettings, new_tokens: int, eos_id: int | None) -> bool:

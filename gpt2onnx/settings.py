@@ -49,6 +49,14 @@ def _decay_arg(text: str) -> tuple[int, float]:
 
 _ids_arg.__name__, _json_arg.__name__, _decay_arg.__name__ = "comma-separated token ids", "JSON", "START,FACTOR"
 
+def early_stopping(text: str) -> bool | str:
+    """The CLI's --early-stopping value (true, false or never), named for argparse's error message."""
+    value = {"true": True, "false": False, "never": "never"}.get(text.lower())
+    if value is None:
+        raise ValueError(text)
+    return value
+
+
 # Every generation option, once: GenerationSettings' fields plus max_length (turned into max_new_tokens).
 # In this order they are Model.generate's keyword arguments and `gpt2onnx generate`'s flags; the CLI's flags,
 # its options dict, the pipeline's accepted set and the parity checker's options are derived from this table.
@@ -74,8 +82,18 @@ OPTIONS = {
     "no_repeat_ngram_size": Option("never repeat an n-gram of this size",
                                    hint="0 turns it off; 3 forbids repeating any 3 tokens in a row"),
     "num_return_sequences": Option(
-        "continuations (needs sampling)", flag={"short": "-n"},
-        hint=f"continuations per prompt, 1 to {MAX_RETURN_SEQUENCES}; more than 1 needs do_sample=True"),
+        "continuations (needs sampling, or beams: at most --num-beams)", flag={"short": "-n"},
+        hint=f"continuations per prompt, 1 to {MAX_RETURN_SEQUENCES}; more than 1 needs do_sample=True or "
+             "num_beams > 1 (then at most num_beams)"),
+    # beam search (num_beams > 1): transformers' _beam_search, see gpt2onnx/beam.py
+    "num_beams": Option("beam search over this many beams (1 = off)",
+                        hint=f"1 turns beam search off; 2 to {MAX_RETURN_SEQUENCES} beams, 4 is common"),
+    "length_penalty": Option("beam scores are divided by length ** this (> 0 favours longer ones)",
+                             hint="1.0 averages the log-probabilities per token, 0 sums them; any finite number"),
+    "early_stopping": Option("beam search ends: true (num_beams done), false (heuristic), never",
+                             flag={"type": early_stopping, "metavar": "{true,false,never}"},
+                             hint="True stops once num_beams sequences are done, False when the heuristic says no "
+                                  "beam can do better, 'never' when no beam can in theory"),
     "stop": Option("end where the new text contains TEXT (repeatable; \\n is a newline)",
                    flag={"action": "append", "metavar": "TEXT"},
                    hint='pass a string or a list of non-empty strings, e.g. stop=["\\n\\n"]'),
@@ -143,6 +161,9 @@ class GenerationSettings:
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the sequence (prompt included)
     no_repeat_ngram_size: int = 0  # > 0 forbids repeating any n-gram of this size
     num_return_sequences: int = 1  # continuations per prompt (one prefill, the cache is shared out)
+    num_beams: int = 1  # > 1: beam search (beam sampling with do_sample), returning the best num_return_sequences
+    length_penalty: float = 1.0  # a finished beam's score is its summed log-probability / new tokens ** this
+    early_stopping: bool | str = False  # True, False or "never": when beam search stops (as transformers)
     stop: tuple[str, ...] = ()  # stop a row when its new text contains one of these (not returned)
     ignore_eos: bool = False  # keep going after <|endoftext|> (fixed-length runs, benchmarks)
     seed: int | None = None  # same seed, same tokens; None draws a fresh seed
@@ -189,10 +210,24 @@ class GenerationSettings:
             raise InvalidArgumentError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}",
                                        hint=OPTIONS["sampler"].hint)
         self._check_processors()
-        if self.num_return_sequences > 1 and self.greedy:
+        self._set("num_beams", _check_int("num_beams", self.num_beams, 1, MAX_RETURN_SEQUENCES))
+        self._set("length_penalty", _check_real("length_penalty", self.length_penalty, "a finite number",
+                                                math.isfinite))
+        if not (isinstance(self.early_stopping, (bool, np.bool_)) or self.early_stopping == "never"):
+            raise InvalidArgumentError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}",
+                                       hint=OPTIONS["early_stopping"].hint)
+        if self.early_stopping != "never":
+            self._set("early_stopping", bool(self.early_stopping))
+        if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
+            raise InvalidArgumentError(
+                f"num_return_sequences={self.num_return_sequences} is more than num_beams={self.num_beams}",
+                hint="beam search returns at most num_beams sequences per prompt: raise num_beams or lower "
+                     "num_return_sequences")
+        if self.num_return_sequences > 1 and self.greedy and self.num_beams == 1:
             raise InvalidArgumentError(
                 f"num_return_sequences={self.num_return_sequences} with greedy decoding gives identical rows",
-                hint="pass do_sample=True (with a temperature > 0), or num_return_sequences=1")
+                hint="pass do_sample=True (with a temperature > 0), num_beams >= num_return_sequences, or "
+                     "num_return_sequences=1")
 
     def _check_processors(self) -> None:
         """The options of transformers' other processors, warpers and stopping criteria, normalised to tuples."""

@@ -66,9 +66,46 @@ class TorchGenerator:
         # torch draws q for the whole tensor, row after row; one row at a time keeps numpy's arrays small
         return np.array([self._argmax_ratio(row) for row in probs], np.int64)
 
+    def multinomial(self, probs: np.ndarray, k: int) -> np.ndarray:
+        """`torch.multinomial(probs, k)` (without replacement): k token ids (int64) per row of float32 `probs`
+        [batch, vocab], as beam sampling draws them.
+
+        ATen's CPU path for it is the one-sample path's q (one exponential per element, row after row) and
+        `torch.topk(probs / q, k)`: the k largest ratios, largest first. Equal ratios (only zeros in practice,
+        when fewer than k tokens have a probability) come lowest index first; torch leaves their order to its
+        sort. A NaN ratio (p = 0 and q = 0, odds 2**-53 per element) counts as the largest, as in torch.
+        """
+        probs = _checked_probs(probs)
+        if not 1 <= k <= probs.shape[-1]:
+            raise InvalidArgumentError(f"k must be from 1 to {probs.shape[-1]}, got {k!r}",
+                                       hint="torch cannot draw more samples than categories without replacement")
+        out = np.empty((len(probs), k), np.int64)
+        for row, p in enumerate(probs):
+            ratios = self._ratios(p)
+            ratios[np.isnan(ratios)] = np.inf
+            top = np.argpartition(-ratios, k - 1)[:k] if k < p.size else np.arange(p.size)
+            out[row] = top[np.lexsort((top, -ratios[top]))]
+        return out
+
     def _argmax_ratio(self, p: np.ndarray) -> int:
         """argmax(p / q) for one row, drawing its q from the stream."""
         return _argmax_ratio(p, self.bit_generator.random_raw(2 * p.size))
+
+    def _ratios(self, p: np.ndarray) -> np.ndarray:
+        """p / q (float32) for one row, drawing its q from the stream."""
+        words = self.bit_generator.random_raw(2 * p.size)
+        with np.errstate(divide="ignore", invalid="ignore"):  # p / 0 and 0 / 0 pass silently, as in torch
+            nonzero = p != 0
+            if np.count_nonzero(nonzero) > p.size // 4:
+                return p / _exponential(words)
+            # Mostly zeros (after top-k or top-p). Where p = 0 and the second word isn't 0, u > 0 so q > 0 and
+            # p / q is exactly 0: no q needed there. (When u = 0, odds 2**-53, q = 0 and a zero probability
+            # gives 0 / 0 = NaN, which wins, as in torch.)
+            live = nonzero | (words[1::2] == 0)
+            ratios = np.zeros(p.size, np.float32)
+            ratios[live] = p[live] / _exponential(words.reshape(-1, 2)[live].ravel())
+        return ratios
+
 
 
 def _argmax_ratio(p: np.ndarray, words: np.ndarray) -> int:
