@@ -23,6 +23,7 @@ VERIFY_EXAMPLES = """examples:
   gpt2onnx verify out/gpt2                           # against the checkpoint recorded in the manifest
   gpt2onnx verify out/gpt2 --seeds 20 --json         # 200 sampling cases, the full report as JSON
   gpt2onnx verify out/gpt2-int4 --max-kl 0.02 --text heldout.txt
+  gpt2onnx verify optimum-gpt2/ --reference gpt2     # an Optimum export, against the checkpoint it came from
 """
 
 
@@ -107,10 +108,13 @@ def register_verify(subparsers, formatter) -> None:
                                           "(KL divergence, perplexity, top-1 agreement where PyTorch is decisive) "
                                           "against the thresholds below. Needs the export extra.",
                               epilog=VERIFY_EXAMPLES)
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="exported model directory")
+    p.add_argument("model_dir", metavar="MODEL_DIR",
+                   help="exported model directory (gpt2onnx's, or an Optimum text-generation-with-past export)")
     p.add_argument("--reference", metavar="HF_ID_OR_DIR", default=argparse.SUPPRESS,
                    help="checkpoint to compare with: hub id, local directory or random:NAME (default: the source "
-                        "in the manifest)")
+                        "in the manifest; for an Optimum export, MODEL_DIR itself when it holds PyTorch weights)")
+    p.add_argument("--reference-seed", type=int, default=argparse.SUPPRESS,
+                   help="the seed of a random:NAME reference (default: the manifest's, else 0)")
     p.add_argument("--seeds", type=int, default=10,
                    help="sampling: seeds 0..N-1, each with every setting (10 settings)")
     p.add_argument("--max-new-tokens", type=int, default=24, help="sampling: tokens generated per case")
@@ -139,8 +143,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     require_extra()
     from . import verify_command
 
-    optional = {name: getattr(args, name, None) for name in ("reference", "attention", "min_top1", "max_kl",
-                                                            "max_ppl_increase", "text")}
+    optional = {name: getattr(args, name, None) for name in ("reference", "reference_seed", "attention", "min_top1",
+                                                            "max_kl", "max_ppl_increase", "text")}
     options = verify_command.VerifyOptions(seeds=args.seeds, max_new_tokens=args.max_new_tokens, atol=args.atol,
                                            threads=args.threads, **optional)
     report = verify_command.verify_model(args.model_dir, options)
