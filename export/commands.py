@@ -166,7 +166,9 @@ def register_bench(subparsers, formatter) -> None:
                                           "fixed workload, round-robin in one run. Prints a table; writes "
                                           "OUT_DIR/bench.json and OUT_DIR/bench.png.")
     b = bench.BenchOptions()  # the defaults are the benchmark's own
-    p.add_argument("--model", default=b.model, help="random:NAME or a local Hugging Face directory")
+    p.add_argument("--model", default=b.model,
+                   help="random:NAME, a local Hugging Face directory, or a ready-made Optimum export (measured as it "
+                        "is by Optimum and by gpt2onnx: --precisions optimum-fp32)")
     p.add_argument("--runs", type=int, default=b.runs, help="rounds; each figure is the median over them")
     p.add_argument("--new-tokens", type=int, default=b.new_tokens, help="tokens generated after the short prompt")
     p.add_argument("--long-past", type=int, default=b.long_prompt, help="prompt tokens before the long-past decode")
@@ -177,7 +179,8 @@ def register_bench(subparsers, formatter) -> None:
     p.add_argument("--threads", type=int, default=b.threads, help="threads of every framework (0: physical cores)")
     p.add_argument("--only", default=",".join(b.frameworks), help="frameworks to measure")
     p.add_argument("--precisions", default=",".join(b.precisions),
-                   help="gpt2onnx precisions to measure (+kv32: exported with --kv-cache float32)")
+                   help="gpt2onnx precisions to measure (+kv32: exported with --kv-cache float32; optimum-fp32: "
+                        "Optimum's fp32 export, run by gpt2onnx)")
     p.add_argument("--work-dir", default="~/.cache/gpt2onnx/bench", help="where the prepared models are kept")
     p.add_argument("--out-dir", default="bench-results", help="where bench.json and bench.png go")
     p.set_defaults(func=cmd_bench)
