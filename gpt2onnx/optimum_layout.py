@@ -78,6 +78,10 @@ def find_layout(directory: str | Path) -> Layout:
         return ours
     folder = next((d for d in (directory, directory / ONNX_FOLDER) if (d / c.MODEL_FILE).is_file()), None)
     if folder is None:
+        others = sorted(p.name for d in (directory, directory / ONNX_FOLDER) for p in d.glob("*.onnx"))
+        if others:  # an older Optimum layout (decoder_model_merged.onnx, ...) or another exporter's
+            raise ModelLoadError(f"{directory} holds {', '.join(others[:3])} but no {c.MODEL_FILE} and no "
+                                 f"{c.MANIFEST_FILE}: not a layout gpt2onnx reads", hint=_REEXPORT)
         return ours
     model_file = folder / c.MODEL_FILE
     inputs = read_graph_inputs(model_file)

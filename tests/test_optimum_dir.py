@@ -198,6 +198,10 @@ def test_damaged_or_unsupported_layouts(optimum_dir, tmp_path, capsys):
     (other_model / "config.json").write_text(config)
     assert "past_key_values.4" in _cli_error(other_model, capsys)
 
+    older = copy("older-layout")  # optimum < 1.14 wrote decoder_model.onnx, decoder_model_merged.onnx, ...
+    shutil.copyfile(optimum_dir / "model.onnx", older / "decoder_model_merged.onnx")
+    assert "decoder_model_merged.onnx but no model.onnx" in _cli_error(older, capsys)
+
     no_tokenizer = copy("no-tokenizer")
     shutil.copyfile(optimum_dir / "model.onnx", no_tokenizer / "model.onnx")
     (no_tokenizer / "tokenizer.json").unlink()
