@@ -13,6 +13,7 @@ length, so the cost grows with the number of nodes and initializers (~30 us each
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,10 +56,17 @@ class _Malformed(Exception):
 
 def read_graph_facts(path: Path) -> GraphFacts:
     """Decode the facts from model.onnx; a ModelLoadError if it is not a protobuf ONNX model."""
+    with _mapped(path) as data:
+        return _facts(data, Path(path))
+
+
+@contextlib.contextmanager
+def _mapped(path: Path):
+    """model.onnx's bytes, memory-mapped; what goes wrong reading or decoding them is a ModelLoadError."""
     path = Path(path)
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            return _facts(data, path)
+            yield data
     except ValueError as error:  # mmap of an empty file
         raise ModelLoadError(f"{path} is empty or unreadable ({error})",
                              hint="export the model again; the file may be damaged") from error
@@ -107,22 +115,12 @@ def _facts(data, path: Path) -> GraphFacts:
 def read_graph_inputs(path: Path) -> dict[str, str | None]:
     """The graph's input names and element types ("float32", "int8", "int64", "bool", ...; None when not a tensor
     or another type), in graph order: what a model directory's layout is recognized by (optimum_layout)."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            graph = [v for number, wire, v in _fields(data, 0, len(data)) if number == _MODEL_GRAPH and wire == _LENGTH]
-            if not graph:
-                raise _Malformed("it holds no graph")
-            inputs = [_value_info(data, value) for number, wire, value in _fields(data, *graph[-1])
-                      if number == _GRAPH_INPUT and wire == _LENGTH]
-    except ValueError as error:  # mmap of an empty file
-        raise ModelLoadError(f"{path} is empty or unreadable ({error})",
-                             hint="export the model again; the file may be damaged") from error
-    except OSError as error:
-        raise ModelLoadError(f"cannot read {path}: {error}", hint="check the file's permissions") from error
-    except _Malformed as error:
-        raise ModelLoadError(f"{path} is not a valid ONNX file: {error}",
-                             hint="export the model again; the file may be damaged or truncated") from error
+    with _mapped(path) as data:
+        graph = [v for number, wire, v in _fields(data, 0, len(data)) if number == _MODEL_GRAPH and wire == _LENGTH]
+        if not graph:
+            raise _Malformed("it holds no graph")
+        inputs = [_value_info(data, value) for number, wire, value in _fields(data, *graph[-1])
+                  if number == _GRAPH_INPUT and wire == _LENGTH]
     return {name: _INPUT_TYPES.get(elem_type) for name, elem_type in inputs}
 
 

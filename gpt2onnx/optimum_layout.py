@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,10 +32,10 @@ import onnxruntime as ort
 
 from . import contract as c
 from .config import ModelConfig
-from .errors import GenerationError, InvalidArgumentError, ModelLoadError
+from .errors import InvalidArgumentError, ModelLoadError
 from .graph_facts import read_graph_inputs
 from .kv_cache import KVCache
-from .session import OnnxSession, SessionOptions, StepRecord, ort_options
+from .session import OnnxSession, SessionOptions, ort_options
 
 GPT2ONNX, OPTIMUM = "gpt2onnx", "optimum"
 ONNX_FOLDER = "onnx"  # where a Hub-style repository keeps its ONNX files
@@ -191,19 +190,8 @@ class OptimumSession(OnnxSession):
         kept = cache.logits if reuse_logits and cache.logits is not None and cache.logits.shape == shape else None
         logits = kept if kept is not None else np.empty(shape, np.float32)
         binding.bind_ortvalue_output(c.LOGITS, ort.OrtValue.ortvalue_from_numpy(logits))
-        observers = self._observers
-        start = time.perf_counter() if observers else 0.0
-        try:
-            self._session.run_with_iobinding(binding)
-        except Exception as error:  # onnxruntime raises its own untyped exceptions
-            raise GenerationError(f"ONNX Runtime failed to run a step of {self.path}: {error}",
-                                  hint="the model directory may be damaged: run `gpt2onnx verify` on it, or "
-                                       + _REEXPORT) from error
+        out = logits[:, -1:] if logits_for == "last" else logits
+        self._run_bound(binding, input_ids, total - new, out)
         grown = KVCache(presents, length=total)
         grown.logits = logits if reuse_logits else None
-        out = logits[:, -1:] if logits_for == "last" else logits
-        if observers:
-            record = StepRecord(input_ids, total - new, out, time.perf_counter() - start)
-            for observer in observers:
-                observer(record)
         return out, grown
