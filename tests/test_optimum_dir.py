@@ -13,6 +13,7 @@ import gpt2onnx
 from gpt2onnx.cli import main
 from gpt2onnx.engine import Engine, EngineOptions
 from gpt2onnx.errors import ModelLoadError
+from gpt2onnx.kv_cache import KVCache
 from gpt2onnx.optimum_layout import OPTIMUM, OptimumSession
 from gpt2onnx.settings import GenerationSettings
 from helpers import run_python, torch_logprobs, transformers_generate
@@ -125,6 +126,40 @@ def test_the_engine_serves_it(optimum):
                                  seed=request.seed, num_return_sequences=settings.num_return_sequences)
         alone = alone if isinstance(alone, list) else [alone]
         assert [r.token_ids for r in rows] == [g.token_ids for g in alone], (prompt, settings)
+
+
+def test_kv_cache_surgery_on_its_presents(optimum):
+    """gather, join, drop and repeat_rows on the caches Optimum's graph returns: a decode step of the regrouped
+    rows gives each row's logits alone."""
+    session = optimum.session
+    prompts = [optimum.encode_prompt(p) for p in PROMPTS[:3]]
+
+    def prefill(ids):
+        _, cache = session.run(np.array([ids]), np.ones((1, len(ids)), np.int64), np.arange(len(ids))[None],
+                               session.empty_cache(1))
+        return cache
+
+    def step(cache, lengths, token=13):
+        """One decode step of every row (right-aligned, `lengths` positions of past each)."""
+        width = cache.length
+        pad = np.array([width - n for n in lengths])
+        mask = (np.arange(width + 1)[None, :] >= pad[:, None]).astype(np.int64)
+        logits, _ = session.run(np.full((len(lengths), 1), token), mask, np.array(lengths)[:, None], cache)
+        return logits[:, -1]
+
+    alone = [step(prefill(p), [len(p)])[0] for p in prompts]
+    caches = [prefill(p) for p in prompts]
+    a, b, c = (len(p) for p in prompts)
+    width = max(a, b, c)
+    batch = KVCache.gather([(caches[0], [0]), (caches[1], [0])], width=width, capacity=width + 4, rows=4)
+    assert np.abs(step(batch, [a, b]) - alone[:2]).max() < 1e-4
+    batch = batch.join([(caches[2], [0])])
+    assert np.abs(step(batch, [a, b, c]) - alone).max() < 1e-4
+    batch, where = batch.drop([0])
+    assert where.tolist() == [-1, 1, 0]  # the last row moved into the hole
+    assert np.abs(step(batch, [c, b]) - [alone[2], alone[1]]).max() < 1e-4
+    twice = caches[1].repeat_rows(2)
+    assert np.abs(step(twice, [b, b]) - [alone[1], alone[1]]).max() < 1e-4
 
 
 def test_the_runtime_needs_no_torch_nor_optimum(optimum_dir):
