@@ -147,6 +147,10 @@ class OptimumSession(OnnxSession):
         inputs = set(shapes)
         outputs = {o.name for o in self._session.get_outputs()}
         self._positions = c.POSITION_IDS in inputs
+        if not self._positions:
+            _log.warning("%s has no position_ids input: the graph counts positions from the first column, so rows of "
+                         "a left-padded batch (and the engine's) differ from transformers'; one prompt at a time is "
+                         "exact", path)
         want = {c.INPUT_IDS, c.ATTENTION_MASK, *self._past_names}
         missing = sorted((want - inputs) | ({c.LOGITS, *self._present_names} - outputs))
         if missing:
