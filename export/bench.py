@@ -42,9 +42,12 @@ from gpt2onnx.precisions import FLOAT_KV_CACHE, PRECISIONS
 
 # (framework, precision) in report order; gpt2onnx's precisions are the table's, and "+kv32" is one whose KV
 # cache defaults to int8 exported with --kv-cache float32
+# "optimum-fp32" is gpt2onnx running Optimum's fp32 export (the Optimum configuration's directory) as it is
+OPTIMUM_EXPORT = "optimum-fp32"
 CONFIGS = [("torch", "fp32"), ("optimum", "fp32"), ("ctranslate2", "fp32"), ("ctranslate2", "int8"),
            *[("gpt2onnx", p.name) for p in PRECISIONS.values()],
-           *[("gpt2onnx", p.name + "+kv32") for p in PRECISIONS.values() if p.kv_cache_dtype != FLOAT_KV_CACHE]]
+           *[("gpt2onnx", p.name + "+kv32") for p in PRECISIONS.values() if p.kv_cache_dtype != FLOAT_KV_CACHE],
+           ("gpt2onnx", OPTIMUM_EXPORT)]
 LABELS = {"torch": "transformers+torch", "optimum": "Optimum ORTModelForCausalLM", "ctranslate2": "CTranslate2",
           "gpt2onnx": "gpt2onnx"}
 _MODULES = {"torch": "transformers", "optimum": "optimum.onnxruntime", "ctranslate2": "ctranslate2",
@@ -61,7 +64,10 @@ _EOS = 50256
 class BenchOptions:
     """What to measure (defaults: the workload of issue 5)."""
 
-    model: str = "random:gpt2"  # random:NAME or a local Hugging Face directory
+    # random:NAME, a local Hugging Face directory, or a ready-made Optimum export (its directory, or a Hub-style
+    # repository with it in onnx/: measured as it is, by Optimum and by gpt2onnx; the other configurations need
+    # the PyTorch weights at the top of such a repository)
+    model: str = "random:gpt2"
     runs: int = 5  # rounds; every figure is the median over them
     new_tokens: int = 128  # tokens generated after the short prompt (decode@8, batch-5)
     short_prompt: int = 8
@@ -128,6 +134,13 @@ def run_bench(options: BenchOptions, *, progress: Callable[[str], None], command
         configs.append((framework, precision))
     if not configs:
         raise InvalidArgumentError("nothing to measure", hint="check --only and --precisions")
+    ready = ready_optimum_export(options.model)
+    if ready is not None and not _has_weights(Path(options.model).expanduser()):
+        skipped += [f"{LABELS[f]} {p}: {options.model} is an Optimum export without PyTorch weights"
+                    for f, p in configs if not _uses_optimum_export(f, p)]
+        configs = [(f, p) for f, p in configs if _uses_optimum_export(f, p)]
+    if not configs:
+        raise InvalidArgumentError("nothing to measure", hint="check --only and --precisions")
     for note in skipped:
         progress(f"skipping {note}")
     directories = prepare(options, configs, progress=progress)
@@ -169,9 +182,32 @@ def _installed(module: str) -> bool:
         return False
 
 
+def ready_optimum_export(model: str) -> Path | None:
+    """The folder holding model.onnx when `model` is a ready-made Optimum export, else None."""
+    if model.startswith("random:"):
+        return None
+    from gpt2onnx.errors import ModelLoadError
+    from gpt2onnx.optimum_layout import OPTIMUM, find_layout
+
+    try:
+        layout = find_layout(Path(model).expanduser())
+    except ModelLoadError:
+        return None
+    return layout.model_file.parent if layout.kind == OPTIMUM else None
+
+
+def _has_weights(directory: Path) -> bool:
+    return any(directory.glob("*.safetensors")) or (directory / "pytorch_model.bin").is_file()
+
+
+def _uses_optimum_export(framework: str, precision: str) -> bool:
+    return (framework, precision) in (("optimum", "fp32"), ("gpt2onnx", OPTIMUM_EXPORT))
+
+
 def prepare(options: BenchOptions, configs: list[tuple[str, str]], *,
             progress: Callable[[str], None]) -> dict[tuple[str, str], Path]:
-    """Every configuration's model directory under work_dir, made once (a `.done` file marks a finished one)."""
+    """Every configuration's model directory under work_dir, made once (a `.done` file marks a finished one).
+    A ready-made Optimum export given as the model is used as it is."""
     try:
         from . import steps  # noqa: F401  (the export extra: torch, transformers, onnx)
     except ImportError as error:
@@ -179,20 +215,27 @@ def prepare(options: BenchOptions, configs: list[tuple[str, str]], *,
                                      hint="pip install 'gpt2onnx[export,bench]'") from error
     root = Path(options.work_dir) / options.model.replace(":", "-").replace("/", "_")
     root.mkdir(parents=True, exist_ok=True)
-    hf = _hf_checkpoint(options.model, root, progress)
+    ready = ready_optimum_export(options.model)
+    hf = None
     out = {}
     for framework, precision in configs:
-        directory = root / f"{framework}-{precision}"
+        if ready is not None and _uses_optimum_export(framework, precision):
+            out[(framework, precision)] = ready
+            continue
+        hf = hf or _hf_checkpoint(options.model, root, progress)
         if framework == "torch":
             out[(framework, precision)] = hf
             continue
+        # gpt2onnx on Optimum's export runs the Optimum configuration's directory
+        made = ("optimum", "fp32") if (framework, precision) == ("gpt2onnx", OPTIMUM_EXPORT) else (framework, precision)
+        directory = root / "-".join(made)
         done = directory / ".done"
-        made_by = _maker(framework)
+        made_by = _maker(made[0])
         if not done.is_file() or done.read_text() != made_by:
-            progress(f"preparing {LABELS[framework]} {precision} in {directory}")
+            progress(f"preparing {LABELS[made[0]]} {made[1]} in {directory}")
             with warnings.catch_warnings():  # the converters' own warnings are not ours to show
                 warnings.simplefilter("ignore")
-                _convert(framework, precision, options.model, hf, directory)
+                _convert(*made, options.model, hf, directory)
             done.write_text(made_by)
         out[(framework, precision)] = directory
     return out

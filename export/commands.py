@@ -23,6 +23,7 @@ VERIFY_EXAMPLES = """examples:
   gpt2onnx verify out/gpt2                           # against the checkpoint recorded in the manifest
   gpt2onnx verify out/gpt2 --seeds 20 --json         # 200 sampling cases, the full report as JSON
   gpt2onnx verify out/gpt2-int4 --max-kl 0.02 --text heldout.txt
+  gpt2onnx verify optimum-gpt2/ --reference gpt2     # an Optimum export, against the checkpoint it came from
 """
 
 
@@ -107,10 +108,13 @@ def register_verify(subparsers, formatter) -> None:
                                           "(KL divergence, perplexity, top-1 agreement where PyTorch is decisive) "
                                           "against the thresholds below. Needs the export extra.",
                               epilog=VERIFY_EXAMPLES)
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="exported model directory")
+    p.add_argument("model_dir", metavar="MODEL_DIR",
+                   help="exported model directory (gpt2onnx's, or an Optimum text-generation-with-past export)")
     p.add_argument("--reference", metavar="HF_ID_OR_DIR", default=argparse.SUPPRESS,
                    help="checkpoint to compare with: hub id, local directory or random:NAME (default: the source "
-                        "in the manifest)")
+                        "in the manifest; for an Optimum export, MODEL_DIR itself when it holds PyTorch weights)")
+    p.add_argument("--reference-seed", type=int, default=argparse.SUPPRESS,
+                   help="the seed of a random:NAME reference (default: the manifest's, else 0)")
     p.add_argument("--seeds", type=int, default=10,
                    help="sampling: seeds 0..N-1, each with every setting (10 settings)")
     p.add_argument("--max-new-tokens", type=int, default=24, help="sampling: tokens generated per case")
@@ -139,8 +143,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     require_extra()
     from . import verify_command
 
-    optional = {name: getattr(args, name, None) for name in ("reference", "attention", "min_top1", "max_kl",
-                                                            "max_ppl_increase", "text")}
+    optional = {name: getattr(args, name, None) for name in ("reference", "reference_seed", "attention", "min_top1",
+                                                            "max_kl", "max_ppl_increase", "text")}
     options = verify_command.VerifyOptions(seeds=args.seeds, max_new_tokens=args.max_new_tokens, atol=args.atol,
                                            threads=args.threads, **optional)
     report = verify_command.verify_model(args.model_dir, options)
@@ -162,7 +166,9 @@ def register_bench(subparsers, formatter) -> None:
                                           "fixed workload, round-robin in one run. Prints a table; writes "
                                           "OUT_DIR/bench.json and OUT_DIR/bench.png.")
     b = bench.BenchOptions()  # the defaults are the benchmark's own
-    p.add_argument("--model", default=b.model, help="random:NAME or a local Hugging Face directory")
+    p.add_argument("--model", default=b.model,
+                   help="random:NAME, a local Hugging Face directory, or a ready-made Optimum export (measured as it "
+                        "is by Optimum and by gpt2onnx: --precisions optimum-fp32)")
     p.add_argument("--runs", type=int, default=b.runs, help="rounds; each figure is the median over them")
     p.add_argument("--new-tokens", type=int, default=b.new_tokens, help="tokens generated after the short prompt")
     p.add_argument("--long-past", type=int, default=b.long_prompt, help="prompt tokens before the long-past decode")
@@ -173,7 +179,8 @@ def register_bench(subparsers, formatter) -> None:
     p.add_argument("--threads", type=int, default=b.threads, help="threads of every framework (0: physical cores)")
     p.add_argument("--only", default=",".join(b.frameworks), help="frameworks to measure")
     p.add_argument("--precisions", default=",".join(b.precisions),
-                   help="gpt2onnx precisions to measure (+kv32: exported with --kv-cache float32)")
+                   help="gpt2onnx precisions to measure (+kv32: exported with --kv-cache float32; optimum-fp32: "
+                        "Optimum's fp32 export, run by gpt2onnx)")
     p.add_argument("--work-dir", default="~/.cache/gpt2onnx/bench", help="where the prepared models are kept")
     p.add_argument("--out-dir", default="bench-results", help="where bench.json and bench.png go")
     p.set_defaults(func=cmd_bench)

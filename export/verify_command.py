@@ -39,6 +39,8 @@ from .progress import stderr, stopwatch
 from .reference import torch_model
 
 DEFAULT_SEEDS = 10
+# PyTorch weights beside an Optimum export's onnx/ folder make the directory its own reference
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 _SHOWN = 20  # unexplained differences listed in the text report
 
 
@@ -46,7 +48,10 @@ _SHOWN = 20  # unexplained differences listed in the text report
 class VerifyOptions:
     """What `verify_model` compares, and how strictly."""
 
-    reference: str | None = None  # hub id, local directory or random:NAME (default: the manifest's source)
+    # hub id, local directory or random:NAME (default: the manifest's source; for an Optimum export without one,
+    # the directory itself when it holds PyTorch weights, as Hub repositories with an onnx/ folder often do)
+    reference: str | None = None
+    reference_seed: int | None = None  # the seed of a random:NAME reference (default: the manifest's, else 0)
     seeds: int = DEFAULT_SEEDS  # sampling: seeds 0 .. seeds-1, each with every setting of parity.SETTINGS
     max_new_tokens: int = parity.MAX_NEW_TOKENS  # sampling: tokens generated per case
     atol: float = verify.DEFAULT_ATOL  # fp32: largest |logit difference| that counts as float noise
@@ -67,7 +72,8 @@ def verify_model(model_dir: str | Path, options: VerifyOptions = VerifyOptions()
     _check(options)
     step = stopwatch(progress)
     model = gpt2onnx.load(model_dir, threads=options.threads)
-    spec, seed, revision = reference_spec(model.manifest, options.reference)
+    spec, seed, revision = reference_spec(model.manifest, options.reference, directory=model_dir,
+                                          seed=options.reference_seed)
     step(f"loading the reference {spec}")
     with staging.terminate_cleanly(), tempfile.TemporaryDirectory(prefix="gpt2onnx-verify-") as work:
         source = sources.load_source(spec, workdir=Path(work), seed=seed, revision=revision)
@@ -76,8 +82,9 @@ def verify_model(model_dir: str | Path, options: VerifyOptions = VerifyOptions()
                                    hint="pass --reference the checkpoint this model was exported from")
     attention = options.attention or _attention(source.config_dict)
     reference = torch_model(source.config_dict, source.weights, attn_implementation=attention)
-    precision = model.manifest.get(c.M_PRECISION, "fp32")
-    report = {"model": str(Path(model_dir)), "precision": precision,
+    # an Optimum export has no manifest: its float32 cache (the only one load accepts) is verified as fp32
+    precision = (model.manifest or {}).get(c.M_PRECISION, "fp32")
+    report = {"model": str(Path(model_dir)), "precision": precision, "layout": model.layout.kind,
               "reference": {"spec": spec, **({"seed": seed} if spec.startswith(sources.RANDOM_PREFIX) else {}),
                             "attention": attention, "transformers": _transformers_version()}}
     with _torch_threads(1):
@@ -121,12 +128,22 @@ def check(report: dict) -> None:
                                  "checkpoint it came from?); --json prints every comparison")
 
 
-def reference_spec(manifest: dict, override: str | None) -> tuple[str, int, str | None]:
-    """(MODEL spec, seed, revision) of the reference: `override`, else the source the manifest records."""
-    source = manifest.get(c.M_SOURCE) or {}
-    seed = int(source.get("seed", 0)) if source.get("kind") == "random" else 0
+def reference_spec(manifest: dict | None, override: str | None, *, directory: str | Path | None = None,
+                   seed: int | None = None) -> tuple[str, int, str | None]:
+    """(MODEL spec, seed, revision) of the reference: `override`, else the source the manifest records; with
+    no manifest (an Optimum export), `directory` itself when it holds PyTorch weights. `seed`: of a
+    random:NAME reference, instead of the manifest's."""
+    source = (manifest or {}).get(c.M_SOURCE) or {}
+    recorded = int(source.get("seed", 0)) if source.get("kind") == "random" else 0
+    seed = recorded if seed is None else seed
     if override:
         return override, seed, None
+    if manifest is None:
+        if directory is not None and any(Path(directory, name).is_file() for name in _WEIGHT_FILES):
+            return str(directory), seed, None
+        raise InvalidArgumentError(f"{directory} has no gpt2onnx manifest (an Optimum export) and no PyTorch weights "
+                                   "to compare with", hint="pass --reference HF_ID_OR_DIR (or random:NAME with "
+                                                           "--reference-seed), the checkpoint it was exported from")
     kind = source.get("kind")
     if kind == "random":
         return sources.RANDOM_PREFIX + source["architecture"], seed, None
@@ -172,6 +189,9 @@ def _check(options: VerifyOptions) -> None:
                                    hint="default: " + precisions.per_precision("max_perplexity_increase"))
     if options.text is not None and not Path(options.text).expanduser().is_file():
         raise InvalidArgumentError(f"the text {options.text!r} is not a file", hint="pass a UTF-8 text file to --text")
+    if options.reference_seed is not None and (not is_int(options.reference_seed) or options.reference_seed < 0):
+        raise InvalidArgumentError(f"reference_seed must be an integer >= 0, got {options.reference_seed!r}",
+                                   hint="the --seed a random:NAME model was exported with (default 0)")
     if not is_int(options.threads) or options.threads < 0:
         raise InvalidArgumentError(f"threads must be an integer >= 0, got {options.threads!r}",
                                    hint="0 uses one thread per physical core")
@@ -217,7 +237,7 @@ def _sampling(model, reference, model_dir, options: VerifyOptions, step) -> dict
     # offer to import Python files from the directory
     from transformers import GPT2TokenizerFast
 
-    tokenizer = GPT2TokenizerFast.from_pretrained(str(model_dir))
+    tokenizer = GPT2TokenizerFast.from_pretrained(str(model.layout.tokenizer_file.parent))
     runner = parity.SideBySide(model, reference, tokenizer, atol=options.atol)
     results = []
     all_cases = (parity.greedy_cases(max_new_tokens=options.max_new_tokens)
@@ -272,7 +292,9 @@ def _failures(report: dict) -> list[str]:
 def format_report(report: dict) -> str:
     """The report as text: one section per comparison, then the verdict."""
     ref = report["reference"]
-    lines = [f"gpt2onnx verify {report['model']} ({report['precision']})",
+    optimum = report.get("layout") == "optimum"
+    lines = [f"gpt2onnx verify {report['model']} ({report['precision']}"
+             + (", an Optimum export: no manifest, so no file hashes were checked" if optimum else "") + ")",
              f"reference: {ref['spec']}" + (f" (seed {ref['seed']})" if "seed" in ref else "")
              + f", transformers {ref['transformers']} GPT2LMHeadModel, {ref['attention']} attention", ""]
     if "logits" in report:

@@ -13,6 +13,7 @@ length, so the cost grows with the number of nodes and initializers (~30 us each
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 13, 14
 _ENTRY_KEY, _ENTRY_VALUE = 1, 2
 _EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
 _ELEM_TYPES = {1: "float32", 3: "int8"}  # TensorProto.DataType of the cache inputs
+_INPUT_TYPES = {**_ELEM_TYPES, 7: "int64", 9: "bool", 10: "float16"}  # ... and of any input read_graph_inputs names
 _VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
 
 QUANTIZED_MATMUL = "MatMulNBits"  # com.microsoft, ONNX Runtime's contrib op
@@ -54,10 +56,17 @@ class _Malformed(Exception):
 
 def read_graph_facts(path: Path) -> GraphFacts:
     """Decode the facts from model.onnx; a ModelLoadError if it is not a protobuf ONNX model."""
+    with _mapped(path) as data:
+        return _facts(data, Path(path))
+
+
+@contextlib.contextmanager
+def _mapped(path: Path):
+    """model.onnx's bytes, memory-mapped; what goes wrong reading or decoding them is a ModelLoadError."""
     path = Path(path)
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            return _facts(data, path)
+            yield data
     except ValueError as error:  # mmap of an empty file
         raise ModelLoadError(f"{path} is empty or unreadable ({error})",
                              hint="export the model again; the file may be damaged") from error
@@ -101,6 +110,18 @@ def _facts(data, path: Path) -> GraphFacts:
     precision = "fp32" if quantization is None else f"int{quantization['bits']}"
     return GraphFacts(precision=precision, quantization=quantization, kv_cache=_ELEM_TYPES[kv_type],
                       quantized_matmuls=len(schemes), external_files=tuple(dict.fromkeys(external)))
+
+
+def read_graph_inputs(path: Path) -> dict[str, str | None]:
+    """The graph's input names and element types ("float32", "int8", "int64", "bool", ...; None when not a tensor
+    or another type), in graph order: what a model directory's layout is recognized by (optimum_layout)."""
+    with _mapped(path) as data:
+        graph = [v for number, wire, v in _fields(data, 0, len(data)) if number == _MODEL_GRAPH and wire == _LENGTH]
+        if not graph:
+            raise _Malformed("it holds no graph")
+        inputs = [_value_info(data, value) for number, wire, value in _fields(data, *graph[-1])
+                  if number == _GRAPH_INPUT and wire == _LENGTH]
+    return {name: _INPUT_TYPES.get(elem_type) for name, elem_type in inputs}
 
 
 def check_claims(manifest: dict, facts: GraphFacts, directory: Path) -> None:

@@ -22,8 +22,9 @@ from .errors import InvalidArgumentError, ModelLoadError
 from .generator import generate, generate_tokens
 from .logprobs import Score, TopLogprobs, check_top, chosen, score
 from .manifest import read_manifest
+from .optimum_layout import OPTIMUM, Layout, find_layout, note_unverified
 from .sampling import log_softmax
-from .session import OnnxSession, SessionOptions
+from .session import SessionOptions
 from .settings import OPTIONS, GenerationSettings, check_token_ids
 from .stopping import (
     EOS,
@@ -67,22 +68,23 @@ class Model:
     """An exported GPT-2, ready to generate. Build it with `gpt2onnx.load`. Safe to share between threads."""
 
     def __init__(self, directory: Path, *, manifest: dict | None, options: SessionOptions = SessionOptions(),
-                 max_cache_bytes: int = limits.DEFAULT_MAX_CACHE_BYTES):
+                 max_cache_bytes: int = limits.DEFAULT_MAX_CACHE_BYTES, layout: Layout | None = None):
         self.directory = Path(directory)
-        self.manifest = manifest
+        self.manifest = manifest  # None for an Optimum export (see optimum_layout)
+        self.layout = layout or Layout.gpt2onnx(self.directory)  # where its files are, which session runs it
         self.max_cache_bytes = limits.check_cache_bytes(max_cache_bytes)
-        self.raw_config, self.config = read_config(self.directory / c.CONFIG_FILE)
+        self.raw_config, self.config = read_config(self.layout.config_file)
         # the session and the tokenizer load side by side: ONNX Runtime releases the GIL while it loads (the
         # tokenizers library does not, so it is the one on this thread)
-        session = _in_background(OnnxSession, self.directory / c.MODEL_FILE, self.config, options,
+        session = _in_background(self.layout.open_session, self.config, options,
                                  model_hashes=_verified_graph_hashes(self.directory, manifest))
         try:
-            self.tokenizer = Tokenizer(self.directory / c.TOKENIZER_FILE)
+            self.tokenizer = Tokenizer(self.layout.tokenizer_file)
         except BaseException:
             session(errors=False)  # the tokenizer's error is the one reported
             raise
         self.session = session()
-        path = self.directory / c.GENERATION_CONFIG_FILE
+        path = self.layout.generation_config_file
         self.generation_config = _read_json(path) if path.is_file() else {}
         self.defaults = model_defaults(self.generation_config, self.raw_config)
         eos = self.generation_config.get("eos_token_id", self.config.eos_token_id)
@@ -95,14 +97,14 @@ class Model:
         """Every id the tokenizer or <|endoftext|> can give must be a row of the model's embedding."""
         vocab = self.config.vocab_size
         if self.eos_token_id is None:
-            raise ModelLoadError(f"{self.directory / c.TOKENIZER_FILE} has no {ENDOFTEXT} token and the model "
+            raise ModelLoadError(f"{self.layout.tokenizer_file} has no {ENDOFTEXT} token and the model "
                                  "directory gives no eos_token_id", hint="export the model again")
         if not 0 <= self.eos_token_id < vocab:
             raise ModelLoadError(f"eos_token_id {self.eos_token_id} in {self.directory} is not a token of this model "
                                  f"(vocab_size={vocab})", hint="fix eos_token_id in generation_config.json / "
                                                                 "config.json, or export the model again")
         if self.tokenizer.vocab_size > vocab:
-            raise ModelLoadError(f"{self.directory / c.TOKENIZER_FILE} has {self.tokenizer.vocab_size} tokens but "
+            raise ModelLoadError(f"{self.layout.tokenizer_file} has {self.tokenizer.vocab_size} tokens but "
                                  f"the model has vocab_size={vocab}",
                                  hint="the tokenizer belongs to another model; export the model again")
 
@@ -416,7 +418,9 @@ class Model:
 
 def load(directory: str | Path, *, threads: int = 0, check_hashes: bool = True,
          max_cache_bytes: int = limits.DEFAULT_MAX_CACHE_BYTES) -> Model:
-    """Load an exported model directory after checking its manifest.
+    """Load an exported model directory after checking its manifest, or a GPT-2 Optimum exported
+    (text-generation-with-past; the directory, or a Hub-style repository with it in onnx/), which has no
+    manifest to check: a log line says so (gpt2onnx/optimum_layout.py).
 
     threads: ONNX Runtime intra-op threads; 0 uses one per physical core (at most 4 per usable CPU).
     check_hashes: verify the sha256 of every file against the manifest (a few seconds for large models). A
@@ -428,8 +432,14 @@ def load(directory: str | Path, *, threads: int = 0, check_hashes: bool = True,
     """
     options = SessionOptions(threads=threads)
     max_cache_bytes = limits.check_cache_bytes(max_cache_bytes)
-    manifest = read_manifest(Path(directory), check_hashes=check_hashes)
-    return Model(Path(directory), manifest=manifest, options=options, max_cache_bytes=max_cache_bytes)
+    layout = find_layout(directory)
+    if layout.kind == OPTIMUM:
+        manifest = None
+        note_unverified(layout)
+    else:
+        manifest = read_manifest(Path(directory), check_hashes=check_hashes)
+    return Model(Path(directory), manifest=manifest, options=options, max_cache_bytes=max_cache_bytes,
+                 layout=layout)
 
 
 def _verified_graph_hashes(directory: Path, manifest: dict | None) -> dict[str, str] | None:

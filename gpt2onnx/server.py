@@ -109,7 +109,7 @@ class _State:
 
     def attach(self, engine) -> None:
         model = engine.model
-        self.token_text = TokenText(model.directory / "tokenizer.json")
+        self.token_text = TokenText(model.layout.tokenizer_file)
         precision = (model.manifest or {}).get("precision", "fp32")
         self.fingerprint = f"gpt2onnx-{__version__}-{precision}"
         self.model = model

@@ -161,6 +161,12 @@ class OnnxSession:
             logits = np.empty(shape, np.float32)
             binding.bind_ortvalue_output(c.LOGITS, ort.OrtValue.ortvalue_from_numpy(logits))
             cache.logits = logits if reuse_logits else None
+        self._run_bound(binding, input_ids, total - new, logits)
+        cache.length = total
+        return logits, cache
+
+    def _run_bound(self, binding: ort.IOBinding, input_ids: np.ndarray, past_length: int, logits: np.ndarray) -> None:
+        """Run a step whose inputs and outputs are bound, then show it to the observers (logits: what run returns)."""
         observers = self._observers
         start = time.perf_counter() if observers else 0.0
         try:
@@ -170,12 +176,10 @@ class OnnxSession:
             raise GenerationError(f"ONNX Runtime failed to run a step of {self.path.name}: {error}",
                                   hint="the model directory may be damaged: run `gpt2onnx verify` on it, or export "
                                        "it again") from error
-        cache.length = total
         if observers:
-            record = StepRecord(input_ids, total - new, logits, time.perf_counter() - start)
+            record = StepRecord(input_ids, past_length, logits, time.perf_counter() - start)
             for observer in observers:
                 observer(record)
-        return logits, cache
 
     def _check_shapes(self, input_ids, attention_mask, position_ids, cache: KVCache) -> None:
         """The contract's shapes and integer dtypes (2 us a step: no pass over the data but the prefill's ids)."""

@@ -7,6 +7,8 @@
     quantized_copy(src, dst, bits, block_size)   an fp32 export rewritten with MatMulNBits, as another
                                           exporter could write it (packed here, independently of ours)
     run_matmul_nbits(x, packed, scales, zeros, n, bits, block_size)   ONNX Runtime's MatMulNBits on x
+    transformers_generate(model, tokenizer, prompts, seed, options, max_new_tokens)   set_seed + generate, padded
+    torch_logprobs(reference, ids)        torch's log_softmax of transformers' logits at every position
 """
 
 from __future__ import annotations
@@ -150,3 +152,34 @@ def run_matmul_nbits(x: np.ndarray, packed, scales, zeros, *, n: int, bits: int,
     model.ir_version = 8
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, {"x": x})[0]
+
+
+# -- PyTorch's side of a comparison -----------------------------------------------------------------
+
+
+def transformers_generate(model, tokenizer, prompts, seed, options, max_new_tokens):
+    """transformers' new token ids after set_seed(seed), prompts left-padded, each row cut after its EOS."""
+    import torch
+    from transformers import set_seed
+
+    tokenizer.padding_side = "left"
+    tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    set_seed(seed)
+    with torch.inference_mode():
+        out = model.generate(**batch, do_sample=True, max_new_tokens=max_new_tokens,
+                             pad_token_id=tokenizer.eos_token_id, **options)
+    rows = out[:, batch["input_ids"].shape[1]:].tolist()
+    eos = tokenizer.eos_token_id
+    return [row[: row.index(eos) + 1] if eos in row else row for row in rows]
+
+
+def torch_logprobs(reference, ids: list[int]) -> np.ndarray:
+    """torch.log_softmax (float32) of transformers' logits at every position of one unpadded sequence;
+    reference: (GPT2LMHeadModel, tokenizer)."""
+    import torch
+
+    model, _ = reference
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids])).logits[0]
+        return torch.log_softmax(logits, dim=-1).numpy()

@@ -7,19 +7,10 @@ import pytest
 
 from gpt2onnx.errors import InvalidArgumentError
 from gpt2onnx.logprobs import log_softmax, top
+from helpers import torch_logprobs
 
 TEXTS = ["The :substitute command replaces text", "fs.readFile(path, options", "x", "In Vim, to delete a line, type dd"]
 TOL = 1e-4
-
-
-def torch_logprobs(reference, ids: list[int]) -> np.ndarray:
-    """torch.log_softmax (float32) of transformers' logits at every position of one unpadded sequence."""
-    import torch
-
-    model, _ = reference
-    with torch.inference_mode():
-        logits = model(torch.tensor([ids])).logits[0]
-        return torch.log_softmax(logits, dim=-1).numpy()
 
 
 def test_log_softmax_equals_torch():

@@ -4,6 +4,7 @@ import pytest
 
 import gpt2onnx
 from gpt2onnx.pipeline import pipeline
+from helpers import transformers_generate
 
 PROMPTS = ["Hello, I'm a language model,", "Vim: the :s command", "naïve café — 日本語 😀", "fs.readFile("]
 SETTINGS = [
@@ -15,22 +16,6 @@ SETTINGS = [
     dict(num_return_sequences=5),
     dict(min_new_tokens=10, top_k=10),
 ]
-
-
-def _transformers_generate(model, tokenizer, prompts, seed, options, max_new_tokens):
-    import torch
-    from transformers import set_seed
-
-    tokenizer.padding_side = "left"
-    tokenizer.pad_token = tokenizer.eos_token
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
-    set_seed(seed)
-    with torch.inference_mode():
-        out = model.generate(**batch, do_sample=True, max_new_tokens=max_new_tokens,
-                             pad_token_id=tokenizer.eos_token_id, **options)
-    rows = out[:, batch["input_ids"].shape[1]:].tolist()
-    eos = tokenizer.eos_token_id
-    return [row[: row.index(eos) + 1] if eos in row else row for row in rows]
 
 
 def _ours(model, prompts, seed, options, max_new_tokens):
@@ -45,7 +30,7 @@ def _check_seeds(ours_model, reference, tokenizer, seeds, batch_sizes, max_new_t
         options = SETTINGS[seed % len(SETTINGS)]
         size = batch_sizes[seed % len(batch_sizes)]
         prompts = [PROMPTS[(seed + i) % len(PROMPTS)] for i in range(size)]
-        expected = _transformers_generate(reference, tokenizer, prompts, seed, options, max_new_tokens)
+        expected = transformers_generate(reference, tokenizer, prompts, seed, options, max_new_tokens)
         assert _ours(ours_model, prompts, seed, options, max_new_tokens) == expected, (seed, options, prompts)
         checked += 1
     return checked
