@@ -233,11 +233,12 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
     for name, option in OPTIONS.items():
         flag = dict(option.flag)
         short = [flag.pop("short")] if "short" in flag else []
+        alias = [flag.pop("alias")] if "alias" in flag else []  # a shorter long flag, listed after the full one
         if "action" not in flag and types.get(name) is bool:
             flag.update(action=argparse.BooleanOptionalAction, default=None)
         elif not {"action", "type", "choices"} & set(flag):
             flag["type"] = next(t for t in typing.get_args(types[name]) or [types[name]] if t is not type(None))
-        parser.add_argument(*short, "--" + name.replace("_", "-"), help=option.help, **flag)
+        parser.add_argument(*short, "--" + name.replace("_", "-"), *alias, help=option.help, **flag)
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:

@@ -20,7 +20,8 @@ from .settings import OPTIONS, GenerationSettings
 # an option transformers has is also one a model directory may set, and one the pipeline takes
 TRANSFORMERS_DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
                          "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "num_return_sequences": 1,
-                         "min_new_tokens": 0}
+                         "min_new_tokens": 0, "prompt_lookup_num_tokens": None, "max_matching_ngram_size": None,
+                         "num_assistant_tokens": 20, "num_assistant_tokens_schedule": "constant"}
 _FROM_MODEL = set(TRANSFORMERS_DEFAULTS) | {"max_new_tokens"}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import secrets
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,11 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from . import contract as c
-from . import limits
+from . import limits, speculative
 from .config import ModelConfig
 from .defaults import model_defaults, resolve
 from .errors import InvalidArgumentError, ModelLoadError
-from .generator import generate, generate_tokens
+from .generator import collect, generate_tokens
 from .logprobs import Score, TopLogprobs, check_top, chosen, score
 from .manifest import read_manifest
 from .session import OnnxSession, SessionOptions
@@ -37,6 +38,8 @@ class Generation:
     seed: int | None  # the seed that reproduces this result (None for greedy)
     # per new token (logprob, its top alternatives) of the RAW model distribution, when asked (logprobs=k)
     logprobs: list[tuple[float, TopLogprobs]] | None = None
+    # how the drafts fared, when prompt lookup or an assistant model ran (one row only; None otherwise)
+    speculation: speculative.SpeculationStats | None = None
 
     def __str__(self) -> str:
         return self.text
@@ -49,6 +52,7 @@ class Model:
                  max_cache_bytes: int = limits.DEFAULT_MAX_CACHE_BYTES):
         self.directory = Path(directory)
         self.manifest = manifest
+        self.session_options = options
         self.max_cache_bytes = limits.check_cache_bytes(max_cache_bytes)
         self.raw_config, self.config = read_config(self.directory / c.CONFIG_FILE)
         self.tokenizer = Tokenizer(self.directory / c.TOKENIZER_FILE)
@@ -59,6 +63,7 @@ class Model:
         eos = self.generation_config.get("eos_token_id", self.config.eos_token_id)
         self.eos_token_id = eos if isinstance(eos, int) and not isinstance(eos, bool) else self.tokenizer.eos_token_id
         self._check_vocabulary()
+        self._same_vocabulary = weakref.WeakSet()  # assistant models checked to share this model's vocabulary
 
     def _check_vocabulary(self) -> None:
         """Every id the tokenizer or <|endoftext|> can give must be a row of the model's embedding."""
@@ -80,8 +85,11 @@ class Model:
                  top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
                  no_repeat_ngram_size: int | None = None, num_return_sequences: int | None = None,
                  stop: str | list[str] | None = None, seed: int | None = None, sampler: str | None = None,
-                 ignore_eos: bool | None = None, return_full_text: bool = False, truncate: str | None = None,
-                 allow_special_tokens: bool = False, logprobs: int | None = None):
+                 ignore_eos: bool | None = None,
+                 prompt_lookup_num_tokens: int | None = None, max_matching_ngram_size: int | None = None,
+                 num_assistant_tokens: int | None = None, num_assistant_tokens_schedule: str | None = None,
+                 return_full_text: bool = False, truncate: str | None = None, allow_special_tokens: bool = False,
+                 logprobs: int | None = None, assistant_model: "Model | str | Path | None" = None):
         """Continue `prompt` (a string, or a list of strings run as one left-padded batch).
 
         Returns a Generation for a string prompt, a list of num_return_sequences Generations when that is
@@ -104,6 +112,13 @@ class Model:
         sampler: "torch" replays PyTorch's random stream (the tokens of transformers after set_seed(seed));
             "numpy" uses numpy's generator (faster, different tokens).
         ignore_eos: keep generating after <|endoftext|> (fixed-length runs).
+        prompt_lookup_num_tokens: draft up to this many tokens by finding the text's last n-gram earlier in
+            it, and check them in one run of the model: the same tokens, fewer runs (one prompt, one sequence;
+            None: off). See gpt2onnx/speculative.py.
+        max_matching_ngram_size: prompt lookup's longest n-gram (None: 2, transformers' default).
+        num_assistant_tokens: tokens an assistant_model drafts per run (default 20, transformers').
+        num_assistant_tokens_schedule: "constant" (default) or "heuristic": 2 more drafts after a fully kept
+            draft, 1 fewer otherwise ("heuristic_transient" is the same: nothing carries over between calls).
         return_full_text: put the prompt in front of the returned text.
         truncate: "left" drops the oldest prompt tokens when prompt + new tokens exceed the context;
             None (default) raises an error instead.
@@ -111,6 +126,9 @@ class Model:
         logprobs: k >= 0 fills Generation.logprobs: per new token its log-probability and the k likeliest
             tokens, from the model's RAW logits (before repetition penalty, temperature, top-k, top-p), as
             OpenAI and vLLM report them; None (default) leaves it None.
+        assistant_model: a smaller model with the same vocabulary (a loaded Model, or an export directory,
+            loaded per call) drafts num_assistant_tokens tokens greedily, checked in one run: the same tokens,
+            fewer runs (one prompt, one sequence; Generation.speculation tells how many drafts were kept).
         """
         given = locals()
         options = {name: given[name] for name in OPTIONS}  # the generation options, as settings.OPTIONS lists them
@@ -118,8 +136,10 @@ class Model:
         _check_flag("return_full_text", return_full_text)
         prompt_ids, settings = self._prepare(prompts, options, truncate=truncate, allow_special=allow_special_tokens)
         check_top("logprobs", logprobs, self.config.vocab_size)
+        assistant = self._assistant(assistant_model, settings)
         seed, rng = self._rng(settings)
         n = settings.num_return_sequences
+        stats = speculative.SpeculationStats() if self._speculates(prompt_ids, settings, assistant) else None
         values = [[] for _ in range(len(prompts) * n)]
 
         def record(logits, next_ids, live):  # the raw distribution at each live row's chosen token
@@ -127,19 +147,23 @@ class Model:
             for row, value in zip(rows.tolist(), chosen(logits[rows], next_ids[rows], logprobs)):
                 values[row].append(value)
 
-        rows = self.generate_rows(prompt_ids, settings, rng, watch=None if logprobs is None else record)
+        rows = self.generate_rows(prompt_ids, settings, rng, watch=None if logprobs is None else record,
+                                  assistant=assistant, stats=stats)
         results = []
         for index, new_ids in enumerate(rows):
             p = index // n
             result = self._result(prompts[p], prompt_ids[p], new_ids, settings, seed, return_full_text)
             if logprobs is not None:
                 result = dataclasses.replace(result, logprobs=values[index])
+            if stats is not None:
+                result = dataclasses.replace(result, speculation=stats)
             results.append(result)
         grouped = results if n == 1 else [results[i:i + n] for i in range(0, len(results), n)]
         return grouped[0] if isinstance(prompt, str) else grouped
 
     def stream(self, prompt: str, *, return_full_text: bool = False, truncate: str | None = None,
-               allow_special_tokens: bool = False, **options) -> Iterator[str]:
+               allow_special_tokens: bool = False, assistant_model: "Model | str | Path | None" = None,
+               **options) -> Iterator[str]:
         """Yield the new text piece by piece as tokens are produced; the pieces join to `generate`'s text.
 
         Takes one prompt and the options of `generate` (num_return_sequences must be 1). A piece never
@@ -156,17 +180,17 @@ class Model:
         if settings.num_return_sequences != 1:
             raise InvalidArgumentError("stream() produces one sequence; num_return_sequences must be 1",
                                        hint="use generate() for several sequences")
-        return self._stream(prompt, prompt_ids, settings, bool(return_full_text))
+        assistant = self._assistant(assistant_model, settings)
+        return self._stream(prompt, prompt_ids, settings, bool(return_full_text), assistant)
 
     def _stream(self, prompt: str, prompt_ids: list[int], settings: GenerationSettings,
-                return_full_text: bool) -> Iterator[str]:
+                return_full_text: bool, assistant: "Model | None") -> Iterator[str]:
         _, rng = self._rng(settings)
         hold = max((len(s) for s in settings.stop), default=1) - 1  # a stop string may still be completing
         tokens, sent = [], 0
         if return_full_text:
             yield prompt
-        for next_ids, live in generate_tokens(self.session, [prompt_ids], settings, eos_id=self.eos_token_id,
-                                              rng=rng):
+        for next_ids, live in self._tokens([prompt_ids], settings, rng, assistant=assistant):
             token = int(next_ids[0])
             if token == self.eos_token_id and not settings.ignore_eos:
                 break
@@ -183,12 +207,66 @@ class Model:
             yield text[sent:]
 
     def generate_rows(self, prompt_ids: list[list[int]], settings: GenerationSettings, rng, *,
-                      watch=None) -> list[list[int]]:
+                      watch=None, assistant: "Model | None" = None,
+                      stats: speculative.SpeculationStats | None = None) -> list[list[int]]:
         """New token ids of every row (prompt-major, then its return sequences) from prepared inputs.
-        watch(logits, next_ids, live): called at every step (see generator.generate_tokens)."""
-        stops = StopStrings(settings.stop, self.tokenizer.decode, len(prompt_ids) * settings.num_return_sequences)
-        return generate(self.session, prompt_ids, settings, eos_id=self.eos_token_id, rng=rng,
-                        stopped=stops.update if settings.stop else None, watch=watch)
+        watch(logits, next_ids, live): called at every step (see generator.generate_tokens).
+        assistant, stats: see _tokens."""
+        rows = len(prompt_ids) * settings.num_return_sequences
+        stops = StopStrings(settings.stop, self.tokenizer.decode, rows)
+        return collect(self._tokens(prompt_ids, settings, rng, stopped=stops.update if settings.stop else None,
+                                    watch=watch, assistant=assistant, stats=stats), rows)
+
+    # -- speculative decoding (gpt2onnx/speculative.py) --------------------------------------------------
+
+    def _tokens(self, prompt_ids: list[list[int]], settings: GenerationSettings, rng, *, stopped=None, watch=None,
+                assistant: "Model | None" = None, stats: speculative.SpeculationStats | None = None):
+        """The token loop for these rows: speculative for one row with prompt lookup or an assistant (same
+        tokens, fewer runs), the plain loop otherwise (batches share each weight read among their rows already).
+        stats: filled in by the speculative loop."""
+        if not self._speculates(prompt_ids, settings, assistant):
+            return generate_tokens(self.session, prompt_ids, settings, eos_id=self.eos_token_id, rng=rng,
+                                   stopped=stopped, watch=watch)
+        if assistant is not None:
+            capacity = len(prompt_ids[0]) + settings.max_new_tokens
+            drafter = speculative.Assistant(assistant.session, settings, eos_id=self.eos_token_id, capacity=capacity)
+        else:
+            drafter = speculative.PromptLookup(settings)
+        return speculative.generate_tokens(self.session, prompt_ids[0], settings, eos_id=self.eos_token_id,
+                                           drafter=drafter, rng=rng, stopped=stopped, watch=watch, stats=stats)
+
+    @staticmethod
+    def _speculates(prompt_ids: list[list[int]], settings: GenerationSettings, assistant: "Model | None") -> bool:
+        one_row = len(prompt_ids) == 1 and settings.num_return_sequences == 1
+        return one_row and (assistant is not None or settings.prompt_lookup_num_tokens is not None)
+
+    def _assistant(self, assistant_model, settings: GenerationSettings) -> "Model | None":
+        """assistant_model as a loaded Model, checked to share this model's vocabulary (drafts are token ids)."""
+        if assistant_model is None:
+            return None
+        if settings.prompt_lookup_num_tokens is not None:
+            raise InvalidArgumentError("prompt_lookup_num_tokens and assistant_model both draft tokens; pass one",
+                                       hint="use prompt lookup for text that repeats its prompt, an assistant "
+                                            "model otherwise")
+        if isinstance(assistant_model, (str, Path)):
+            assistant_model = load(assistant_model, threads=self.session_options.threads)
+        if not isinstance(assistant_model, Model):
+            raise InvalidArgumentError(f"assistant_model must be a loaded gpt2onnx Model or an export directory, "
+                                       f"got {type(assistant_model).__name__}",
+                                       hint="pass gpt2onnx.load(DIR) or DIR of a smaller export with the same "
+                                            "tokenizer")
+        if assistant_model not in self._same_vocabulary:
+            same = (assistant_model.config.vocab_size == self.config.vocab_size
+                    and assistant_model.eos_token_id == self.eos_token_id
+                    and assistant_model.tokenizer.vocabulary() == self.tokenizer.vocabulary())
+            if not same:
+                raise InvalidArgumentError(
+                    f"assistant_model {assistant_model.directory} has another vocabulary than {self.directory} "
+                    f"(vocab_size {assistant_model.config.vocab_size} vs {self.config.vocab_size})",
+                    hint="the assistant must use the same tokenizer: a smaller or quantized export of a model "
+                         "with this model's tokenizer")
+            self._same_vocabulary.add(assistant_model)
+        return assistant_model
 
     def score(self, texts: str | list[str], *, top_logprobs: int = 0, allow_special_tokens: bool = False
               ) -> Score | list[Score]:
