@@ -59,17 +59,33 @@ class SpeculationStats:
 
 
 class PromptLookup:
-    """Drafts copied from the text so far: what followed the first earlier occurrence of its last n-gram."""
+    """Drafts copied from the text so far: what followed the first earlier occurrence of its last n-gram.
+
+    Where transformers always drafts prompt_lookup_num_tokens tokens, this drafts as many as recent drafts
+    earned, so that text that does not repeat costs little: checking k drafts is not free (a run over
+    k + 1 positions costs more than a one-position step: fp32, 1 thread, trained test model: 1.27x for 2
+    positions, 1.7x for 11; int4: 1.1x and 3.8x, whose one-position path is a fast matrix-vector product).
+    The draft length grows by 2 after a draft kept whole (up to prompt_lookup_num_tokens) and drops to the
+    kept tokens + 1 otherwise; after a draft rejected at its first token, the next 1, 3, 7 (up to 15)
+    lookups are skipped (plain one-token steps), until a draft is kept again.
+    """
 
     def __init__(self, settings: GenerationSettings):
         self.num_tokens = settings.prompt_lookup_num_tokens
         self.max_ngram = settings.max_matching_ngram_size or DEFAULT_NGRAM
+        self.size = self.num_tokens  # tokens the next draft may have
+        self.misses = 0  # drafts in a row rejected at their first token
+        self.wait = 0  # lookups still to skip
 
     def propose(self, ids: np.ndarray, limit: int) -> list[int]:
         """Up to min(num_tokens, limit) draft tokens after `ids` (every token so far), [] when nothing matches.
 
         transformers' PromptLookupCandidateGenerator: n-gram sizes from the longest down, the first
         (leftmost) occurrence that has a continuation."""
+        if self.wait:
+            self.wait -= 1
+            return []
+        limit = min(limit, self.size)
         length = len(ids)
         for n in range(min(self.max_ngram, length - 1), 0, -1):
             hits = ids[:length - n] == ids[length - n]  # starts i < length - n: the n-gram itself is excluded
@@ -78,11 +94,16 @@ class PromptLookup:
             starts = np.flatnonzero(hits)
             if starts.size:
                 start = int(starts[0]) + n
-                return ids[start:start + min(self.num_tokens, limit)].tolist()
+                return ids[start:start + limit].tolist()
         return []
 
     def update(self, kept: int, drafted: int) -> None:
-        """Nothing to learn (transformers' prompt lookup keeps its size too)."""
+        """Draft longer after a draft kept whole, shorter after one that was not (see the class)."""
+        if not drafted:
+            return
+        self.size = min(self.num_tokens, self.size + 2) if kept == drafted else kept + 1
+        self.misses = self.misses + 1 if kept == 0 else 0
+        self.wait = min(2 ** self.misses - 1, 15)
 
 
 class Assistant:
