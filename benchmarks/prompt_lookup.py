@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=8, help="prompts per set")
     parser.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per prompt")
     parser.add_argument("--lookup", type=int, default=10, help="prompt_lookup_num_tokens")
-    parser.add_argument("--precisions", default="fp32,int4", help="target precisions, comma-separated")
+    parser.add_argument("--precisions", default="fp32,int8",
+                        help="target precisions, comma-separated (int4: see the README)")
     parser.add_argument("--assistant", default="int4", help="the assistant's precision ('' skips assisted decoding)")
     parser.add_argument("--num-assistant-tokens", type=int, default=5, help="assistant drafts per run")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per model")

@@ -20,9 +20,12 @@ exponentials per token with the torch sampler, one uniform with numpy's), and dr
 positions a run computes, never which tokens come out: greedy gives plain greedy's tokens, and seeded sampling
 gives plain seeded sampling's (so transformers' plain sampling's). That is stronger than transformers' own
 assisted sampling, whose verification draws differ from plain sampling's (its tokens keep only the
-distribution). The one caveat is float rounding: a run over several positions computes the same logits with
-different matrix shapes (measured within 6e-6 of one-position runs at fp32; bit-equal with an int8 cache),
-so an exact near-tie could go the other way, as in transformers' assisted generation.
+distribution). The one caveat is rounding: a run over several positions computes the same logits with other
+matrix shapes. fp32 exports: within 6e-6 of one-position runs (an exact near-tie could go the other way, as
+in transformers' assisted generation); int8 exports: bit-equal (measured on the trained test model); int4
+exports: ONNX Runtime's 4-bit MatMulNBits takes another path for several rows (as for a batch), 1e-2 apart,
+so a near-tie within that margin can differ from plain decoding (one of 20 128-token runs did, at a
+log-probability margin of 0.002).
 
 One row only: the graph takes several new positions after a past only at batch 1 (ONNX Runtime's
 GroupQueryAttention), and a batch already shares each weight read among its rows, so Model runs batches and

@@ -73,7 +73,7 @@ def test_seeded_sampling_gives_plain_sampling_tokens(trained, options):
                                 **options)
         assert ours.token_ids == plain.token_ids, (seed, options)
         results.append(ours)
-    assert _speculated(results) > 0
+    assert sum(r.speculation.drafted for r in results) > 0  # drafts were checked (and kept, or cut back)
 
 
 def test_seeded_sampling_equals_transformers_plain_sampling(trained, trained_reference):
