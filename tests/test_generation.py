@@ -259,7 +259,8 @@ def test_every_generation_option_is_written_in_one_table():
     assert all(option.help and option.hint for option in OPTIONS.values())
     parameters = inspect.signature(gpt2onnx.Model.generate).parameters
     keywords = [name for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY]
-    calls = ["return_full_text", "truncate", "allow_special_tokens", "logprobs", "assistant_model"]  # how to run, not what to generate
+    # how to run, not what to generate
+    calls = ["return_full_text", "truncate", "allow_special_tokens", "logprobs", "assistant_model"]
     assert keywords == list(OPTIONS) + calls
     assert [name for name in OPTIONS if parameters[name].default is not None] == []  # None: the model's default
     undocumented = [name for name in keywords if f"\n        {name}: " not in gpt2onnx.Model.generate.__doc__]
