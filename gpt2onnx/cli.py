@@ -65,11 +65,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("--stream and --json do not go together", hint="pick one")
     prompt = _read_stdin() if args.prompt == "-" else args.prompt
     model = load(args.model, threads=args.threads)
+    assistant = load(args.assistant_model, threads=args.threads) if args.assistant_model else None
     options = {name: value for name, value in vars(args).items() if name in OPTIONS}  # None: the model's
     options.update(stop=[_unescape(t) for t in args.stop] if args.stop else None,
                    stop_strings=[_unescape(t) for t in args.stop_strings] if args.stop_strings else None,
                    ignore_eos=args.ignore_eos or None, truncate=args.truncate,
-                   allow_special_tokens=args.allow_special_tokens)
+                   allow_special_tokens=args.allow_special_tokens, assistant_model=assistant)
     if args.stream:
         pieces = model.stream(prompt, **options)  # checks all
         print(prompt, end="", flush=True)
@@ -83,6 +84,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(json.dumps([dataclasses.asdict(r) for r in results], ensure_ascii=False, indent=2))
     else:
         print("\n\n".join(prompt + r.text for r in results))
+    if results[0].speculation is not None:  # prompt lookup or an assistant model ran
+        stats = results[0].speculation
+        print(f"speculation: {stats.accepted} of {stats.drafted} drafted tokens kept ({stats.acceptance_rate:.0%}), "
+              f"{len(results[0].token_ids)} tokens in {stats.runs + 1} runs of the model", file=sys.stderr)
     return 0
 
 
@@ -235,11 +240,12 @@ def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
     for name, option in OPTIONS.items():
         flag = dict(option.flag)
         short = [flag.pop("short")] if "short" in flag else []
+        alias = [flag.pop("alias")] if "alias" in flag else []  # a shorter long flag, listed after the full one
         if "action" not in flag and types.get(name) is bool:
             flag.update(action=argparse.BooleanOptionalAction, default=None)
         elif not {"action", "type", "choices"} & set(flag):
             flag["type"] = next(t for t in typing.get_args(types[name]) or [types[name]] if t is not type(None))
-        parser.add_argument(*short, "--" + name.replace("_", "-"), help=option.help, **flag)
+        parser.add_argument(*short, "--" + name.replace("_", "-"), *alias, help=option.help, **flag)
 
 
 RUNTIME_COMMANDS = ("generate", "inspect", "plot", "serve")
@@ -264,6 +270,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("prompt", metavar="PROMPT", help="text to continue; - reads it from stdin")
     p.add_argument("--model", "-m", required=True, help="exported model directory")
     _add_generation_flags(p)
+    p.add_argument("--assistant-model", metavar="DIR", help="a smaller export with the same tokenizer drafts tokens "
+                                                             "(the same tokens, fewer runs of the model)")
     p.add_argument("--truncate", choices=["left"], help="drop the oldest prompt tokens when it does not fit")
     p.add_argument("--allow-special-tokens", action="store_true", help="read <|endoftext|> in PROMPT as the token")
     p.add_argument("--stream", action="store_true", help="print the text as it is generated")

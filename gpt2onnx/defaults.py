@@ -26,7 +26,10 @@ TRANSFORMERS_DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.
                          "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
                          "sequence_bias": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
                          "exponential_decay_length_penalty": None, "renormalize_logits": False,
-                         "stop_strings": None, "max_time": None}
+                         "stop_strings": None, "max_time": None,
+                         # speculative decoding
+                         "prompt_lookup_num_tokens": None, "max_matching_ngram_size": None,
+                         "num_assistant_tokens": 20, "num_assistant_tokens_schedule": "constant"}
 _FROM_MODEL = set(TRANSFORMERS_DEFAULTS) | {"max_new_tokens"}
 
 

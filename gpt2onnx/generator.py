@@ -99,10 +99,15 @@ def generate(session: OnnxSession, prompts: list[list[int]], settings: Generatio
              watch: Callable[..., None] | None = None) -> list[list[int]]:
     """The new tokens of every row (prompt-major, then its return sequences), padding left out: a row ends
     at its EOS (included), at the token that completed a stop string, or at max_new_tokens."""
-    rows: list[list[int]] = [[] for _ in range(len(prompts) * settings.num_return_sequences)]
-    for next_ids, live in generate_tokens(session, prompts, settings, eos_id=eos_id, rng=rng, stopped=stopped,
-                                           watch=watch):
+    return collect(generate_tokens(session, prompts, settings, eos_id=eos_id, rng=rng, stopped=stopped, watch=watch),
+                   len(prompts) * settings.num_return_sequences)
+
+
+def collect(steps: Iterator[tuple[np.ndarray, np.ndarray]], rows: int) -> list[list[int]]:
+    """Every row's tokens from a token loop's (next ids, live) steps, padding left out."""
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    for next_ids, live in steps:
         for row, (token, alive) in enumerate(zip(next_ids.tolist(), live.tolist())):
             if alive:
-                rows[row].append(token)
-    return rows
+                tokens[row].append(token)
+    return tokens

@@ -7,6 +7,7 @@ import functools
 import json
 import secrets
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,12 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from . import contract as c
-from . import limits, user_cache
+from . import limits, speculative, user_cache
 from .beam import beam_search
 from .config import ModelConfig
 from .defaults import model_defaults, resolve
 from .errors import InvalidArgumentError, ModelLoadError
-from .generator import generate, generate_tokens
+from .generator import collect, generate_tokens
 from .logprobs import Score, TopLogprobs, check_top, chosen, score
 from .manifest import read_manifest
 from .optimum_layout import OPTIMUM, Layout, find_layout, note_unverified
@@ -59,6 +60,8 @@ class Generation:
     # beam search (num_beams > 1): the summed log-probability / new tokens ** length_penalty, transformers'
     # `sequences_scores` (None without beams)
     sequence_score: float | None = None
+    # how the drafts fared, when prompt lookup or an assistant model ran (one row only; None otherwise)
+    speculation: speculative.SpeculationStats | None = None
 
     def __str__(self) -> str:
         return self.text
@@ -72,6 +75,7 @@ class Model:
         self.directory = Path(directory)
         self.manifest = manifest  # None for an Optimum export (see optimum_layout)
         self.layout = layout or Layout.gpt2onnx(self.directory)  # where its files are, which session runs it
+        self.session_options = options
         self.max_cache_bytes = limits.check_cache_bytes(max_cache_bytes)
         self.raw_config, self.config = read_config(self.layout.config_file)
         # the session and the tokenizer load side by side: ONNX Runtime releases the GIL while it loads (the
@@ -92,6 +96,7 @@ class Model:
         self._check_vocabulary()
         # a token's text alone, as transformers' stop_strings read each token
         self.token_text = functools.lru_cache(maxsize=None)(lambda token: self.tokenizer.decode([token]))
+        self._same_vocabulary = weakref.WeakSet()  # assistant models checked to share this model's vocabulary
 
     def _check_vocabulary(self) -> None:
         """Every id the tokenizer or <|endoftext|> can give must be a row of the model's embedding."""
@@ -122,9 +127,12 @@ class Model:
                  forced_bos_token_id: int | None = None, forced_eos_token_id: int | list[int] | None = None,
                  exponential_decay_length_penalty: tuple[int, float] | None = None,
                  renormalize_logits: bool | None = None, stop_strings: str | list[str] | None = None,
-                 max_time: float | None = None, return_full_text: bool = False, truncate: str | None = None,
-                 allow_special_tokens: bool = False, logprobs: int | None = None, output_scores: bool = False,
-                 return_dict_in_generate: bool = False):
+                 max_time: float | None = None, prompt_lookup_num_tokens: int | None = None,
+                 max_matching_ngram_size: int | None = None, num_assistant_tokens: int | None = None,
+                 num_assistant_tokens_schedule: str | None = None, return_full_text: bool = False,
+                 truncate: str | None = None, allow_special_tokens: bool = False, logprobs: int | None = None,
+                 output_scores: bool = False, return_dict_in_generate: bool = False,
+                 assistant_model: "Model | str | Path | None" = None):
         """Continue `prompt` (a string, or a list of strings run as one left-padded batch).
 
         Returns a Generation for a string prompt, a list of num_return_sequences Generations when that is
@@ -174,6 +182,13 @@ class Model:
         stop_strings: a string or list of strings; a row ends at the token that completes one, which is kept
             in the text (transformers' StopStringCriteria; the prompt counts). `stop` instead cuts the text.
         max_time: seconds; every row ends (finish_reason "length") at the first step that finishes later.
+        prompt_lookup_num_tokens: draft up to this many tokens by finding the text's last n-gram earlier in
+            it, and check them in one run of the model: the same tokens, fewer runs (one prompt, one sequence;
+            None: off). See gpt2onnx/speculative.py.
+        max_matching_ngram_size: prompt lookup's longest n-gram (None: 2, transformers' default).
+        num_assistant_tokens: tokens an assistant_model drafts per run (default 20, transformers').
+        num_assistant_tokens_schedule: "constant" (default) or "heuristic": 2 more drafts after a fully kept
+            draft, 1 fewer otherwise ("heuristic_transient" is the same: nothing carries over between calls).
         return_full_text: put the prompt in front of the returned text.
         truncate: "left" drops the oldest prompt tokens when prompt + new tokens exceed the context;
             None (default) raises an error instead.
@@ -185,6 +200,9 @@ class Model:
             it was picked from (transformers' compute_transition_scores(..., normalize_logits=True)).
         return_dict_in_generate: accepted for transformers' code and ignored: a Generation always carries
             token_ids (transformers' sequences without the prompt) and, with output_scores, scores.
+        assistant_model: a smaller model with the same vocabulary (a loaded Model, or an export directory,
+            loaded per call) drafts num_assistant_tokens tokens greedily, checked in one run: the same tokens,
+            fewer runs (one prompt, one sequence; Generation.speculation tells how many drafts were kept).
         """
         given = locals()
         options = {name: given[name] for name in OPTIONS}  # the generation options, as settings.OPTIONS lists them
@@ -194,6 +212,7 @@ class Model:
         _check_flag("return_dict_in_generate", return_dict_in_generate)
         prompt_ids, settings = self._prepare(prompts, options, truncate=truncate, allow_special=allow_special_tokens)
         check_top("logprobs", logprobs, self.config.vocab_size)
+        assistant = self._assistant(assistant_model, settings)
         seed, rng = self._rng(settings)
         n = settings.num_return_sequences
         if settings.num_beams > 1:
@@ -204,6 +223,7 @@ class Model:
                        for p, rows in enumerate(found) for new_ids, score in rows]
             grouped = results if n == 1 else [results[i:i + n] for i in range(0, len(results), n)]
             return grouped[0] if isinstance(prompt, str) else grouped
+        stats = speculative.SpeculationStats() if self._speculates(prompt_ids, settings, assistant) else None
         values = [[] for _ in range(len(prompts) * n)]
         processed = [[] for _ in range(len(prompts) * n)]
 
@@ -218,7 +238,7 @@ class Model:
                     processed[row].append(value)
 
         watch = record if logprobs is not None or output_scores else None
-        rows = self.generate_rows(prompt_ids, settings, rng, watch=watch)
+        rows = self.generate_rows(prompt_ids, settings, rng, watch=watch, assistant=assistant, stats=stats)
         results = []
         for index, new_ids in enumerate(rows):
             p = index // n
@@ -227,12 +247,15 @@ class Model:
                 result = dataclasses.replace(result, logprobs=values[index])
             if output_scores:
                 result = dataclasses.replace(result, scores=processed[index])
+            if stats is not None:
+                result = dataclasses.replace(result, speculation=stats)
             results.append(result)
         grouped = results if n == 1 else [results[i:i + n] for i in range(0, len(results), n)]
         return grouped[0] if isinstance(prompt, str) else grouped
 
     def stream(self, prompt: str, *, return_full_text: bool = False, truncate: str | None = None,
-               allow_special_tokens: bool = False, **options) -> Iterator[str]:
+               allow_special_tokens: bool = False, assistant_model: "Model | str | Path | None" = None,
+               **options) -> Iterator[str]:
         """Yield the new text piece by piece as tokens are produced; the pieces join to `generate`'s text.
 
         Takes one prompt and the options of `generate` (num_return_sequences must be 1). A piece never
@@ -253,16 +276,17 @@ class Model:
             raise InvalidArgumentError(f"stream() cannot run beam search (num_beams={settings.num_beams}): the best "
                                        "beam is known only at the end", hint="use generate() for beam search, or "
                                                                              "num_beams=1 to stream")
-        return self._stream(prompt, prompt_ids, settings, bool(return_full_text))
+        assistant = self._assistant(assistant_model, settings)
+        return self._stream(prompt, prompt_ids, settings, bool(return_full_text), assistant)
 
     def _stream(self, prompt: str, prompt_ids: list[int], settings: GenerationSettings,
-                return_full_text: bool) -> Iterator[str]:
+                return_full_text: bool, assistant: "Model | None") -> Iterator[str]:
         _, rng = self._rng(settings)
         text = ReleasedText(settings.stop, self.tokenizer.decode)
         if return_full_text:
             yield prompt
-        for next_ids, live in generate_tokens(self.session, [prompt_ids], settings, eos_id=self.eos_token_id,
-                                              rng=rng, stopped=any_of(*self._criteria([prompt_ids], settings))):
+        for next_ids, live in self._tokens([prompt_ids], settings, rng, assistant=assistant,
+                                           stopped=any_of(*self._criteria([prompt_ids], settings))):
             token = int(next_ids[0])
             if token == self.eos_token_id and not settings.ignore_eos:
                 break
@@ -276,13 +300,16 @@ class Model:
             yield rest
 
     def generate_rows(self, prompt_ids: list[list[int]], settings: GenerationSettings, rng, *,
-                      watch=None) -> list[list[int]]:
+                      watch=None, assistant: "Model | None" = None,
+                      stats: speculative.SpeculationStats | None = None) -> list[list[int]]:
         """New token ids of every row (prompt-major, then its return sequences) from prepared inputs.
-        watch(logits, next_ids, live): called at every step (see generator.generate_tokens)."""
+        watch(logits, next_ids, live): called at every step (see generator.generate_tokens).
+        assistant, stats: see _tokens."""
         rows = len(prompt_ids) * settings.num_return_sequences
         stops = StopStrings(settings.stop, self.tokenizer.decode, rows) if settings.stop else None
-        return generate(self.session, prompt_ids, settings, eos_id=self.eos_token_id, rng=rng,
-                        stopped=any_of(stops, *self._criteria(prompt_ids, settings)), watch=watch)
+        stopped = any_of(stops, *self._criteria(prompt_ids, settings))
+        return collect(self._tokens(prompt_ids, settings, rng, stopped=stopped, watch=watch, assistant=assistant,
+                                    stats=stats), rows)
 
     def _criteria(self, prompt_ids: list[list[int]], settings: GenerationSettings) -> list:
         """transformers' stopping criteria of these settings (stop_strings, max_time); the clock starts now."""
@@ -295,6 +322,57 @@ class Model:
                       for _ in range(settings.num_return_sequences)]
             criteria.append(StopStringsKept(settings.stop_strings, self.token_text, padded))
         return criteria
+
+    # -- speculative decoding (gpt2onnx/speculative.py) --------------------------------------------------
+
+    def _tokens(self, prompt_ids: list[list[int]], settings: GenerationSettings, rng, *, stopped=None, watch=None,
+                assistant: "Model | None" = None, stats: speculative.SpeculationStats | None = None):
+        """The token loop for these rows: speculative for one row with prompt lookup or an assistant (same
+        tokens, fewer runs), the plain loop otherwise (batches share each weight read among their rows already).
+        stats: filled in by the speculative loop."""
+        if not self._speculates(prompt_ids, settings, assistant):
+            return generate_tokens(self.session, prompt_ids, settings, eos_id=self.eos_token_id, rng=rng,
+                                   stopped=stopped, watch=watch)
+        if assistant is not None:
+            capacity = len(prompt_ids[0]) + settings.max_new_tokens
+            drafter = speculative.Assistant(assistant.session, settings, eos_id=self.eos_token_id, capacity=capacity)
+        else:
+            drafter = speculative.PromptLookup(settings)
+        return speculative.generate_tokens(self.session, prompt_ids[0], settings, eos_id=self.eos_token_id,
+                                           drafter=drafter, rng=rng, stopped=stopped, watch=watch, stats=stats)
+
+    @staticmethod
+    def _speculates(prompt_ids: list[list[int]], settings: GenerationSettings, assistant: "Model | None") -> bool:
+        one_row = len(prompt_ids) == 1 and settings.num_return_sequences == 1
+        return one_row and (assistant is not None or settings.prompt_lookup_num_tokens is not None)
+
+    def _assistant(self, assistant_model, settings: GenerationSettings) -> "Model | None":
+        """assistant_model as a loaded Model, checked to share this model's vocabulary (drafts are token ids)."""
+        if assistant_model is None:
+            return None
+        if settings.prompt_lookup_num_tokens is not None:
+            raise InvalidArgumentError("prompt_lookup_num_tokens and assistant_model both draft tokens; pass one",
+                                       hint="use prompt lookup for text that repeats its prompt, an assistant "
+                                            "model otherwise")
+        if isinstance(assistant_model, (str, Path)):
+            assistant_model = load(assistant_model, threads=self.session_options.threads)
+        if not isinstance(assistant_model, Model):
+            raise InvalidArgumentError(f"assistant_model must be a loaded gpt2onnx Model or an export directory, "
+                                       f"got {type(assistant_model).__name__}",
+                                       hint="pass gpt2onnx.load(DIR) or DIR of a smaller export with the same "
+                                            "tokenizer")
+        if assistant_model not in self._same_vocabulary:
+            same = (assistant_model.config.vocab_size == self.config.vocab_size
+                    and assistant_model.eos_token_id == self.eos_token_id
+                    and assistant_model.tokenizer.vocabulary() == self.tokenizer.vocabulary())
+            if not same:
+                raise InvalidArgumentError(
+                    f"assistant_model {assistant_model.directory} has another vocabulary than {self.directory} "
+                    f"(vocab_size {assistant_model.config.vocab_size} vs {self.config.vocab_size})",
+                    hint="the assistant must use the same tokenizer: a smaller or quantized export of a model "
+                         "with this model's tokenizer")
+            self._same_vocabulary.add(assistant_model)
+        return assistant_model
 
     def score(self, texts: str | list[str], *, top_logprobs: int = 0, allow_special_tokens: bool = False
               ) -> Score | list[Score]:

@@ -80,6 +80,16 @@ class StepRecord:
 _LOGITS_KEPT = {"all": np.array(0, np.int64), "last": np.array(1, np.int64)}
 
 
+def _kept_logits(logits_for) -> np.ndarray:
+    """The graph's logits_to_keep for `logits_for` ("all", "last" or a number of last positions)."""
+    if isinstance(logits_for, str) and logits_for in _LOGITS_KEPT:
+        return _LOGITS_KEPT[logits_for]
+    if isinstance(logits_for, int) and not isinstance(logits_for, bool) and logits_for >= 1:
+        return np.array(logits_for, np.int64)
+    raise InvalidArgumentError(f"logits_for must be 'all', 'last' or a number of positions >= 1, got {logits_for!r}",
+                               hint="'last' is what generation needs; 'all' gives every position's logits")
+
+
 class OnnxSession:
     """Runs one step of the graph. Safe to use from many threads at once, each with its own cache."""
 
@@ -133,28 +143,31 @@ class OnnxSession:
         return KVCache.empty(self.config, batch, capacity, dtype=self.cache_dtype)
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-            cache: KVCache, *, logits_for: str = "all", reuse_logits: bool = False) -> tuple[np.ndarray, KVCache]:
+            cache: KVCache, *, logits_for: str | int = "all", reuse_logits: bool = False
+            ) -> tuple[np.ndarray, KVCache]:
         """Logits and the cache extended by the new positions: `cache` itself, updated in place.
 
         logits_for: "all" gives [batch, new positions, vocab]; "last" only the last position's
-        [batch, 1, vocab], and skips the head's work for the others (what generation needs).
+        [batch, 1, vocab], and skips the head's work for the others (what generation needs); an int k from 1 to
+        the new positions keeps the last k, [batch, k, vocab] (what checking k - 1 draft tokens needs).
         reuse_logits: write the logits into a buffer kept with `cache` and bound once, instead of a new
         array every run (what the generation loop does: it is done with a step's logits before the next
         step). The next run with this cache overwrites them; copy what must be kept.
         """
-        if logits_for not in _LOGITS_KEPT:
-            raise InvalidArgumentError(f"logits_for must be 'all' or 'last', got {logits_for!r}",
-                                       hint="'last' is what generation needs; 'all' gives every position's logits")
+        kept = _kept_logits(logits_for)
         self._check_shapes(input_ids, attention_mask, position_ids, cache)
         batch, new = input_ids.shape
+        if isinstance(logits_for, int) and logits_for > new:
+            raise InvalidArgumentError(f"logits_for={logits_for} asks for more positions than the {new} new ones",
+                                       hint="keep at most as many positions as the step feeds")
         total = attention_mask.shape[1]
         cache.reserve(total, self.config.n_positions)
         binding = self._bind_cache(cache)
         binding.bind_cpu_input(c.INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input(c.ATTENTION_MASK, np.ascontiguousarray(attention_mask, dtype=np.int64))
         binding.bind_cpu_input(c.POSITION_IDS, np.ascontiguousarray(position_ids, dtype=np.int64))
-        binding.bind_cpu_input(c.LOGITS_TO_KEEP, _LOGITS_KEPT[logits_for])
-        shape = (batch, new if logits_for == "all" else 1, self.config.vocab_size)
+        binding.bind_cpu_input(c.LOGITS_TO_KEEP, kept)
+        shape = (batch, int(kept) or new, self.config.vocab_size)
         if reuse_logits and cache.logits is not None and cache.logits.shape == shape:
             logits = cache.logits  # bound to the output already
         else:

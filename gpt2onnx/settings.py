@@ -14,6 +14,7 @@ from .limits import MAX_NEW_TOKENS, MAX_RETURN_SEQUENCES
 
 SEED_MAX = 2**32 - 1  # transformers' set_seed(seed) accepts 0 .. 2**32 - 1 (numpy's limit)
 SAMPLERS = ("torch", "numpy")
+ASSISTANT_SCHEDULES = ("constant", "heuristic", "heuristic_transient")  # transformers' names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +146,19 @@ OPTIONS = {
                            hint='pass a string or a list of non-empty strings, e.g. stop_strings=["\\n\\n"]'),
     "max_time": Option("end every row after this many seconds (finish_reason length)",
                        hint="seconds, a number > 0; the row keeps the tokens made so far"),
+    # speculative decoding (gpt2onnx/speculative.py): how many positions one run checks; never which tokens
+    "prompt_lookup_num_tokens": Option(
+        "draft up to N tokens by finding the last n-gram earlier in the text; same tokens, fewer runs",
+        flag={"alias": "--prompt-lookup", "metavar": "N"},
+        hint="unset (None) turns prompt lookup off; 10 is transformers' usual value"),
+    "max_matching_ngram_size": Option("prompt lookup's longest n-gram to match (default 2)",
+                                      hint="unset means 2, transformers' default; 1 matches single tokens too"),
+    "num_assistant_tokens": Option("tokens the assistant model drafts per run (with --assistant-model)",
+                                   hint="transformers' default is 20; fewer when the assistant often disagrees"),
+    "num_assistant_tokens_schedule": Option(
+        "constant, or heuristic: +2 drafts after a fully kept draft, -1 otherwise",
+        flag={"choices": list(ASSISTANT_SCHEDULES)},
+        hint="'constant' (transformers' default) or 'heuristic' ('heuristic_transient' is the same here)"),
 }
 
 
@@ -183,6 +197,11 @@ class GenerationSettings:
     renormalize_logits: bool = False  # log-softmax after every processor
     stop_strings: tuple[str, ...] | None = None  # end a row at the token completing one (kept, unlike stop)
     max_time: float | None = None  # seconds; every row ends once a step finishes after this
+    # speculative decoding: the same tokens, with fewer runs of the model (gpt2onnx/speculative.py)
+    prompt_lookup_num_tokens: int | None = None  # draft this many tokens by prompt lookup; None: off
+    max_matching_ngram_size: int | None = None  # prompt lookup's longest n-gram; None: 2 (transformers')
+    num_assistant_tokens: int = 20  # drafted per run by an assistant model (Model.generate's assistant_model)
+    num_assistant_tokens_schedule: str = "constant"  # or "heuristic": +2 after a fully kept draft, else -1
 
     def __post_init__(self):
         # numpy numbers are accepted, and stored as Python int, float and bool
@@ -223,6 +242,15 @@ class GenerationSettings:
                 f"num_return_sequences={self.num_return_sequences} is more than num_beams={self.num_beams}",
                 hint="beam search returns at most num_beams sequences per prompt: raise num_beams or lower "
                      "num_return_sequences")
+        for name in ("prompt_lookup_num_tokens", "max_matching_ngram_size"):
+            if getattr(self, name) is not None:
+                self._set(name, _check_int(name, getattr(self, name), 1, None))
+        self._set("num_assistant_tokens", _check_int("num_assistant_tokens", self.num_assistant_tokens, 1, None))
+        if not isinstance(self.num_assistant_tokens_schedule, str) or \
+                self.num_assistant_tokens_schedule not in ASSISTANT_SCHEDULES:
+            raise InvalidArgumentError(f"num_assistant_tokens_schedule must be one of {', '.join(ASSISTANT_SCHEDULES)}"
+                                       f", got {self.num_assistant_tokens_schedule!r}",
+                                       hint=OPTIONS["num_assistant_tokens_schedule"].hint)
         if self.num_return_sequences > 1 and self.greedy and self.num_beams == 1:
             raise InvalidArgumentError(
                 f"num_return_sequences={self.num_return_sequences} with greedy decoding gives identical rows",

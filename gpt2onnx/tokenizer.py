@@ -53,6 +53,10 @@ class Tokenizer:
         tokenizer = self._special if allow_special else self._plain
         return tokenizer.encode(text, add_special_tokens=False).ids
 
+    def vocabulary(self) -> dict[str, int]:
+        """Every token and its id (special tokens included)."""
+        return self._plain.get_vocab(with_added_tokens=True)
+
     def decode(self, ids) -> str:  # (encode_special_tokens changes encoding only)
         return self._plain.decode([int(i) for i in ids], skip_special_tokens=False)
 

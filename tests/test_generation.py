@@ -288,7 +288,7 @@ def test_every_generation_option_is_written_in_one_table():
     keywords = [name for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY]
     # how to run and what to return, not what to generate
     calls = ["return_full_text", "truncate", "allow_special_tokens", "logprobs", "output_scores",
-             "return_dict_in_generate"]
+             "return_dict_in_generate", "assistant_model"]
     assert keywords == list(OPTIONS) + calls
     assert [name for name in OPTIONS if parameters[name].default is not None] == []  # None: the model's default
     undocumented = [name for name in keywords if f"\n        {name}: " not in gpt2onnx.Model.generate.__doc__]
