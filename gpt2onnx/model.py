@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from .errors import InvalidArgumentError, ModelLoadError
 from .generator import generate, generate_tokens
 from .logprobs import Score, TopLogprobs, check_top, chosen, score
 from .manifest import read_manifest
+from .seeding import rng_for
 from .session import OnnxSession, SessionOptions
 from .settings import OPTIONS, GenerationSettings
 from .stopping import EOS, LENGTH, STOP, StopStrings, cut_at_stop
@@ -34,7 +34,9 @@ class Generation:
     prompt: str
     prompt_token_ids: list[int]  # what the model saw (after an empty prompt became <|endoftext|>, truncation)
     finish_reason: str  # "eos", "stop" (a stop string) or "length" (max_new_tokens)
-    seed: int | None  # the seed that reproduces this result (None for greedy)
+    # the seed that reproduces this result (None for greedy); drawn from the set_seed stream: that seed, which
+    # reproduces it as set_seed(seed) followed by the same calls in the same order
+    seed: int | None
     # per new token (logprob, its top alternatives) of the RAW model distribution, when asked (logprobs=k)
     logprobs: list[tuple[float, TopLogprobs]] | None = None
 
@@ -100,7 +102,8 @@ class Model:
         no_repeat_ngram_size: never repeat an n-gram of this size (0: off).
         num_return_sequences: continuations per prompt, sampled from one shared prefill (at most 64).
         stop: a string or list of strings; a row ends when its new text contains one (cut from the text).
-        seed: 0 .. 2**32-1; the same seed and settings give the same tokens (None: a fresh seed, reported).
+        seed: 0 .. 2**32-1; the same seed and settings give the same tokens (None: after gpt2onnx.set_seed,
+            the next draws of its stream, as transformers after set_seed; before it, a fresh seed, reported).
         sampler: "torch" replays PyTorch's random stream (the tokens of transformers after set_seed(seed));
             "numpy" uses numpy's generator (faster, different tokens).
         ignore_eos: keep generating after <|endoftext|> (fixed-length runs).
@@ -289,12 +292,8 @@ class Model:
     def _rng(self, settings: GenerationSettings):
         if settings.greedy:
             return None, None
-        seed = settings.seed if settings.seed is not None else secrets.randbelow(2**32)
-        if settings.sampler == "numpy":
-            return seed, np.random.default_rng(seed)
-        from .torch_random import TorchGenerator
-
-        return seed, TorchGenerator(seed)
+        # seed=None: the set_seed stream when there is one (gpt2onnx/seeding.py), else a fresh seed
+        return rng_for(settings.seed, settings.sampler)
 
     def _result(self, prompt: str, prompt_ids: list[int], new_ids: list[int], settings: GenerationSettings,
                 seed: int | None, full: bool) -> Generation:

@@ -29,6 +29,10 @@ class Tokenizer:
         tokenizer = self._special if allow_special else self._plain
         return tokenizer.encode(text, add_special_tokens=False).ids
 
+    def token_id(self, token: str) -> int | None:
+        """The id of one token of the vocabulary (e.g. a special token), None if there is none."""
+        return self._special.token_to_id(token)
+
     def decode(self, ids) -> str:
         return self._special.decode([int(i) for i in ids], skip_special_tokens=False)
 
