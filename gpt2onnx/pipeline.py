@@ -140,7 +140,8 @@ class TextGenerationPipeline:
         """[{"generated_text": ...}] per prompt (a list of those for a list of prompts), as the pipeline."""
         call, params = self._sanitize(options)
         params = {**self._params, **params}
-        batch_size = params.pop("batch_size", None) or self._batch_size or 1
+        batch_size = params.pop("batch_size", None)
+        batch_size = batch_size if batch_size is not None else self._batch_size if self._batch_size is not None else 1
         single = isinstance(text_inputs, str)
         if not single and not (isinstance(text_inputs, list) and text_inputs):
             raise InvalidArgumentError(f"text_inputs must be a string or a non-empty list of strings, got "
