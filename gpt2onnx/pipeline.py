@@ -262,8 +262,8 @@ class TextGenerationPipeline:
         if params.get("handle_long_generation") == "hole":
             if "max_new_tokens" in call:
                 new_tokens = call["max_new_tokens"]
-            else:
-                new_tokens = call.get("max_length", self.generation_config["max_length"]) - len(ids)
+            else:  # transformers' preprocess never sees a call's max_length here (its tokenizer argument takes it)
+                new_tokens = self.generation_config["max_length"] - len(ids)
                 if new_tokens < 0:
                     raise InvalidArgumentError("handle_long_generation='hole' cannot infer how many new tokens are "
                                                "expected (max_length is shorter than the prompt)",
