@@ -3,6 +3,8 @@
     import gpt2onnx
     model = gpt2onnx.load("out/gpt2")
     print(model.generate("Hello, I'm a language model,", max_new_tokens=30).text)
+
+    from gpt2onnx import pipeline, set_seed   # transformers' pipeline and set_seed, same texts
 """
 
 from .errors import (
@@ -16,10 +18,12 @@ from .errors import (
     VerificationError,
 )
 from .model import Generation, Model, load
+from .pipeline import pipeline  # the function, as transformers.pipeline (the module stays gpt2onnx.pipeline's home)
+from .seeding import set_seed
 from .settings import GenerationSettings
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "Model", "Generation", "GenerationSettings", "Gpt2OnnxError", "InvalidArgumentError",
-           "ModelLoadError", "ExportError", "VerificationError", "GenerationError", "MissingDependencyError",
-           "OutputError", "__version__"]
+__all__ = ["load", "Model", "Generation", "GenerationSettings", "pipeline", "set_seed", "Gpt2OnnxError",
+           "InvalidArgumentError", "ModelLoadError", "ExportError", "VerificationError", "GenerationError",
+           "MissingDependencyError", "OutputError", "__version__"]

@@ -27,17 +27,17 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
 def generate_tokens(session: OnnxSession, prompts: list[list[int]], settings: GenerationSettings, *,
                     eos_id: int, rng=None, stopped: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
                     watch: Callable[..., None] | None = None,
-                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                    pad_id: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (next token of every row, which rows were still live) step by step.
 
     Rows are prompts x num_return_sequences, prompt-major. A finished row yields `eos_id` as padding
     (as transformers does) and is not live. `stopped(next_ids, live)` may end rows for reasons of its
     own (stop strings). `watch(logits, next_ids, live, scores)` sees each step's raw logits [rows, vocab] (a
     buffer the next step overwrites) before the tokens are yielded (logprobs); scores() gives the processed
-    scores they were picked from (output_scores; computed again only when asked: process is pure). To stop
-    early, stop iterating.
+    scores they were picked from (output_scores; computed again only when asked: process is pure). pad_id:
+    the left padding's token id (default eos_id; the processors see it). To stop early, stop iterating.
     """
-    ids, mask = left_pad(prompts, eos_id)
+    ids, mask = left_pad(prompts, eos_id if pad_id is None else pad_id)
     positions = position_ids(mask)
     # room for the whole generation up front: the cache never grows (one copy of it) on the way
     cache = session.empty_cache(len(prompts), capacity=min(ids.shape[1] + settings.max_new_tokens,
@@ -96,10 +96,11 @@ def check_finite(logits: np.ndarray, step: int) -> None:
 
 def generate(session: OnnxSession, prompts: list[list[int]], settings: GenerationSettings, *, eos_id: int,
              rng=None, stopped: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
-             watch: Callable[..., None] | None = None) -> list[list[int]]:
+             watch: Callable[..., None] | None = None, pad_id: int | None = None) -> list[list[int]]:
     """The new tokens of every row (prompt-major, then its return sequences), padding left out: a row ends
     at its EOS (included), at the token that completed a stop string, or at max_new_tokens."""
-    return collect(generate_tokens(session, prompts, settings, eos_id=eos_id, rng=rng, stopped=stopped, watch=watch),
+    return collect(generate_tokens(session, prompts, settings, eos_id=eos_id, rng=rng, stopped=stopped, watch=watch,
+                                   pad_id=pad_id),
                    len(prompts) * settings.num_return_sequences)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import secrets
 import threading
 import weakref
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from .logprobs import Score, TopLogprobs, check_top, chosen, score
 from .manifest import read_manifest
 from .optimum_layout import OPTIMUM, Layout, find_layout, note_unverified
 from .sampling import log_softmax
+from .seeding import rng_for
 from .session import SessionOptions
 from .settings import OPTIONS, GenerationSettings, check_token_ids
 from .stopping import (
@@ -51,7 +51,9 @@ class Generation:
     prompt: str
     prompt_token_ids: list[int]  # what the model saw (after an empty prompt became <|endoftext|>, truncation)
     finish_reason: str  # "eos", "stop" (a stop string) or "length" (max_new_tokens)
-    seed: int | None  # the seed that reproduces this result (None for greedy)
+    # the seed that reproduces this result (None for greedy); drawn from the set_seed stream: that seed, which
+    # reproduces it as set_seed(seed) followed by the same calls in the same order
+    seed: int | None
     # per new token (logprob, its top alternatives) of the RAW model distribution, when asked (logprobs=k)
     logprobs: list[tuple[float, TopLogprobs]] | None = None
     # per new token the log-probability of the PROCESSED distribution it was picked from (output_scores=True):
@@ -160,7 +162,8 @@ class Model:
             default) once transformers' heuristic finds no beam can beat the finished ones; "never" once no
             beam can in theory.
         stop: a string or list of strings; a row ends when its new text contains one (cut from the text).
-        seed: 0 .. 2**32-1; the same seed and settings give the same tokens (None: a fresh seed, reported).
+        seed: 0 .. 2**32-1; the same seed and settings give the same tokens (None: after gpt2onnx.set_seed,
+            the next draws of its stream, as transformers after set_seed; before it, a fresh seed, reported).
         sampler: "torch" replays PyTorch's random stream (the tokens of transformers after set_seed(seed));
             "numpy" uses numpy's generator (faster, different tokens).
         ignore_eos: keep generating after <|endoftext|> (fixed-length runs).
@@ -300,16 +303,24 @@ class Model:
             yield rest
 
     def generate_rows(self, prompt_ids: list[list[int]], settings: GenerationSettings, rng, *,
-                      watch=None, assistant: "Model | None" = None,
-                      stats: speculative.SpeculationStats | None = None) -> list[list[int]]:
-        """New token ids of every row (prompt-major, then its return sequences) from prepared inputs.
-        watch(logits, next_ids, live): called at every step (see generator.generate_tokens).
-        assistant, stats: see _tokens."""
+                      watch=None, assistant: "Model | None" = None, stats: speculative.SpeculationStats | None = None,
+                      eos_id: int | None = None, pad_id: int | None = None, criteria: tuple = ()) -> list[list[int]]:
+        """New token ids of every row (prompt-major, then its return sequences) from prepared inputs: beam search
+        when settings.num_beams > 1 (the best num_return_sequences per prompt), else the token loop.
+        watch(logits, next_ids, live, scores): called at every step (see generator.generate_tokens).
+        assistant, stats: see _tokens. eos_id, pad_id: the end and padding tokens (default the model's
+        <|endoftext|>; the pipeline's pad_token_id / eos_token_id). criteria: more stopping criteria (objects with
+        update(next_ids, live), as in gpt2onnx.stopping)."""
+        eos_id = self.eos_token_id if eos_id is None else eos_id
+        if settings.num_beams > 1:
+            _check_beams(settings, None)
+            found = beam_search(self.session, prompt_ids, settings, eos_id=eos_id, rng=rng)
+            return [new_ids for rows in found for new_ids, _ in rows]
         rows = len(prompt_ids) * settings.num_return_sequences
         stops = StopStrings(settings.stop, self.tokenizer.decode, rows) if settings.stop else None
-        stopped = any_of(stops, *self._criteria(prompt_ids, settings))
+        stopped = any_of(stops, *self._criteria(prompt_ids, settings), *criteria)
         return collect(self._tokens(prompt_ids, settings, rng, stopped=stopped, watch=watch, assistant=assistant,
-                                    stats=stats), rows)
+                                    stats=stats, eos_id=eos_id, pad_id=pad_id), rows)
 
     def _criteria(self, prompt_ids: list[list[int]], settings: GenerationSettings) -> list:
         """transformers' stopping criteria of these settings (stop_strings, max_time); the clock starts now."""
@@ -326,20 +337,22 @@ class Model:
     # -- speculative decoding (gpt2onnx/speculative.py) --------------------------------------------------
 
     def _tokens(self, prompt_ids: list[list[int]], settings: GenerationSettings, rng, *, stopped=None, watch=None,
-                assistant: "Model | None" = None, stats: speculative.SpeculationStats | None = None):
+                assistant: "Model | None" = None, stats: speculative.SpeculationStats | None = None,
+                eos_id: int | None = None, pad_id: int | None = None):
         """The token loop for these rows: speculative for one row with prompt lookup or an assistant (same
         tokens, fewer runs), the plain loop otherwise (batches share each weight read among their rows already).
-        stats: filled in by the speculative loop."""
+        stats: filled in by the speculative loop. eos_id, pad_id: see generate_rows."""
+        eos_id = self.eos_token_id if eos_id is None else eos_id
         if not self._speculates(prompt_ids, settings, assistant):
-            return generate_tokens(self.session, prompt_ids, settings, eos_id=self.eos_token_id, rng=rng,
-                                   stopped=stopped, watch=watch)
+            return generate_tokens(self.session, prompt_ids, settings, eos_id=eos_id, rng=rng, stopped=stopped,
+                                   watch=watch, pad_id=pad_id)
         if assistant is not None:
             capacity = len(prompt_ids[0]) + settings.max_new_tokens
-            drafter = speculative.Assistant(assistant.session, settings, eos_id=self.eos_token_id, capacity=capacity)
+            drafter = speculative.Assistant(assistant.session, settings, eos_id=eos_id, capacity=capacity)
         else:
             drafter = speculative.PromptLookup(settings)
-        return speculative.generate_tokens(self.session, prompt_ids[0], settings, eos_id=self.eos_token_id,
-                                           drafter=drafter, rng=rng, stopped=stopped, watch=watch, stats=stats)
+        return speculative.generate_tokens(self.session, prompt_ids[0], settings, eos_id=eos_id, drafter=drafter,
+                                           rng=rng, stopped=stopped, watch=watch, stats=stats)
 
     @staticmethod
     def _speculates(prompt_ids: list[list[int]], settings: GenerationSettings, assistant: "Model | None") -> bool:
@@ -476,12 +489,8 @@ class Model:
     def _rng(self, settings: GenerationSettings):
         if settings.greedy:
             return None, None
-        seed = settings.seed if settings.seed is not None else secrets.randbelow(2**32)
-        if settings.sampler == "numpy":
-            return seed, np.random.default_rng(seed)
-        from .torch_random import TorchGenerator
-
-        return seed, TorchGenerator(seed)
+        # seed=None: the set_seed stream when there is one (gpt2onnx/seeding.py), else a fresh seed
+        return rng_for(settings.seed, settings.sampler)
 
     def _result(self, prompt: str, prompt_ids: list[int], new_ids: list[int], settings: GenerationSettings,
                 seed: int | None, full: bool) -> Generation:

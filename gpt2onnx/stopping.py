@@ -125,6 +125,16 @@ class Deadline:
         return np.full(len(next_ids), time.monotonic() > self.end)
 
 
+class StopTokens:
+    """Ends a row at any of these tokens (kept): transformers' further eos_token_ids."""
+
+    def __init__(self, tokens):
+        self.tokens = np.array(list(tokens), np.int64)
+
+    def update(self, next_ids: np.ndarray, active: np.ndarray) -> np.ndarray:
+        return np.isin(next_ids, self.tokens) & active
+
+
 def any_of(*criteria):
     """One `stopped(next_ids, live)` callback from several (None ones left out); None when there are none."""
     criteria = [c for c in criteria if c is not None]

@@ -57,6 +57,10 @@ class Tokenizer:
         """Every token and its id (special tokens included)."""
         return self._plain.get_vocab(with_added_tokens=True)
 
+    def token_id(self, token: str) -> int | None:
+        """The id of one token of the vocabulary (e.g. a special token), None if there is none."""
+        return self._plain.token_to_id(token)
+
     def decode(self, ids) -> str:  # (encode_special_tokens changes encoding only)
         return self._plain.decode([int(i) for i in ids], skip_special_tokens=False)
 
