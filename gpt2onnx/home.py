@@ -1,8 +1,10 @@
 """Where `pipeline(model="gpt2")` finds a model named like a hub id: the local export home.
 
 The runtime cannot download or export (that needs torch), so a name that is not a directory is looked up as
-`$GPT2ONNX_HOME/NAME` (default `~/.cache/gpt2onnx/NAME`; a hub id's `/` makes a subdirectory). When it is
-not there, the error gives the one command that puts it there.
+`$GPT2ONNX_HOME/NAME` (default `$XDG_DATA_HOME/gpt2onnx/models/NAME`, i.e. `~/.local/share/gpt2onnx/models/NAME`;
+a hub id's `/` makes a subdirectory). When it is not there, the error gives the one command that puts it there.
+Exports are data, not cache: the home is never inside the per-user cache (gpt2onnx/user_cache.py), which may
+be deleted at any time.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ HOME_VARIABLE = "GPT2ONNX_HOME"
 
 
 def export_home() -> Path:
-    """$GPT2ONNX_HOME, or ~/.cache/gpt2onnx."""
+    """$GPT2ONNX_HOME, or $XDG_DATA_HOME/gpt2onnx/models (~/.local/share/gpt2onnx/models)."""
     home = os.environ.get(HOME_VARIABLE)
-    return Path(home).expanduser() if home else Path.home() / ".cache" / "gpt2onnx"
+    if home:
+        return Path(home).expanduser()
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data).expanduser() / "gpt2onnx" / "models"
 
 
 def resolve_model(model: str | os.PathLike) -> Path:

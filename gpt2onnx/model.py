@@ -219,7 +219,7 @@ class Model:
         seed, rng = self._rng(settings)
         n = settings.num_return_sequences
         if settings.num_beams > 1:
-            _check_beams(settings, logprobs)
+            _check_beams(settings, logprobs, output_scores=output_scores, assistant=assistant is not None)
             found = beam_search(self.session, prompt_ids, settings, eos_id=self.eos_token_id, rng=rng)
             results = [dataclasses.replace(self._result(prompts[p], prompt_ids[p], new_ids, settings, seed,
                                                         return_full_text), sequence_score=score)
@@ -313,7 +313,8 @@ class Model:
         update(next_ids, live), as in gpt2onnx.stopping)."""
         eos_id = self.eos_token_id if eos_id is None else eos_id
         if settings.num_beams > 1:
-            _check_beams(settings, None)
+            _check_beams(settings, None, assistant=assistant is not None, criteria=criteria, pad_id=pad_id,
+                         eos_id=eos_id)
             found = beam_search(self.session, prompt_ids, settings, eos_id=eos_id, rng=rng)
             return [new_ids for rows in found for new_ids, _ in rows]
         rows = len(prompt_ids) * settings.num_return_sequences
@@ -584,8 +585,19 @@ def read_config(path: Path) -> tuple[dict, ModelConfig]:
     return raw, ModelConfig.from_dict(raw, source=str(path))
 
 
-def _check_beams(settings: GenerationSettings, logprobs: int | None) -> None:
-    """What beam search does not support, refused before anything runs."""
+def _check_beams(settings: GenerationSettings, logprobs: int | None, *, output_scores: bool = False,
+                 assistant: bool = False, criteria: tuple = (), pad_id: int | None = None, eos_id: int | None = None
+                 ) -> None:
+    """What beam search does not support, refused before anything runs (rather than silently ignored)."""
+    unsupported = [name for name, given in (
+        ("stop_strings", bool(settings.stop_strings)), ("max_time", settings.max_time is not None),
+        ("output_scores", output_scores), ("prompt_lookup_num_tokens", settings.prompt_lookup_num_tokens is not None),
+        ("assistant_model", assistant), ("more than one eos_token_id (or stop_sequence)", bool(criteria)),
+        ("a pad_token_id other than eos_token_id", pad_id is not None and pad_id != eos_id)) if given]
+    if unsupported:
+        raise InvalidArgumentError(f"beam search (num_beams={settings.num_beams}) does not support "
+                                   f"{', '.join(unsupported)}",
+                                   hint="leave them out with num_beams > 1, or use num_beams=1")
     if settings.stop:
         raise InvalidArgumentError("stop strings cannot end beams (num_beams > 1)",
                                    hint="cut the returned text at the stop string yourself, or use num_beams=1")

@@ -32,10 +32,10 @@ import onnxruntime as ort
 
 from . import contract as c
 from .config import ModelConfig
-from .errors import InvalidArgumentError, ModelLoadError
+from .errors import ModelLoadError
 from .graph_facts import read_graph_inputs
 from .kv_cache import KVCache
-from .session import OnnxSession, SessionOptions, ort_options
+from .session import OnnxSession, SessionOptions, _kept_logits, ort_options
 
 GPT2ONNX, OPTIMUM = "gpt2onnx", "optimum"
 ONNX_FOLDER = "onnx"  # where a Hub-style repository keeps its ONNX files
@@ -171,13 +171,12 @@ class OptimumSession(OnnxSession):
         return KVCache.empty(self.config, batch, 0, dtype=self.cache_dtype)
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-            cache: KVCache, *, logits_for: str = "all", reuse_logits: bool = False) -> tuple[np.ndarray, KVCache]:
+            cache: KVCache, *, logits_for: str | int = "all", reuse_logits: bool = False
+            ) -> tuple[np.ndarray, KVCache]:
         """As OnnxSession.run, but the cache returned is a new one (`cache` is left as it was): the graph
-        writes past + new positions into new present arrays. logits_for="last" slices the last position of
-        the logits the graph computed for every position."""
-        if logits_for not in ("all", "last"):
-            raise InvalidArgumentError(f"logits_for must be 'all' or 'last', got {logits_for!r}",
-                                       hint="'last' is what generation needs; 'all' gives every position's logits")
+        writes past + new positions into new present arrays. logits_for="last" (or k) slices the last position
+        (the last k) of the logits the graph computed for every position."""
+        keep = int(_kept_logits(logits_for))  # 0: every position
         self._check_shapes(input_ids, attention_mask, position_ids, cache)
         batch, new = input_ids.shape
         total = attention_mask.shape[1]
@@ -197,7 +196,7 @@ class OptimumSession(OnnxSession):
         kept = cache.logits if reuse_logits and cache.logits is not None and cache.logits.shape == shape else None
         logits = kept if kept is not None else np.empty(shape, np.float32)
         binding.bind_ortvalue_output(c.LOGITS, ort.OrtValue.ortvalue_from_numpy(logits))
-        out = logits[:, -1:] if logits_for == "last" else logits
+        out = logits[:, -keep:] if keep else logits
         self._run_bound(binding, input_ids, total - new, out)
         grown = KVCache(presents, length=total)
         grown.logits = logits if reuse_logits else None

@@ -30,7 +30,7 @@ from .errors import InvalidArgumentError
 from .home import resolve_model
 from .model import Model, load
 from .seeding import rng_for
-from .settings import OPTIONS, GenerationSettings
+from .settings import OPTIONS, GenerationSettings, check_token_ids
 from .stopping import StopTokens
 from .tokenizer import clean_up_tokenization
 
@@ -79,7 +79,9 @@ class PipelineTokenizer:
 
     def __init__(self, model: Model):
         try:
-            config = json.loads((model.directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+            # beside the tokenizer: a Hub-style Optimum repo may keep it in onnx/ only (see optimum_layout)
+            config = json.loads((model.layout.tokenizer_file.parent / "tokenizer_config.json").read_text(
+                encoding="utf-8"))
         except (OSError, ValueError):
             config = {}
         config = config if isinstance(config, dict) else {}
@@ -284,6 +286,7 @@ class TextGenerationPipeline:
             chosen["stop"] = (chosen["stop"],) if isinstance(chosen["stop"], str) else tuple(chosen["stop"])
         settings = GenerationSettings(**{**chosen, "max_new_tokens": max_new_tokens, "sampler": chosen.get(
             "sampler", "torch")})
+        check_token_ids(settings, self.model.config.vocab_size)  # suppress_tokens, bad_words_ids, ... in range
         if width + settings.max_new_tokens > n_positions:
             raise InvalidArgumentError(
                 f"the prompt ({width} tokens) plus {settings.max_new_tokens} new tokens exceed n_positions="
@@ -337,7 +340,7 @@ def pipeline(task: str | None = "text-generation", model: str | Model | None = N
     """Like transformers.pipeline for the text-generation task.
 
     model: an exported model directory, a loaded Model, or a name (e.g. "gpt2") exported into the export home
-        ($GPT2ONNX_HOME, default ~/.cache/gpt2onnx; the error says how to export it there).
+        ($GPT2ONNX_HOME, default ~/.local/share/gpt2onnx/models; the error says how to export it there).
     tokenizer: the model's own (None or the same name); another tokenizer is refused.
     threads, check_hashes: as gpt2onnx.load. Other keywords: the call's options, as defaults for every call.
     """

@@ -45,6 +45,10 @@ class SharedStream:
         with _LOCK:  # one torch.multinomial call holds torch's generator for all its rows
             return self._generator.multinomial_one(probs)
 
+    def multinomial(self, probs: np.ndarray, k: int) -> np.ndarray:
+        with _LOCK:  # beam sampling: k draws without replacement per row, as one torch.multinomial call
+            return self._generator.multinomial(probs, k)
+
     def exponential(self, shape) -> np.ndarray:
         with _LOCK:
             return self._generator.exponential(shape)

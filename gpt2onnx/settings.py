@@ -100,7 +100,7 @@ OPTIONS = {
                    hint='pass a string or a list of non-empty strings, e.g. stop=["\\n\\n"]'),
     "seed": Option("same seed, same text (the tokens transformers gives after set_seed)",
                    hint=f"any integer from 0 to {SEED_MAX}; leave it unset to draw a fresh seed (reported in the "
-                        "result)"),
+                        "result), or to continue gpt2onnx.set_seed's stream after set_seed"),
     "sampler": Option("random stream: torch (transformers' tokens, the default) or numpy",
                       flag={"choices": list(SAMPLERS)},
                       hint="'torch' gives transformers' tokens for a seed; 'numpy' is faster"),

@@ -243,3 +243,12 @@ def test_damaged_or_unsupported_layouts(optimum_dir, tmp_path, capsys):
     assert "no tokenizer.json" in _cli_error(no_tokenizer, capsys)
     with pytest.raises(ModelLoadError, match="no tokenizer.json"):
         gpt2onnx.load(no_tokenizer)
+
+
+def test_prompt_lookup_on_an_optimum_export_gives_plain_greedy_tokens(optimum):
+    """Drafts are checked in one run of several positions: the Optimum session keeps the last k logits too."""
+    prompt = "the cat sat on the mat. the cat sat on the mat. the cat"
+    plain = optimum.generate(prompt, max_new_tokens=16)
+    looked_up = optimum.generate(prompt, max_new_tokens=16, prompt_lookup_num_tokens=4)
+    assert looked_up.token_ids == plain.token_ids
+    assert looked_up.speculation is not None and looked_up.speculation.runs >= 1

@@ -349,3 +349,27 @@ def test_the_import_surface():
 
     assert gpt2onnx.pipeline is pipeline and gpt2onnx.set_seed is seeding.set_seed
     assert Path(gpt2onnx.seeding.__file__).name == "seeding.py"
+
+
+def test_beam_sampling_draws_from_the_set_seed_stream(ours, theirs):
+    """The pipeline samples by default, so num_beams > 1 after set_seed is beam sampling on the global stream:
+    the same records as transformers' set_seed + pipeline."""
+    from transformers import set_seed
+
+    set_seed(5)
+    expected = theirs(PROMPTS[0], max_new_tokens=8, num_beams=3, num_return_sequences=2)
+    gpt2onnx.set_seed(5)
+    assert ours(PROMPTS[0], max_new_tokens=8, num_beams=3, num_return_sequences=2) == expected
+
+
+def test_token_ids_out_of_the_vocabulary_are_refused_in_one_line(ours):
+    with pytest.raises(InvalidArgumentError) as error:
+        ours(PROMPTS[0], max_new_tokens=4, suppress_tokens=[10**6])
+    assert "\n" not in error.value.message and error.value.hint
+
+
+def test_beam_search_refuses_what_it_cannot_honour(ours):
+    with pytest.raises(InvalidArgumentError, match="stop_strings"):
+        ours(PROMPTS[0], max_new_tokens=4, num_beams=2, do_sample=False, stop_strings=["."])
+    with pytest.raises(InvalidArgumentError, match="eos_token_id"):
+        ours(PROMPTS[0], max_new_tokens=4, num_beams=2, do_sample=False, eos_token_id=[13, 11])
