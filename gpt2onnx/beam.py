@@ -25,7 +25,7 @@ import numpy as np
 
 from .generator import check_finite, left_pad
 from .gpt2 import position_ids
-from .sampling import process, softmax
+from .sampling import log_softmax, process, softmax
 from .session import OnnxSession
 from .settings import GenerationSettings
 
@@ -77,7 +77,7 @@ def beam_search(session: OnnxSession, prompts: list[list[int]], settings: Genera
         if not settings.greedy:
             check_finite(logits, step)
         # 1. each beam's processed log-probabilities plus its running score, flattened per prompt
-        scores = process(_log_softmax(logits), tokens[:, :, :now].reshape(batch * beams, now), step, settings,
+        scores = process(log_softmax(logits), tokens[:, :, :now].reshape(batch * beams, now), step, settings,
                          eos_id=eos_id, min_tokens_to_keep=2)
         vocab = scores.shape[-1]
         total = (scores.reshape(batch, beams, vocab) + running[:, :, None]).reshape(batch, beams * vocab)
@@ -125,38 +125,6 @@ def beam_search(session: OnnxSession, prompts: list[list[int]], settings: Genera
 
     return [[(done_tokens[p, j, width:width + done_lengths[p, j]].tolist(), float(done_scores[p, j]))
              for j in range(settings.num_return_sequences)] for p in range(batch)]
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    """torch's float32 log_softmax on the CPU, float rounding included: its sum of exp(x - max) runs in float32
-    in SIMD lanes (each lane adds every lanes-th value in turn, the last partial vector goes into the first
-    lanes, then the lanes are added in halves). Summed exactly instead, the result differs from torch's by up
-    to 1e-4 over GPT-2's 50257 tokens, which would shift whole beams against each other; so it is 1e-7."""
-    x = np.asarray(logits, np.float32)
-    top = x.max(axis=-1, keepdims=True)
-    exp = np.exp(x - top)
-    rows, n = exp.shape
-    full = n - n % _LANES
-    lanes = exp[:, :full].reshape(rows, -1, _LANES).sum(axis=1, dtype=np.float32)  # lane by lane, in order
-    lanes[:, :n - full] += exp[:, full:]
-    while lanes.shape[1] > 1:
-        half = lanes.shape[1] // 2
-        lanes = lanes[:, :half] + lanes[:, half:]
-    return x - top - np.log(lanes)
-
-
-def _simd_lanes() -> int:
-    """float32 lanes of torch's CPU kernels here: 16 with AVX-512 (which torch uses when the CPU has these
-    four extensions), else 8 (AVX2; ARM's are different again and not replicated)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
-            flags = next((line for line in info if line.startswith("flags")), "").split()
-    except OSError:
-        return 8
-    return 16 if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(flags) else 8
-
-
-_LANES = _simd_lanes()
 
 
 def _top(values: np.ndarray, k: int) -> np.ndarray:

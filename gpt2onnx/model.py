@@ -319,18 +319,21 @@ class Model:
             return [new_ids for rows in found for new_ids, _ in rows]
         rows = len(prompt_ids) * settings.num_return_sequences
         stops = StopStrings(settings.stop, self.tokenizer.decode, rows) if settings.stop else None
-        stopped = any_of(stops, *self._criteria(prompt_ids, settings), *criteria)
+        stopped = any_of(stops, *self._criteria(prompt_ids, settings, pad_id), *criteria)
         return collect(self._tokens(prompt_ids, settings, rng, stopped=stopped, watch=watch, assistant=assistant,
                                     stats=stats, eos_id=eos_id, pad_id=pad_id), rows)
 
-    def _criteria(self, prompt_ids: list[list[int]], settings: GenerationSettings) -> list:
-        """transformers' stopping criteria of these settings (stop_strings, max_time); the clock starts now."""
+    def _criteria(self, prompt_ids: list[list[int]], settings: GenerationSettings, pad_id: int | None = None
+                  ) -> list:
+        """transformers' stopping criteria of these settings (stop_strings, max_time); the clock starts now.
+        pad_id: the left padding's token (default <|endoftext|>), which transformers' StopStringCriteria sees."""
         criteria = []
         if settings.max_time is not None:
             criteria.append(Deadline(settings.max_time))
         if settings.stop_strings:
             width = max(map(len, prompt_ids))  # the rows as transformers sees them: left-padded
-            padded = [[self.eos_token_id] * (width - len(p)) + p for p in prompt_ids
+            pad = self.eos_token_id if pad_id is None else pad_id
+            padded = [[pad] * (width - len(p)) + p for p in prompt_ids
                       for _ in range(settings.num_return_sequences)]
             criteria.append(StopStringsKept(settings.stop_strings, self.token_text, padded))
         return criteria

@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 
+from . import cpu
 from .settings import GenerationSettings
 
 
@@ -216,18 +217,23 @@ def log_softmax(scores: np.ndarray) -> np.ndarray:
 
 
 def _lane_sum(values: np.ndarray) -> np.ndarray:
-    """Sum over the last axis [..., 1] in float32 as torch's vectorised CPU kernels (AVX2, 8 lanes) add up:
-    each lane sequentially, the tail into the first lanes, then the lanes pairwise. (On AVX-512 machines torch
-    adds in 16 lanes; a cut-off can then differ at a ~1e-6 near-tie, which `gpt2onnx verify` explains.)"""
+    """Sum over the last axis [..., 1] in float32 as torch's vectorised CPU kernels add up (8 lanes with AVX2, 16
+    with AVX-512: cpu.torch_lanes): each lane sequentially, the tail into the first lanes, then the lanes in
+    halves. (ARM's kernels are not replicated: a cut-off can then differ at a ~1e-6 near-tie, which
+    `gpt2onnx verify` explains.)"""
     n = values.shape[-1]
-    whole = n - n % 8
-    lanes = np.zeros(values.shape[:-1] + (8,), np.float32)
+    whole = n - n % _LANES
+    lanes = np.zeros(values.shape[:-1] + (_LANES,), np.float32)
     if whole:
-        lanes += values[..., :whole].reshape(values.shape[:-1] + (-1, 8)).sum(axis=-2, dtype=np.float32)
+        lanes += values[..., :whole].reshape(values.shape[:-1] + (-1, _LANES)).sum(axis=-2, dtype=np.float32)
     lanes[..., :n - whole] += values[..., whole:]
-    total = ((lanes[..., 0] + lanes[..., 4]) + (lanes[..., 2] + lanes[..., 6])) + \
-        ((lanes[..., 1] + lanes[..., 5]) + (lanes[..., 3] + lanes[..., 7]))
-    return total[..., None]
+    while lanes.shape[-1] > 1:
+        half = lanes.shape[-1] // 2
+        lanes = lanes[..., :half] + lanes[..., half:]
+    return lanes
+
+
+_LANES = cpu.torch_lanes()
 
 
 def draw(probs: np.ndarray, rng) -> np.ndarray:

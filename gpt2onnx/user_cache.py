@@ -39,6 +39,8 @@ import threading
 import time
 from pathlib import Path
 
+from . import cpu
+
 CACHE_ENV = "GPT2ONNX_CACHE_DIR"
 OFF = "off"
 MAX_GRAPHS = 4  # optimized graphs kept (the most recently used); each is about the size of its model
@@ -143,16 +145,7 @@ def _write_atomically(path: Path, text: str) -> None:
 
 def cpu_flags() -> str:
     """What the CPU can do, as ONNX Runtime's kernel choice sees it: /proc/cpuinfo's flags on Linux."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):  # x86, arm
-                    return " ".join(sorted(line.partition(":")[2].split()))
-    except OSError:
-        pass
-    import platform
-
-    return f"{platform.machine()} {platform.processor()}"
+    return cpu.describe()
 
 
 def graph_key(model_hashes: dict[str, str], optimization: str) -> dict:
