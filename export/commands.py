@@ -116,7 +116,8 @@ def register_verify(subparsers, formatter) -> None:
     p.add_argument("--reference-seed", type=int, default=argparse.SUPPRESS,
                    help="the seed of a random:NAME reference (default: the manifest's, else 0)")
     p.add_argument("--seeds", type=int, default=10,
-                   help="sampling: seeds 0..N-1, each with every setting (10 settings)")
+                   help="sampling: seeds 0..N-1, each with every setting of export/parity.py "
+                        "(beam sampling: 3 at most)")
     p.add_argument("--max-new-tokens", type=int, default=24, help="sampling: tokens generated per case")
     p.add_argument("--atol", type=float, default=1e-4,
                    help="fp32: largest |logit difference| that counts as float noise")

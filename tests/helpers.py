@@ -183,3 +183,11 @@ def torch_logprobs(reference, ids: list[int]) -> np.ndarray:
     with torch.inference_mode():
         logits = model(torch.tensor([ids])).logits[0]
         return torch.log_softmax(logits, dim=-1).numpy()
+
+
+def openai_client(base_url: str, *, asynchronous: bool = False, **options):
+    """The official `openai` client against one of our servers (no key checked, no retries unless asked)."""
+    import openai
+
+    kind = openai.AsyncOpenAI if asynchronous else openai.OpenAI
+    return kind(**{"base_url": base_url + "/v1", "api_key": "unused", "max_retries": 0, **options})

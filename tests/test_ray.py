@@ -21,6 +21,8 @@ import httpx
 import openai
 import pytest
 
+from helpers import openai_client
+
 pytest.importorskip("ray.serve", reason="the ray extra is not installed (pip install 'gpt2onnx[ray]')")
 
 # the serve suite's tests, run here unchanged against the Ray proxy (fixtures live, client, model, reference)
@@ -77,7 +79,7 @@ def live(cluster):
 
 @pytest.fixture(scope="module")
 def client(cluster):
-    return openai.OpenAI(base_url=cluster.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai_client(cluster.url, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +197,7 @@ def test_a_closed_stream_frees_its_rows_on_its_replica(cluster, client):
 async def _flood(url: str, held: int):
     """`held` long requests, one every 20 ms (n=4 rows each: a replica runs one at a time), then probes until
     one is refused. Returns (refused among the held ones, probes sent, the refusal)."""
-    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    client = openai_client(url, asynchronous=True, timeout=120)
     options = {"model": NAME, "prompt": PROMPT, "max_tokens": 1000, "n": MAX_BATCH, "seed": 3, "stream": True,
                "extra_body": {"ignore_eos": True}}
     tasks = []
@@ -252,7 +254,7 @@ def test_a_replica_killed_amid_40_requests_costs_none_and_comes_back(cluster, mo
 
     http = httpx.Client(timeout=60, event_hooks={
         "request": [lambda request: attempts.update([request.headers["x-call"]])], "response": [answered]})
-    client = openai.OpenAI(base_url=cluster.url + "/v1", api_key="unused", max_retries=2, timeout=60,
+    client = openai_client(cluster.url, max_retries=2, timeout=60,
                            http_client=http)
     before_ids, before_pids = set(replicas_answering(cluster.url, 8)), replica_pids()
 
@@ -321,7 +323,7 @@ def test_metrics_reach_rays_exporter_per_replica(cluster):
 
 
 def test_sigterm_lets_a_stream_finish_then_stops_ray(cluster):
-    client = openai.OpenAI(base_url=cluster.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    client = openai_client(cluster.url, timeout=60)
     stream = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=300, stream=True, seed=4, logprobs=0,
                                        extra_body={"ignore_eos": True})
     chunks = iter(stream)

@@ -21,6 +21,7 @@ import uvicorn
 import gpt2onnx
 from gpt2onnx.engine import Engine, EngineOptions, Event
 from gpt2onnx.server import ServerOptions, create_app
+from helpers import openai_client
 
 NAME = "trained"
 PROMPT = "In Vim, to delete a line,"
@@ -109,7 +110,7 @@ def live(engine):
 
 @pytest.fixture(scope="module")
 def client(live):
-    return openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai_client(live.url, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +162,7 @@ def test_a_drawn_seed_is_reported_and_replays(client, model, live):
 
 
 async def _stream_and_whole(base_url: str):
-    client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    client = openai_client(base_url, asynchronous=True, timeout=60)
     options = dict(model=NAME, prompt=["Once upon a time", "fs.readFile(path"], max_tokens=40, seed=5, n=2,
                    logprobs=2)
     whole = await client.completions.create(**options)
@@ -236,7 +237,7 @@ def test_streams_never_split_a_character(tiny_export):
                    logit_bias={str(i): 8 for i in partial}, extra_body={"ignore_eos": True})
     with Engine(model, EngineOptions(max_batch=4)) as engine, \
             LiveServer(create_app(engine, ServerOptions(model_name=NAME))) as server:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        client = openai_client(server.url)
         whole = client.completions.create(**options).choices[0]
         chunks = [c.choices[0] for c in client.completions.create(stream=True, **options)]
     tokens = [t for c in chunks for t in c.logprobs.tokens]
@@ -304,7 +305,7 @@ def test_generated_logprobs_equal_pytorch(client, reference):
 
 
 async def _alone_and_among(base_url: str, model):
-    client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    client = openai_client(base_url, asynchronous=True, timeout=120)
     target = dict(model=NAME, prompt="Once upon a time", max_tokens=32, seed=42, temperature=1.0)
     alone = (await client.completions.create(**target)).choices[0].text
     long_prompt = "A window is a viewport on a buffer. " * 30
@@ -503,7 +504,7 @@ def test_an_error_after_the_stream_began_is_an_error_event(model):
             return None
 
     with LiveServer(create_app(FailingEngine(), ServerOptions(model_name=NAME))) as server:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        client = openai_client(server.url)
         pieces = []
         with pytest.raises(openai.APIError, match="NaN logits"):
             for chunk in client.completions.create(model=NAME, prompt="hi", stream=True):
@@ -530,7 +531,7 @@ def test_health_is_503_while_the_model_loads(model):
         while httpx.get(server.url + "/health").status_code != 200:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        client = openai_client(server.url)
         assert client.completions.create(model=NAME, prompt="hi", max_tokens=4, seed=1).choices[0].text
         assert metric(server.url, "gpt2onnx_batch_size_rows_count") >= 1  # the engine's steps reach /metrics
 
@@ -551,20 +552,20 @@ def guarded(trained_export, tmp_path_factory):
 def test_bad_key_is_an_authentication_error(guarded):
     for key in ("wrong-key", "s3cret-ke", "s3cret-key2"):
         with pytest.raises(openai.AuthenticationError) as caught:
-            openai.OpenAI(base_url=guarded + "/v1", api_key=key, max_retries=0).completions.create(
+            openai_client(guarded, api_key=key).completions.create(
                 model=NAME, prompt="hi", max_tokens=2)
         assert caught.value.code == "invalid_api_key"
     assert httpx.get(guarded + "/metrics").status_code == 401
     assert httpx.post(guarded + "/tokenize", json={"prompt": "a"}).status_code == 401
     assert httpx.get(guarded + "/health").status_code == 200  # no key needed
     assert httpx.get(guarded + "/").status_code == 200  # the playground page asks for the key itself
-    good = openai.OpenAI(base_url=guarded + "/v1", api_key="s3cret-key", max_retries=0)
+    good = openai_client(guarded, api_key="s3cret-key")
     assert good.completions.create(model=NAME, prompt="hi", max_tokens=2, seed=0).choices[0].finish_reason
 
 
 def test_queue_overflow_is_a_rate_limit_error_with_retry_after(guarded):
     headers = {"Authorization": "Bearer s3cret-key"}
-    client = openai.OpenAI(base_url=guarded + "/v1", api_key="s3cret-key", max_retries=0, timeout=60)
+    client = openai_client(guarded, api_key="s3cret-key", timeout=60)
     running = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=900, stream=True, seed=1,
                                         extra_body={"ignore_eos": True})
     next(iter(running))  # in the batch (its one row)
@@ -588,7 +589,7 @@ def test_queue_overflow_is_a_rate_limit_error_with_retry_after(guarded):
 def test_sigterm_drains_an_in_flight_stream_then_exits(trained_export):
     process, url = start_cli(trained_export, "--drain-timeout", "60")
     try:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        client = openai_client(url, timeout=60)
         stream = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=200, stream=True, seed=4,
                                            logprobs=0, extra_body={"ignore_eos": True})
         chunks = iter(stream)
