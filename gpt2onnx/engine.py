@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import os
 import threading
 import time
 import uuid
@@ -37,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import limits
 from .errors import Gpt2OnnxError, InvalidArgumentError
 from .generator import check_finite, left_pad
 from .gpt2 import position_ids
@@ -313,9 +313,9 @@ class _Active:
         scores = np.array(logits, dtype=np.float32)
         for row, counts in enumerate(self.counts or ()):  # tokens never generated are left as they are (- 0)
             if counts:
+                # every token in counts was generated at least once: the presence penalty applies to all
                 ids, times = list(counts), np.array(list(counts.values()), np.float32)
-                scores[row, ids] -= (np.float32(r.frequency_penalty) * times
-                                     + np.float32(r.presence_penalty) * (times > 0))
+                scores[row, ids] -= np.float32(r.frequency_penalty) * times + np.float32(r.presence_penalty)
         if r.logit_bias:
             scores[:, list(r.logit_bias)] += np.array(list(r.logit_bias.values()), np.float32)
         return scores
@@ -372,7 +372,7 @@ class Engine:
         # measured costs, for the prefill budget: seconds of a decode step by rows, seconds per prefilled token
         self._decode_seconds: dict[int, float] = {}
         self._token_seconds: float | None = None
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = limits.usable_cpus()
         self._pickers = ThreadPoolExecutor(min(cores, 4), thread_name_prefix="gpt2onnx-pick") if cores > 1 else None
         self._thread = threading.Thread(target=self._loop, name="gpt2onnx-engine", daemon=True)
         self._thread.start()
@@ -575,17 +575,14 @@ class Engine:
             seconds = steps[min(steps, key=lambda r: abs(r - rows))]  # a batch of (about) this many rows
         else:
             seconds = 2 * steps[min(steps)]  # the smallest batch measured: about one row
-        return max(min(most, 16), min(most, int(seconds / self._token_seconds)))
+        return min(most, max(16, int(seconds / self._token_seconds)))
 
     def _measured(self, kind: str, seconds: float, count: int) -> None:
         """Fold one run's time into the costs (moving averages: the machine's load changes)."""
         if kind == "decode":
-            old = self._decode_seconds.get(count)
-            self._decode_seconds[count] = seconds if old is None else 0.7 * old + 0.3 * seconds
+            self._decode_seconds[count] = _moving_average(self._decode_seconds.get(count), seconds)
         else:
-            per_token = seconds / count
-            old = self._token_seconds
-            self._token_seconds = per_token if old is None else 0.7 * old + 0.3 * per_token
+            self._token_seconds = _moving_average(self._token_seconds, seconds / count)
 
     def _prefill_together(self, group: list[_Joining]) -> int:
         """Prefill whole fresh prompts as one left-padded batch; each request gets its row of the cache."""
@@ -752,3 +749,8 @@ class Engine:
             if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
                 raise InvalidArgumentError(f"logit_bias values must be numbers from -100 to 100, got {bias!r} "
                                            f"for token {token}")
+
+
+def _moving_average(old: float | None, new: float) -> float:
+    """An exponential moving average of measured seconds (the machine's load changes): the new value at first."""
+    return new if old is None else 0.7 * old + 0.3 * new

@@ -8,7 +8,7 @@ import numpy as np
 
 from .errors import GenerationError
 from .gpt2 import position_ids
-from .sampling import process, sample
+from .sampling import choose, process
 from .session import OnnxSession
 from .settings import GenerationSettings
 
@@ -33,8 +33,8 @@ def generate_tokens(session: OnnxSession, prompts: list[list[int]], settings: Ge
     Rows are prompts x num_return_sequences, prompt-major. A finished row yields `eos_id` as padding
     (as transformers does) and is not live. `stopped(next_ids, live)` may end rows for reasons of its
     own (stop strings). `watch(logits, next_ids, live, scores)` sees each step's raw logits [rows, vocab] (a
-    buffer the next step overwrites) before the tokens are yielded (logprobs); scores() gives the processed
-    scores they were picked from (output_scores; computed again only when asked: process is pure). pad_id:
+    buffer the next step overwrites) before the tokens are yielded (logprobs) and the processed
+    scores they were picked from (output_scores). pad_id:
     the left padding's token id (default eos_id; the processors see it). To stop early, stop iterating.
     """
     ids, mask = left_pad(prompts, eos_id if pad_id is None else pad_id)
@@ -62,13 +62,14 @@ def generate_tokens(session: OnnxSession, prompts: list[list[int]], settings: Ge
             check_finite(logits, step)  # sampling reads every probability
         # pick every row's next token from its processed logits; finished rows emit padding
         now = width + step  # tokens so far
-        next_ids = sample(logits, ids[:, :now], step, settings, rng, eos_id=eos_id)
+        scores = process(logits, ids[:, :now], step, settings, eos_id=eos_id)
+        next_ids = choose(scores, settings, rng)
         if settings.greedy:
             check_finite(logits[rows, next_ids], step)  # a NaN or +inf anywhere is what argmax picks
         if not all_live:
             next_ids = np.where(live, next_ids, eos_id)
         if watch is not None:
-            watch(logits, next_ids, live, lambda: process(logits, ids[:, :now], step, settings, eos_id=eos_id))
+            watch(logits, next_ids, live, scores)
         yield next_ids, live
         ended = None if settings.ignore_eos else next_ids == eos_id
         if stopped is not None:

@@ -230,13 +230,13 @@ class Model:
         values = [[] for _ in range(len(prompts) * n)]
         processed = [[] for _ in range(len(prompts) * n)]
 
-        def record(logits, next_ids, live, scores=None):  # each live row's chosen token: raw and processed
+        def record(logits, next_ids, live, scores):  # each live row's chosen token: raw and processed
             rows = np.flatnonzero(live)
             if logprobs is not None:
                 for row, value in zip(rows.tolist(), chosen(logits[rows], next_ids[rows], logprobs)):
                     values[row].append(value)
             if output_scores:
-                picked = np.take_along_axis(log_softmax(scores()[rows]), next_ids[rows, None], axis=1)[:, 0]
+                picked = np.take_along_axis(log_softmax(scores[rows]), next_ids[rows, None], axis=1)[:, 0]
                 for row, value in zip(rows.tolist(), picked.tolist()):
                     processed[row].append(value)
 

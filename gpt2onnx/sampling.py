@@ -27,7 +27,11 @@ def sample(logits: np.ndarray, sequences: np.ndarray, new_tokens: int, settings:
     rng: None for greedy; a numpy Generator, or a gpt2onnx.torch_random.TorchGenerator to replay
     PyTorch's stream.
     """
-    scores = process(logits, sequences, new_tokens, settings, eos_id=eos_id)
+    return choose(process(logits, sequences, new_tokens, settings, eos_id=eos_id), settings, rng)
+
+
+def choose(scores: np.ndarray, settings: GenerationSettings, rng) -> np.ndarray:
+    """Next token id of every row from its processed scores: argmax when greedy, else one draw."""
     if settings.greedy:
         return scores.argmax(axis=-1)
     return draw(softmax(scores), rng)

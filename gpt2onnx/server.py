@@ -252,7 +252,7 @@ async def _completions(request: Request, state: _State) -> Response:
     model = state.model
     declared = request.headers.get("content-length", "")
     size = int(declared) if declared.isdigit() else 0
-    raw = b""
+    raw = bytearray()  # grows in place, chunk by chunk
     if size <= MAX_BODY_BYTES:  # refused from the header alone, before anything is read into memory
         async for chunk in request.stream():
             raw += chunk

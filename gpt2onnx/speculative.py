@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from .generator import check_finite
-from .sampling import process, sample
+from .sampling import choose, process, sample
 from .session import OnnxSession
 from .settings import GenerationSettings
 
@@ -121,7 +121,6 @@ class Assistant:
         self.cache = session.empty_cache(1, capacity=min(capacity, session.config.n_positions))
         self.fed = 0  # tokens of the text in the assistant's cache
         self.pending = 0  # of the last draft, tokens fed to the assistant (their keys are in its cache)
-        self.new_tokens = 0  # new tokens of the text when the draft was made (for min_new_tokens)
 
     def propose(self, ids: np.ndarray, limit: int, new_tokens: int) -> list[int]:
         """Up to min(num_tokens, limit) tokens the assistant would pick after `ids`, fed through its cache."""
@@ -181,14 +180,15 @@ def generate_tokens(session: OnnxSession, prompt: list[int], settings: Generatio
         # pick the tokens position by position, as the plain loop does, while they agree with the draft
         for i in range(len(drafts) + 1):
             step = now - width
-            scores = logits[:, i, :]
+            raw = logits[:, i, :]
             if not settings.greedy:
-                check_finite(scores, step)  # sampling reads every probability
-            next_ids = sample(scores, ids[None, :now], step, settings, rng, eos_id=eos_id)
+                check_finite(raw, step)  # sampling reads every probability
+            scores = process(raw, ids[None, :now], step, settings, eos_id=eos_id)
+            next_ids = choose(scores, settings, rng)
             if settings.greedy:
-                check_finite(scores[0, next_ids], step)  # a NaN or +inf anywhere is what argmax picks
+                check_finite(raw[0, next_ids], step)  # a NaN or +inf anywhere is what argmax picks
             if watch is not None:
-                watch(scores, next_ids, live, lambda: process(scores, ids[None, :now], step, settings, eos_id=eos_id))
+                watch(raw, next_ids, live, scores)
             yield next_ids, live
             token = int(next_ids[0])
             ids[now] = token

@@ -134,9 +134,10 @@ def test_text_pieces_never_split_a_character(trained, monkeypatch):
     text = " naïve 😀 日本語 ok"
     forced = trained.tokenizer.encode(text)
     assert any("\ufffd" in trained.tokenizer.decode([t]) for t in forced)  # some tokens are partial bytes
-    for module in (engine_module, generator):  # the same scripted tokens for the engine and Model.stream
+    # the same scripted tokens for the engine (sample) and Model.stream (choose)
+    for module, name in ((engine_module, "sample"), (generator, "choose")):
         steps = iter(forced)
-        monkeypatch.setattr(module, "sample", lambda *a, _steps=steps, **k: np.array([next(_steps)]))
+        monkeypatch.setattr(module, name, lambda *a, _steps=steps, **k: np.array([next(_steps)]))
     with Engine(trained) as engine:
         request = engine.submit(trained.encode_prompt("x"), GenerationSettings(max_new_tokens=len(forced)))
         pieces = [e.text for e in collect(request)[0] if e.text]

@@ -158,7 +158,7 @@ def test_stream_never_splits_a_character(trained, monkeypatch):
     forced = trained.tokenizer.encode(text)
     assert any("\ufffd" in trained.tokenizer.decode([t]) for t in forced)  # some tokens are partial bytes
     steps = iter(forced)
-    monkeypatch.setattr(generator, "sample", lambda *a, **k: np.array([next(steps)]))
+    monkeypatch.setattr(generator, "choose", lambda *a, **k: np.array([next(steps)]))
     pieces = list(trained.stream("x", max_new_tokens=len(forced)))
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
 
@@ -201,20 +201,22 @@ def test_stream_can_stop_early(trained, monkeypatch):
 
 def test_eos_per_row_and_ignore_eos(trained, monkeypatch):
     eos = trained.eos_token_id
-    real_sample = generator.sample
-    # row 0 says <|endoftext|> at its third step; row 1 never does
-    def scripted(logits, ids, step, *args, **kwargs):
-        chosen = real_sample(logits, ids, step, *args, **kwargs)
+    real_choose, step = generator.choose, [0]
+    # row 0 says <|endoftext|> at its third step; row 1 never does (choose runs once a step)
+    def scripted(*args, **kwargs):
+        chosen = real_choose(*args, **kwargs)
         chosen[chosen == eos] = 13
-        if step == 2:
+        if step[0] == 2:
             chosen[0] = eos
+        step[0] += 1
         return chosen
 
-    monkeypatch.setattr(generator, "sample", scripted)
+    monkeypatch.setattr(generator, "choose", scripted)
     first, second = trained.generate(PROMPTS[:2], max_new_tokens=10)
     assert first.token_ids[-1] == eos and len(first.token_ids) == 3 and first.finish_reason == "eos"
     assert "<|endoftext|>" not in first.text
     assert len(second.token_ids) == 10 and second.finish_reason == "length"
+    step[0] = 0
     fixed = trained.generate(PROMPTS[:2], max_new_tokens=10, ignore_eos=True)
     assert [len(r.token_ids) for r in fixed] == [10, 10] and fixed[0].token_ids[2] == eos
 
