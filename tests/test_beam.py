@@ -164,9 +164,10 @@ def test_stream_engine_and_cli(tiny, tiny_export, capsys):
     with Engine(tiny) as engine:
         with pytest.raises(InvalidArgumentError, match="beam search"):
             engine.submit([1, 2, 3], GenerationSettings(num_beams=2))
-    expected = tiny.generate("Hello", max_new_tokens=6, num_beams=4, num_return_sequences=2)
+    expected = tiny.generate("Hello", max_new_tokens=6, num_beams=4, num_return_sequences=2, early_stopping=True,
+                             length_penalty=0.5)
     args = ["generate", "Hello", "-m", str(tiny_export), "--max-new-tokens", "6", "--num-beams", "4", "-n", "2"]
-    assert main(args + ["--early-stopping", "never", "--length-penalty", "1.0", "--json"]) == 0
+    assert main(args + ["--early-stopping", "true", "--length-penalty", "0.5", "--json"]) == 0
     import json
 
     records = json.loads(capsys.readouterr().out)

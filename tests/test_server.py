@@ -21,7 +21,7 @@ import uvicorn
 import gpt2onnx
 from gpt2onnx.engine import Engine, EngineOptions, Event
 from gpt2onnx.server import ServerOptions, create_app
-from helpers import openai_client
+from helpers import openai_client, torch_logprobs
 
 NAME = "trained"
 PROMPT = "In Vim, to delete a line,"
@@ -250,14 +250,6 @@ def test_streams_never_split_a_character(tiny_export):
 
 
 # --- logprobs equal PyTorch's -------------------------------------------------------------------------------
-
-
-def torch_logprobs(reference, ids):
-    import torch
-
-    torch_model, _ = reference
-    with torch.inference_mode():
-        return torch.log_softmax(torch_model(torch.tensor([ids])).logits[0], dim=-1).numpy()
 
 
 def test_echo_logprobs_scores_the_prompt_like_pytorch(client, reference):
