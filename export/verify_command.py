@@ -33,14 +33,13 @@ from pathlib import Path
 from gpt2onnx import contract as c
 from gpt2onnx import precisions
 from gpt2onnx.errors import InvalidArgumentError, VerificationError
+from gpt2onnx.optimum_layout import has_pytorch_weights
 
 from . import parity, sources, staging, verify
 from .progress import stderr, stopwatch
 from .reference import torch_model
 
 DEFAULT_SEEDS = 10
-# PyTorch weights beside an Optimum export's onnx/ folder make the directory its own reference
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 _SHOWN = 20  # unexplained differences listed in the text report
 
 
@@ -139,7 +138,7 @@ def reference_spec(manifest: dict | None, override: str | None, *, directory: st
     if override:
         return override, seed, None
     if manifest is None:
-        if directory is not None and any(Path(directory, name).is_file() for name in _WEIGHT_FILES):
+        if directory is not None and has_pytorch_weights(directory):  # its own reference
             return str(directory), seed, None
         raise InvalidArgumentError(f"{directory} has no gpt2onnx manifest (an Optimum export) and no PyTorch weights "
                                    "to compare with", hint="pass --reference HF_ID_OR_DIR (or random:NAME with "

@@ -103,6 +103,13 @@ def find_layout(directory: str | Path) -> Layout:
     return layout
 
 
+def has_pytorch_weights(directory: str | Path) -> bool:
+    """Whether `directory` holds PyTorch weights the export side reads (*.safetensors, shards included, or
+    pytorch_model*.bin): a Hub repository with an onnx/ folder often keeps them at its top."""
+    directory = Path(directory)
+    return any(directory.glob("*.safetensors")) or any(directory.glob("pytorch_model*.bin"))
+
+
 def _check_inputs(model_file: Path, inputs: dict[str, str | None]) -> None:
     """A ModelLoadError unless the graph has the inputs of Optimum's text-generation-with-past GPT-2 export."""
     names = set(inputs)
