@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2onnx.errors import GenerationError, InvalidArgumentError, MissingDependencyError
+from gpt2onnx.optimum_layout import has_pytorch_weights
 from gpt2onnx.precisions import FLOAT_KV_CACHE, PRECISIONS
 
 # (framework, precision) in report order; gpt2onnx's precisions are the table's, and "+kv32" is one whose KV
@@ -135,7 +136,7 @@ def run_bench(options: BenchOptions, *, progress: Callable[[str], None], command
     if not configs:
         raise InvalidArgumentError("nothing to measure", hint="check --only and --precisions")
     ready = ready_optimum_export(options.model)
-    if ready is not None and not _has_weights(Path(options.model).expanduser()):
+    if ready is not None and not has_pytorch_weights(Path(options.model).expanduser()):
         skipped += [f"{LABELS[f]} {p}: {options.model} is an Optimum export without PyTorch weights"
                     for f, p in configs if not _uses_optimum_export(f, p)]
         configs = [(f, p) for f, p in configs if _uses_optimum_export(f, p)]
@@ -194,10 +195,6 @@ def ready_optimum_export(model: str) -> Path | None:
     except ModelLoadError:
         return None
     return layout.model_file.parent if layout.kind == OPTIMUM else None
-
-
-def _has_weights(directory: Path) -> bool:
-    return any(directory.glob("*.safetensors")) or (directory / "pytorch_model.bin").is_file()
 
 
 def _uses_optimum_export(framework: str, precision: str) -> bool:

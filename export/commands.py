@@ -39,6 +39,20 @@ def _defaults(field: str) -> str:
     return f"(default {precisions.per_precision(field)})"
 
 
+def _quality_flags(p, *, increase: str, top1: str) -> None:
+    """The quality gate's three thresholds, for export and verify (which spell two of them differently)."""
+    quantized = "/".join(precisions.QUANTIZED)
+    p.add_argument(increase, type=float, default=argparse.SUPPRESS,
+                   help=f"{quantized}: largest perplexity increase over PyTorch fp32, as a fraction "
+                        f"{_defaults('max_perplexity_increase')}")
+    p.add_argument("--max-kl", type=float, default=argparse.SUPPRESS,
+                   help=f"{quantized}: largest mean KL divergence from PyTorch fp32, nats per token "
+                        f"{_defaults('max_kl')}")
+    p.add_argument(top1, type=float, default=argparse.SUPPRESS,
+                   help=f"{quantized}: smallest share of the positions where PyTorch is decisive whose most likely "
+                        f"next token equals PyTorch's {_defaults('min_top1_agreement')}")
+
+
 # -- export ---------------------------------------------------------------------------------------------
 
 
@@ -61,15 +75,7 @@ def register_export(subparsers, formatter) -> None:
     p.add_argument("--kv-cache", default=argparse.SUPPRESS, choices=KV_CACHE_DTYPES,
                    help="the KV cache's dtype; int8 (per-channel scales calibrated at export) reads a quarter of "
                         f"the bytes per step at long contexts (default: {kv_defaults})")
-    p.add_argument("--max-perplexity-increase", type=float, default=argparse.SUPPRESS,
-                   help=f"{quantized}: largest perplexity increase over PyTorch fp32, as a fraction "
-                        f"{_defaults('max_perplexity_increase')}")
-    p.add_argument("--max-kl", type=float, default=argparse.SUPPRESS,
-                   help=f"{quantized}: largest mean KL divergence from PyTorch fp32, nats per token "
-                        f"{_defaults('max_kl')}")
-    p.add_argument("--min-top1-agreement", type=float, default=argparse.SUPPRESS,
-                   help=f"{quantized}: smallest share of the positions where PyTorch is decisive whose most likely "
-                        f"next token equals PyTorch's {_defaults('min_top1_agreement')}")
+    _quality_flags(p, increase="--max-perplexity-increase", top1="--min-top1-agreement")
     p.add_argument("--eval-text", default=argparse.SUPPRESS, metavar="FILE",
                    help=f"{quantized}: text the quality gate scores (default: heldout.txt in a local MODEL "
                         "directory, else a built-in sample)")
@@ -124,14 +130,7 @@ def register_verify(subparsers, formatter) -> None:
     p.add_argument("--attention", choices=["sdpa", "eager"], default=argparse.SUPPRESS,
                    help="the reference's attention (default: sdpa, as from_pretrained loads it, unless the config "
                         "needs eager)")
-    p.add_argument("--min-top1", type=float, default=argparse.SUPPRESS,
-                   help="quantized: least share of the positions where PyTorch is decisive whose most likely token "
-                        f"is PyTorch's {_defaults('min_top1_agreement')}")
-    p.add_argument("--max-kl", type=float, default=argparse.SUPPRESS,
-                   help=f"quantized: largest mean KL divergence from PyTorch, nats per token {_defaults('max_kl')}")
-    p.add_argument("--max-ppl-increase", type=float, default=argparse.SUPPRESS,
-                   help="quantized: largest perplexity increase over PyTorch fp32, as a fraction "
-                        f"{_defaults('max_perplexity_increase')}")
+    _quality_flags(p, increase="--max-ppl-increase", top1="--min-top1")
     p.add_argument("--text", metavar="FILE", default=argparse.SUPPRESS,
                    help="quantized: text to score (default: heldout.txt beside a local source, else a built-in "
                         "sample)")

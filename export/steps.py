@@ -77,18 +77,7 @@ def check_options(options: ExportOptions) -> tuple[builder.Quantization | None, 
         raise InvalidArgumentError(f"atol must be a finite number > 0, got {o.atol!r}",
                                    hint=f"the largest |difference| from PyTorch accepted (default "
                                         f"{verify.DEFAULT_ATOL:g})")
-    increase = o.max_perplexity_increase
-    if increase is not None and (not _is_real(increase) or not math.isfinite(increase) or increase <= -1):
-        raise InvalidArgumentError(f"max_perplexity_increase must be a finite fraction > -1 (0.01 is 1%), "
-                                   f"got {increase!r}",
-                                   hint="default: " + precisions.per_precision("max_perplexity_increase"))
-    top1 = o.min_top1_agreement
-    if top1 is not None and (not _is_real(top1) or not 0 <= top1 <= 1):
-        raise InvalidArgumentError(f"min_top1_agreement must be a fraction from 0 to 1 (0.95 is 95%), got {top1!r}",
-                                   hint="default: " + precisions.per_precision("min_top1_agreement"))
-    if o.max_kl is not None and (not _is_real(o.max_kl) or not math.isfinite(o.max_kl) or o.max_kl < 0):
-        raise InvalidArgumentError(f"max_kl must be a finite number of nats >= 0, got {o.max_kl!r}",
-                                   hint="default: " + precisions.per_precision("max_kl"))
+    verify.check_thresholds(o.max_perplexity_increase, o.max_kl, o.min_top1_agreement)
     if o.eval_text is not None and (not isinstance(o.eval_text, (str, os.PathLike))
                                     or not Path(o.eval_text).expanduser().is_file()):
         raise InvalidArgumentError(f"the evaluation text {o.eval_text!r} is not a file",

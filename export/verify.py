@@ -15,6 +15,8 @@ where that choice is decisive, and the same structural checks as above run again
 
 from __future__ import annotations
 
+import math
+import numbers
 from pathlib import Path
 
 import numpy as np
@@ -169,6 +171,30 @@ def _greedy_parity(session: OnnxSession, reference, tokenizer, tokens: int) -> d
     mismatch = first_difference(ours, theirs)
     return {"prompt": GREEDY_PROMPT, "tokens": len(theirs), "equal": mismatch is None, "first_mismatch": mismatch,
             "ours": ours, "reference": theirs}
+
+
+QUALITY_NAMES = ("max_perplexity_increase", "max_kl", "min_top1_agreement")  # ExportOptions' names
+
+
+def check_thresholds(max_perplexity_increase, max_kl, min_top1_agreement, *,
+                     names: tuple[str, str, str] = QUALITY_NAMES) -> None:
+    """The quality gate's thresholds (None: the precision's default), checked before any work: an
+    InvalidArgumentError naming the first bad one as the caller spells it (`names`: increase, KL, top-1)."""
+    def finite(value) -> bool:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+    increase_name, kl_name, top1_name = names
+    increase = max_perplexity_increase
+    if increase is not None and not (finite(increase) and increase > -1):
+        raise InvalidArgumentError(f"{increase_name} must be a finite fraction > -1 (0.01 is 1%), got {increase!r}",
+                                   hint="default: " + precisions.per_precision("max_perplexity_increase"))
+    top1 = min_top1_agreement
+    if top1 is not None and not (finite(top1) and 0 <= top1 <= 1):
+        raise InvalidArgumentError(f"{top1_name} must be a fraction from 0 to 1 (0.95 is 95%), got {top1!r}",
+                                   hint="default: " + precisions.per_precision("min_top1_agreement"))
+    if max_kl is not None and not (finite(max_kl) and max_kl >= 0):
+        raise InvalidArgumentError(f"{kl_name} must be a finite number of nats >= 0, got {max_kl!r}",
+                                   hint="default: " + precisions.per_precision("max_kl"))
 
 
 def verify_quality(session: OnnxSession, reference, tokenizer, *, precision: str, eval_ids: list[int],

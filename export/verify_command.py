@@ -33,14 +33,13 @@ from pathlib import Path
 from gpt2onnx import contract as c
 from gpt2onnx import precisions
 from gpt2onnx.errors import InvalidArgumentError, VerificationError
+from gpt2onnx.optimum_layout import has_pytorch_weights
 
 from . import parity, sources, staging, verify
 from .progress import stderr, stopwatch
 from .reference import torch_model
 
 DEFAULT_SEEDS = 10
-# PyTorch weights beside an Optimum export's onnx/ folder make the directory its own reference
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 _SHOWN = 20  # unexplained differences listed in the text report
 
 
@@ -139,7 +138,7 @@ def reference_spec(manifest: dict | None, override: str | None, *, directory: st
     if override:
         return override, seed, None
     if manifest is None:
-        if directory is not None and any(Path(directory, name).is_file() for name in _WEIGHT_FILES):
+        if directory is not None and has_pytorch_weights(directory):  # its own reference
             return str(directory), seed, None
         raise InvalidArgumentError(f"{directory} has no gpt2onnx manifest (an Optimum export) and no PyTorch weights "
                                    "to compare with", hint="pass --reference HF_ID_OR_DIR (or random:NAME with "
@@ -177,16 +176,8 @@ def _check(options: VerifyOptions) -> None:
     if options.attention not in (None, "sdpa", "eager"):
         raise InvalidArgumentError(f"attention must be sdpa or eager, got {options.attention!r}",
                                    hint="leave it out for what from_pretrained uses (sdpa)")
-    if options.min_top1 is not None and (not is_finite(options.min_top1) or not 0 <= options.min_top1 <= 1):
-        raise InvalidArgumentError(f"min_top1 must be a fraction from 0 to 1 (0.95 is 95%), got {options.min_top1!r}",
-                                   hint="default: " + precisions.per_precision("min_top1_agreement"))
-    if options.max_kl is not None and (not is_finite(options.max_kl) or options.max_kl < 0):
-        raise InvalidArgumentError(f"max_kl must be a finite number of nats >= 0, got {options.max_kl!r}",
-                                   hint="default: " + precisions.per_precision("max_kl"))
-    increase = options.max_ppl_increase
-    if increase is not None and (not is_finite(increase) or increase <= -1):
-        raise InvalidArgumentError(f"max_ppl_increase must be a finite fraction > -1 (0.01 is 1%), got {increase!r}",
-                                   hint="default: " + precisions.per_precision("max_perplexity_increase"))
+    verify.check_thresholds(options.max_ppl_increase, options.max_kl, options.min_top1,
+                            names=("max_ppl_increase", "max_kl", "min_top1"))
     if options.text is not None and not Path(options.text).expanduser().is_file():
         raise InvalidArgumentError(f"the text {options.text!r} is not a file", hint="pass a UTF-8 text file to --text")
     if options.reference_seed is not None and (not is_int(options.reference_seed) or options.reference_seed < 0):

@@ -218,14 +218,6 @@ class Model:
         assistant = self._assistant(assistant_model, settings)
         seed, rng = self._rng(settings)
         n = settings.num_return_sequences
-        if settings.num_beams > 1:
-            _check_beams(settings, logprobs, output_scores=output_scores, assistant=assistant is not None)
-            found = beam_search(self.session, prompt_ids, settings, eos_id=self.eos_token_id, rng=rng)
-            results = [dataclasses.replace(self._result(prompts[p], prompt_ids[p], new_ids, settings, seed,
-                                                        return_full_text), sequence_score=score)
-                       for p, rows in enumerate(found) for new_ids, score in rows]
-            grouped = results if n == 1 else [results[i:i + n] for i in range(0, len(results), n)]
-            return grouped[0] if isinstance(prompt, str) else grouped
         stats = speculative.SpeculationStats() if self._speculates(prompt_ids, settings, assistant) else None
         values = [[] for _ in range(len(prompts) * n)]
         processed = [[] for _ in range(len(prompts) * n)]
@@ -240,12 +232,19 @@ class Model:
                 for row, value in zip(rows.tolist(), picked.tolist()):
                     processed[row].append(value)
 
-        watch = record if logprobs is not None or output_scores else None
-        rows = self.generate_rows(prompt_ids, settings, rng, watch=watch, assistant=assistant, stats=stats)
+        if settings.num_beams > 1:  # each row with its sequence score
+            found = self._beams(prompt_ids, settings, rng, eos_id=self.eos_token_id, logprobs=logprobs,
+                                output_scores=output_scores, assistant=assistant is not None)
+        else:
+            watch = record if logprobs is not None or output_scores else None
+            found = [(new_ids, None) for new_ids in self.generate_rows(prompt_ids, settings, rng, watch=watch,
+                                                                       assistant=assistant, stats=stats)]
         results = []
-        for index, new_ids in enumerate(rows):
+        for index, (new_ids, sequence_score) in enumerate(found):
             p = index // n
             result = self._result(prompts[p], prompt_ids[p], new_ids, settings, seed, return_full_text)
+            if sequence_score is not None:
+                result = dataclasses.replace(result, sequence_score=sequence_score)
             if logprobs is not None:
                 result = dataclasses.replace(result, logprobs=values[index])
             if output_scores:
@@ -313,15 +312,24 @@ class Model:
         update(next_ids, live), as in gpt2onnx.stopping)."""
         eos_id = self.eos_token_id if eos_id is None else eos_id
         if settings.num_beams > 1:
-            _check_beams(settings, None, assistant=assistant is not None, criteria=criteria, pad_id=pad_id,
-                         eos_id=eos_id)
-            found = beam_search(self.session, prompt_ids, settings, eos_id=eos_id, rng=rng)
-            return [new_ids for rows in found for new_ids, _ in rows]
+            found = self._beams(prompt_ids, settings, rng, eos_id=eos_id, assistant=assistant is not None,
+                                criteria=criteria, pad_id=pad_id)
+            return [new_ids for new_ids, _ in found]
         rows = len(prompt_ids) * settings.num_return_sequences
         stops = StopStrings(settings.stop, self.tokenizer.decode, rows) if settings.stop else None
         stopped = any_of(stops, *self._criteria(prompt_ids, settings, pad_id), *criteria)
         return collect(self._tokens(prompt_ids, settings, rng, stopped=stopped, watch=watch, assistant=assistant,
                                     stats=stats, eos_id=eos_id, pad_id=pad_id), rows)
+
+    def _beams(self, prompt_ids: list[list[int]], settings: GenerationSettings, rng, *, eos_id: int,
+               logprobs: int | None = None, output_scores: bool = False, assistant: bool = False, criteria: tuple = (),
+               pad_id: int | None = None) -> list[tuple[list[int], float]]:
+        """Beam search's rows (prompt-major, the best num_return_sequences of each): (new token ids, sequence
+        score); what it does not support (the other arguments) is refused first."""
+        _check_beams(settings, logprobs, output_scores=output_scores, assistant=assistant, criteria=criteria,
+                     pad_id=pad_id, eos_id=eos_id)
+        found = beam_search(self.session, prompt_ids, settings, eos_id=eos_id, rng=rng)
+        return [row for rows in found for row in rows]
 
     def _criteria(self, prompt_ids: list[list[int]], settings: GenerationSettings, pad_id: int | None = None
                   ) -> list:

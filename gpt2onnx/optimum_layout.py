@@ -23,7 +23,6 @@ graph. Loading says so in one log line; `gpt2onnx verify DIR --reference MODEL` 
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from .config import ModelConfig
 from .errors import ModelLoadError
 from .graph_facts import read_graph_inputs
 from .kv_cache import KVCache
-from .session import OnnxSession, SessionOptions, _kept_logits, ort_options
+from .session import OnnxSession, SessionOptions, _kept_logits
 
 GPT2ONNX, OPTIMUM = "gpt2onnx", "optimum"
 ONNX_FOLDER = "onnx"  # where a Hub-style repository keeps its ONNX files
@@ -104,6 +103,13 @@ def find_layout(directory: str | Path) -> Layout:
     return layout
 
 
+def has_pytorch_weights(directory: str | Path) -> bool:
+    """Whether `directory` holds PyTorch weights the export side reads (*.safetensors, shards included, or
+    pytorch_model*.bin): a Hub repository with an onnx/ folder often keeps them at its top."""
+    directory = Path(directory)
+    return any(directory.glob("*.safetensors")) or any(directory.glob("pytorch_model*.bin"))
+
+
 def _check_inputs(model_file: Path, inputs: dict[str, str | None]) -> None:
     """A ModelLoadError unless the graph has the inputs of Optimum's text-generation-with-past GPT-2 export."""
     names = set(inputs)
@@ -136,16 +142,8 @@ class OptimumSession(OnnxSession):
     """
 
     def __init__(self, path: Path, config: ModelConfig, options: SessionOptions = SessionOptions()):
-        so = ort_options(threads=options.threads, optimization=options.optimization)
-        try:
-            self._session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        except Exception as error:  # onnxruntime raises its own untyped exceptions
-            raise ModelLoadError(f"ONNX Runtime cannot load {path}: {error}",
-                                 hint="the file may be damaged; " + _REEXPORT) from error
-        self.config, self.path, self.cache_dtype = config, Path(path), np.float32
-        self._observers, self._observers_lock = (), threading.Lock()
-        self._past_names = c.past_names(config.n_layer)
-        self._present_names = c.present_names(config.n_layer)
+        self._open(path, config, options, hint="the file may be damaged; " + _REEXPORT)
+        self.cache_dtype = np.float32
         shapes = {i.name: i.shape for i in self._session.get_inputs()}
         inputs = set(shapes)
         outputs = {o.name for o in self._session.get_outputs()}

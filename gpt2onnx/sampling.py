@@ -10,6 +10,8 @@ is greedy: argmax of the processed logits (the warpers do not apply, as in trans
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -52,8 +54,9 @@ def process(logits: np.ndarray, sequences: np.ndarray, new_tokens: int, settings
         # greedy decoding with no processor reads the logits as they are: a copy of the vocabulary per step saved
         return np.asarray(logits, dtype=np.float32)
     scores = np.array(logits, dtype=np.float32)  # a copy: every step below may write in place
-    if s.sequence_bias:  # SequenceBiasLogitsProcessor
-        scores = _sequence_bias(scores, sequences, s.sequence_bias)
+    fixed = _prepare(s, eos_id, scores.shape[-1])  # the arrays the settings alone decide, built once
+    if fixed.sequence_bias is not None:  # SequenceBiasLogitsProcessor
+        scores = _sequence_bias(scores, sequences, fixed.sequence_bias)
     if s.repetition_penalty != 1.0:  # RepetitionPenaltyLogitsProcessor
         # tokens already in the row: negative scores are multiplied, positive ones divided
         seen = np.take_along_axis(scores, sequences, axis=1)
@@ -62,16 +65,14 @@ def process(logits: np.ndarray, sequences: np.ndarray, new_tokens: int, settings
     if s.no_repeat_ngram_size > 0:  # NoRepeatNGramLogitsProcessor
         for row, banned in enumerate(_banned_ngram_tokens(sequences, s.no_repeat_ngram_size)):
             scores[row, banned] = -np.inf
-    if s.bad_words_ids:  # NoBadWordsLogitsProcessor: a sequence bias of -inf; [eos] alone is never banned
-        words = tuple((w, -math.inf) for w in s.bad_words_ids if w != (eos_id,))
-        if words:
-            scores = _sequence_bias(scores, sequences, words)
+    if fixed.bad_words is not None:  # NoBadWordsLogitsProcessor: a sequence bias of -inf; [eos] alone is never banned
+        scores = _sequence_bias(scores, sequences, fixed.bad_words)
     if eos_id is not None and new_tokens < s.min_new_tokens:  # MinNewTokensLengthLogitsProcessor
         scores[:, eos_id] = -np.inf
     if s.forced_bos_token_id is not None and length == 1:  # ForcedBOSTokenLogitsProcessor
-        scores = _only(scores, [s.forced_bos_token_id])
+        scores = _only(scores, fixed.forced_bos)
     if s.forced_eos_token_id is not None and new_tokens == s.max_new_tokens - 1:  # ForcedEOSTokenLogitsProcessor
-        scores = _only(scores, list(s.forced_eos_token_id))
+        scores = _only(scores, fixed.forced_eos)
     if s.exponential_decay_length_penalty and eos_id is not None:  # ExponentialDecayLengthPenalty
         start, factor = s.exponential_decay_length_penalty
         if new_tokens > start:  # transformers: cur_len > start + input_ids_seq_length
@@ -82,11 +83,11 @@ def process(logits: np.ndarray, sequences: np.ndarray, new_tokens: int, settings
             with np.errstate(over="ignore", invalid="ignore"):
                 scores[:, eos_id] += np.abs(scores[:, eos_id]) * np.float32(growth)
     if s.suppress_tokens:  # SuppressTokensLogitsProcessor
-        scores[:, list(s.suppress_tokens)] = -np.inf
+        scores[:, fixed.suppress] = -np.inf
     if s.begin_suppress_tokens:  # SuppressTokensAtBeginLogitsProcessor
         begin = width if width > 1 or s.forced_bos_token_id is None else width + 1
         if length == begin:
-            scores[:, list(s.begin_suppress_tokens)] = -np.inf
+            scores[:, fixed.begin_suppress] = -np.inf
     if not s.greedy:
         _warp(scores, s, min_tokens_to_keep)
     if s.renormalize_logits:  # LogitNormalization, always the last
@@ -152,25 +153,65 @@ def _changes(s: GenerationSettings, new_tokens: int, eos_id: int | None) -> bool
                 or s.begin_suppress_tokens or s.renormalize_logits)
 
 
-def _sequence_bias(scores: np.ndarray, sequences: np.ndarray, pairs) -> np.ndarray:
+@dataclasses.dataclass(frozen=True)
+class _Bias:
+    """A sequence bias ready to add: transformers' SequenceBiasLogitsProcessor, and bad words as a bias of -inf."""
+
+    single: np.ndarray  # [vocab] float32: the one-token sequences' biases (a later pair overrides an earlier one)
+    longer: tuple[tuple[np.ndarray, int, np.float32], ...]  # (every token but the last, the last, the bias), in order
+
+    @classmethod
+    def of(cls, pairs, vocab: int) -> _Bias:
+        single = np.zeros(vocab, np.float32)
+        for ids, value in pairs:
+            if len(ids) == 1:
+                single[ids[0]] = value
+        single = np.float32(0) + single  # as transformers adds it to zeros (-0.0 becomes 0.0)
+        single.flags.writeable = False
+        longer = tuple((np.array(ids[:-1]), ids[-1], np.float32(value)) for ids, value in pairs if len(ids) > 1)
+        return cls(single, longer)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fixed:
+    """What `process` needs from the settings alone (token-id arrays, bias vectors), built once per settings."""
+
+    sequence_bias: _Bias | None
+    bad_words: _Bias | None
+    suppress: np.ndarray | None
+    begin_suppress: np.ndarray | None
+    forced_bos: np.ndarray | None
+    forced_eos: np.ndarray | None
+
+
+@functools.lru_cache(maxsize=32)
+def _prepare(s: GenerationSettings, eos_id: int | None, vocab: int) -> _Fixed:
+    """The arrays `process` uses at every step, from the settings (frozen, hence hashable): built on a
+    generation's first step, reused by the others (and by later calls with equal settings)."""
+    words = tuple((w, -math.inf) for w in s.bad_words_ids or () if w != (eos_id,))
+    ids = (s.suppress_tokens, s.begin_suppress_tokens,
+           None if s.forced_bos_token_id is None else (s.forced_bos_token_id,), s.forced_eos_token_id)
+    arrays = [None if i is None else np.array(i, dtype=np.int64) for i in ids]
+    return _Fixed(_Bias.of(s.sequence_bias, vocab) if s.sequence_bias else None,
+                  _Bias.of(words, vocab) if words else None, *arrays)
+
+
+def _sequence_bias(scores: np.ndarray, sequences: np.ndarray, bias: _Bias) -> np.ndarray:
     """scores + the bias of every (token ids, bias) pair whose sequence the next token would complete: a one-token
     sequence always, a longer one where the row ends with all its tokens but the last (transformers' rule and
     order of additions, left padding included)."""
-    bias = np.zeros_like(scores)
-    single = np.zeros(scores.shape[-1], np.float32)
-    for ids, value in pairs:
-        if len(ids) == 1:
-            single[ids[0]] = value
-    bias += single
-    for ids, value in pairs:
-        if len(ids) == 1 or len(ids) > sequences.shape[1]:
-            continue
-        matches = (sequences[:, sequences.shape[1] - len(ids) + 1:] == np.array(ids[:-1])).all(axis=1)
-        bias[:, ids[-1]] += np.where(matches, np.float32(value), np.float32(0))
-    return scores + bias
+    length = sequences.shape[1]
+    longer = [(prefix, last, value) for prefix, last, value in bias.longer if len(prefix) < length]
+    if not longer:
+        return scores + bias.single
+    total = np.tile(bias.single, (len(scores), 1))
+    for prefix, last, value in longer:
+        matches = (sequences[:, length - len(prefix):] == prefix).all(axis=1)
+        total[:, last] += np.where(matches, value, np.float32(0))
+    return scores + total
 
 
-def _only(scores: np.ndarray, tokens: list[int]) -> np.ndarray:
+def _only(scores: np.ndarray, tokens: np.ndarray) -> np.ndarray:
     """Every score -inf but these tokens', which are 0 (the forced-token processors)."""
     forced = np.full_like(scores, -np.inf)
     forced[:, tokens] = 0

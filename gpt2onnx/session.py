@@ -98,6 +98,21 @@ class OnnxSession:
         """model_hashes: the verified sha256 of the model's files (model.onnx and its external data, by name):
         then ONNX Runtime's optimized graph is kept in the user cache and the next load opens that instead of
         optimizing again (gpt2onnx/user_cache.py)."""
+        self._open(path, config, options, model_hashes=model_hashes,
+                   hint="export the model again; the file may be damaged")
+        self._output_names = c.output_names(config.n_layer)
+        types = {i.name: i.type for i in self._session.get_inputs()}
+        # the cache's dtype: float32, or int8 for exports with an int8 cache (see the contract)
+        self.cache_dtype = np.int8 if types.get(c.past_key(0)) == "tensor(int8)" else np.float32
+        have = set(types)
+        want = set(c.input_names(config.n_layer))
+        if have != want or {o.name for o in self._session.get_outputs()} != set(self._output_names):
+            raise ModelLoadError(f"{path} does not have the inputs and outputs of format {c.FORMAT_VERSION} "
+                                 f"(missing inputs: {sorted(want - have)}, unexpected: {sorted(have - want)})")
+
+    def _open(self, path: Path, config: ModelConfig, options: SessionOptions, *,
+              model_hashes: dict[str, str] | None = None, hint: str) -> None:
+        """Open the graph (a ModelLoadError with `hint` when ONNX Runtime cannot) and set what every run reads."""
         so = ort_options(threads=options.threads, optimization=options.optimization)
         try:
             if model_hashes and options.optimization != "disable":
@@ -107,23 +122,13 @@ class OnnxSession:
             else:
                 self._session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         except Exception as error:  # onnxruntime raises its own untyped exceptions
-            raise ModelLoadError(f"ONNX Runtime cannot load {path}: {error}",
-                                 hint="export the model again; the file may be damaged") from error
+            raise ModelLoadError(f"ONNX Runtime cannot load {path}: {error}", hint=hint) from error
         self.config = config
         self.path = Path(path)
         self._observers: tuple[Callable[[StepRecord], None], ...] = ()
         self._observers_lock = threading.Lock()
         self._past_names = c.past_names(config.n_layer)
-        self._output_names = c.output_names(config.n_layer)
         self._present_names = c.present_names(config.n_layer)
-        types = {i.name: i.type for i in self._session.get_inputs()}
-        # the cache's dtype: float32, or int8 for exports with an int8 cache (see the contract)
-        self.cache_dtype = np.int8 if types.get(c.past_key(0)) == "tensor(int8)" else np.float32
-        have = set(types)
-        want = set(c.input_names(config.n_layer))
-        if have != want or {o.name for o in self._session.get_outputs()} != set(self._output_names):
-            raise ModelLoadError(f"{path} does not have the inputs and outputs of format {c.FORMAT_VERSION} "
-                                 f"(missing inputs: {sorted(want - have)}, unexpected: {sorted(have - want)})")
 
     @contextlib.contextmanager
     def observe(self, callback: Callable[[StepRecord], None]) -> Iterator[None]:

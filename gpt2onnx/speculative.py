@@ -121,24 +121,31 @@ class Assistant:
         self.cache = session.empty_cache(1, capacity=min(capacity, session.config.n_positions))
         self.fed = 0  # tokens of the text in the assistant's cache
         self.pending = 0  # of the last draft, tokens fed to the assistant (their keys are in its cache)
+        # allocated once, sliced at every draft token: the text and drafts so far, the mask and the positions
+        positions = session.config.n_positions
+        self.tokens = np.empty((1, positions + 1), np.int64)
+        self.mask = np.ones((1, positions), np.int64)
+        self.positions = np.arange(positions, dtype=np.int64)[None]
 
     def propose(self, ids: np.ndarray, limit: int, new_tokens: int) -> list[int]:
         """Up to min(num_tokens, limit) tokens the assistant would pick after `ids`, fed through its cache."""
         count = min(self.num_tokens, limit, self.session.config.n_positions + 1 - len(ids))
-        sequence = list(ids.tolist())
-        feed = sequence[self.fed:]
+        now = len(ids)  # tokens of the text and the draft so far
+        if count > 0:  # (the text can be longer than the assistant's n_positions: then no draft)
+            self.tokens[0, :now] = ids
+        start = self.fed  # the first token not yet in the assistant's cache
         drafts: list[int] = []
         for i in range(max(count, 0)):
             past = self.cache.length
-            total = past + len(feed)
-            logits, self.cache = self.session.run(np.array([feed]), np.ones((1, total), np.int64),
-                                                  np.arange(past, total)[None], self.cache, logits_for="last",
+            total = past + now - start
+            logits, self.cache = self.session.run(self.tokens[:, start:now], self.mask[:, :total],
+                                                  self.positions[:, past:total], self.cache, logits_for="last",
                                                   reuse_logits=True)
-            token = int(sample(logits[:, -1], np.array([sequence]), new_tokens + i, self.settings, None,
+            token = int(sample(logits[:, -1], self.tokens[:, :now], new_tokens + i, self.settings, None,
                                eos_id=self.eos_id)[0])
             drafts.append(token)
-            sequence.append(token)
-            feed = [token]
+            self.tokens[0, now] = token
+            start, now = now, now + 1
         self.fed = min(len(ids), self.cache.length)
         self.pending = self.cache.length - self.fed
         return drafts

@@ -9,6 +9,8 @@
     run_matmul_nbits(x, packed, scales, zeros, n, bits, block_size)   ONNX Runtime's MatMulNBits on x
     transformers_generate(model, tokenizer, prompts, seed, options, max_new_tokens)   set_seed + generate, padded
     torch_logprobs(reference, ids)        torch's log_softmax of transformers' logits at every position
+    run_cli(capsys, *argv)                `gpt2onnx ARGV` in this process: (exit code, stdout, stderr), no traceback
+    one_error(err, progress=False)        the CLI's one-line error (its hint line after it); nothing else on stderr
 """
 
 from __future__ import annotations
@@ -152,6 +154,29 @@ def run_matmul_nbits(x: np.ndarray, packed, scales, zeros, *, n: int, bits: int,
     model.ir_version = 8
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, {"x": x})[0]
+
+
+# -- the CLI's errors ---------------------------------------------------------------------------------
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """`gpt2onnx ARGV` in this process: (exit code, stdout, stderr); fails on a traceback."""
+    from gpt2onnx.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err, err
+    return code, out, err
+
+
+def one_error(err: str, *, progress: bool = False) -> str:
+    """The error line of the CLI's one-line error, followed by its hint line; fails on anything else on stderr
+    (progress: an export's progress lines may come before them)."""
+    lines = err.strip("\n").splitlines()
+    assert "Traceback" not in err, err
+    assert len(lines) >= 2 and (progress or len(lines) == 2), err
+    assert lines[-2].startswith("gpt2onnx: error: ") and lines[-1].startswith("hint: "), err
+    return lines[-2]
 
 
 # -- PyTorch's side of a comparison -----------------------------------------------------------------

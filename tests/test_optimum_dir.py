@@ -16,7 +16,7 @@ from gpt2onnx.errors import ModelLoadError
 from gpt2onnx.kv_cache import KVCache
 from gpt2onnx.optimum_layout import OPTIMUM, OptimumSession
 from gpt2onnx.settings import GenerationSettings
-from helpers import run_python, torch_logprobs, transformers_generate
+from helpers import one_error, run_cli, run_python, torch_logprobs, transformers_generate
 
 PROMPTS = ["Use :set number to", "fs.readFile(path, options", "naïve café — 日本語 😀", "x"]
 SAMPLING = [dict(), dict(top_k=0, top_p=0.9), dict(temperature=0.7, top_k=20),
@@ -201,10 +201,9 @@ def test_verify_without_reference_or_weights_is_refused(optimum_dir, capsys):
 
 def _cli_error(directory, capsys) -> str:
     """`gpt2onnx generate` on a directory that cannot load: exit 1 and a one-line error (and its hint)."""
-    assert main(["generate", "x", "--model", str(directory), "--max-new-tokens", "2"]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and err[0].startswith("gpt2onnx: error: ") and err[1].startswith("hint: "), err
-    return err[0]
+    code, _, err = run_cli(capsys, "generate", "x", "--model", directory, "--max-new-tokens", "2")
+    assert code == 1
+    return one_error(err)
 
 
 def test_damaged_or_unsupported_layouts(optimum_dir, tmp_path, capsys):

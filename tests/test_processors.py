@@ -16,6 +16,7 @@ from gpt2onnx.engine import Engine
 from gpt2onnx.errors import InvalidArgumentError
 from gpt2onnx.sampling import process
 from gpt2onnx.settings import GenerationSettings
+from helpers import transformers_generate
 
 PROMPTS = ("Hello, I'm a language model,", "The history of", "naïve café — 日本語 😀")
 TOKENS = 12
@@ -228,14 +229,47 @@ def test_bad_values_one_line_with_hint(tiny, options, name):
     assert name in error.value.message and "\n" not in str(error.value.message) and error.value.hint
 
 
-def test_cli_flags(tiny_export, capsys):
-    args = ["generate", "Hello", "-m", str(tiny_export), "--max-new-tokens", "4", "--json"]
-    assert main(args + ["--suppress-tokens", "1,2,3", "--min-p", "0.05", "--do-sample", "--seed", "1",
-                        "--bad-words-ids", "[[4], [5, 6]]", "--sequence-bias", "[[[7], -2.0]]",
-                        "--exponential-decay-length-penalty", "2,1.5", "--stop-strings", "\\n\\n",
-                        "--max-time", "60", "--forced-eos-token-id", "50256", "--renormalize-logits"]) == 0
+# each flag with a value that changes transformers' tokens for CLI_PROMPT and seed CLI_SEED (checked below)
+CLI_FLAGS = {
+    "suppress": (["--suppress-tokens", f"{NEWLINE},{THE}"], dict(suppress_tokens=[NEWLINE, THE])),
+    "bad words": (["--bad-words-ids", f"[[{NEWLINE}], [{THE}, {STAR}]]"], dict(bad_words_ids=[[NEWLINE], [THE, STAR]])),
+    "sequence bias": (["--sequence-bias", f"[[[{STAR}], 6.0]]"], dict(sequence_bias={(STAR,): 6.0})),
+    "min-p": (["--min-p", "0.2", "--top-k", "0"], dict(min_p=0.2, top_k=0)),
+    "decay": (["--exponential-decay-length-penalty", "2,1.5"], dict(exponential_decay_length_penalty=(2, 1.5))),
+    "forced eos": (["--forced-eos-token-id", "50256"], dict(forced_eos_token_id=50256)),
+    "renormalize": (["--renormalize-logits", "--top-p", "0.5"], dict(renormalize_logits=True, top_p=0.5)),
+}
+CLI_PROMPT, CLI_SEED = PROMPTS[1], 3
+
+
+@pytest.mark.parametrize("name", CLI_FLAGS)
+def test_cli_flags_give_transformers_tokens(trained_export, trained_reference, capsys, name):
+    """Each flag reaches the sampler: the CLI's tokens are transformers' with the same setting, which differ from
+    its tokens without it (so an ignored flag fails)."""
+    flags, options = CLI_FLAGS[name]
+    expected, plain = (transformers_generate(*trained_reference, [CLI_PROMPT], CLI_SEED, o, TOKENS)[0]
+                       for o in (options, {}))
+    assert expected != plain  # the setting matters here
+    assert main(["generate", CLI_PROMPT, "-m", str(trained_export), "--max-new-tokens", str(TOKENS), "--json",
+                 "--do-sample", "--seed", str(CLI_SEED), *flags]) == 0
     (result,) = json.loads(capsys.readouterr().out)
-    assert result["token_ids"][-1] == 50256 or len(result["token_ids"]) < 4
+    assert result["token_ids"] == expected
+
+
+def test_cli_stop_strings_and_max_time(trained_export, capsys):
+    """Known values: a bias makes every new token "\\n", so --stop-strings "\\n\\n" ends the row after two (five
+    without it), and a max time already over after one."""
+    base = ["generate", "a", "-m", str(trained_export), "--max-new-tokens", "5", "--json",
+            "--sequence-bias", f"[[[{NEWLINE}], 100.0]]"]
+    for flags, expected in (([], [NEWLINE] * 5), (["--stop-strings", "\\n\\n"], [NEWLINE] * 2),
+                            (["--max-time", "1e-9"], [NEWLINE])):
+        assert main(base + flags) == 0
+        (result,) = json.loads(capsys.readouterr().out)
+        assert result["token_ids"] == expected, flags
+
+
+def test_cli_bad_flags(tiny_export, capsys):
+    args = ["generate", "Hello", "-m", str(tiny_export), "--max-new-tokens", "4", "--json"]
     for bad in (["--suppress-tokens", "a,b"], ["--bad-words-ids", "[[1"], ["--min-p", "2"],
                 ["--exponential-decay-length-penalty", "2"]):
         try:

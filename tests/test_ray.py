@@ -370,7 +370,14 @@ def test_options_map_to_ray_serve_settings():
         ServeDeploySchema.parse_obj(config)
     application = config["applications"][0]
     assert application["import_path"] == "gpt2onnx.ray_serve:build_app"
-    assert build_app(application["args"]) is not None
+    # the application serves the replica class with the file's settings (Application has no public accessor)
+    args = application["args"]
+    built = build_app(args)._bound_deployment
+    assert built.func_or_class is Gpt2OnnxReplica and built.init_args == (RayServeOptions.from_dict(args),)
+    assert built.init_args[0].model_dir == args["model_dir"] == "/shared/models/gpt2-int4"
+    assert (built.num_replicas, built.ray_actor_options, built.max_ongoing_requests, built.max_queued_requests) == (
+        args["replicas"], {"num_cpus": args["cpus_per_replica"]}, args["max_batch"], args["max_queue"]) == (
+        4, {"num_cpus": 2}, 16, 64)
 
     replica = types.SimpleNamespace(engine=types.SimpleNamespace(alive=False), replica_id="r")
     with pytest.raises(RuntimeError, match="engine"):
