@@ -4,6 +4,15 @@ The CLI's choices and help, the builder (export/builder.py `quantization_for`), 
 gate of export and verify, inspect and bench all read this table. A new precision is a row here and, if its
 graph differs, a case in the builder; nothing else spells a precision's numbers.
 
+Schemes (the manifest's quantization "scheme"; contract.SCHEME_*):
+  per-column  int8: ONNX Runtime's DynamicQuantizeMatMul, int8 codes with one scale per output column
+              (gpt2onnx/per_column.py); the activations are quantized to uint8 at each call, so the matmul runs
+              in integers. On this 2-thread AVX2 machine (GPT-2 124M) prefill@512 923 tok/s against 402 for
+              MatMulNBits 8-bit blocks (accuracy_level 4), a 16-row step 42 ms against 59.5, decode@8 97.6
+              tok/s against 93.2. No block size.
+  blocks      int4 (and int8 exports made before per-column): MatMulNBits, a scale per block of inputs
+              (gpt2onnx/matmulnbits.py).
+
 Block sizes: inputs per quantization block (a power of two >= 16) unless chosen; larger blocks are faster
 (fewer scales). int4 at 128 instead of 64: a decode step 20% faster on 2 threads for +0.2% perplexity on the
 trained test model (benchmarks/quantization.py).
@@ -23,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .contract import KV_CACHE_DTYPES
+from .contract import KV_CACHE_DTYPES, SCHEME_BLOCKS, SCHEME_PER_COLUMN
 from .errors import InvalidArgumentError
 
 FLOAT_KV_CACHE, INT8_KV_CACHE = KV_CACHE_DTYPES
@@ -34,8 +43,9 @@ class Precision:
     """One precision: how its weights are stored and how closely it must follow PyTorch fp32."""
 
     name: str
-    bits: int | None  # bits per weight of the block-quantized matmuls (MatMulNBits); None: float32, not quantized
-    default_block_size: int | None  # inputs per quantization block unless chosen (quantized only)
+    bits: int | None  # bits per weight of the quantized matmuls; None: float32, not quantized
+    scheme: str | None  # SCHEME_PER_COLUMN or SCHEME_BLOCKS (see above); None: not quantized
+    default_block_size: int | None  # inputs per quantization block unless chosen (blocks only)
     kv_cache_dtype: str  # the KV cache's dtype unless chosen
     max_perplexity_increase: float | None = None  # quality gate (quantized only; fp32 is verified to atol)
     min_top1_agreement: float | None = None
@@ -57,14 +67,16 @@ class Precision:
 
 
 PRECISIONS: dict[str, Precision] = {p.name: p for p in (
-    Precision("fp32", bits=None, default_block_size=None, kv_cache_dtype=FLOAT_KV_CACHE),
-    Precision("int8", bits=8, default_block_size=128, kv_cache_dtype=INT8_KV_CACHE,
+    Precision("fp32", bits=None, scheme=None, default_block_size=None, kv_cache_dtype=FLOAT_KV_CACHE),
+    # KV cache: KV_FIGURES
+    Precision("int8", bits=8, scheme=SCHEME_PER_COLUMN, default_block_size=None, kv_cache_dtype=INT8_KV_CACHE,
               max_perplexity_increase=0.01, min_top1_agreement=0.95, max_kl=0.005),
-    Precision("int4", bits=4, default_block_size=128, kv_cache_dtype=INT8_KV_CACHE,
+    Precision("int4", bits=4, scheme=SCHEME_BLOCKS, default_block_size=128, kv_cache_dtype=INT8_KV_CACHE,
               max_perplexity_increase=0.05, min_top1_agreement=0.85, max_kl=0.05),
 )}
 NAMES = tuple(PRECISIONS)
 QUANTIZED = tuple(name for name, p in PRECISIONS.items() if p.quantized)
+BLOCKED = tuple(name for name, p in PRECISIONS.items() if p.scheme == SCHEME_BLOCKS)  # the ones with a block size
 
 
 def get(name: str) -> Precision:
@@ -85,5 +97,7 @@ def check_kv_cache(kv_cache) -> str:
 
 
 def per_precision(field: str) -> str:
-    """A field's value for every quantized precision, for help texts: "0.01 for int8, 0.05 for int4"."""
-    return ", ".join(f"{getattr(PRECISIONS[name], field):g} for {name}" for name in QUANTIZED)
+    """A field's value for every quantized precision that has one, for help texts: "0.01 for int8, 0.05 for
+    int4"."""
+    return ", ".join(f"{getattr(PRECISIONS[name], field):g} for {name}" for name in QUANTIZED
+                     if getattr(PRECISIONS[name], field) is not None)
