@@ -87,7 +87,7 @@ def quantize_per_column(weight: np.ndarray, *, max_code: int = per_column.MAX_CO
     w = np.asarray(weight, dtype=np.float32)
     scales = np.abs(w).max(axis=0) / max_code
     scales[scales == 0] = 1.0
-    codes = np.clip(np.rint(w / scales), -max_code, max_code).astype(np.int8)
+    codes = np.ascontiguousarray(np.clip(np.rint(w / scales), -max_code, max_code).astype(np.int8))
     return PerColumnWeight(codes, scales.astype(np.float32))
 
 
