@@ -1,4 +1,5 @@
-"""How the quantization defaults were chosen: bits x block size x zero points, speed against quality.
+"""How the quantization defaults were chosen: bits x block size x zero points (MatMulNBits) and int8 per
+column (DynamicQuantizeMatMul), speed against quality.
 
     python benchmarks/quantization.py [--speed-model random:gpt2] [--quality-model DIR] [--rounds 9]
 
@@ -72,9 +73,9 @@ def main() -> None:
 
     from gpt2onnx.config import ModelConfig
     from gpt2onnx.session import OnnxSession, SessionOptions
-    from gpt2onnx_export.builder import Quantization
+    from gpt2onnx_export.builder import Quantization, quantization_for
 
-    schemes = {"fp32": None}
+    schemes = {"fp32": None, "int8 per-column": quantization_for("int8")}
     schemes.update({f"int{b} block {k}{' sym' if s else ''}": Quantization(bits=b, block_size=k, symmetric=s)
                     for b, k, s in SCHEMES})
     quality = {}

@@ -57,7 +57,7 @@ _WEIGHT_SUFFIXES = (".onnx", ".onnx.data", ".onnx_data", ".safetensors", ".bin")
 # What makes a gpt2onnx export, for telling a prepared model made by other code (see _maker): this package's
 # modules but these, and the runtime's modules the export writes by.
 _NOT_EXPORT_CODE = ("bench.py", "commands.py", "verify_command.py", "parity.py", "progress.py")
-_RUNTIME_EXPORT_CODE = ("contract.py", "precisions.py", "gpt2.py", "matmulnbits.py", "config.py")
+_RUNTIME_EXPORT_CODE = ("contract.py", "precisions.py", "gpt2.py", "matmulnbits.py", "per_column.py", "config.py")
 _EOS = 50256
 
 

@@ -7,7 +7,8 @@ Every block is a small function that emits ONNX nodes. The graph uses ONNX Runti
                            runtime binds the same memory to both (no per-step copy of the cache)
   SkipLayerNormalization   residual add + projection bias + layer norm in one pass
   FastGelu / BiasGelu      the MLP's bias and activation (tanh GELU / exact GELU)
-  MatMulNBits              block-quantized weight matmuls at int8 / int4 (accuracy_level 4: int8 activations)
+  DynamicQuantizeMatMul    int8 weight matmuls, a scale per output column; activations quantized per call
+  MatMulNBits              int4 block-quantized weight matmuls (accuracy_level 4: int8 activations)
 
 Optionally the KV cache is int8 (GroupQueryAttention's per-channel quantized cache, scales from
 quantize.kv_cache_scales).
@@ -26,8 +27,9 @@ import onnx
 from onnx import TensorProto, helper
 
 from gpt2onnx import contract as c
-from gpt2onnx import precisions
+from gpt2onnx import per_column, precisions
 from gpt2onnx.config import TANH_GELUS, ModelConfig
+from gpt2onnx.errors import InvalidArgumentError
 from gpt2onnx.gpt2 import attention_scale
 from gpt2onnx.matmulnbits import check_block_size
 
@@ -42,15 +44,20 @@ _MS = "com.microsoft"
 
 @dataclass(frozen=True)
 class Quantization:
-    """Weight-only block quantization of the block matmuls and the head (MatMulNBits)."""
+    """Weight quantization of the block matmuls and the head: per output column (DynamicQuantizeMatMul) or
+    block-wise (MatMulNBits); see gpt2onnx/precisions.py."""
 
     bits: int  # 8 or 4
-    block_size: int  # inputs per block: a power of two >= 16 (defaults: gpt2onnx/precisions.py)
-    symmetric: bool = False  # True: no zero points (smaller, slightly less accurate)
+    block_size: int | None = None  # blocks: inputs per block, a power of two >= 16 (defaults: precisions.py)
+    symmetric: bool = False  # blocks: True = no zero points (smaller, slightly less accurate); per-column: always
     accuracy_level: int = 4  # MatMulNBits compute type; 4 = int8 activations (0 is a slow path for 8 bits)
+    scheme: str = c.SCHEME_BLOCKS
+    max_code: int = per_column.MAX_CODE  # per-column: largest |code|
 
     def as_dict(self) -> dict:
-        return {"bits": self.bits, "block_size": self.block_size, "symmetric": self.symmetric,
+        if self.scheme == c.SCHEME_PER_COLUMN:
+            return {"scheme": self.scheme, "bits": self.bits, "symmetric": True, "max_code": self.max_code}
+        return {"scheme": self.scheme, "bits": self.bits, "block_size": self.block_size, "symmetric": self.symmetric,
                 "accuracy_level": self.accuracy_level}
 
 
@@ -60,6 +67,11 @@ def quantization_for(precision: str, block_size: int | None = None) -> Quantizat
     p = precisions.get(precision)
     if not p.quantized:
         return None
+    if p.scheme == c.SCHEME_PER_COLUMN:
+        if block_size is not None:
+            raise InvalidArgumentError(f"{p.name} has no block size: it quantizes with one scale per output column",
+                                       hint=f"leave out --block-size (it applies to {', '.join(precisions.BLOCKED)})")
+        return Quantization(bits=p.bits, scheme=c.SCHEME_PER_COLUMN, symmetric=True)
     block_size = p.default_block_size if block_size is None else block_size
     check_block_size(block_size)
     return Quantization(bits=p.bits, block_size=block_size)
@@ -95,13 +107,28 @@ class _Graph:
 
 def _linear(g: _Graph, x: str, prefix: str, n_in: int, n_out: int, q: Quantization | None,
             bias: bool = True, name: str | None = None) -> str:
-    """GPT-2's Conv1D: x @ W (+ b), W stored [in, out]; MatMulNBits over W^T when quantized. `name`: the
-    output tensor's name."""
+    """GPT-2's Conv1D: x @ W (+ b), W stored [in, out]; a quantized matmul when quantized. `name`: the output
+    tensor's name."""
     if q is None:
         if not bias:
             return g.op("MatMul", x, prefix + ".weight", name=name)
         return g.op("Add", g.op("MatMul", x, prefix + ".weight"), prefix + ".bias", name=name)
-    return _matmul_nbits(g, x, prefix + ".weight", n_in, n_out, q, prefix + ".bias" if bias else "", name=name)
+    return _quantized_matmul(g, x, prefix + ".weight", n_in, n_out, q, prefix + ".bias" if bias else "", name=name)
+
+
+def _quantized_matmul(g: _Graph, x: str, weight: str, n_in: int, n_out: int, q: Quantization, bias: str = "",
+                      name: str | None = None) -> str:
+    """x @ W (+ bias) in the quantization's scheme."""
+    if q.scheme == c.SCHEME_PER_COLUMN:
+        return _dynamic_quantize_matmul(g, x, weight, bias, name=name)
+    return _matmul_nbits(g, x, weight, n_in, n_out, q, bias, name=name)
+
+
+def _dynamic_quantize_matmul(g: _Graph, x: str, weight: str, bias: str = "", name: str | None = None) -> str:
+    """x @ W (+ bias) with W [in, out] as int8 codes and a scale per output column (no zero point)."""
+    codes, scales, _ = c.quantized_names(weight)
+    inputs = [x, codes, scales] + (["", bias] if bias else [])
+    return g.op("DynamicQuantizeMatMul", *inputs, domain=_MS, name=name)
 
 
 def _matmul_nbits(g: _Graph, x: str, weight: str, n_in: int, n_out: int, q: Quantization, bias: str = "",
@@ -233,7 +260,7 @@ def build_graph(config: ModelConfig, quantization: Quantization | None = None,
         out_shape = g.op("Concat", g.op("Shape", x, start=0, end=2), g.const("c_vocab", [v]), axis=0)
         g.op("Reshape", flat, out_shape, name=c.LOGITS)
     else:
-        _matmul_nbits(g, x, head, e, v, q, name=c.LOGITS)
+        _quantized_matmul(g, x, head, e, v, q, name=c.LOGITS)
 
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     kv = TensorProto.INT8 if kv_cache == "int8" else f32
@@ -265,10 +292,10 @@ def initializer_slots(model: onnx.ModelProto) -> list[str]:
     return slots
 
 
-def _weight_arrays(model: onnx.ModelProto, weights: dict[str, np.ndarray], config: ModelConfig):
+def _weight_arrays(model: onnx.ModelProto, weights: dict[str, np.ndarray], config: ModelConfig, max_code: int):
     """(name, array) for every slot of the graph, quantizing on the way; one weight at a time."""
-    matmuls = {n.input[1]: n for n in model.graph.node if n.op_type == "MatMulNBits"}
-    quantized: dict[str, quantize.QuantizedWeight] = {}
+    matmuls = {n.input[1]: n for n in model.graph.node if n.op_type in ("MatMulNBits", "DynamicQuantizeMatMul")}
+    quantized: dict[str, quantize.QuantizedWeight | quantize.PerColumnWeight] = {}
     for name in initializer_slots(model):
         source = c.quantized_source(name)
         if source is None:
@@ -281,21 +308,25 @@ def _weight_arrays(model: onnx.ModelProto, weights: dict[str, np.ndarray], confi
                 w = weights.get(source, weights["transformer.wte.weight"])
             else:
                 w = weights[source].T  # Conv1D stores [in, out]
-            symmetric = len(node.input) < 4 or not node.input[3]
-            quantized = {source: quantize.quantize(w, bits=attrs["bits"], block_size=attrs["block_size"],
-                                                   symmetric=symmetric)}
+            if node.op_type == "DynamicQuantizeMatMul":  # reads [in, out]
+                quantized = {source: quantize.quantize_per_column(np.asarray(w).T, max_code=max_code)}
+            else:
+                symmetric = len(node.input) < 4 or not node.input[3]
+                quantized = {source: quantize.quantize(w, bits=attrs["bits"], block_size=attrs["block_size"],
+                                                       symmetric=symmetric)}
         codes, scales, zero_points = c.quantized_names(source)
         qw = quantized[source]
-        yield name, {codes: qw.codes, scales: qw.scales, zero_points: qw.zero_points}[name]
+        yield name, {codes: qw.codes, scales: qw.scales, zero_points: getattr(qw, "zero_points", None)}[name]
 
 
 def save_model(model: onnx.ModelProto, weights: dict[str, np.ndarray], config: ModelConfig,
-               directory: Path) -> list[str]:
+               directory: Path, *, max_code: int = per_column.MAX_CODE) -> list[str]:
     """Attach the weights and write model.onnx (and model.onnx.data when large). Returns the file names.
+    max_code: the largest |code| of per-column int8 weights (Quantization.max_code).
 
     Large weights are streamed straight into the data file, so no second in-memory copy is made.
     """
-    arrays = list(_weight_arrays(model, weights, config))
+    arrays = list(_weight_arrays(model, weights, config, max_code))
     external = sum(a.nbytes for _, a in arrays) > EXTERNAL_DATA_THRESHOLD
     files = [c.MODEL_FILE]
     tensors = []

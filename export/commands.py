@@ -67,9 +67,10 @@ def register_export(subparsers, formatter) -> None:
     p.add_argument("out_dir", metavar="OUT_DIR", help="directory to create")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it holds an earlier export")
     p.add_argument("--precision", default="fp32", choices=precisions.NAMES,
-                   help=f"weights: fp32 (verified to --atol) or block-quantized {quantized} (gated on quality)")
+                   help=f"weights: fp32 (verified to --atol) or quantized {quantized} (gated on quality)")
     p.add_argument("--block-size", type=int, default=argparse.SUPPRESS,
-                   help=f"{quantized}: weights per quantization block, 16, 32, 64, ...: smaller is more accurate, "
+                   help=f"{'/'.join(precisions.BLOCKED)}: weights per quantization block, 16, 32, 64, ...: smaller is "
+                        "more accurate, "
                         f"larger faster {_defaults('default_block_size')}")
     kv_defaults = ", ".join(f"{x.kv_cache_dtype} for {x.name}" for x in precisions.PRECISIONS.values())
     p.add_argument("--kv-cache", default=argparse.SUPPRESS, choices=KV_CACHE_DTYPES,

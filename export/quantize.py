@@ -1,4 +1,10 @@
-"""Block-wise weight quantization into the layout of ONNX Runtime's MatMulNBits (gpt2onnx/matmulnbits.py).
+"""Weight quantization: per output column into the layout of ONNX Runtime's DynamicQuantizeMatMul
+(gpt2onnx/per_column.py; int8), or block-wise into the layout of MatMulNBits (gpt2onnx/matmulnbits.py; int4).
+
+Per column: a weight W [K, N] (Conv1D's [in, out]) gets one scale per output column, max |W[:, j]| / max_code,
+and symmetric int8 codes round(W / scale); each dequantized value is within half a step (scale / 2) of W.
+
+Block-wise:
 
 A weight W [N, K] (N outputs, K inputs) is cut into blocks of `block_size` consecutive inputs per output;
 each block stores `bits`-bit codes q and one float scale, and means `(q - zero_point) * scale`.
@@ -14,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpt2onnx import matmulnbits
+from gpt2onnx import matmulnbits, per_column
 
 
 @dataclass
@@ -62,6 +68,27 @@ def quantize(weight: np.ndarray, *, bits: int, block_size: int, symmetric: bool)
         zero_points = matmulnbits.pack(zp.astype(np.uint8), bits)
     codes = matmulnbits.pack(q.astype(np.uint8).reshape(n, -1), bits).reshape(n, k_blocks, block_size * bits // 8)
     return QuantizedWeight(codes, scales.astype(np.float32), zero_points, bits, block_size, k)
+
+
+@dataclass
+class PerColumnWeight:
+    """What DynamicQuantizeMatMul reads: int8 codes [K, N] and float32 scales [N]."""
+
+    codes: np.ndarray  # int8 [K, N], |code| <= max_code
+    scales: np.ndarray  # float32 [N]
+
+    def dequantize(self) -> np.ndarray:
+        """Back to float32 [K, N]: what the quantized graph multiplies by."""
+        return per_column.dequantize(self.codes, self.scales)
+
+
+def quantize_per_column(weight: np.ndarray, *, max_code: int = per_column.MAX_CODE) -> PerColumnWeight:
+    """Quantize W [K, N] symmetrically with one scale per output column (a column of zeros keeps scale 1)."""
+    w = np.asarray(weight, dtype=np.float32)
+    scales = np.abs(w).max(axis=0) / max_code
+    scales[scales == 0] = 1.0
+    codes = np.ascontiguousarray(np.clip(np.rint(w / scales), -max_code, max_code).astype(np.int8))
+    return PerColumnWeight(codes, scales.astype(np.float32))
 
 
 KV_SCALE_MARGIN = 1.25  # headroom over the largest magnitude seen in calibration (larger values saturate)

@@ -33,8 +33,8 @@ from .reference import torch_model
 class ExportOptions:
     """How to export."""
 
-    precision: str = "fp32"  # weight precision of the graph: fp32, int8 or int4 (weight-only, block-wise)
-    block_size: int | None = None  # int8/int4: weights per block (power of two >= 16); None: the default
+    precision: str = "fp32"  # weight precision of the graph: fp32, int8 (per output column) or int4 (block-wise)
+    block_size: int | None = None  # int4: weights per block (power of two >= 16); None: the default
     seed: int = 0  # seed of random:NAME weights and of the verification inputs
     revision: str | None = None  # hub revision (branch, tag or commit)
     allow_pickle: bool = False  # accept pytorch_model.bin checkpoints (pickle can run code: trusted sources only)
@@ -59,8 +59,8 @@ def check_options(options: ExportOptions) -> tuple[builder.Quantization | None, 
     o = options
     precision = precisions.get(o.precision)
     if o.block_size is not None and not precision.quantized:
-        raise InvalidArgumentError(f"a block size applies to {' and '.join(precisions.QUANTIZED)} exports only",
-                                   hint="add --precision " + " or --precision ".join(precisions.QUANTIZED)
+        raise InvalidArgumentError(f"a block size applies to {' and '.join(precisions.BLOCKED)} exports only",
+                                   hint="add --precision " + " or --precision ".join(precisions.BLOCKED)
                                         + ", or leave out --block-size")
     quantization = builder.quantization_for(precision.name, o.block_size)  # checks the block size
     if not _is_int(o.seed) or not 0 <= o.seed < 2**63:
@@ -153,7 +153,9 @@ def _load_and_build(model: str, directory: Path, options: ExportOptions, quantiz
             kv_info.update(scales="per head and channel, float = int8 * scale",
                            calibration=f"{sum(map(len, windows))} tokens: the built-in sample text and seeded "
                                        f"random tokens", margin=quantize.KV_SCALE_MARGIN)
-        files = builder.save_model(builder.build_graph(config, quantization, kv_cache), weights, config, directory)
+        graph = builder.build_graph(config, quantization, kv_cache)
+        max_code = {} if quantization is None else {"max_code": quantization.max_code}
+        files = builder.save_model(graph, weights, config, directory, **max_code)
         files += _write_side_files(source, directory)
     finally:
         shutil.rmtree(work, ignore_errors=True)

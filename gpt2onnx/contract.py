@@ -41,11 +41,14 @@ Weights are ONNX initializers named exactly as in the Hugging Face state dict
 (`transformer.h.0.attn.c_attn.weight`, ...); the tied `lm_head.weight` is not stored, the graph reuses
 `transformer.wte.weight`.
 
-Quantized exports (precision int8 / int4, weight-only, block-wise along the input dimension) replace each
-block matmul weight and the head by the three inputs of ONNX Runtime's MatMulNBits, named after the Hugging
-Face weight (see quantized_names): `NAME.qweight` (uint8 [out, in / block_size, block_size * bits / 8], the
-codes, transposed to [out, in] first: Conv1D stores [in, out]), `NAME.scales` (float32 [out, in / block_size])
-and, for asymmetric schemes, `NAME.zero_points` (uint8, packed like the codes). The tied head is quantized as
+Quantized exports replace each block matmul weight and the head by the inputs of an ONNX Runtime quantized
+matmul, named after the Hugging Face weight (see quantized_names). int8 (scheme per-column): DynamicQuantizeMatMul
+with `NAME.qweight` (int8 [in, out], Conv1D's own layout; the head's is wte transposed) and `NAME.scales`
+(float32 [out]), symmetric, c_attn's bias as the op's bias input. int4 (scheme blocks; also int8 exports made
+before per-column): MatMulNBits, block-wise along the input dimension, with `NAME.qweight` (uint8
+[out, in / block_size, block_size * bits / 8], the codes, transposed to [out, in] first: Conv1D stores
+[in, out]), `NAME.scales` (float32 [out, in / block_size]) and, for asymmetric schemes, `NAME.zero_points`
+(uint8, packed like the codes). The tied head is quantized as
 its own copy, `lm_head.weight.*`; the embedding `transformer.wte.weight` stays float32 for its Gather. Biases,
 layer norms and `transformer.wpe.weight` stay float32. The manifest's `quantization` entry gives the scheme.
 """
@@ -92,7 +95,11 @@ M_VERSIONS = "versions"
 M_FILES = "files"
 M_PARITY = "parity"
 M_CREATED = "created"
-M_QUANTIZATION = "quantization"  # quantized exports only: {"bits", "block_size", "symmetric", "accuracy_level"}
+# quantized exports only: {"scheme": SCHEME_PER_COLUMN, "bits", "symmetric", "max_code"} or
+# {"scheme": SCHEME_BLOCKS, "bits", "block_size", "symmetric", "accuracy_level"} (no "scheme": blocks, older exports)
+M_QUANTIZATION = "quantization"
+SCHEME_PER_COLUMN = "per-column"  # DynamicQuantizeMatMul (gpt2onnx/per_column.py)
+SCHEME_BLOCKS = "blocks"  # MatMulNBits (gpt2onnx/matmulnbits.py)
 M_KV_CACHE = "kv_cache"  # {"dtype": "float32" or "int8", ...how int8 scales were calibrated}
 
 # How the KV cache can be stored (the graph's past/present dtype).

@@ -35,18 +35,20 @@ _ELEM_TYPES = {1: "float32", 3: "int8"}  # TensorProto.DataType of the cache inp
 _INPUT_TYPES = {**_ELEM_TYPES, 7: "int64", 9: "bool", 10: "float16"}  # ... and of any input read_graph_inputs names
 _VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
 
-QUANTIZED_MATMUL = "MatMulNBits"  # com.microsoft, ONNX Runtime's contrib op
-_MATMUL_DEFAULTS = {"bits": 4, "accuracy_level": 0}  # its attribute defaults (ContribOperators.md)
+# ONNX Runtime's quantized matmuls (com.microsoft contrib ops) and the scheme each stands for
+QUANTIZED_MATMUL = "MatMulNBits"  # blocks (int4; int8 exports made before per-column)
+PER_COLUMN_MATMUL = "DynamicQuantizeMatMul"  # per-column int8 weights
+_MATMUL_DEFAULTS = {"bits": 4, "accuracy_level": 0}  # MatMulNBits' attribute defaults (ContribOperators.md)
 
 
 @dataclass(frozen=True)
 class GraphFacts:
     """What model.onnx is, read from the graph itself."""
 
-    precision: str  # "fp32" (no quantized matmul), "int8" or "int4" (every MatMulNBits has these bits)
-    quantization: dict | None  # {"bits", "block_size", "symmetric", "accuracy_level"}: the manifest's keys
+    precision: str  # "fp32" (no quantized matmul), "int8" or "int4" (every quantized matmul has these bits)
+    quantization: dict | None  # {"scheme", "bits", "symmetric", ...}: the manifest's keys (contract.M_QUANTIZATION)
     kv_cache: str  # dtype of the past inputs, "float32" or "int8" (as the manifest's kv_cache "dtype")
-    quantized_matmuls: int  # MatMulNBits nodes
+    quantized_matmuls: int  # MatMulNBits or DynamicQuantizeMatMul nodes
     external_files: tuple[str, ...]  # locations of external weight data (model.onnx.data), as written
 
 
@@ -131,7 +133,7 @@ def check_claims(manifest: dict, facts: GraphFacts, directory: Path) -> None:
     claim = manifest.get(c.M_PRECISION)
     if claim != facts.precision:
         raise ModelLoadError(f"{directory}: manifest says precision {claim} but the graph is {facts.precision}"
-                             + (f" ({facts.quantized_matmuls} MatMulNBits nodes, {_scheme_text(facts.quantization)})"
+                             + (f" ({facts.quantized_matmuls} quantized matmuls, {_scheme_text(facts.quantization)})"
                                 if facts.quantization else " (no quantized matmuls)"), hint=hint)
     claimed = manifest.get(c.M_QUANTIZATION)
     if facts.quantization is None and claimed is not None:
@@ -141,11 +143,12 @@ def check_claims(manifest: dict, facts: GraphFacts, directory: Path) -> None:
         if not isinstance(claimed, dict):
             raise ModelLoadError(f"{directory}: manifest says precision {claim} but gives no quantization entry",
                                  hint=hint)
+        claimed = {"scheme": c.SCHEME_BLOCKS, **claimed}  # exports before per-column name no scheme
         differ = [k for k, v in facts.quantization.items() if claimed.get(k) != v]
         if differ:
             raise ModelLoadError(f"{directory}: manifest says quantization {_scheme_text(claimed)} but the graph's "
-                                 f"MatMulNBits have {_scheme_text(facts.quantization)} ({', '.join(differ)} differ)",
-                                 hint=hint)
+                                 f"quantized matmuls have {_scheme_text(facts.quantization)} ({', '.join(differ)} "
+                                 "differ)", hint=hint)
     kv = manifest.get(c.M_KV_CACHE)
     kv_claim = kv.get("dtype") if isinstance(kv, dict) else kv
     if kv is not None and kv_claim != facts.kv_cache:  # exports before kv_cache was recorded have none
@@ -161,6 +164,8 @@ def check_claims(manifest: dict, facts: GraphFacts, directory: Path) -> None:
 def _scheme_text(scheme) -> str:
     if not isinstance(scheme, dict):
         return repr(scheme)
+    if scheme.get("scheme") == c.SCHEME_PER_COLUMN:
+        return " ".join(f"{k}={scheme.get(k)}" for k in ("scheme", "bits", "symmetric"))
     return " ".join(f"{k}={scheme.get(k)}" for k in ("bits", "block_size", "symmetric", "accuracy_level"))
 
 
@@ -168,7 +173,7 @@ def _scheme_text(scheme) -> str:
 
 
 def _quantized_matmul(data, span) -> tuple | None:
-    """A MatMulNBits node's scheme as sorted (key, value) pairs; None for any other node."""
+    """A quantized matmul's scheme as (key, value) pairs; None for any other node."""
     inputs, op_type, domain, attributes = [], "", "", {}
     for number, wire, value in _fields(data, *span):
         if wire != _LENGTH:
@@ -181,12 +186,14 @@ def _quantized_matmul(data, span) -> tuple | None:
             domain = _text(data, value)
         elif number == _NODE_ATTRIBUTE:
             attributes.update(_int_attribute(data, value))
-    if op_type != QUANTIZED_MATMUL or domain not in ("com.microsoft", ""):
+    if op_type not in (QUANTIZED_MATMUL, PER_COLUMN_MATMUL) or domain not in ("com.microsoft", ""):
         return None
+    if op_type == PER_COLUMN_MATMUL:  # int8 (or uint8) codes [K, N]; a zero point input makes it asymmetric
+        return (("scheme", c.SCHEME_PER_COLUMN), ("bits", 8), ("symmetric", not (len(inputs) > 3 and inputs[3])))
     if "block_size" not in attributes:
         raise _Malformed(f"a {QUANTIZED_MATMUL} node has no block_size")
     values = {**_MATMUL_DEFAULTS, **attributes}
-    return (("bits", values["bits"]), ("block_size", values["block_size"]),
+    return (("scheme", c.SCHEME_BLOCKS), ("bits", values["bits"]), ("block_size", values["block_size"]),
             ("symmetric", not (len(inputs) > 3 and inputs[3])), ("accuracy_level", values["accuracy_level"]))
 
 

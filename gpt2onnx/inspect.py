@@ -10,7 +10,9 @@ are read one at a time (from model.onnx, or model.onnx.data for large models), n
 Quantized weights: a weight that is not plain float32 is listed with its dtype and a scheme read from the
 node that consumes it. The codes, scales and zero points of a quantized op (MatMulNBits, ...) are listed as
 one weight under its state-dict name (named as `contract.quantized_names` says, or `NAME_Q{bits}` as ONNX
-Runtime's own quantizer names them), and `ModelFile.weight` dequantizes MatMulNBits weights for display.
+Runtime's own quantizer names them), and `ModelFile.weight` dequantizes MatMulNBits (int4, older int8:
+gpt2onnx/matmulnbits.py) and DynamicQuantizeMatMul (int8, per column: gpt2onnx/per_column.py) weights for
+display.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from . import contract as c
-from . import matmulnbits
+from . import matmulnbits, per_column
 from .errors import InvalidArgumentError, MissingDependencyError, ModelLoadError
 from .gpt2 import EMBEDDING, OUT_IN_WEIGHTS, state_dict_shapes
 from .limits import format_bytes
@@ -37,7 +39,8 @@ PLOT_EXTRA_HINT = "pip install 'gpt2onnx[plot]'"
 TIED_TO = EMBEDDING
 
 # Quantized ops whose constant inputs form one weight: (data, scales, zero points) input positions.
-QUANTIZED_INPUTS = {"MatMulNBits": (1, 2, 3), "GatherBlockQuantized": (0, 2, 3), "DequantizeLinear": (0, 1, 2)}
+QUANTIZED_INPUTS = {"MatMulNBits": (1, 2, 3), "DynamicQuantizeMatMul": (1, 2, 3), "GatherBlockQuantized": (0, 2, 3),
+                    "DequantizeLinear": (0, 1, 2)}
 _STATE_DICT_NAME = re.compile(r"^(transformer\.|lm_head\.)")
 _QUANT_SUFFIX = re.compile(r"_Q\d+$")
 _SUB_BYTE_BITS = {"INT4": 4, "UINT4": 4, "FLOAT4E2M1": 4, "INT2": 2, "UINT2": 2}
@@ -226,6 +229,8 @@ class ModelFile:
         if node.op_type == "MatMulNBits":
             k, n = int(attrs["K"]), int(attrs["N"])
             return (n, k) if name.endswith(OUT_IN_WEIGHTS) else (k, n)
+        if node.op_type == "DynamicQuantizeMatMul":  # stored [K, N]
+            return data.shape[::-1] if name.endswith(OUT_IN_WEIGHTS) else data.shape
         return data.shape  # other schemes: the stored shape
 
     def report(self, manifest: dict) -> ModelReport:
@@ -257,6 +262,10 @@ class ModelFile:
         if name not in self._quantized:
             return np.array(self._array(name), dtype=np.float32)  # a writable copy, as dequantized ones are
         node, data, scales, zeros = self._quantized[name]
+        if node.op_type == "DynamicQuantizeMatMul":  # [K, N]
+            dense = per_column.dequantize(self._array(data), self._array(scales),
+                                          self._array(zeros) if zeros else None)
+            return np.ascontiguousarray(dense.T) if name.endswith(OUT_IN_WEIGHTS) else dense
         if node.op_type != "MatMulNBits":
             raise InvalidArgumentError(f"{name} is stored as {info.scheme}, which cannot be dequantized for display "
                                        "yet",

@@ -7,6 +7,7 @@
     quantized_copy(src, dst, bits, block_size)   an fp32 export rewritten with MatMulNBits, as another
                                           exporter could write it (packed here, independently of ours)
     run_matmul_nbits(x, packed, scales, zeros, n, bits, block_size)   ONNX Runtime's MatMulNBits on x
+    run_dynamic_quantize_matmul(x, codes, scales)   ONNX Runtime's DynamicQuantizeMatMul on x
     transformers_generate(model, tokenizer, prompts, seed, options, max_new_tokens)   set_seed + generate, padded
     torch_logprobs(reference, ids)        torch's log_softmax of transformers' logits at every position
     run_cli(capsys, *argv)                `gpt2onnx ARGV` in this process: (exit code, stdout, stderr), no traceback
@@ -149,6 +150,23 @@ def run_matmul_nbits(x: np.ndarray, packed, scales, zeros, *, n: int, bits: int,
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, n])],
                               initializer=[numpy_helper.from_array(a, name) for name, a in tensors])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def run_dynamic_quantize_matmul(x: np.ndarray, codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """ONNX Runtime's DynamicQuantizeMatMul (one node, CPU) on x [rows, K] with int8 codes [K, N] and a scale per
+    column [N]: [rows, N]."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    node = helper.make_node("DynamicQuantizeMatMul", ["x", "b", "s"], ["y"], domain="com.microsoft")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializer=[numpy_helper.from_array(codes, "b"), numpy_helper.from_array(scales, "s")])
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 8

@@ -32,6 +32,11 @@ def int4_export(tmp_path_factory):
     return export("random:tiny", tmp_path_factory.mktemp("int4") / "model", precision="int4", block_size=32)
 
 
+@pytest.fixture(scope="module")
+def int8_export(tmp_path_factory):
+    return export("random:tiny", tmp_path_factory.mktemp("int8") / "model", precision="int8")
+
+
 def copy_of(src, tmp_path, name="copy") -> Path:
     return Path(shutil.copytree(src, tmp_path / name))
 
@@ -56,8 +61,12 @@ def edit_manifest(directory: Path, rehash: bool = True, **changes) -> dict:
 def facts_by_onnx(path: Path) -> dict:
     """The same facts read with the onnx package: an independent reading of the protobuf."""
     model = onnx.load(str(path), load_external_data=False)
-    nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-    schemes = {(a["bits"], a["block_size"], len(n.input) < 4 or not n.input[3], a.get("accuracy_level", 0))
+    nodes = [n for n in model.graph.node if n.op_type in ("MatMulNBits", "DynamicQuantizeMatMul")]
+    codes = {t.name: t.data_type for t in model.graph.initializer}
+    schemes = {("blocks", a["bits"], a["block_size"], len(n.input) < 4 or not n.input[3], a.get("accuracy_level", 0))
+               if n.op_type == "MatMulNBits" else
+               ("per-column", 8 * onnx.helper.tensor_dtype_to_np_dtype(codes[n.input[1]]).itemsize, None,
+                len(n.input) < 4 or not n.input[3], None)
                for n in nodes for a in [{x.name: helper.get_attribute_value(x) for x in n.attribute}]}
     past = next(i for i in model.graph.input if i.name == c.past_key(0))
     locations = {e.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
@@ -66,19 +75,23 @@ def facts_by_onnx(path: Path) -> dict:
         past.type.tensor_type.elem_type).name, "locations": locations}
 
 
-def test_graph_facts_agree_with_the_onnx_package(tiny_export, int4_export, tmp_path):
+def test_graph_facts_agree_with_the_onnx_package(tiny_export, int4_export, int8_export, tmp_path):
     external = copy_of(tiny_export, tmp_path, "external")
     onnx.save_model(onnx.load(str(external / c.MODEL_FILE)), str(external / c.MODEL_FILE), save_as_external_data=True,
                     location=c.MODEL_DATA_FILE, size_threshold=1024)
-    for directory, precision in ((tiny_export, "fp32"), (int4_export, "int4"), (external, "fp32")):
+    for directory, precision in ((tiny_export, "fp32"), (int4_export, "int4"), (int8_export, "int8"),
+                                 (external, "fp32")):
         ours, theirs = read_graph_facts(directory / c.MODEL_FILE), facts_by_onnx(directory / c.MODEL_FILE)
         assert ours.precision == precision and ours.quantized_matmuls == theirs["nodes"]
         q = ours.quantization
-        schemes = {(q["bits"], q["block_size"], q["symmetric"], q["accuracy_level"])} if q else set()
+        keys = ("scheme", "bits", "block_size", "symmetric", "accuracy_level")
+        schemes = {tuple(q.get(k) for k in keys)} if q else set()
         assert schemes == theirs["schemes"]
         assert ours.kv_cache == theirs["past"] and set(ours.external_files) == theirs["locations"]
         manifest = json.loads((directory / c.MANIFEST_FILE).read_text())
-        assert (ours.quantization, ours.kv_cache) == (manifest.get(c.M_QUANTIZATION), manifest[c.M_KV_CACHE]["dtype"])
+        claimed = manifest.get(c.M_QUANTIZATION)
+        assert (q is None) == (claimed is None) and (q is None or q.items() <= claimed.items())
+        assert ours.kv_cache == manifest[c.M_KV_CACHE]["dtype"]
     assert read_graph_facts(int4_export / c.MODEL_FILE).quantization["block_size"] == 32
     assert read_graph_facts(external / c.MODEL_FILE).external_files == (c.MODEL_DATA_FILE,)
 
@@ -111,6 +124,13 @@ def test_quantized_graph_claims(int4_export, tmp_path, changes, message):
     lying = copy_of(int4_export, tmp_path)
     edit_manifest(lying, **changes)
     with pytest.raises(ModelLoadError, match=message):
+        gpt2onnx.load(lying)
+
+
+def test_per_column_graph_under_a_blocks_manifest_is_refused(int8_export, tmp_path):
+    lying = copy_of(int8_export, tmp_path)
+    edit_manifest(lying, **{c.M_QUANTIZATION: {"bits": 8, "block_size": 128, "symmetric": True, "accuracy_level": 4}})
+    with pytest.raises(ModelLoadError, match="scheme differ"):
         gpt2onnx.load(lying)
 
 

@@ -109,6 +109,58 @@ def test_quantized_export_lists_scheme_and_dequantizes(quantized_export, tiny_ex
         assert np.abs(d - w).max() <= step / 2 + 1e-6, name
 
 
+@pytest.fixture(scope="module")
+def int8_export(tmp_path_factory):
+    from helpers import export
+
+    return export("random:tiny", tmp_path_factory.mktemp("int8") / "model", precision="int8", kv_cache="float32")
+
+
+def test_per_column_int8_lists_scheme_and_dequantizes(int8_export, tiny_export):
+    """int8 exports: DynamicQuantizeMatMul with int8 codes [in, out] and a scale per output column."""
+    from gpt2onnx.per_column import MAX_CODE
+
+    fp32, q = inspect_model(tiny_export), inspect_model(int8_export)
+    assert {w.name: w.shape for w in q.weights} == {w.name: w.shape for w in fp32.weights}
+    c_attn = next(w for w in q.weights if w.name == "transformer.h.0.attn.c_attn.weight")
+    assert (c_attn.dtype, c_attn.shape, c_attn.scheme) == ("int8", (64, 192), "com.microsoft.DynamicQuantizeMatMul "
+                                                                               "symmetric")
+    assert [(p.name, p.shape) for p in c_attn.parts] == list(zip(c.quantized_names(c_attn.name)[:2],
+                                                                 [(64, 192), (192,)]))
+    assert c_attn.nbytes == 64 * 192 + 192 * 4
+    head = next(w for w in q.weights if w.name == "lm_head.weight")
+    assert head.tied_to is None and head.shape == (50257, 64) and head.parts[0].shape == (64, 50257)
+    assert f"quantized  scheme=per-column bits=8 symmetric=True max_code={MAX_CODE}" in q.format()
+
+    originals, dequantized = ModelFile(tiny_export), ModelFile(int8_export)
+    for name in ("transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_proj.weight", "lm_head.weight"):
+        w, d = originals.weight(name), dequantized.weight(name)
+        assert d.shape == w.shape and d.dtype == np.float32
+        out_axis = 1 if name == "lm_head.weight" else 0  # the head is [out, in], Conv1D [in, out]
+        step = np.abs(w).max(axis=out_axis, keepdims=True) / MAX_CODE
+        assert (np.abs(d - w) <= step / 2 + 1e-7).all(), name
+
+
+def test_int8_exports_of_matmulnbits_still_load_inspect_and_plot(tiny_export, tmp_path):
+    """int8 exports made before per-column (MatMulNBits bits=8, a manifest quantization without "scheme")."""
+    import gpt2onnx
+    from gpt2onnx.graph_facts import read_graph_facts
+    from gpt2onnx.plot import plot_model
+
+    old = quantized_copy(tiny_export, tmp_path / "old-int8", bits=8, block_size=32)
+    assert "scheme" not in json.loads((old / c.MANIFEST_FILE).read_text())[c.M_QUANTIZATION]
+    facts = read_graph_facts(old / c.MODEL_FILE)
+    assert facts.precision == "int8" and facts.quantization["scheme"] == c.SCHEME_BLOCKS
+    assert len(gpt2onnx.load(old).generate("Hello", max_new_tokens=4, ignore_eos=True).token_ids) == 4
+    report = inspect_model(old)
+    c_attn = next(w for w in report.weights if w.name == "transformer.h.0.attn.c_attn.weight")
+    assert c_attn.scheme == "com.microsoft.MatMulNBits accuracy_level=4 bits=8 block_size=32 symmetric"
+    w, d = ModelFile(tiny_export).weight(c_attn.name), ModelFile(old).weight(c_attn.name)
+    assert np.abs(d - w).max() <= np.abs(w).max() / 127 / 2 + 1e-7
+    paths = plot_model(old, tmp_path / "plots", weight=c_attn.name, layers=[0])
+    assert paths[2].is_file()
+
+
 def test_other_dtypes_show_the_node_that_reads_them(tiny_export, tmp_path):
     """A weight stored as float16 and cast by the graph: listed with its dtype and the Cast as its scheme."""
     copy = tmp_path / "fp16"

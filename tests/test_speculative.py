@@ -111,12 +111,12 @@ def test_assistant_models_give_plain_tokens(trained, trained_export, tiny):
 
 def test_int8_cache_is_cut_back_in_place(tmp_path):
     """An int8 KV cache (int8 weights): drafts checked and rejected leave the same tokens as plain greedy."""
-    model = gpt2onnx.load(export("random:tiny", tmp_path / "int8", precision="int8"))
+    model = gpt2onnx.load(export("random:tiny", tmp_path / "int8", precision="int8", kv_cache="int8"))
     assert model.session.cache_dtype == np.int8
     results = []
     for prompt in PROMPTS[:2] + ["Hello world, hello world, hello"]:
         plain = model.generate(prompt, max_new_tokens=60, ignore_eos=True).token_ids
-        for n in (3,):
+        for n in (2, 5):  # random:tiny repeats itself: 3 drafts every token right, 2 and 5 miss some
             ours = model.generate(prompt, max_new_tokens=60, ignore_eos=True, prompt_lookup_num_tokens=n)
             assert ours.token_ids == plain
             results.append(ours)

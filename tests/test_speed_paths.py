@@ -12,7 +12,7 @@ import gpt2onnx
 from gpt2onnx import contract as c
 from gpt2onnx import precisions
 from gpt2onnx.errors import VerificationError
-from helpers import export, run_matmul_nbits
+from helpers import export, run_dynamic_quantize_matmul, run_matmul_nbits
 
 
 @pytest.fixture(scope="module", params=[("int8", None), ("int4", None), ("int4", "float32")],
@@ -33,6 +33,7 @@ def test_quantized_export_loads_generates_and_names_its_weights(quantized_export
     kv_int8 = manifest[c.M_KV_CACHE]["dtype"] == "int8"
     assert kv_int8 == (kv_cache != "float32")  # int8 unless asked for float32
     assert manifest[c.M_QUANTIZATION]["bits"] == precisions.get(precision).bits
+    assert manifest[c.M_QUANTIZATION]["scheme"] == precisions.get(precision).scheme
     parity = manifest[c.M_PARITY]
     assert parity["kind"] == "quality" and parity["passed"]
     assert abs(parity["perplexity"]["increase"]) <= parity["thresholds"]["max_perplexity_increase"]
@@ -41,12 +42,15 @@ def test_quantized_export_loads_generates_and_names_its_weights(quantized_export
     graph = onnx.load(str(directory / c.MODEL_FILE), load_external_data=False).graph
     names = {t.name for t in graph.initializer}
     # every quantized tensor keeps its Hugging Face weight's name as a prefix; the tied head is a copy
+    per_column = precisions.get(precision).scheme == c.SCHEME_PER_COLUMN
     for weight in ("transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_proj.weight", "lm_head.weight"):
         codes, scales, zero_points = c.quantized_names(weight)
-        assert {codes, scales, zero_points} <= names and weight not in names
+        assert {codes, scales} <= names and weight not in names
+        assert (zero_points in names) == (not per_column)  # per-column int8 is symmetric
         assert c.quantized_source(codes) == weight
     assert "transformer.wte.weight" in names  # the embedding Gather stays float32
-    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 4 * 2 + 1
+    op = "DynamicQuantizeMatMul" if per_column else "MatMulNBits"
+    assert sum(n.op_type == op for n in graph.node) == 4 * 2 + 1
     assert all(c.attention_qkv(i) in {o for n in graph.node for o in n.output} for i in range(2))
     assert all(set(c.kv_scale_names(i)) <= names for i in range(2)) == kv_int8
 
@@ -78,7 +82,11 @@ def test_bad_block_size_is_refused(tmp_path):
     from gpt2onnx.errors import InvalidArgumentError
 
     with pytest.raises(InvalidArgumentError, match="power of two"):
-        export("random:tiny", tmp_path / "out", precision="int8", block_size=24)
+        export("random:tiny", tmp_path / "out", precision="int4", block_size=24)
+    with pytest.raises(InvalidArgumentError, match="int8 has no block size") as info:
+        export("random:tiny", tmp_path / "out", precision="int8", block_size=32)
+    assert "int4" in info.value.hint
+    assert list(tmp_path.iterdir()) == []
 
 
 def _ids(n, seed=0):
@@ -187,3 +195,75 @@ def test_quantizer_layout_matches_onnxruntime():
             zeros = None if symmetric else qw.zero_points
             got = run_matmul_nbits(x, qw.codes, qw.scales, zeros, n=n, bits=bits, block_size=32)
             np.testing.assert_allclose(got, x @ qw.dequantize().T, atol=1e-4, rtol=1e-4)
+
+
+def test_per_column_layout_matches_onnxruntime():
+    """Our per-column int8 is what DynamicQuantizeMatMul reads, and with 7-bit codes ONNX Runtime's result is the
+    exact integer math (activations to uint8 over the whole tensor, int32 sums): no int16 saturation."""
+    from gpt2onnx import per_column
+    from gpt2onnx_export.quantize import quantize_per_column
+
+    rng = np.random.default_rng(0)
+    k, n = 768, 96
+    w = rng.standard_normal((k, n)).astype(np.float32) * rng.uniform(0.01, 1, n).astype(np.float32)
+    w[:, 5] = 0  # a column of zeros stays zero
+    qw = quantize_per_column(w)
+    assert qw.codes.dtype == np.int8 and np.abs(qw.codes).max() <= per_column.MAX_CODE
+    step = np.abs(w).max(axis=0) / per_column.MAX_CODE
+    assert (np.abs(qw.dequantize() - w) <= step / 2 + 1e-7).all()
+    for x in (rng.standard_normal((16, k)), np.abs(rng.standard_normal((4, k))) * 3 + 5):  # the second: worst case
+        x = x.astype(np.float32)
+        low, high = min(x.min(), 0), max(x.max(), 0)
+        scale = (high - low) / 255
+        zero = np.clip(np.rint(-low / scale), 0, 255)
+        xq = np.clip(np.rint(x / scale) + zero, 0, 255) - zero
+        exact = (xq.astype(np.int64) @ qw.codes.astype(np.int64)) * scale * qw.scales
+        got = run_dynamic_quantize_matmul(x, qw.codes, qw.scales)
+        np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max())
+
+
+@pytest.fixture(scope="module")
+def trained_int8(trained_dir, tmp_path_factory):
+    return export(str(trained_dir), tmp_path_factory.mktemp("trained-int8") / "model", precision="int8")
+
+
+def test_int8_of_trained_model_passes_the_gate_and_keeps_weights_within_half_a_step(trained_int8, trained_reference):
+    """The export passed the quality gate on the held-out text (whole windows in one call, i.e. prefill); every
+    quantized weight is within half a step (max |column| / MAX_CODE / 2) of PyTorch's, per output column."""
+    from gpt2onnx import per_column
+    from gpt2onnx.inspect import ModelFile
+
+    parity = json.loads((trained_int8 / c.MANIFEST_FILE).read_text())[c.M_PARITY]
+    assert parity["passed"] and parity["eval_text"].endswith("heldout.txt") and parity["window"] > 1
+    assert parity["top1_agreement"] >= precisions.get("int8").min_top1_agreement
+    state = trained_reference[0].state_dict()
+    stored = ModelFile(trained_int8)
+    for name in ("transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.weight",
+                 "transformer.h.1.mlp.c_proj.weight", "lm_head.weight"):
+        w = state[name].float().numpy()
+        w = w.T if name == "lm_head.weight" else w  # as the matmul reads it: [in, out]
+        d = stored.weight(name)
+        d = d.T if name == "lm_head.weight" else d
+        step = np.abs(w).max(axis=0) / per_column.MAX_CODE
+        assert (np.abs(d - w) <= step / 2 * (1 + 1e-5) + 1e-8).all(), name
+
+
+def test_int8_greedy_tokens_are_pytorchs_where_it_is_decisive(trained_int8, trained_reference):
+    """Greedy decoding with the int8 export (cached, one token per step); PyTorch fp32 scores the same sequence:
+    where PyTorch is decisive its top token is ours."""
+    import torch
+
+    from gpt2onnx_export.verify import DECISIVE_MARGIN
+
+    model = gpt2onnx.load(trained_int8)
+    text = "To open a file in a new window, use the"
+    prompt = model.tokenizer.encode(text)
+    ours = model.generate(text, max_new_tokens=48, ignore_eos=True, temperature=0).token_ids
+    ids = torch.tensor([list(prompt) + list(ours)])
+    with torch.inference_mode():
+        probs = torch.softmax(trained_reference[0](input_ids=ids).logits[0, len(prompt) - 1:-1].double(), -1)
+    top2 = probs.topk(2)
+    decisive = (top2.values[:, 0] - top2.values[:, 1]) >= DECISIVE_MARGIN
+    agree = (top2.indices[:, 0] == torch.tensor(ours)) & decisive
+    assert int(decisive.sum()) >= 10
+    assert int(agree.sum()) >= 0.95 * int(decisive.sum())
