@@ -39,8 +39,10 @@ except ImportError as error:  # the export extra is what prepares the models
 # tokens per figure by model: enough steps to stand out from timer noise, few enough for torch fp32 at 1.5 B
 WORKLOAD = {"gpt2": dict(new_tokens=128, long_new_tokens=64, batch=5),
             "gpt2-medium": dict(new_tokens=64, long_new_tokens=32, batch=5),
-            "gpt2-large": dict(new_tokens=48, long_new_tokens=24, batch=3),
-            "gpt2-xl": dict(new_tokens=32, long_new_tokens=16, batch=2)}
+            "gpt2-large": dict(new_tokens=48, long_new_tokens=48, batch=3),
+            "gpt2-xl": dict(new_tokens=32, long_new_tokens=48, batch=2)}
+# decode@768 is (N - 1) / (time(768 + N) - time(768 + 1)): at gpt2-xl a 768-token prefill takes ~25 s on 2 cores
+# and varies by more than 16 tokens' decode (a run with long_new_tokens=16 gave negative rates), hence 48
 
 
 def parameters(name: str) -> int:
