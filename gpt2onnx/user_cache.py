@@ -18,10 +18,10 @@ Measured on the 2-core build machine (random:gpt2, one process per load; the mac
   maps from the external file instead of parsing them out of model.onnx and copying them (with the
   optimizer off the plain model still takes 0.59 s). fp32 (498 MB): 1.53 -> 0.64 s, as the optimizer's
   passes are skipped too.
+- The prepacked MatMulNBits weights are saved as well (see _SAVE_ENTRIES): 0.91-0.94x the wall time of a
+  whole `gpt2onnx generate`, as the session is the last to finish of the two loads side by side.
 - Tried and left out: ORT format (.ort, memory-mapped, model bytes used directly): 0.18 s, no better, and
-  a process crashed when the bytes came from Python; the prepacked MatMulNBits weights saved as well
-  (session.save_external_prepacked_constant_initializers): 0.38 vs 0.41 s CPU for a whole load + step, +70
-  MB on disk, and the session already loads beside the tokenizer, which takes as long.
+  a process crashed when the bytes came from Python.
 - the sha256 of the directory's files 0.21 s; a look at the records 1 ms.
 
 The cache lives in $GPT2ONNX_CACHE_DIR, else $XDG_CACHE_HOME/gpt2onnx, else ~/.cache/gpt2onnx;
@@ -149,11 +149,12 @@ def cpu_flags() -> str:
 
 
 def graph_key(model_hashes: dict[str, str], optimization: str) -> dict:
-    """What an optimized graph depends on: the model's files, ONNX Runtime's version, the level, the CPU."""
+    """What an optimized graph depends on: the model's files, ONNX Runtime's version, the level, the CPU
+    (and "prepacked": entries saved before the prepacked weights were saved are not used, but written anew)."""
     import onnxruntime as ort
 
     return {"files": dict(sorted(model_hashes.items())), "onnxruntime": ort.__version__,
-            "optimization": optimization, "cpu": hashlib.sha256(cpu_flags().encode()).hexdigest()}
+            "optimization": optimization, "prepacked": True, "cpu": hashlib.sha256(cpu_flags().encode()).hexdigest()}
 
 
 def _entry_dir(key: dict) -> Path | None:
@@ -207,9 +208,14 @@ def new_graph(key: dict) -> Path | None:
 
 
 # ONNX Runtime's config entries that save the optimized graph with its weights in one external data file
-# beside it (which ONNX Runtime maps, rather than copies, when it opens the graph)
+# beside it (which ONNX Runtime maps, rather than copies, when it opens the graph), the 4-bit MatMulNBits
+# weights also as ONNX Runtime prepacks them for this CPU (prepacking is ~120 of a 150 ms int4 session load):
+# `gpt2onnx generate "Hello" --max-new-tokens 1` on random:gpt2 int4 0.94x and 0.91x the wall time of saving
+# without them (CPU 0.93x, 0.96x; two paired farm-bench runs of 10 and 15, the machine busy), +67 MB in the
+# cache and +25 MB peak memory; a token as fast (17.8 vs 18.3 ms CPU), the same logits
 _SAVE_ENTRIES = {"session.optimized_model_external_initializers_file_name": _GRAPH_DATA,
-                 "session.optimized_model_external_initializers_min_size_in_bytes": "1024"}
+                 "session.optimized_model_external_initializers_min_size_in_bytes": "1024",
+                 "session.save_external_prepacked_constant_initializers": "1"}
 
 
 def open_session(path: Path, make_options, optimization: str, model_hashes: dict[str, str]):

@@ -207,8 +207,9 @@ import os, sys
 os.environ[{user_cache.CACHE_ENV!r}] = {str(tmp_path / "cache")!r}
 from gpt2onnx.cli import main
 assert main(["generate", "Hello", "-m", {str(tiny_export)!r}, "--max-new-tokens", "2"]) == 0
-prefixes = ("gpt2onnx.engine", "gpt2onnx.server", "gpt2onnx.plot", "gpt2onnx.inspect", "asyncio", "fastapi")
-print("LOADED", sorted(m for m in sys.modules if m.startswith(prefixes)))
+prefixes = ("gpt2onnx.engine", "gpt2onnx.server", "gpt2onnx.plot", "gpt2onnx.inspect", "asyncio", "fastapi",
+            "gpt2onnx_export", "torch", "transformers", "matplotlib", "uvicorn", "ray")  # nor the export side
+print("LOADED", sorted(m for m in sys.modules if m.startswith(prefixes) or m == "onnx" or m.startswith("onnx.")))
 """
     done = run_python(code)
     assert done.returncode == 0, done.stderr
