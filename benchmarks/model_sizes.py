@@ -116,14 +116,13 @@ def summary_table(reports: dict) -> str:
 
 
 def write_chart(reports: dict, path: Path) -> Path | None:
+    """tokens/s and peak RSS against parameters (log-log), a line per configuration; None without matplotlib."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: nothing global, no backend to choose
     except ImportError:
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    fig = Figure(figsize=(16, 5))
+    axes = fig.subplots(1, 3)
     panels = [("decode_short", "decode after an 8-token prompt, tokens/s"),
               ("prefill", "prefill, prompt tokens/s"), ("peak_rss_mb", "peak RSS, MB")]
     for ax, (key, title) in zip(axes, panels):
@@ -140,7 +139,6 @@ def write_chart(reports: dict, path: Path) -> Path | None:
     fig.suptitle(f"GPT-2 sizes (random weights) on {machine['cpu']}, {machine['threads']} threads")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
