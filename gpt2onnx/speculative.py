@@ -81,8 +81,9 @@ class PromptLookup:
         self.misses = 0  # drafts in a row rejected at their first token
         self.wait = 0  # lookups still to skip
 
-    def propose(self, ids: np.ndarray, limit: int) -> list[int]:
+    def propose(self, ids: np.ndarray, limit: int, new_tokens: int = 0) -> list[int]:
         """Up to min(num_tokens, limit) draft tokens after `ids` (every token so far), [] when nothing matches.
+        (`new_tokens` is Assistant.propose's; the lookup does not need it.)
 
         transformers' PromptLookupCandidateGenerator: n-gram sizes from the longest down, the first
         (leftmost) occurrence that has a continuation."""
@@ -227,7 +228,7 @@ def _draft(drafter: PromptLookup | Assistant, ids: np.ndarray, limit: int, new_t
     """The drafter's guess, cut before an <|endoftext|> (which would end the row: nothing to gain after it)."""
     if limit <= 0:
         return []
-    drafts = drafter.propose(ids, limit, new_tokens) if isinstance(drafter, Assistant) else drafter.propose(ids, limit)
+    drafts = drafter.propose(ids, limit, new_tokens)
     if eos_id is not None and eos_id in drafts:
         drafts = drafts[:drafts.index(eos_id)]
     return drafts
