@@ -52,11 +52,10 @@ class Quantization:
     symmetric: bool = False  # blocks: True = no zero points (smaller, slightly less accurate); per-column: always
     accuracy_level: int = 4  # MatMulNBits compute type; 4 = int8 activations (0 is a slow path for 8 bits)
     scheme: str = c.SCHEME_BLOCKS
-    max_code: int = per_column.MAX_CODE  # per-column: largest |code|
 
     def as_dict(self) -> dict:
         if self.scheme == c.SCHEME_PER_COLUMN:
-            return {"scheme": self.scheme, "bits": self.bits, "symmetric": True, "max_code": self.max_code}
+            return {"scheme": self.scheme, "bits": self.bits, "symmetric": True, "max_code": per_column.MAX_CODE}
         return {"scheme": self.scheme, "bits": self.bits, "block_size": self.block_size, "symmetric": self.symmetric,
                 "accuracy_level": self.accuracy_level}
 
@@ -292,7 +291,7 @@ def initializer_slots(model: onnx.ModelProto) -> list[str]:
     return slots
 
 
-def _weight_arrays(model: onnx.ModelProto, weights: dict[str, np.ndarray], config: ModelConfig, max_code: int):
+def _weight_arrays(model: onnx.ModelProto, weights: dict[str, np.ndarray], config: ModelConfig):
     """(name, array) for every slot of the graph, quantizing on the way; one weight at a time."""
     matmuls = {n.input[1]: n for n in model.graph.node if n.op_type in ("MatMulNBits", "DynamicQuantizeMatMul")}
     quantized: dict[str, quantize.QuantizedWeight | quantize.PerColumnWeight] = {}
@@ -309,7 +308,7 @@ def _weight_arrays(model: onnx.ModelProto, weights: dict[str, np.ndarray], confi
             else:
                 w = weights[source].T  # Conv1D stores [in, out]
             if node.op_type == "DynamicQuantizeMatMul":  # reads [in, out]
-                quantized = {source: quantize.quantize_per_column(np.asarray(w).T, max_code=max_code)}
+                quantized = {source: quantize.quantize_per_column(np.asarray(w).T)}
             else:
                 symmetric = len(node.input) < 4 or not node.input[3]
                 quantized = {source: quantize.quantize(w, bits=attrs["bits"], block_size=attrs["block_size"],
@@ -320,13 +319,12 @@ def _weight_arrays(model: onnx.ModelProto, weights: dict[str, np.ndarray], confi
 
 
 def save_model(model: onnx.ModelProto, weights: dict[str, np.ndarray], config: ModelConfig,
-               directory: Path, *, max_code: int = per_column.MAX_CODE) -> list[str]:
+               directory: Path) -> list[str]:
     """Attach the weights and write model.onnx (and model.onnx.data when large). Returns the file names.
-    max_code: the largest |code| of per-column int8 weights (Quantization.max_code).
 
     Large weights are streamed straight into the data file, so no second in-memory copy is made.
     """
-    arrays = list(_weight_arrays(model, weights, config, max_code))
+    arrays = list(_weight_arrays(model, weights, config))
     external = sum(a.nbytes for _, a in arrays) > EXTERNAL_DATA_THRESHOLD
     files = [c.MODEL_FILE]
     tensors = []

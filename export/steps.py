@@ -154,8 +154,7 @@ def _load_and_build(model: str, directory: Path, options: ExportOptions, quantiz
                            calibration=f"{sum(map(len, windows))} tokens: the built-in sample text and seeded "
                                        f"random tokens", margin=quantize.KV_SCALE_MARGIN)
         graph = builder.build_graph(config, quantization, kv_cache)
-        max_code = {} if quantization is None else {"max_code": quantization.max_code}
-        files = builder.save_model(graph, weights, config, directory, **max_code)
+        files = builder.save_model(graph, weights, config, directory)
         files += _write_side_files(source, directory)
     finally:
         shutil.rmtree(work, ignore_errors=True)
