@@ -250,4 +250,4 @@ def test_prompt_lookup_on_an_optimum_export_gives_plain_greedy_tokens(optimum):
     plain = optimum.generate(prompt, max_new_tokens=16)
     looked_up = optimum.generate(prompt, max_new_tokens=16, prompt_lookup_num_tokens=4)
     assert looked_up.token_ids == plain.token_ids
-    assert looked_up.speculation is not None and looked_up.speculation.runs >= 1
+    assert looked_up.speculation is not None and looked_up.speculation.accepted > 0  # drafts were kept
