@@ -123,10 +123,11 @@ def write_chart(reports: dict, path: Path) -> Path | None:
         return None
     fig = Figure(figsize=(16, 5))
     axes = fig.subplots(1, 3)
+    by_config = _by_config(reports)
     panels = [("decode_short", "decode after an 8-token prompt, tokens/s"),
               ("prefill", "prefill, prompt tokens/s"), ("peak_rss_mb", "peak RSS, MB")]
     for ax, (key, title) in zip(axes, panels):
-        for config, points in _by_config(reports).items():
+        for config, points in by_config.items():
             xs = [p / 1e6 for p, _ in points]
             ax.plot(xs, [r[key] for _, r in points], marker="o", label=config.replace("transformers+torch", "torch"))
         ax.set_xscale("log")
