@@ -56,25 +56,16 @@ def generate_tokens(session: OnnxSession, prompts: list[list[int]], settings: Ge
     mask = np.concatenate([mask, np.ones((len(mask), settings.max_new_tokens), np.int64)], axis=1)
     live, all_live = np.ones(len(ids), dtype=bool), True  # never changed in place: yielded as it is
     positions = positions[:, -1:].copy()
-    rows = np.arange(len(ids))
     for step in range(settings.max_new_tokens):
-        if not settings.greedy:
-            check_finite(logits, step)  # sampling reads every probability
         # pick every row's next token from its processed logits; finished rows emit padding
         now = width + step  # tokens so far
-        scores = process(logits, ids[:, :now], step, settings, eos_id=eos_id)
-        next_ids = choose(scores, settings, rng)
-        if settings.greedy:
-            check_finite(logits[rows, next_ids], step)  # a NaN or +inf anywhere is what argmax picks
+        next_ids, scores = pick(logits, ids[:, :now], step, settings, rng, eos_id=eos_id)
         if not all_live:
             next_ids = np.where(live, next_ids, eos_id)
         if watch is not None:
             watch(logits, next_ids, live, scores)
         yield next_ids, live
-        ended = None if settings.ignore_eos else next_ids == eos_id
-        if stopped is not None:
-            by_stop = stopped(next_ids, live)
-            ended = by_stop if ended is None else ended | by_stop
+        ended = ends(next_ids, live, settings, eos_id=eos_id, stopped=stopped)
         if ended is not None and ended.any():  # (few numpy calls per step: each costs after a run)
             live, all_live = live & ~ended, False
             if not live.any():
@@ -87,6 +78,30 @@ def generate_tokens(session: OnnxSession, prompts: list[list[int]], settings: Ge
         logits, cache = session.run(ids[:, now:now + 1], mask[:, :now + 1], positions, cache, logits_for="last",
                                     reuse_logits=True)
         logits = logits[:, -1, :]
+
+
+def pick(logits: np.ndarray, sequences: np.ndarray, step: int, settings: GenerationSettings, rng, *,
+         eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's next token from its raw logits [rows, vocab] at this step, and the processed scores it was
+    picked from (sampling.process, then choose); non-finite logits that could decide the pick are an error."""
+    if not settings.greedy:
+        check_finite(logits, step)  # sampling reads every probability
+    scores = process(logits, sequences, step, settings, eos_id=eos_id)
+    next_ids = choose(scores, settings, rng)
+    if settings.greedy:  # a NaN or +inf anywhere is what argmax picks
+        check_finite(logits[np.arange(len(next_ids)), next_ids], step)
+    return next_ids, scores
+
+
+def ends(next_ids: np.ndarray, live: np.ndarray, settings: GenerationSettings, *, eos_id: int,
+         stopped: Callable[[np.ndarray, np.ndarray], np.ndarray] | None) -> np.ndarray | None:
+    """Which rows this step's tokens end: at <|endoftext|> (unless ignore_eos) or by `stopped(next_ids, live)`;
+    None when nothing can end a row."""
+    ended = None if settings.ignore_eos else next_ids == eos_id
+    if stopped is not None:
+        by_stop = stopped(next_ids, live)
+        ended = by_stop if ended is None else ended | by_stop
+    return ended
 
 
 def check_finite(logits: np.ndarray, step: int) -> None:

@@ -11,8 +11,8 @@ the weight reads of one token. The drafter is either
 - an assistant model (transformers' `assistant_model`): a smaller export with the same vocabulary drafts
   `num_assistant_tokens` tokens greedily, keeping its own KV cache in step with the text.
 
-The tokens are then picked position after position by the same `sampling.sample` call as the plain loop in
-generator.py makes, with the same sequences, step counts and random generator, and a draft token is kept
+The tokens are then picked position after position by the same `generator.pick` call as the plain loop
+makes, with the same sequences, step counts and random generator, and a draft token is kept
 while it equals the picked token. The first picked token that differs is the model's own next token; the
 positions computed after it are dropped by setting the cache's length back (the cache is preallocated, so
 nothing is copied). Each picked token takes the random draws the plain loop would take for it (one block of
@@ -40,8 +40,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from .generator import check_finite
-from .sampling import choose, process, sample
+from .generator import ends, pick
+from .sampling import sample
 from .session import OnnxSession
 from .settings import GenerationSettings
 
@@ -190,19 +190,15 @@ def generate_tokens(session: OnnxSession, prompt: list[int], settings: Generatio
         for i in range(len(drafts) + 1):
             step = now - width
             raw = logits[:, i, :]
-            if not settings.greedy:
-                check_finite(raw, step)  # sampling reads every probability
-            scores = process(raw, ids[None, :now], step, settings, eos_id=eos_id)
-            next_ids = choose(scores, settings, rng)
-            if settings.greedy:
-                check_finite(raw[0, next_ids], step)  # a NaN or +inf anywhere is what argmax picks
+            next_ids, scores = pick(raw, ids[None, :now], step, settings, rng, eos_id=eos_id)
             if watch is not None:
                 watch(raw, next_ids, live, scores)
             yield next_ids, live
             token = int(next_ids[0])
             ids[now] = token
             now += 1
-            if (not settings.ignore_eos and token == eos_id) or (stopped is not None and stopped(next_ids, live)[0]):
+            ended = ends(next_ids, live, settings, eos_id=eos_id, stopped=stopped)
+            if ended is not None and ended[0]:
                 return
             if now - width == settings.max_new_tokens:
                 return
