@@ -235,9 +235,9 @@ class TextGenerationPipeline:
         settings, eos_ids, pad_fill = self._settings(options, call, width)
         self.model.check_budget(rows, settings)
         criteria = (StopTokens(eos_ids[1:]),) if len(eos_ids) > 1 else ()  # the other eos_token_ids
-        new_rows = self.model.generate_rows(rows, settings, None if settings.greedy else rng, eos_id=eos_ids[0],
-                                            pad_id=tokenizer.pad_token_id if len(rows) > 1 else None,
-                                            criteria=criteria)
+        new_rows, _ = self.model.generate_rows(rows, settings, None if settings.greedy else rng, eos_id=eos_ids[0],
+                                               pad_id=tokenizer.pad_token_id if len(rows) > 1 else None,
+                                               criteria=criteria)
         return self._postprocess(prompts, rows, empty, new_rows, settings.num_return_sequences, pad_fill, params)
 
     def _preprocess(self, prompt, prefix: str, call: dict, params: dict, index: int | None) -> list[int]:
