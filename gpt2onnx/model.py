@@ -38,6 +38,7 @@ from .stopping import (
     any_of,
     completes,
     cut_at_stop,
+    first_eos,
 )
 from .tokenizer import ENDOFTEXT, Tokenizer
 
@@ -303,35 +304,34 @@ class Model:
             yield rest
 
     def generate_rows(self, prompt_ids: list[list[int]], settings: GenerationSettings, rng, *,
-                      watch=None, assistant: "Model | None" = None, eos_id: int | None = None,
-                      pad_id: int | None = None, criteria: tuple = ()
-                      ) -> tuple[list[list[int]], speculative.SpeculationStats | None]:
+                      watch=None, assistant: "Model | None" = None, eos_id: int | tuple[int, ...] | None = None,
+                      pad_id: int | None = None) -> tuple[list[list[int]], speculative.SpeculationStats | None]:
         """New token ids of every row (prompt-major, then its return sequences) from prepared inputs: beam search
         when settings.num_beams > 1 (the best num_return_sequences per prompt), else the token loop; and how the
         drafts fared when the call speculated (else None).
         watch(logits, next_ids, live, scores): called at every step (see generator.generate_tokens).
-        assistant: see _tokens. eos_id, pad_id: the end and padding tokens (default the model's
-        <|endoftext|>; the pipeline's pad_token_id / eos_token_id). criteria: more stopping criteria (objects with
-        update(next_ids, live), as in gpt2onnx.stopping)."""
+        assistant: see _tokens. eos_id, pad_id: the end token, or a tuple of them (each ends a row, min_new_tokens
+        holds back all), and the left padding's token (default the model's <|endoftext|>; the pipeline's
+        eos_token_id / pad_token_id)."""
         eos_id = self.eos_token_id if eos_id is None else eos_id
         if settings.num_beams > 1:
             found = self._beams(prompt_ids, settings, rng, eos_id=eos_id, assistant=assistant is not None,
-                                criteria=criteria, pad_id=pad_id)
+                                pad_id=pad_id)
             return [new_ids for new_ids, _ in found], None
         rows = len(prompt_ids) * settings.num_return_sequences
         stops = StopStrings(settings.stop, self.tokenizer.decode, rows) if settings.stop else None
-        stopped = any_of(stops, *self._criteria(prompt_ids, settings, pad_id), *criteria)
+        stopped = any_of(stops, *self._criteria(prompt_ids, settings, pad_id))
         steps, stats = self._tokens(prompt_ids, settings, rng, stopped=stopped, watch=watch, assistant=assistant,
                                     eos_id=eos_id, pad_id=pad_id)
         return collect(steps, rows), stats
 
-    def _beams(self, prompt_ids: list[list[int]], settings: GenerationSettings, rng, *, eos_id: int,
-               logprobs: int | None = None, output_scores: bool = False, assistant: bool = False, criteria: tuple = (),
-               pad_id: int | None = None) -> list[tuple[list[int], float]]:
+    def _beams(self, prompt_ids: list[list[int]], settings: GenerationSettings, rng, *,
+               eos_id: int | tuple[int, ...], logprobs: int | None = None, output_scores: bool = False,
+               assistant: bool = False, pad_id: int | None = None) -> list[tuple[list[int], float]]:
         """Beam search's rows (prompt-major, the best num_return_sequences of each): (new token ids, sequence
         score); what it does not support (the other arguments) is refused first."""
-        _check_beams(settings, logprobs, output_scores=output_scores, assistant=assistant, criteria=criteria,
-                     pad_id=pad_id, eos_id=eos_id)
+        _check_beams(settings, logprobs, output_scores=output_scores, assistant=assistant, pad_id=pad_id,
+                     eos_id=eos_id)
         found = beam_search(self.session, prompt_ids, settings, eos_id=eos_id, rng=rng)
         return [row for rows in found for row in rows]
 
@@ -353,8 +353,8 @@ class Model:
     # -- speculative decoding (gpt2onnx/speculative.py) --------------------------------------------------
 
     def _tokens(self, prompt_ids: list[list[int]], settings: GenerationSettings, rng, *, stopped=None, watch=None,
-                assistant: "Model | None" = None, eos_id: int | None = None, pad_id: int | None = None
-                ) -> tuple[Iterator, speculative.SpeculationStats | None]:
+                assistant: "Model | None" = None, eos_id: int | tuple[int, ...] | None = None,
+                pad_id: int | None = None) -> tuple[Iterator, speculative.SpeculationStats | None]:
         """The token loop for these rows: speculative for one row with prompt lookup or an assistant (same
         tokens, fewer runs), the plain loop otherwise (batches share each weight read among their rows already).
         Returns its (next ids, live) steps and the stats the speculative loop fills in (None for the plain loop).
@@ -599,14 +599,14 @@ def read_config(path: Path) -> tuple[dict, ModelConfig]:
 
 
 def _check_beams(settings: GenerationSettings, logprobs: int | None, *, output_scores: bool = False,
-                 assistant: bool = False, criteria: tuple = (), pad_id: int | None = None, eos_id: int | None = None
+                 assistant: bool = False, pad_id: int | None = None, eos_id: int | tuple[int, ...] | None = None
                  ) -> None:
     """What beam search does not support, refused before anything runs (rather than silently ignored)."""
     unsupported = [name for name, given in (
         ("stop_strings", bool(settings.stop_strings)), ("max_time", settings.max_time is not None),
         ("output_scores", output_scores), ("prompt_lookup_num_tokens", settings.prompt_lookup_num_tokens is not None),
-        ("assistant_model", assistant), ("more than one eos_token_id (or stop_sequence)", bool(criteria)),
-        ("a pad_token_id other than eos_token_id", pad_id is not None and pad_id != eos_id)) if given]
+        ("assistant_model", assistant),
+        ("a pad_token_id other than eos_token_id", pad_id is not None and pad_id != first_eos(eos_id))) if given]
     if unsupported:
         raise InvalidArgumentError(f"beam search (num_beams={settings.num_beams}) does not support "
                                    f"{', '.join(unsupported)}",
