@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -39,18 +38,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-def cpu_description() -> str:
-    """The CPU's model name and its vector extensions (from /proc/cpuinfo where there is one)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    flags = [f for f in fields.get("flags", "").split() if f.startswith(("avx", "fma", "amx", "vnni", "sse4"))]
-    return f"{fields.get('model name', platform.machine())}; flags: {' '.join(sorted(flags))}"
 
 
 def exports(work_dir: Path, precisions: list[str]) -> dict[str, Path]:
@@ -132,11 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import gpt2onnx
+    from gpt2onnx import cpu
 
     precisions = [p for p in args.precisions.split(",") if p]
     dirs = exports(Path(args.work_dir).expanduser(), precisions + ([args.assistant] if args.assistant else []))
     clock = CLOCKS[args.clock]
-    print(f"CPU: {cpu_description()}")
+    print(f"CPU: {cpu.summary()}")
     print(f"threads {args.threads}, clock {args.clock}, {args.rounds} rounds, {args.prompts} prompts per set, "
           f"{args.new_tokens} new tokens, prompt_lookup_num_tokens={args.lookup}")
     rows = []
@@ -161,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['ratio']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | {r['acceptance_rate']:.0%} | "
               f"{r['tokens_per_run']:.2f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": cpu_description(), "args": vars(args), "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"cpu": cpu.summary(), "args": vars(args), "rows": rows}, indent=2))
     return 0
 
 

@@ -315,7 +315,7 @@ def _weight_arrays(model: onnx.ModelProto, weights: dict[str, np.ndarray], confi
                                                        symmetric=symmetric)}
         codes, scales, zero_points = c.quantized_names(source)
         qw = quantized[source]
-        yield name, {codes: qw.codes, scales: qw.scales, zero_points: getattr(qw, "zero_points", None)}[name]
+        yield name, {codes: qw.codes, scales: qw.scales, zero_points: qw.zero_points}[name]
 
 
 def save_model(model: onnx.ModelProto, weights: dict[str, np.ndarray], config: ModelConfig,

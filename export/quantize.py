@@ -72,10 +72,11 @@ def quantize(weight: np.ndarray, *, bits: int, block_size: int, symmetric: bool)
 
 @dataclass
 class PerColumnWeight:
-    """What DynamicQuantizeMatMul reads: int8 codes [K, N] and float32 scales [N]."""
+    """What DynamicQuantizeMatMul reads: int8 codes [K, N] and float32 scales [N]; no zero points (symmetric)."""
 
     codes: np.ndarray  # int8 [K, N], |code| <= max_code
     scales: np.ndarray  # float32 [N]
+    zero_points: None = None  # the stored parts are QuantizedWeight's: codes, scales, zero points (none here)
 
     def dequantize(self) -> np.ndarray:
         """Back to float32 [K, N]: what the quantized graph multiplies by."""

@@ -4,11 +4,11 @@ Every prompt keeps num_beams running sequences (its beams) and the num_beams bes
 
   1. every beam's log-softmax (float32) goes through the logits processors of `sampling.process` (repetition
      penalty, no-repeat n-grams, min_new_tokens; when sampling also temperature, top-k and top-p, which keep
-     at least 2 tokens with beams), and the beam's running score is added;
-  2. of a prompt's num_beams x vocab continuations, the 2 x num_beams best are the candidates (beam search),
-     or 2 x num_beams drawn without replacement from their softmax (beam sampling: torch.multinomial,
-     replayed by TorchGenerator.multinomial);
-  3. candidates that end (<|endoftext|>, or the last allowed token) and rank among the first num_beams join the
+     at least 1 + eos ids tokens with beams), and the beam's running score is added;
+  2. of a prompt's num_beams x vocab continuations, the (1 + eos ids, at least 2) x num_beams best are the
+     candidates (beam search), or as many drawn without replacement from their softmax (beam sampling:
+     torch.multinomial, replayed by TorchGenerator.multinomial);
+  3. candidates that end (an eos token, or the last allowed token) and rank among the first num_beams join the
      finished set with the score sum / new_tokens ** length_penalty; the num_beams best that do not end are
      the next beams, and the KV cache rows follow them (KVCache.reorder copies only the rows that change).
 
@@ -28,29 +28,32 @@ from .gpt2 import position_ids
 from .sampling import log_softmax, process, softmax
 from .session import OnnxSession
 from .settings import GenerationSettings
+from .stopping import first_eos, is_eos
 
 _MASK = np.float32(-1e9)  # transformers' "not this one" score offset
 
 
-def beam_search(session: OnnxSession, prompts: list[list[int]], settings: GenerationSettings, *, eos_id: int,
-                rng=None, watch=None) -> list[list[tuple[list[int], float]]]:
+def beam_search(session: OnnxSession, prompts: list[list[int]], settings: GenerationSettings, *,
+                eos_id: int | tuple[int, ...], rng=None, watch=None) -> list[list[tuple[list[int], float]]]:
     """Per prompt, the best num_return_sequences (new token ids, sequence score), best first.
 
-    A sequence ends with <|endoftext|> when that finished it (unless settings.ignore_eos); its score is its
+    A sequence ends with <|endoftext|> (eos_id, or any of a tuple of them) when that finished it (unless
+    settings.ignore_eos); its score is its
     summed processed log-probability divided by its new tokens ** length_penalty (transformers'
     `sequences_scores`). rng: None for beam search; a TorchGenerator (transformers' draws after set_seed) or
     a numpy Generator for beam sampling. watch(step, logits, total, picked): called every step with the raw
     logits [prompts x beams, vocab], the scores of every continuation [prompts, beams x vocab] and the
-    candidates picked from them [prompts, 2 x beams] (export/parity.py explains differences with them).
+    candidates picked from them [prompts, candidates] (export/parity.py explains differences with them).
     """
     beams, batch, new_tokens = settings.num_beams, len(prompts), settings.max_new_tokens
     if new_tokens == 0:
         return [[([], 0.0)] * settings.num_return_sequences for _ in prompts]
-    keep = 2 * beams  # candidates kept per step: max(2, 1 + eos ids) x num_beams in transformers
+    eos_count = len(eos_id) if isinstance(eos_id, tuple) else 1
+    keep = max(2, 1 + eos_count) * beams  # candidates kept per step, as transformers: one more than can all end
     ends_by_eos = not settings.ignore_eos
 
     # run each prompt once; its beams share that prefill's cache
-    ids, mask = left_pad(prompts, eos_id)
+    ids, mask = left_pad(prompts, first_eos(eos_id))
     width = ids.shape[1]
     max_length = width + new_tokens
     positions = position_ids(mask)
@@ -61,7 +64,7 @@ def beam_search(session: OnnxSession, prompts: list[list[int]], settings: Genera
     positions = np.repeat(positions[:, -1:], beams, axis=0)
 
     # running beams: tokens [batch, beams, max_length] and scores; only beam 0 starts live (no duplicate beams)
-    tokens = np.full((batch, beams, max_length), eos_id, np.int64)
+    tokens = np.full((batch, beams, max_length), first_eos(eos_id), np.int64)
     tokens[:, :, :width] = ids[:, None, :]
     running = np.zeros((batch, beams), np.float32)
     running[:, 1:] = _MASK
@@ -78,7 +81,7 @@ def beam_search(session: OnnxSession, prompts: list[list[int]], settings: Genera
             check_finite(logits, step)
         # 1. each beam's processed log-probabilities plus its running score, flattened per prompt
         scores = process(log_softmax(logits), tokens[:, :, :now].reshape(batch * beams, now), step, settings,
-                         eos_id=eos_id, min_tokens_to_keep=2)
+                         eos_id=eos_id, min_tokens_to_keep=1 + eos_count)
         vocab = scores.shape[-1]
         total = (scores.reshape(batch, beams, vocab) + running[:, :, None]).reshape(batch, beams * vocab)
         # 2. the candidates: the best continuations, or drawn without replacement
@@ -89,7 +92,7 @@ def beam_search(session: OnnxSession, prompts: list[list[int]], settings: Genera
         source, token = picked // vocab, picked % vocab
         candidates = np.take_along_axis(tokens, source[:, :, None], axis=1)
         candidates[:, :, now] = token
-        ends = (token == eos_id) if ends_by_eos else np.zeros(token.shape, bool)
+        ends = is_eos(token, eos_id) if ends_by_eos else np.zeros(token.shape, bool)
         ends |= now + 1 >= max_length
         # 3a. the next beams: the best candidates that go on
         going_on = picked_scores + ends.astype(np.float32) * _MASK

@@ -5,18 +5,28 @@ from __future__ import annotations
 import functools
 import platform
 
+_VECTOR = ("avx", "fma", "amx", "vnni", "sse4")  # the flags that name vector extensions (x86)
+
 
 @functools.lru_cache(maxsize=None)
-def flags() -> tuple[str, ...]:
-    """The CPU's feature flags, sorted (x86 'flags', ARM 'Features'); empty when /proc/cpuinfo can't be read."""
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo; empty when it can't be read."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith(("flags", "Features")):
-                    return tuple(sorted(line.partition(":")[2].split()))
+                key, colon, value = line.partition(":")
+                if colon:
+                    fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return ()
+    return fields
+
+
+def flags() -> tuple[str, ...]:
+    """The CPU's feature flags, sorted (x86 'flags', ARM 'Features'); empty when /proc/cpuinfo can't be read."""
+    info = _cpuinfo()
+    return tuple(sorted(info.get("flags", info.get("Features", "")).split()))
 
 
 def torch_lanes() -> int:
@@ -28,3 +38,9 @@ def torch_lanes() -> int:
 def describe() -> str:
     """The flags as one string (a cache key), or the machine and processor names when there are none."""
     return " ".join(flags()) or f"{platform.machine()} {platform.processor()}"
+
+
+def summary() -> str:
+    """For people (benchmark reports): the CPU's model name and its vector extensions."""
+    name = _cpuinfo().get("model name") or platform.processor() or platform.machine()
+    return f"{name}; flags: {' '.join(f for f in flags() if f.startswith(_VECTOR))}"

@@ -11,6 +11,7 @@ from .gpt2 import position_ids
 from .sampling import choose, process
 from .session import OnnxSession
 from .settings import GenerationSettings
+from .stopping import first_eos, is_eos
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -25,19 +26,22 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
 
 
 def generate_tokens(session: OnnxSession, prompts: list[list[int]], settings: GenerationSettings, *,
-                    eos_id: int, rng=None, stopped: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+                    eos_id: int | tuple[int, ...], rng=None,
+                    stopped: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
                     watch: Callable[..., None] | None = None,
                     pad_id: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (next token of every row, which rows were still live) step by step.
 
-    Rows are prompts x num_return_sequences, prompt-major. A finished row yields `eos_id` as padding
+    Rows are prompts x num_return_sequences, prompt-major. eos_id: the end-of-text token, or a tuple of them
+    (each ends a row; min_new_tokens holds back all). A finished row yields `eos_id` (the first) as padding
     (as transformers does) and is not live. `stopped(next_ids, live)` may end rows for reasons of its
     own (stop strings). `watch(logits, next_ids, live, scores)` sees each step's raw logits [rows, vocab] (a
     buffer the next step overwrites) before the tokens are yielded (logprobs) and the processed
     scores they were picked from (output_scores). pad_id:
     the left padding's token id (default eos_id; the processors see it). To stop early, stop iterating.
     """
-    ids, mask = left_pad(prompts, eos_id if pad_id is None else pad_id)
+    pad = first_eos(eos_id)
+    ids, mask = left_pad(prompts, pad if pad_id is None else pad_id)
     positions = position_ids(mask)
     # room for the whole generation up front: the cache never grows (one copy of it) on the way
     cache = session.empty_cache(len(prompts), capacity=min(ids.shape[1] + settings.max_new_tokens,
@@ -52,29 +56,20 @@ def generate_tokens(session: OnnxSession, prompts: list[list[int]], settings: Ge
         positions, cache = np.repeat(positions, n, 0), cache.repeat_rows(n)
     # every row's tokens and mask for the whole generation, filled in step by step (no per-step copies)
     width = ids.shape[1]
-    ids = np.concatenate([ids, np.full((len(ids), settings.max_new_tokens), eos_id, np.int64)], axis=1)
+    ids = np.concatenate([ids, np.full((len(ids), settings.max_new_tokens), pad, np.int64)], axis=1)
     mask = np.concatenate([mask, np.ones((len(mask), settings.max_new_tokens), np.int64)], axis=1)
     live, all_live = np.ones(len(ids), dtype=bool), True  # never changed in place: yielded as it is
     positions = positions[:, -1:].copy()
-    rows = np.arange(len(ids))
     for step in range(settings.max_new_tokens):
-        if not settings.greedy:
-            check_finite(logits, step)  # sampling reads every probability
         # pick every row's next token from its processed logits; finished rows emit padding
         now = width + step  # tokens so far
-        scores = process(logits, ids[:, :now], step, settings, eos_id=eos_id)
-        next_ids = choose(scores, settings, rng)
-        if settings.greedy:
-            check_finite(logits[rows, next_ids], step)  # a NaN or +inf anywhere is what argmax picks
+        next_ids, scores = pick(logits, ids[:, :now], step, settings, rng, eos_id=eos_id)
         if not all_live:
-            next_ids = np.where(live, next_ids, eos_id)
+            next_ids = np.where(live, next_ids, pad)
         if watch is not None:
             watch(logits, next_ids, live, scores)
         yield next_ids, live
-        ended = None if settings.ignore_eos else next_ids == eos_id
-        if stopped is not None:
-            by_stop = stopped(next_ids, live)
-            ended = by_stop if ended is None else ended | by_stop
+        ended = ends(next_ids, live, settings, eos_id=eos_id, stopped=stopped)
         if ended is not None and ended.any():  # (few numpy calls per step: each costs after a run)
             live, all_live = live & ~ended, False
             if not live.any():
@@ -89,14 +84,39 @@ def generate_tokens(session: OnnxSession, prompts: list[list[int]], settings: Ge
         logits = logits[:, -1, :]
 
 
+def pick(logits: np.ndarray, sequences: np.ndarray, step: int, settings: GenerationSettings, rng, *,
+         eos_id: int | tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's next token from its raw logits [rows, vocab] at this step, and the processed scores it was
+    picked from (sampling.process, then choose); non-finite logits that could decide the pick are an error."""
+    if not settings.greedy:
+        check_finite(logits, step)  # sampling reads every probability
+    scores = process(logits, sequences, step, settings, eos_id=eos_id)
+    next_ids = choose(scores, settings, rng)
+    if settings.greedy:  # a NaN or +inf anywhere is what argmax picks
+        check_finite(logits[np.arange(len(next_ids)), next_ids], step)
+    return next_ids, scores
+
+
+def ends(next_ids: np.ndarray, live: np.ndarray, settings: GenerationSettings, *, eos_id: int | tuple[int, ...],
+         stopped: Callable[[np.ndarray, np.ndarray], np.ndarray] | None) -> np.ndarray | None:
+    """Which rows this step's tokens end: at <|endoftext|> (any eos_id; unless ignore_eos) or by
+    `stopped(next_ids, live)`; None when nothing can end a row."""
+    ended = None if settings.ignore_eos else is_eos(next_ids, eos_id)
+    if stopped is not None:
+        by_stop = stopped(next_ids, live)
+        ended = by_stop if ended is None else ended | by_stop
+    return ended
+
+
 def check_finite(logits: np.ndarray, step: int) -> None:
     if not np.isfinite(logits).all():
         raise GenerationError(f"the model produced non-finite logits at step {step}",
                               hint="the weights may be damaged; run `gpt2onnx verify` on the model")
 
 
-def generate(session: OnnxSession, prompts: list[list[int]], settings: GenerationSettings, *, eos_id: int,
-             rng=None, stopped: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+def generate(session: OnnxSession, prompts: list[list[int]], settings: GenerationSettings, *,
+             eos_id: int | tuple[int, ...], rng=None,
+             stopped: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
              watch: Callable[..., None] | None = None, pad_id: int | None = None) -> list[list[int]]:
     """The new tokens of every row (prompt-major, then its return sequences), padding left out: a row ends
     at its EOS (included), at the token that completed a stop string, or at max_new_tokens."""

@@ -38,6 +38,7 @@ from .stopping import (
     any_of,
     completes,
     cut_at_stop,
+    first_eos,
 )
 from .tokenizer import ENDOFTEXT, Tokenizer
 
@@ -218,7 +219,6 @@ class Model:
         assistant = self._assistant(assistant_model, settings)
         seed, rng = self._rng(settings)
         n = settings.num_return_sequences
-        stats = speculative.SpeculationStats() if self._speculates(prompt_ids, settings, assistant) else None
         values = [[] for _ in range(len(prompts) * n)]
         processed = [[] for _ in range(len(prompts) * n)]
 
@@ -232,13 +232,14 @@ class Model:
                 for row, value in zip(rows.tolist(), picked.tolist()):
                     processed[row].append(value)
 
+        stats = None  # how the drafts fared, when the call speculated
         if settings.num_beams > 1:  # each row with its sequence score
             found = self._beams(prompt_ids, settings, rng, eos_id=self.eos_token_id, logprobs=logprobs,
                                 output_scores=output_scores, assistant=assistant is not None)
         else:
             watch = record if logprobs is not None or output_scores else None
-            found = [(new_ids, None) for new_ids in self.generate_rows(prompt_ids, settings, rng, watch=watch,
-                                                                       assistant=assistant, stats=stats)]
+            new_rows, stats = self.generate_rows(prompt_ids, settings, rng, watch=watch, assistant=assistant)
+            found = [(new_ids, None) for new_ids in new_rows]
         results = []
         for index, (new_ids, sequence_score) in enumerate(found):
             p = index // n
@@ -287,8 +288,9 @@ class Model:
         text = ReleasedText(settings.stop, self.tokenizer.decode)
         if return_full_text:
             yield prompt
-        for next_ids, live in self._tokens([prompt_ids], settings, rng, assistant=assistant,
-                                           stopped=any_of(*self._criteria([prompt_ids], settings))):
+        steps, _ = self._tokens([prompt_ids], settings, rng, assistant=assistant,
+                                stopped=any_of(*self._criteria([prompt_ids], settings)))
+        for next_ids, live in steps:
             token = int(next_ids[0])
             if token == self.eos_token_id and not settings.ignore_eos:
                 break
@@ -302,32 +304,34 @@ class Model:
             yield rest
 
     def generate_rows(self, prompt_ids: list[list[int]], settings: GenerationSettings, rng, *,
-                      watch=None, assistant: "Model | None" = None, stats: speculative.SpeculationStats | None = None,
-                      eos_id: int | None = None, pad_id: int | None = None, criteria: tuple = ()) -> list[list[int]]:
+                      watch=None, assistant: "Model | None" = None, eos_id: int | tuple[int, ...] | None = None,
+                      pad_id: int | None = None) -> tuple[list[list[int]], speculative.SpeculationStats | None]:
         """New token ids of every row (prompt-major, then its return sequences) from prepared inputs: beam search
-        when settings.num_beams > 1 (the best num_return_sequences per prompt), else the token loop.
+        when settings.num_beams > 1 (the best num_return_sequences per prompt), else the token loop; and how the
+        drafts fared when the call speculated (else None).
         watch(logits, next_ids, live, scores): called at every step (see generator.generate_tokens).
-        assistant, stats: see _tokens. eos_id, pad_id: the end and padding tokens (default the model's
-        <|endoftext|>; the pipeline's pad_token_id / eos_token_id). criteria: more stopping criteria (objects with
-        update(next_ids, live), as in gpt2onnx.stopping)."""
+        assistant: see _tokens. eos_id, pad_id: the end token, or a tuple of them (each ends a row, min_new_tokens
+        holds back all), and the left padding's token (default the model's <|endoftext|>; the pipeline's
+        eos_token_id / pad_token_id)."""
         eos_id = self.eos_token_id if eos_id is None else eos_id
         if settings.num_beams > 1:
             found = self._beams(prompt_ids, settings, rng, eos_id=eos_id, assistant=assistant is not None,
-                                criteria=criteria, pad_id=pad_id)
-            return [new_ids for new_ids, _ in found]
+                                pad_id=pad_id)
+            return [new_ids for new_ids, _ in found], None
         rows = len(prompt_ids) * settings.num_return_sequences
         stops = StopStrings(settings.stop, self.tokenizer.decode, rows) if settings.stop else None
-        stopped = any_of(stops, *self._criteria(prompt_ids, settings, pad_id), *criteria)
-        return collect(self._tokens(prompt_ids, settings, rng, stopped=stopped, watch=watch, assistant=assistant,
-                                    stats=stats, eos_id=eos_id, pad_id=pad_id), rows)
+        stopped = any_of(stops, *self._criteria(prompt_ids, settings, pad_id))
+        steps, stats = self._tokens(prompt_ids, settings, rng, stopped=stopped, watch=watch, assistant=assistant,
+                                    eos_id=eos_id, pad_id=pad_id)
+        return collect(steps, rows), stats
 
-    def _beams(self, prompt_ids: list[list[int]], settings: GenerationSettings, rng, *, eos_id: int,
-               logprobs: int | None = None, output_scores: bool = False, assistant: bool = False, criteria: tuple = (),
-               pad_id: int | None = None) -> list[tuple[list[int], float]]:
+    def _beams(self, prompt_ids: list[list[int]], settings: GenerationSettings, rng, *,
+               eos_id: int | tuple[int, ...], logprobs: int | None = None, output_scores: bool = False,
+               assistant: bool = False, pad_id: int | None = None) -> list[tuple[list[int], float]]:
         """Beam search's rows (prompt-major, the best num_return_sequences of each): (new token ids, sequence
         score); what it does not support (the other arguments) is refused first."""
-        _check_beams(settings, logprobs, output_scores=output_scores, assistant=assistant, criteria=criteria,
-                     pad_id=pad_id, eos_id=eos_id)
+        _check_beams(settings, logprobs, output_scores=output_scores, assistant=assistant, pad_id=pad_id,
+                     eos_id=eos_id)
         found = beam_search(self.session, prompt_ids, settings, eos_id=eos_id, rng=rng)
         return [row for rows in found for row in rows]
 
@@ -349,27 +353,25 @@ class Model:
     # -- speculative decoding (gpt2onnx/speculative.py) --------------------------------------------------
 
     def _tokens(self, prompt_ids: list[list[int]], settings: GenerationSettings, rng, *, stopped=None, watch=None,
-                assistant: "Model | None" = None, stats: speculative.SpeculationStats | None = None,
-                eos_id: int | None = None, pad_id: int | None = None):
+                assistant: "Model | None" = None, eos_id: int | tuple[int, ...] | None = None,
+                pad_id: int | None = None) -> tuple[Iterator, speculative.SpeculationStats | None]:
         """The token loop for these rows: speculative for one row with prompt lookup or an assistant (same
         tokens, fewer runs), the plain loop otherwise (batches share each weight read among their rows already).
-        stats: filled in by the speculative loop. eos_id, pad_id: see generate_rows."""
+        Returns its (next ids, live) steps and the stats the speculative loop fills in (None for the plain loop).
+        eos_id, pad_id: see generate_rows."""
         eos_id = self.eos_token_id if eos_id is None else eos_id
-        if not self._speculates(prompt_ids, settings, assistant):
+        one_row = len(prompt_ids) == 1 and settings.num_return_sequences == 1
+        if not (one_row and (assistant is not None or settings.prompt_lookup_num_tokens is not None)):
             return generate_tokens(self.session, prompt_ids, settings, eos_id=eos_id, rng=rng, stopped=stopped,
-                                   watch=watch, pad_id=pad_id)
+                                   watch=watch, pad_id=pad_id), None
         if assistant is not None:
             capacity = len(prompt_ids[0]) + settings.max_new_tokens
             drafter = speculative.Assistant(assistant.session, settings, eos_id=eos_id, capacity=capacity)
         else:
             drafter = speculative.PromptLookup(settings)
+        stats = speculative.SpeculationStats()
         return speculative.generate_tokens(self.session, prompt_ids[0], settings, eos_id=eos_id, drafter=drafter,
-                                           rng=rng, stopped=stopped, watch=watch, stats=stats)
-
-    @staticmethod
-    def _speculates(prompt_ids: list[list[int]], settings: GenerationSettings, assistant: "Model | None") -> bool:
-        one_row = len(prompt_ids) == 1 and settings.num_return_sequences == 1
-        return one_row and (assistant is not None or settings.prompt_lookup_num_tokens is not None)
+                                           rng=rng, stopped=stopped, watch=watch, stats=stats), stats
 
     def _assistant(self, assistant_model, settings: GenerationSettings) -> "Model | None":
         """assistant_model as a loaded Model, checked to share this model's vocabulary (drafts are token ids)."""
@@ -597,14 +599,14 @@ def read_config(path: Path) -> tuple[dict, ModelConfig]:
 
 
 def _check_beams(settings: GenerationSettings, logprobs: int | None, *, output_scores: bool = False,
-                 assistant: bool = False, criteria: tuple = (), pad_id: int | None = None, eos_id: int | None = None
+                 assistant: bool = False, pad_id: int | None = None, eos_id: int | tuple[int, ...] | None = None
                  ) -> None:
     """What beam search does not support, refused before anything runs (rather than silently ignored)."""
     unsupported = [name for name, given in (
         ("stop_strings", bool(settings.stop_strings)), ("max_time", settings.max_time is not None),
         ("output_scores", output_scores), ("prompt_lookup_num_tokens", settings.prompt_lookup_num_tokens is not None),
-        ("assistant_model", assistant), ("more than one eos_token_id (or stop_sequence)", bool(criteria)),
-        ("a pad_token_id other than eos_token_id", pad_id is not None and pad_id != eos_id)) if given]
+        ("assistant_model", assistant),
+        ("a pad_token_id other than eos_token_id", pad_id is not None and pad_id != first_eos(eos_id))) if given]
     if unsupported:
         raise InvalidArgumentError(f"beam search (num_beams={settings.num_beams}) does not support "
                                    f"{', '.join(unsupported)}",

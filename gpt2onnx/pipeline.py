@@ -31,7 +31,6 @@ from .home import resolve_model
 from .model import Model, load
 from .seeding import rng_for
 from .settings import OPTIONS, GenerationSettings, check_token_ids
-from .stopping import StopTokens
 from .tokenizer import clean_up_tokenization
 
 # TextGenerationPipeline._default_generation_config in transformers 4.57
@@ -234,10 +233,10 @@ class TextGenerationPipeline:
         options = {**config, **call}
         settings, eos_ids, pad_fill = self._settings(options, call, width)
         self.model.check_budget(rows, settings)
-        criteria = (StopTokens(eos_ids[1:]),) if len(eos_ids) > 1 else ()  # the other eos_token_ids
-        new_rows = self.model.generate_rows(rows, settings, None if settings.greedy else rng, eos_id=eos_ids[0],
-                                            pad_id=tokenizer.pad_token_id if len(rows) > 1 else None,
-                                            criteria=criteria)
+        # transformers' eos_token_id list is a set: any one ends a row, min_new_tokens holds back all
+        eos_id = eos_ids[0] if len(eos_ids) == 1 else tuple(eos_ids)
+        new_rows, _ = self.model.generate_rows(rows, settings, None if settings.greedy else rng, eos_id=eos_id,
+                                               pad_id=tokenizer.pad_token_id if len(rows) > 1 else None)
         return self._postprocess(prompts, rows, empty, new_rows, settings.num_return_sequences, pad_fill, params)
 
     def _preprocess(self, prompt, prefix: str, call: dict, params: dict, index: int | None) -> list[int]:
@@ -304,9 +303,6 @@ class TextGenerationPipeline:
         if pad is not None and not _is_token(pad, vocab):
             raise InvalidArgumentError(f"pad_token_id must be a token id (0 to {vocab - 1}), got {pad!r}",
                                        hint="GPT-2 has no pad token; pad_token_id=50256 (<|endoftext|>) is usual")
-        if len(eos_ids) > 1 and settings.min_new_tokens > 0:
-            raise InvalidArgumentError("min_new_tokens with several eos_token_id values (or a stop_sequence of "
-                                       "several tokens) is not supported", hint="pass one eos_token_id")
         return settings, eos_ids, eos_ids[0] if pad is None else int(pad)
 
     def _postprocess(self, prompts, rows, empty, new_rows, n: int, pad_fill: int, params: dict) -> list[list[dict]]:

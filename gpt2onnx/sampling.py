@@ -21,13 +21,14 @@ from .settings import GenerationSettings
 
 
 def sample(logits: np.ndarray, sequences: np.ndarray, new_tokens: int, settings: GenerationSettings, rng, *,
-           eos_id: int | None) -> np.ndarray:
+           eos_id: int | tuple[int, ...] | None) -> np.ndarray:
     """Next token id of every row.
 
     logits: [batch, vocab] for the last position. sequences: [batch, length] every token so far, left
     padding included (transformers' processors see it too). new_tokens: tokens generated so far.
     rng: None for greedy; a numpy Generator, or a gpt2onnx.torch_random.TorchGenerator to replay
-    PyTorch's stream.
+    PyTorch's stream. eos_id: the end-of-text token, or a tuple of several (transformers' eos_token_id list:
+    min_new_tokens and the length penalty act on every one of them); None: no processor touches one.
     """
     return choose(process(logits, sequences, new_tokens, settings, eos_id=eos_id), settings, rng)
 
@@ -40,10 +41,11 @@ def choose(scores: np.ndarray, settings: GenerationSettings, rng) -> np.ndarray:
 
 
 def process(logits: np.ndarray, sequences: np.ndarray, new_tokens: int, settings: GenerationSettings, *,
-            eos_id: int | None, min_tokens_to_keep: int = 1) -> np.ndarray:
+            eos_id: int | tuple[int, ...] | None, min_tokens_to_keep: int = 1) -> np.ndarray:
     """The logits after transformers' processors and (when sampling) warpers, as float32.
 
-    min_tokens_to_keep: every warper keeps at least this many tokens (transformers' beam sampling: 2).
+    min_tokens_to_keep: every warper keeps at least this many tokens (transformers' beam sampling: 1 + eos ids).
+    eos_id: see sample (an int or tuple indexes the vocabulary axis alike).
 
     The prompt width (left padding included), which transformers' position-dependent processors count from,
     is sequences.shape[1] - new_tokens."""
@@ -145,7 +147,7 @@ def _kept(drop: np.ndarray, scores: np.ndarray, keep: int) -> np.ndarray:
     return drop
 
 
-def _changes(s: GenerationSettings, new_tokens: int, eos_id: int | None) -> bool:
+def _changes(s: GenerationSettings, new_tokens: int, eos_id: int | tuple[int, ...] | None) -> bool:
     """Whether any processor that also applies when greedy is set (min_new_tokens: still in force)."""
     return bool(s.sequence_bias or s.repetition_penalty != 1.0 or s.no_repeat_ngram_size > 0 or s.bad_words_ids
                 or (eos_id is not None and new_tokens < s.min_new_tokens) or s.forced_bos_token_id is not None
@@ -185,10 +187,11 @@ class _Fixed:
 
 
 @functools.lru_cache(maxsize=32)
-def _prepare(s: GenerationSettings, eos_id: int | None, vocab: int) -> _Fixed:
+def _prepare(s: GenerationSettings, eos_id: int | tuple[int, ...] | None, vocab: int) -> _Fixed:
     """The arrays `process` uses at every step, from the settings (frozen, hence hashable): built on a
     generation's first step, reused by the others (and by later calls with equal settings)."""
-    words = tuple((w, -math.inf) for w in s.bad_words_ids or () if w != (eos_id,))
+    alone = [(e,) for e in (eos_id if isinstance(eos_id, tuple) else (eos_id,))]  # an eos token alone: kept
+    words = tuple((w, -math.inf) for w in s.bad_words_ids or () if w not in alone)
     ids = (s.suppress_tokens, s.begin_suppress_tokens,
            None if s.forced_bos_token_id is None else (s.forced_bos_token_id,), s.forced_eos_token_id)
     arrays = [None if i is None else np.array(i, dtype=np.int64) for i in ids]

@@ -11,8 +11,8 @@ the weight reads of one token. The drafter is either
 - an assistant model (transformers' `assistant_model`): a smaller export with the same vocabulary drafts
   `num_assistant_tokens` tokens greedily, keeping its own KV cache in step with the text.
 
-The tokens are then picked position after position by the same `sampling.sample` call as the plain loop in
-generator.py makes, with the same sequences, step counts and random generator, and a draft token is kept
+The tokens are then picked position after position by the same `generator.pick` call as the plain loop
+makes, with the same sequences, step counts and random generator, and a draft token is kept
 while it equals the picked token. The first picked token that differs is the model's own next token; the
 positions computed after it are dropped by setting the cache's length back (the cache is preallocated, so
 nothing is copied). Each picked token takes the random draws the plain loop would take for it (one block of
@@ -40,10 +40,11 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from .generator import check_finite
-from .sampling import choose, process, sample
+from .generator import ends, pick
+from .sampling import sample
 from .session import OnnxSession
 from .settings import GenerationSettings
+from .stopping import first_eos, is_eos
 
 DEFAULT_NGRAM = 2  # transformers' max_matching_ngram_size when unset
 
@@ -114,7 +115,8 @@ class PromptLookup:
 class Assistant:
     """Drafts by a smaller model with the same vocabulary, greedily, after the same logits processors."""
 
-    def __init__(self, session: OnnxSession, settings: GenerationSettings, *, eos_id: int, capacity: int):
+    def __init__(self, session: OnnxSession, settings: GenerationSettings, *, eos_id: int | tuple[int, ...],
+                 capacity: int):
         self.session = session
         self.settings = dataclasses.replace(settings, do_sample=False)  # greedy, same processors
         self.eos_id = eos_id
@@ -161,8 +163,8 @@ class Assistant:
             self.num_tokens = self.num_tokens + 2 if kept == drafted else max(1, self.num_tokens - 1)
 
 
-def generate_tokens(session: OnnxSession, prompt: list[int], settings: GenerationSettings, *, eos_id: int,
-                    drafter: PromptLookup | Assistant, rng=None,
+def generate_tokens(session: OnnxSession, prompt: list[int], settings: GenerationSettings, *,
+                    eos_id: int | tuple[int, ...], drafter: PromptLookup | Assistant, rng=None,
                     stopped: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
                     watch: Callable[..., None] | None = None,
                     stats: SpeculationStats | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -176,7 +178,7 @@ def generate_tokens(session: OnnxSession, prompt: list[int], settings: Generatio
     if settings.max_new_tokens == 0:
         return
     width = len(prompt)
-    ids = np.full(width + settings.max_new_tokens, eos_id, np.int64)  # every token, filled in as they come
+    ids = np.full(width + settings.max_new_tokens, first_eos(eos_id), np.int64)  # every token, filled in as they come
     ids[:width] = prompt
     mask = np.ones((1, len(ids)), np.int64)  # one row: no padding
     cache = session.empty_cache(1, capacity=min(len(ids), session.config.n_positions))
@@ -190,19 +192,15 @@ def generate_tokens(session: OnnxSession, prompt: list[int], settings: Generatio
         for i in range(len(drafts) + 1):
             step = now - width
             raw = logits[:, i, :]
-            if not settings.greedy:
-                check_finite(raw, step)  # sampling reads every probability
-            scores = process(raw, ids[None, :now], step, settings, eos_id=eos_id)
-            next_ids = choose(scores, settings, rng)
-            if settings.greedy:
-                check_finite(raw[0, next_ids], step)  # a NaN or +inf anywhere is what argmax picks
+            next_ids, scores = pick(raw, ids[None, :now], step, settings, rng, eos_id=eos_id)
             if watch is not None:
                 watch(raw, next_ids, live, scores)
             yield next_ids, live
             token = int(next_ids[0])
             ids[now] = token
             now += 1
-            if (not settings.ignore_eos and token == eos_id) or (stopped is not None and stopped(next_ids, live)[0]):
+            ended = ends(next_ids, live, settings, eos_id=eos_id, stopped=stopped)
+            if ended is not None and ended[0]:
                 return
             if now - width == settings.max_new_tokens:
                 return
@@ -224,11 +222,12 @@ def generate_tokens(session: OnnxSession, prompt: list[int], settings: Generatio
 
 
 def _draft(drafter: PromptLookup | Assistant, ids: np.ndarray, limit: int, new_tokens: int,
-           eos_id: int | None) -> list[int]:
+           eos_id: int | tuple[int, ...] | None) -> list[int]:
     """The drafter's guess, cut before an <|endoftext|> (which would end the row: nothing to gain after it)."""
     if limit <= 0:
         return []
     drafts = drafter.propose(ids, limit, new_tokens)
-    if eos_id is not None and eos_id in drafts:
-        drafts = drafts[:drafts.index(eos_id)]
+    if eos_id is not None:
+        at = np.flatnonzero(is_eos(np.array(drafts, np.int64), eos_id))
+        drafts = drafts[:at[0]] if at.size else drafts
     return drafts

@@ -125,14 +125,16 @@ class Deadline:
         return np.full(len(next_ids), time.monotonic() > self.end)
 
 
-class StopTokens:
-    """Ends a row at any of these tokens (kept): transformers' further eos_token_ids."""
+def is_eos(tokens: np.ndarray, eos_id: int | tuple[int, ...]) -> np.ndarray:
+    """Where `tokens` are an end-of-text token: eos_id, or any of a tuple of them (transformers' eos_token_id list,
+    whose every id ends a row)."""
+    return np.isin(tokens, eos_id) if isinstance(eos_id, tuple) else tokens == eos_id
 
-    def __init__(self, tokens):
-        self.tokens = np.array(list(tokens), np.int64)
 
-    def update(self, next_ids: np.ndarray, active: np.ndarray) -> np.ndarray:
-        return np.isin(next_ids, self.tokens) & active
+def first_eos(eos_id: int | tuple[int, ...]) -> int:
+    """The token finished rows are padded with: the end-of-text token, the first of several (transformers' default
+    pad_token_id)."""
+    return eos_id[0] if isinstance(eos_id, tuple) else eos_id
 
 
 def any_of(*criteria):

@@ -8,6 +8,7 @@
                                           exporter could write it (packed here, independently of ours)
     run_matmul_nbits(x, packed, scales, zeros, n, bits, block_size)   ONNX Runtime's MatMulNBits on x
     run_dynamic_quantize_matmul(x, codes, scales)   ONNX Runtime's DynamicQuantizeMatMul on x
+    assert_within_half_a_step(dequantized, weight, name)   per-column int8 weights [in, out] within half a step
     transformers_generate(model, tokenizer, prompts, seed, options, max_new_tokens)   set_seed + generate, padded
     torch_logprobs(reference, ids)        torch's log_softmax of transformers' logits at every position
     run_cli(capsys, *argv)                `gpt2onnx ARGV` in this process: (exit code, stdout, stderr), no traceback
@@ -155,6 +156,15 @@ def run_matmul_nbits(x: np.ndarray, packed, scales, zeros, *, n: int, bits: int,
     model.ir_version = 8
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, {"x": x})[0]
+
+
+def assert_within_half_a_step(dequantized: np.ndarray, weight: np.ndarray, name: str = "") -> None:
+    """Per-column int8 (DynamicQuantizeMatMul): every dequantized weight [in, out] is within half a step of the
+    original, the step of an output column being max |column| / MAX_CODE (float32 rounding allowed for)."""
+    from gpt2onnx.per_column import MAX_CODE
+
+    step = np.abs(weight).max(axis=0) / MAX_CODE
+    assert (np.abs(dequantized - weight) <= step / 2 * (1 + 1e-5) + 1e-7).all(), name
 
 
 def run_dynamic_quantize_matmul(x: np.ndarray, codes: np.ndarray, scales: np.ndarray) -> np.ndarray:

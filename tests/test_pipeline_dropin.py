@@ -371,5 +371,40 @@ def test_token_ids_out_of_the_vocabulary_are_refused_in_one_line(ours):
 def test_beam_search_refuses_what_it_cannot_honour(ours):
     with pytest.raises(InvalidArgumentError, match="stop_strings"):
         ours(PROMPTS[0], max_new_tokens=4, num_beams=2, do_sample=False, stop_strings=["."])
-    with pytest.raises(InvalidArgumentError, match="eos_token_id"):
-        ours(PROMPTS[0], max_new_tokens=4, num_beams=2, do_sample=False, eos_token_id=[13, 11])
+
+
+def _two_eos_ids(theirs) -> tuple[list[int], int, int]:
+    """Two token ids of transformers' greedy continuation of PROMPTS[3], the later one listed first (a runtime
+    that stops only at the first listed id, or lets min_new_tokens hold back only that one, differs), after
+    the prompt and the new tokens up to the earlier one."""
+    plain = theirs(PROMPTS[3], max_new_tokens=12, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+    prompt, new = plain[:-12], plain[-12:]
+    late, early = new[6], new[4]
+    assert late not in new[:6] and early not in new[:4], new  # each first occurs where it is taken from
+    return prompt + new[:5], late, early
+
+
+def test_several_eos_ids_each_end_a_row_and_min_new_tokens_holds_back_all(theirs, ours):
+    """transformers reads an eos_token_id list as a set: every id ends a row (finished rows are padded with the
+    first), min_new_tokens suppresses all of them; greedy and seeded sampling, one prompt and a batch."""
+    head, late, early = _two_eos_ids(theirs)
+    eos = dict(eos_token_id=[late, early], return_tensors=True)
+    ended = _both(theirs, ours, PROMPTS[3], seeds=[0], max_new_tokens=12, do_sample=False, **eos)
+    assert ended[0]["generated_token_ids"] == head  # ended at the second id listed
+    held = _both(theirs, ours, PROMPTS[3], seeds=[0], max_new_tokens=12, do_sample=False, min_new_tokens=7, **eos)
+    held = held[0]["generated_token_ids"]
+    assert held[:len(head) - 1] == head[:-1] and held[len(head) - 1] not in (late, early)  # both held back
+    rows = []
+    for min_new_tokens in (0, 3):
+        rows += _both(theirs, ours, PROMPTS[:4], max_new_tokens=12, min_new_tokens=min_new_tokens,
+                      num_return_sequences=2, **eos)
+    assert sum(record["generated_token_ids"][-1] == late for records in rows for record in records) > 10
+
+
+def test_beams_end_at_every_eos_id(theirs, ours):
+    """Beam search and beam sampling with an eos_token_id list: (1 + eos ids) x num_beams candidates a step, as
+    transformers keeps, and every id ends a beam."""
+    _, late, early = _two_eos_ids(theirs)
+    for do_sample in (False, True):
+        _both(theirs, ours, PROMPTS[3], seeds=SEEDS if do_sample else [0], max_new_tokens=10, num_beams=3,
+              do_sample=do_sample, num_return_sequences=2, eos_token_id=[late, early], return_tensors=True)

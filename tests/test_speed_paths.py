@@ -12,7 +12,7 @@ import gpt2onnx
 from gpt2onnx import contract as c
 from gpt2onnx import precisions
 from gpt2onnx.errors import VerificationError
-from helpers import export, run_dynamic_quantize_matmul, run_matmul_nbits
+from helpers import assert_within_half_a_step, export, run_dynamic_quantize_matmul, run_matmul_nbits
 
 
 @pytest.fixture(scope="module", params=[("int8", None), ("int4", None), ("int4", "float32")],
@@ -209,8 +209,7 @@ def test_per_column_layout_matches_onnxruntime():
     w[:, 5] = 0  # a column of zeros stays zero
     qw = quantize_per_column(w)
     assert qw.codes.dtype == np.int8 and np.abs(qw.codes).max() <= per_column.MAX_CODE
-    step = np.abs(w).max(axis=0) / per_column.MAX_CODE
-    assert (np.abs(qw.dequantize() - w) <= step / 2 + 1e-7).all()
+    assert_within_half_a_step(qw.dequantize(), w)
     for x in (rng.standard_normal((16, k)), np.abs(rng.standard_normal((4, k))) * 3 + 5):  # the second: worst case
         x = x.astype(np.float32)
         low, high = min(x.min(), 0), max(x.max(), 0)
@@ -230,7 +229,6 @@ def trained_int8(trained_dir, tmp_path_factory):
 def test_int8_of_trained_model_passes_the_gate_and_keeps_weights_within_half_a_step(trained_int8, trained_reference):
     """The export passed the quality gate on the held-out text (whole windows in one call, i.e. prefill); every
     quantized weight is within half a step (max |column| / MAX_CODE / 2) of PyTorch's, per output column."""
-    from gpt2onnx import per_column
     from gpt2onnx.inspect import ModelFile
 
     parity = json.loads((trained_int8 / c.MANIFEST_FILE).read_text())[c.M_PARITY]
@@ -244,8 +242,7 @@ def test_int8_of_trained_model_passes_the_gate_and_keeps_weights_within_half_a_s
         w = w.T if name == "lm_head.weight" else w  # as the matmul reads it: [in, out]
         d = stored.weight(name)
         d = d.T if name == "lm_head.weight" else d
-        step = np.abs(w).max(axis=0) / per_column.MAX_CODE
-        assert (np.abs(d - w) <= step / 2 * (1 + 1e-5) + 1e-8).all(), name
+        assert_within_half_a_step(d, w, name)
 
 
 def test_int8_greedy_tokens_are_pytorchs_where_it_is_decisive(trained_int8, trained_reference):
