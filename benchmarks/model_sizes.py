@@ -41,8 +41,8 @@ WORKLOAD = {"gpt2": dict(new_tokens=128, long_new_tokens=64, batch=5),
             "gpt2-medium": dict(new_tokens=64, long_new_tokens=32, batch=5),
             "gpt2-large": dict(new_tokens=48, long_new_tokens=48, batch=3),
             "gpt2-xl": dict(new_tokens=32, long_new_tokens=48, batch=2)}
-# decode@768 is (N - 1) / (time(768 + N) - time(768 + 1)): at gpt2-xl a 768-token prefill takes ~25 s on 2 cores
-# and varies by more than 16 tokens' decode (a run with long_new_tokens=16 gave negative rates), hence 48
+# decode@768 was once (N - 1) / (time(768 + N) - time(768 + 1)): at gpt2-xl a 768-token prefill takes ~25 s on 2
+# cores and varied by more than 16 tokens' decode (negative rates), hence 48; it is now timed inside one call
 
 
 def parameters(name: str) -> int:

@@ -8,7 +8,8 @@ them all alike, and the ratios in one report hold. Each figure is the median ove
 The workload is fixed and forced to length (EOS ignored): the same seeded token ids for everyone,
 greedy decoding, threads = physical cores for every framework.
 
-  decode@8      new tokens per second after an 8-token prompt: (N - 1) / (time(N tokens) - time(1 token))
+  decode@8      new tokens per second after an 8-token prompt, timed inside one call: (N - 1) / (t_N - t_1),
+                t_i the wall-clock time at which the call produced its i-th new token
   decode@768    the same after a 768-token prompt (reading a long KV cache every step)
   prefill       prompt tokens per second for a 512-token prompt: 512 / time to its first token
   TTFT          time to the first new token after the 8-token prompt
@@ -16,7 +17,11 @@ greedy decoding, threads = physical cores for every framework.
   load, peak RSS, size on disk; for gpt2onnx also the share of a decode step spent outside ONNX Runtime
 
 Each framework is measured through its own generation API: transformers' and Optimum's `generate`,
-CTranslate2's `generate_batch`, and gpt2onnx's generation loop (`gpt2onnx.generator.generate`).
+CTranslate2's `generate_batch`, and gpt2onnx's generation loop (`gpt2onnx.generator.generate`). The token
+times t_i come from each API's own per-step hook: a transformers streamer, `generate_batch`'s `callback`,
+gpt2onnx's session observer. The decode figures are never a difference between two calls: that assumed
+both calls' prefills cost the same, and a long prefill jitters more than a whole decode (with an int8 KV
+cache an int4 decode@768 once came out at 249 tok/s against 160 at decode@8).
 
 Frameworks that are not installed are skipped (`pip install 'gpt2onnx[bench]'`). Preparing the models
 needs the export extra; they are kept in --work-dir and reused.
@@ -73,7 +78,7 @@ class BenchOptions:
     new_tokens: int = 128  # tokens generated after the short prompt (decode@8, batch-5)
     short_prompt: int = 8
     long_prompt: int = 768  # decode at a long past
-    long_new_tokens: int = 128  # past 768..896: enough decode time to stand out from the prefill's jitter
+    long_new_tokens: int = 128  # past 768..895
     prefill: int = 512  # prompt tokens of the prefill figure
     batch: int = 5  # num_return_sequences of the batch figure
     threads: int = 0  # 0 = physical cores, for every framework
@@ -348,9 +353,9 @@ class _Worker:
 
 
 def _figures(t: dict, options: BenchOptions) -> dict:
-    """One round's timings -> its figures."""
-    return {"decode_short": (options.new_tokens - 1) / (t["full_short"] - t["first_short"]),
-            "decode_long": (options.long_new_tokens - 1) / (t["full_long"] - t["first_long"]),
+    """One round's timings -> its figures (steps_*: seconds from a call's first new token to its last)."""
+    return {"decode_short": (options.new_tokens - 1) / t["steps_short"],
+            "decode_long": (options.long_new_tokens - 1) / t["steps_long"],
             "prefill": options.prefill / t["first_prefill"],
             "ttft_ms": 1000 * t["first_short"],
             "batch": options.batch * options.new_tokens / t["batch"],
@@ -468,9 +473,10 @@ def write_chart(report: dict, path: Path) -> Path | None:
 # The worker: one framework, one model, timings on request.
 
 class _Runner:
-    """generate(prompt ids, new tokens, rows) -> the new token ids of every row, forced to length."""
+    """generate(prompt ids, new tokens, rows) -> (the new token ids of every row, forced to length; for one row,
+    the time.perf_counter() at which each new token was produced, else [])."""
 
-    def generate(self, prompt: list[int], new: int, rows: int = 1) -> list[list[int]]:
+    def generate(self, prompt: list[int], new: int, rows: int = 1) -> tuple[list[list[int]], list[float]]:
         raise NotImplementedError
 
 
@@ -494,11 +500,36 @@ class _TorchRunner(_Runner):
 
     def generate(self, prompt, new, rows=1):
         ids = self.torch.tensor([prompt])
+        # transformers' streamers take one row: the decode figures are batch 1
+        clock = _token_clock() if rows == 1 else None
         sampling = dict(do_sample=True, top_k=50, num_return_sequences=rows) if rows > 1 else dict(do_sample=False)
         with self.torch.inference_mode():
             out = self.model.generate(ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=new,
-                                      min_new_tokens=new, pad_token_id=_EOS, **sampling)
-        return out[:, len(prompt):].tolist()
+                                      min_new_tokens=new, pad_token_id=_EOS, streamer=clock, **sampling)
+        return out[:, len(prompt):].tolist(), clock.stamps if clock else []
+
+
+def _token_clock():
+    """A transformers streamer that records when each new token is produced: `generate` calls its `put` with
+    the prompt first, then with every new token as soon as it is picked. (Imported here: only the torch and
+    Optimum workers have transformers.)"""
+    from transformers.generation.streamers import BaseStreamer
+
+    class TokenClock(BaseStreamer):
+        def __init__(self):
+            self.stamps: list[float] = []
+            self._prompt = True
+
+        def put(self, value) -> None:
+            if self._prompt:
+                self._prompt = False
+            else:
+                self.stamps.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    return TokenClock()
 
 
 class _CTranslate2Runner(_Runner):
@@ -512,9 +543,18 @@ class _CTranslate2Runner(_Runner):
 
     def generate(self, prompt, new, rows=1):
         tokens = [self.tokenizer.id_to_token(i) for i in prompt]
+        stamps: list[float] = []
+
+        def produced(step) -> bool:  # generate_batch calls it as each token is picked (beam_size 1)
+            stamps.append(time.perf_counter())
+            return False  # True would stop the decoding
+
+        # the same blocking generate_batch with a step callback (generate_tokens would run it in a thread of
+        # its own and hand the tokens over through a queue)
         results = self.generator.generate_batch([tokens] * rows, max_length=new, min_length=new, beam_size=1,
-                                                sampling_topk=50 if rows > 1 else 1, include_prompt_in_result=False)
-        return [r.sequences_ids[0] for r in results]
+                                                sampling_topk=50 if rows > 1 else 1, include_prompt_in_result=False,
+                                                callback=produced if rows == 1 else None)
+        return [r.sequences_ids[0] for r in results], stamps
 
 
 class _Gpt2OnnxRunner(_Runner):
@@ -522,7 +562,7 @@ class _Gpt2OnnxRunner(_Runner):
         from gpt2onnx import load
 
         self.model = load(directory, threads=threads)
-        self.timer = _OrtTimer()
+        self.timer = _StepClock()
 
     def generate(self, prompt, new, rows=1):
         from gpt2onnx.generator import generate
@@ -534,17 +574,24 @@ class _Gpt2OnnxRunner(_Runner):
             rng = np.random.default_rng(0)
         else:
             settings, rng = GenerationSettings(max_new_tokens=new, ignore_eos=True), None
+        self.timer.stamps = []
         with self.model.session.observe(self.timer):
-            return generate(self.model.session, [prompt], settings, eos_id=self.model.eos_token_id, rng=rng)
+            out = generate(self.model.session, [prompt], settings, eos_id=self.model.eos_token_id, rng=rng)
+        # the loop runs the graph once per new token (the prompt's run gives the first): the end of the run
+        # whose logits pick a token is when it is produced
+        return out, self.timer.stamps if rows == 1 else []
 
 
-class _OrtTimer:
-    """Observes an OnnxSession: adds up the time its steps spent inside ONNX Runtime."""
+class _StepClock:
+    """Observes an OnnxSession: adds up the time its steps spent inside ONNX Runtime, and records when each
+    step ended."""
 
     def __init__(self):
         self.seconds = 0.0
+        self.stamps: list[float] = []
 
     def __call__(self, record) -> None:
+        self.stamps.append(time.perf_counter())
         self.seconds += record.seconds
 
 
@@ -552,29 +599,36 @@ _RUNNERS = {"torch": _TorchRunner, "optimum": lambda d, p, t: _TorchRunner(d, p,
             "ctranslate2": _CTranslate2Runner, "gpt2onnx": _Gpt2OnnxRunner}
 
 
-def _timed(runner: _Runner, prompt: list[int], new: int, rows: int = 1) -> float:
+def _timed(runner: _Runner, prompt: list[int], new: int, rows: int = 1) -> tuple[float, list[float]]:
+    """The whole call's seconds, and the times its new tokens were produced (one row: one per token)."""
     start = time.perf_counter()
-    out = runner.generate(prompt, new, rows)
+    out, stamps = runner.generate(prompt, new, rows)
     seconds = time.perf_counter() - start
     if len(out) != rows or any(len(row) != new for row in out):
         raise GenerationError(f"asked for {rows} x {new} tokens, got {[len(row) for row in out]}",
                               hint="every runner must ignore <|endoftext|> and give exactly the tokens asked for")
-    return seconds
+    if rows == 1 and (len(stamps) != new or stamps != sorted(stamps)):
+        order = "" if stamps == sorted(stamps) else ", out of order"
+        raise GenerationError(f"asked for {new} tokens, got {len(stamps)} token times{order}",
+                              hint="every runner must time each new token of a single row once, as it is produced")
+    return seconds, stamps
 
 
 def _round(runner: _Runner, spec: dict) -> dict:
+    """One round's timings; a decode is timed inside one call, from its first new token to its last."""
     p = spec["prompts"]
-    t = {"first_short": _timed(runner, p["short"], 1)}
+    t = {"first_short": _timed(runner, p["short"], 1)[0]}
     timer = getattr(runner, "timer", None)
     if timer is not None:
         timer.seconds = 0.0
-    t["full_short"] = _timed(runner, p["short"], spec["new_tokens"])
+    full_short, stamps = _timed(runner, p["short"], spec["new_tokens"])
+    t["steps_short"] = stamps[-1] - stamps[0]
     if timer is not None:
-        t["outside_ort"] = 1.0 - timer.seconds / t["full_short"]
-    t["first_long"] = _timed(runner, p["long"], 1)
-    t["full_long"] = _timed(runner, p["long"], spec["long_new_tokens"])
-    t["first_prefill"] = _timed(runner, p["prefill"], 1)
-    t["batch"] = _timed(runner, p["short"], spec["new_tokens"], spec["batch"])
+        t["outside_ort"] = 1.0 - timer.seconds / full_short
+    stamps = _timed(runner, p["long"], spec["long_new_tokens"])[1]
+    t["steps_long"] = stamps[-1] - stamps[0]
+    t["first_prefill"] = _timed(runner, p["prefill"], 1)[0]
+    t["batch"] = _timed(runner, p["short"], spec["new_tokens"], spec["batch"])[0]
     return t
 
 
