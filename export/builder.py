@@ -19,6 +19,7 @@ slots; `save_model` fills each slot from the Hugging Face weights, quantizing wh
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,23 +86,33 @@ class _Graph:
     def __init__(self):
         self.nodes: list[onnx.NodeProto] = []
         self.constants: list[onnx.TensorProto] = []
-        self._count = 0
+        self._numbers = itertools.count(1)  # node numbers, shared with branches so names stay unique
 
     def op(self, op_type: str, *inputs: str, name: str | None = None, outputs: int | list[str] = 1,
            domain: str = "", **attrs):
-        self._count += 1
-        base = name or f"{op_type.lower()}_{self._count}"
+        number = next(self._numbers)
+        base = name or f"{op_type.lower()}_{number}"
         if isinstance(outputs, list):
             outs = outputs
         else:
             outs = [base] if outputs == 1 else [f"{base}_{k}" for k in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=f"n{self._count}_{op_type}",
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=f"n{number}_{op_type}",
                                            domain=domain or None, **attrs))
         return outs[0] if len(outs) == 1 else outs
 
     def const(self, name: str, value, dtype=np.int64) -> str:
         self.constants.append(onnx.numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
+
+    def branch(self) -> "_Graph":
+        """A subgraph (an If branch): its own nodes, this graph's numbering and constants (names stay unique)."""
+        sub = _Graph()
+        sub.constants, sub._numbers = self.constants, self._numbers
+        return sub
+
+    def graph(self, name: str, outputs: list[tuple[str, int]]) -> onnx.GraphProto:
+        """This branch as a GraphProto returning `outputs` (name, element type; shapes left to inference)."""
+        return helper.make_graph(self.nodes, name, [], [helper.make_tensor_value_info(o, t, None) for o, t in outputs])
 
 
 def _linear(g: _Graph, x: str, prefix: str, n_in: int, n_out: int, q: Quantization | None,
@@ -176,17 +187,44 @@ def _attention(g: _Graph, x: str, layer: int, config: ModelConfig, q: Quantizati
     # causal=0: the causal and padding masks both come in through attention_bias, built once per step
     inputs = [qkv, "", "", c.past_key(layer), c.past_value(layer), lengths["seqlens_k"], lengths["total"], "", "", "",
               lengths["bias"]]
-    attrs = {}
-    if kv_int8:  # int8 cache with per-channel scales: head_sink (unused), k_scale, v_scale
-        inputs += ["", *c.kv_scale_names(layer)]
-        attrs = dict(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
-    context = g.op("GroupQueryAttention", *inputs, domain=_MS, num_heads=h, kv_num_heads=h,
-                   scale=attention_scale(config, layer), causal=0,
-                   outputs=[f"{p}.context", c.present_key(layer), c.present_value(layer)], **attrs)[0]
+    attrs = dict(num_heads=h, kv_num_heads=h, scale=attention_scale(config, layer), causal=0)
+    outputs = [f"{p}.context", c.present_key(layer), c.present_value(layer)]
+    if not kv_int8:
+        context = g.op("GroupQueryAttention", *inputs, domain=_MS, outputs=outputs, **attrs)[0]
+    else:
+        # int8 cache with per-channel scales. A prefill (empty past) attends in float32 and stores its keys and
+        # values quantized, as the int8 attention would: ONNX Runtime's int8-cache attention dequantizes key by
+        # key, which made a 512-token prefill a third slower than with a float32 cache (the int8 path stays
+        # for steps after a past: there the cache's bytes are the cost)
+        scales = c.kv_scale_names(layer)
+        step = g.branch()  # inputs: head_sink (unused), k_scale, v_scale
+        step.op("GroupQueryAttention", *inputs, "", *scales, domain=_MS, outputs=[o + ".int8" for o in outputs],
+                k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8, **attrs)
+        types = (TensorProto.FLOAT, TensorProto.INT8, TensorProto.INT8)
+        context = g.op("If", lengths["prefill"], outputs=outputs,
+                       then_branch=_float_prefill(g, inputs, attrs, scales, types, f"{p}.float_prefill"),
+                       else_branch=step.graph(f"{p}.int8_step", [(o + ".int8", t) for o, t in zip(outputs, types)]))[0]
     return _linear(g, context, p + ".c_proj", e, e, q, bias=False)
 
 
-def _attention_inputs(g: _Graph) -> dict:
+def _float_prefill(g: _Graph, inputs: list[str], attrs: dict, scales: tuple[str, str], types: tuple[int, ...],
+                   name: str) -> onnx.GraphProto:
+    """The If branch of an int8-cache layer's prefill: float32 attention without a past, then its keys and
+    values quantized (round half to even, clipped to int8: bit for bit what the int8 attention stores) and padded
+    to the cache buffer's length, as the int8 attention's present would be."""
+    b = g.branch()
+    no_past = [*inputs[:3], "", "", *inputs[5:]]
+    context, key, value = b.op("GroupQueryAttention", *no_past, domain=_MS, outputs=3, **attrs)
+    new = b.op("Gather", b.op("Shape", c.INPUT_IDS), "c_one_i", axis=0)
+    capacity = b.op("Gather", b.op("Shape", inputs[3]), "c_two_i", axis=0)  # the buffer's length, or 0 if separate
+    room = b.op("Unsqueeze", b.op("Max", b.op("Sub", capacity, new), "c_zero_i"), "c_axis0")
+    pads = b.op("Concat", "c_zeros6", room, "c_zero_1d", axis=0)  # after the new positions, on the length axis
+    stored = [b.op("Pad", b.op("Cast", b.op("Clip", b.op("Round", b.op("Div", t, scale)), "c_int8_min", "c_int8_max"),
+                                 to=TensorProto.INT8), pads) for t, scale in zip((key, value), scales)]
+    return b.graph(name, list(zip((context, *stored), types)))
+
+
+def _attention_inputs(g: _Graph, kv_int8: bool) -> dict:
     """GroupQueryAttention's per-step inputs, from the attention mask's shape and values.
 
     Every row counts all total_sequence_length positions (left padding included), so seqlens_k is total - 1
@@ -207,7 +245,10 @@ def _attention_inputs(g: _Graph) -> dict:
     total_i32 = g.op("Cast", total, to=TensorProto.INT32, name="total_sequence_length")
     last = g.op("Sub", total_i32, "c_one_i32")
     seqlens_k = g.op("Expand", last, batch, name="seqlens_k")
-    return {"total": total_i32, "seqlens_k": seqlens_k, "bias": bias}
+    lengths = {"total": total_i32, "seqlens_k": seqlens_k, "bias": bias}
+    if kv_int8:  # the If of every int8-cache layer: True when this step is a prefill (no past)
+        lengths["prefill"] = g.op("Equal", past, "c_zero_i", name="prefill")
+    return lengths
 
 
 def _keep_last(g: _Graph, x: str) -> str:
@@ -237,7 +278,13 @@ def build_graph(config: ModelConfig, quantization: Quantization | None = None,
     g.const("c_axis1", [1])
     g.const("c_axes12", [1, 2])
 
-    lengths = _attention_inputs(g)
+    kv_int8 = kv_cache == "int8"
+    if kv_int8:  # the float prefill's quantization (_float_prefill)
+        g.const("c_two_i", 2)
+        g.const("c_zeros6", [0] * 6)
+        g.const("c_int8_min", -128.0, np.float32)
+        g.const("c_int8_max", 127.0, np.float32)
+    lengths = _attention_inputs(g, kv_int8)
     hidden = g.op("Add", g.op("Gather", "transformer.wte.weight", c.INPUT_IDS, axis=0),
                   g.op("Gather", "transformer.wpe.weight", c.POSITION_IDS, axis=0))
     eps = config.layer_norm_epsilon
@@ -245,7 +292,7 @@ def build_graph(config: ModelConfig, quantization: Quantization | None = None,
              axis=-1, epsilon=eps)
     for i in range(config.n_layer):
         p = f"transformer.h.{i}"
-        attn = _attention(g, x, i, config, q, lengths, kv_int8=kv_cache == "int8")
+        attn = _attention(g, x, i, config, q, lengths, kv_int8=kv_int8)
         x, hidden = _skip_layer_norm(g, attn, hidden, p + ".ln_2", p + ".attn.c_proj.bias", eps)
         mlp = _mlp(g, x, i, config, q)
         after = f"transformer.h.{i + 1}.ln_1" if i + 1 < config.n_layer else "transformer.ln_f"
@@ -281,14 +328,24 @@ def build_graph(config: ModelConfig, quantization: Quantization | None = None,
 
 def initializer_slots(model: onnx.ModelProto) -> list[str]:
     """Names the graph reads that are neither graph inputs, node outputs nor already-stored constants."""
+    nodes = list(_nodes(model.graph))
     known = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
-    known |= {o for n in model.graph.node for o in n.output}
+    known |= {o for n in nodes for o in n.output}
     slots: list[str] = []
-    for node in model.graph.node:
+    for node in nodes:
         for name in node.input:
             if name and name not in known and name not in slots:
                 slots.append(name)
     return slots
+
+
+def _nodes(graph: onnx.GraphProto):
+    """Every node of the graph, those of its If branches included (each after the If that holds it)."""
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _nodes(attribute.g)
 
 
 def _weight_arrays(model: onnx.ModelProto, weights: dict[str, np.ndarray], config: ModelConfig):

@@ -219,8 +219,7 @@ def verify_quality(session: OnnxSession, reference, tokenizer, *, precision: str
         ids = np.array([eval_ids[start:start + window]], np.int64)
         if ids.shape[1] < 2:
             break
-        n = ids.shape[1]
-        ours, _ = session.run(ids, np.ones((1, n), np.int64), np.arange(n)[None], session.empty_cache(1))
+        ours = _cached_logits(session, ids)
         with torch.inference_mode():
             ref = reference(input_ids=torch.from_numpy(ids), use_cache=False).logits.float().numpy()
         worst = max(worst, float(np.abs(ours - ref).max()))
@@ -260,6 +259,18 @@ def verify_quality(session: OnnxSession, reference, tokenizer, *, precision: str
                                      "(--max-perplexity-increase, --max-kl, --min-top1-agreement); nothing was "
                                      "published")
     return report
+
+
+def _cached_logits(session: OnnxSession, ids: np.ndarray) -> np.ndarray:
+    """The logits of every position of `ids` [1, n]: the first position alone, then the others in one step
+    that reads it from the cache. So every scored position attends to cached keys and values, as decoding
+    does: an int8 cache is read by its int8 attention only after a past (a prefill attends in float32,
+    export/builder.py), and the gate must measure what generation runs."""
+    n = ids.shape[1]
+    first, cache = session.run(ids[:, :1], np.ones((1, 1), np.int64), np.zeros((1, 1), np.int64),
+                               session.empty_cache(1))
+    rest, _ = session.run(ids[:, 1:], np.ones((1, n), np.int64), np.arange(1, n)[None], cache)
+    return np.concatenate([first, rest], axis=1)
 
 
 class _Agreement:

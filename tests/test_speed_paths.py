@@ -6,6 +6,7 @@ These assert behaviour, not speed (speed is `gpt2onnx bench`'s job).
 import json
 
 import numpy as np
+import onnx
 import pytest
 
 import gpt2onnx
@@ -15,13 +16,26 @@ from gpt2onnx.errors import VerificationError
 from helpers import assert_within_half_a_step, export, run_dynamic_quantize_matmul, run_matmul_nbits
 
 
+@pytest.fixture(scope="module")
+def tiny_quantized(tmp_path_factory):
+    """random:tiny exported at (precision, kv_cache) on first use, kept for the module."""
+    made = {}
+
+    def get(precision, kv_cache=None):
+        if (precision, kv_cache) not in made:
+            out = tmp_path_factory.mktemp(f"{precision}-{kv_cache}") / "model"
+            made[precision, kv_cache] = export("random:tiny", out, precision=precision, kv_cache=kv_cache)
+        return made[precision, kv_cache]
+
+    return get
+
+
 @pytest.fixture(scope="module", params=[("int8", None), ("int4", None), ("int4", "float32")],
                 ids=["int8", "int4", "int4-kv32"])
-def quantized_export(request, tmp_path_factory):
-    """Quantized exports with the default KV cache (int8) and with a float32 one."""
+def quantized_export(request, tiny_quantized):
+    """(precision, export directory, kv_cache asked for)"""
     precision, kv_cache = request.param
-    out = tmp_path_factory.mktemp(f"{precision}-{kv_cache}") / "model"
-    return precision, export("random:tiny", out, precision=precision, kv_cache=kv_cache), kv_cache
+    return precision, tiny_quantized(precision, kv_cache), kv_cache
 
 
 def test_quantized_export_loads_generates_and_names_its_weights(quantized_export):
@@ -219,6 +233,34 @@ def test_per_column_layout_matches_onnxruntime():
         exact = (xq.astype(np.int64) @ qw.codes.astype(np.int64)) * scale * qw.scales
         got = run_dynamic_quantize_matmul(x, qw.codes, qw.scales)
         np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max())
+
+
+def test_int8_cache_prefill_attends_in_float32(tiny_quantized):
+    """A prefill (no past) of an int8-cache export attends in float32: its logits are those of the same weights
+    with a float32 cache, and the cache it stores is that float32 cache quantized with the export's scales
+    (round half to even, clipped to int8). A step after a past reads the int8 cache: it differs from the
+    float32 cache's step by the cache's rounding, and no more."""
+    directory = tiny_quantized("int4")
+    runs = []
+    for session in (gpt2onnx.load(directory).session, gpt2onnx.load(tiny_quantized("int4", "float32")).session):
+        n = 100
+        ids = _ids(n + 1, seed=2)
+        prefill, cache = session.run(ids[:, :n], np.ones((1, n), np.int64), np.arange(n)[None], session.empty_cache(1))
+        stored = [t.copy() for t in cache.tensors]
+        step, _ = session.run(ids[:, n:], np.ones((1, n + 1), np.int64), np.array([[n]]), cache, logits_for="last")
+        runs.append((prefill, stored, step))
+    (ours, int8_cache, int8_step), (theirs, float_cache, float_step) = runs
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    graph = onnx.load(directory / c.MODEL_FILE)
+    scales = {t.name: onnx.numpy_helper.to_array(t) for t in graph.graph.initializer}
+    names = [name for layer in range(len(int8_cache) // 2) for name in c.kv_scale_names(layer)]
+    assert all(t.dtype == np.int8 for t in int8_cache)
+    for stored, values, name in zip(int8_cache, float_cache, names):
+        expected = np.clip(np.round(values / scales[name]), -128, 127)
+        assert np.abs(stored - expected).max() <= 1  # a value within float noise of a half step may round apart
+        assert np.mean(stored == expected) > 0.999
+    assert not np.array_equal(int8_step, float_step)
+    assert np.sqrt(np.mean((int8_step - float_step) ** 2)) <= 0.05 * float_step.std()
 
 
 @pytest.fixture(scope="module")
