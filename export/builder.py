@@ -11,7 +11,8 @@ Every block is a small function that emits ONNX nodes. The graph uses ONNX Runti
   MatMulNBits              int4 block-quantized weight matmuls (accuracy_level 4: int8 activations)
 
 Optionally the KV cache is int8 (GroupQueryAttention's per-channel quantized cache, scales from
-quantize.kv_cache_scales).
+quantize.kv_cache_scales); then each layer's attention is an If: a prefill attends in float32 and stores the
+cache quantized, a step after a past reads the int8 cache.
 
 Names of inputs, outputs and weights come from gpt2onnx.contract. `build_graph` leaves the weights as named
 slots; `save_model` fills each slot from the Hugging Face weights, quantizing where the graph asks for it.
@@ -194,8 +195,8 @@ def _attention(g: _Graph, x: str, layer: int, config: ModelConfig, q: Quantizati
     else:
         # int8 cache with per-channel scales. A prefill (empty past) attends in float32 and stores its keys and
         # values quantized, as the int8 attention would: ONNX Runtime's int8-cache attention dequantizes key by
-        # key, which made a 512-token prefill a third slower than with a float32 cache (the int8 path stays
-        # for steps after a past: there the cache's bytes are the cost)
+        # key (prefill@512 of random:gpt2 int8, 2 threads: 572 tok/s through it, 914 this way; decode steps
+        # unchanged). Steps after a past keep the int8 path: there the cache's bytes are the cost.
         scales = c.kv_scale_names(layer)
         step = g.branch()  # inputs: head_sink (unused), k_scale, v_scale
         step.op("GroupQueryAttention", *inputs, "", *scales, domain=_MS, outputs=[o + ".int8" for o in outputs],
