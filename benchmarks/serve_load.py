@@ -111,6 +111,14 @@ class Server:
                 pass
             time.sleep(0.2)
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time the server process has used so far (user + system; None where /proc is missing)."""
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
         try:
@@ -240,11 +248,14 @@ def measure(model_dir: Path, label: str, args) -> dict:
         if model is not None:
             baseline_round(model, 1, 8, PROMPT)
         for clients in args.clients:
+            cpu = server.cpu_seconds(), os.times()
             row = asyncio.run(_server_round(server.url, clients, args.new_tokens, PROMPT))
+            row.update(_cores_used(server, cpu, row["seconds"]))
             rows.append(row)
             print(f"{label:>6} server  N={clients:<3} {row['tok_per_s']:>7} tok/s  TTFT p50/p99 "
                   f"{row['ttft_p50_ms']}/{row['ttft_p99_ms']} ms  ITL p50/p99 {row['itl_p50_ms']}/"
-                  f"{row['itl_p99_ms']} ms  rejected {row['rejected']}", flush=True)
+                  f"{row['itl_p99_ms']} ms  rejected {row['rejected']}  cores: server {row.get('server_cores')}, "
+                  f"clients {row['client_cores']}", flush=True)
             if model is not None and clients in args.baseline_clients:
                 row = baseline_round(model, clients, args.new_tokens, PROMPT)
                 rows.append(row)
@@ -292,6 +303,18 @@ def chart(report: dict, path: Path) -> Path | None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
+
+
+def _cores_used(server: Server, before: tuple, wall: float) -> dict:
+    """The cores the server process and this process (the clients) kept busy over a round, on average: on a
+    machine with few cores the clients' share is taken from the server."""
+    server_before, clients_before = before
+    server_after, clients_after = server.cpu_seconds(), os.times()
+    clients = (clients_after.user + clients_after.system - clients_before.user - clients_before.system) / wall
+    used = {"client_cores": round(clients, 2)}
+    if server_before is not None and server_after is not None:
+        used["server_cores"] = round((server_after - server_before) / wall, 2)
+    return used
 
 
 def main() -> None:

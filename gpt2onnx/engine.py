@@ -8,7 +8,8 @@
 
 A request joins the running batch as soon as its rows fit: its prompt is prefilled alone (batch 1: the graph
 takes several new positions after a past only at batch 1), the joining prompts sharing a budget of
-prompt tokens per step (about one decode step's time, measured; `prefill_chunk` at most), shortest rest first
+prompt tokens per step (about one decode step's time, measured; `prefill_chunk` at most; a burst of fresh
+prompts joins in one run, see `fresh_group`), shortest rest first
 (a long prompt never stalls the others for long, and a short one never waits behind it); then its rows (one
 per return sequence, sharing the prompt's cache) are right-aligned with the running rows in one cache (left
 padding, hidden by the attention mask; every row has its own position ids). It leaves as soon as all its rows
@@ -48,6 +49,7 @@ from .stopping import EOS, LENGTH, STOP, Deadline, ReleasedText, StopStringsKept
 
 CANCELLED, ERROR = "cancelled", "error"
 _log = logging.getLogger(__name__)
+_BURST_CHUNKS = 4  # a burst of fresh prompts joins in one run of up to this many prefill_chunks (fresh_group)
 
 
 class QueueFullError(Gpt2OnnxError):
@@ -533,12 +535,9 @@ class Engine:
         # fresh prompts that fit whole go together, as one left-padded batch from an empty past (a burst of
         # clients costs one run, not one run each)
         fresh = [j for j in order if j.done == 0 and not j.active.request.echo_logprobs]
-        group = []
-        for joining in fresh:  # shortest first: the padded batch costs rows x the longest prompt
-            if (len(group) + 1) * len(joining.active.request.prompt_ids) > budget:
-                break
-            group.append(joining)
-        group = group if len(group) > 1 else []
+        together = fresh_group([len(j.active.request.prompt_ids) for j in fresh], budget, running=len(self._pad),
+                               burst=_BURST_CHUNKS * self.options.prefill_chunk)
+        group = fresh[:together]
         if group:
             budget -= self._prefill_together(group)
         for joining in order:
@@ -749,6 +748,22 @@ class Engine:
             if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
                 raise InvalidArgumentError(f"logit_bias values must be numbers from -100 to 100, got {bias!r} "
                                            f"for token {token}")
+
+
+def fresh_group(lengths: list[int], budget: int, *, running: int, burst: int) -> int:
+    """How many of the fresh prompts (token counts, shortest first) are prefilled together as one left-padded
+    batch this step (0: none, each goes alone): as many as fit in `budget` tokens, padding included (rows x the
+    longest), when at least two do. A burst -- more fresh prompts than `running` rows, as when clients arrive
+    together -- may take up to `burst` tokens: each prefill run costs at least a whole weight read, so joining
+    a burst a few prompts per step would stall every running row once per run, and the burst's own first
+    tokens wait for all those runs; one run stalls the fewer running rows once."""
+    limit = max(budget, burst) if len(lengths) > running else budget
+    count = 0
+    for length in lengths:  # shortest first: the padded batch costs rows x the longest prompt
+        if (count + 1) * length > limit:
+            break
+        count += 1
+    return count if count > 1 else 0
 
 
 def _moving_average(old: float | None, new: float) -> float:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gpt2onnx import logprobs
-from gpt2onnx.engine import Engine, EngineClosedError, EngineOptions, QueueFullError
+from gpt2onnx.engine import Engine, EngineClosedError, EngineOptions, QueueFullError, fresh_group
 from gpt2onnx.errors import InvalidArgumentError
 from gpt2onnx.kv_cache import KVCache
 from gpt2onnx.settings import GenerationSettings
@@ -391,6 +391,17 @@ def test_kv_cache_row_surgery():
     assert all(np.array_equal(x, y[1, :, :5]) for x, y in zip(past(joined, 2), a.buffers))
     trimmed = KVCache.gather([(joined, np.array([2, 0]))], width=3)  # drops two leading columns
     assert np.array_equal(trimmed.buffers[1][0, :, :3], a.buffers[1][1, :, 2:5])
+
+
+def test_fresh_prompts_join_together_within_the_budget_or_as_a_burst():
+    """Fresh whole prompts (shortest first) are prefilled as one padded batch while rows x the longest fit the
+    budget, and only when two or more do; a burst (more fresh prompts than running rows) may use `burst`."""
+    assert fresh_group([8, 8, 8], 16, running=4, burst=256) == 2  # 2 x 8 fit; 3 prompts, 4 rows: no burst
+    assert fresh_group([8, 8, 8], 16, running=2, burst=256) == 3  # a burst: all three
+    assert fresh_group([8] * 16, 16, running=1, burst=64) == 8  # the burst's own limit: 8 x 8
+    assert fresh_group([4, 8, 30], 64, running=0, burst=32) == 2  # 3 x 30 > 64: the budget (larger) decides
+    assert fresh_group([8, 30], 32, running=0, burst=0) == 0  # one alone is no group
+    assert fresh_group([], 64, running=0, burst=256) == 0
 
 
 def test_prefill_budget_follows_the_measured_costs(tiny):
