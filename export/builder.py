@@ -33,6 +33,7 @@ from gpt2onnx import per_column, precisions
 from gpt2onnx.config import TANH_GELUS, ModelConfig
 from gpt2onnx.errors import InvalidArgumentError
 from gpt2onnx.gpt2 import attention_scale
+from gpt2onnx.inspect import all_nodes
 from gpt2onnx.matmulnbits import check_block_size
 
 from . import quantize
@@ -105,7 +106,7 @@ class _Graph:
         self.constants.append(onnx.numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
 
-    def branch(self) -> "_Graph":
+    def branch(self) -> _Graph:
         """A subgraph (an If branch): its own nodes, this graph's numbering and constants (names stay unique)."""
         sub = _Graph()
         sub.constants, sub._numbers = self.constants, self._numbers
@@ -211,8 +212,9 @@ def _attention(g: _Graph, x: str, layer: int, config: ModelConfig, q: Quantizati
 def _float_prefill(g: _Graph, inputs: list[str], attrs: dict, scales: tuple[str, str], types: tuple[int, ...],
                    name: str) -> onnx.GraphProto:
     """The If branch of an int8-cache layer's prefill: float32 attention without a past, then its keys and
-    values quantized (round half to even, clipped to int8: bit for bit what the int8 attention stores) and padded
-    to the cache buffer's length, as the int8 attention's present would be."""
+    values quantized with the int8 attention's rounding (round half to even, clipped to int8: layer 0 of
+    random:gpt2 at int8, whose keys and values both paths compute alike, stored the same bytes) and padded to the
+    cache buffer's length, as the int8 attention's present would be."""
     b = g.branch()
     no_past = [*inputs[:3], "", "", *inputs[5:]]
     context, key, value = b.op("GroupQueryAttention", *no_past, domain=_MS, outputs=3, **attrs)
@@ -329,7 +331,7 @@ def build_graph(config: ModelConfig, quantization: Quantization | None = None,
 
 def initializer_slots(model: onnx.ModelProto) -> list[str]:
     """Names the graph reads that are neither graph inputs, node outputs nor already-stored constants."""
-    nodes = list(_nodes(model.graph))
+    nodes = list(all_nodes(model.graph))
     known = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
     known |= {o for n in nodes for o in n.output}
     slots: list[str] = []
@@ -338,15 +340,6 @@ def initializer_slots(model: onnx.ModelProto) -> list[str]:
             if name and name not in known and name not in slots:
                 slots.append(name)
     return slots
-
-
-def _nodes(graph: onnx.GraphProto):
-    """Every node of the graph, those of its If branches included (each after the If that holds it)."""
-    for node in graph.node:
-        yield node
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                yield from _nodes(attribute.g)
 
 
 def _weight_arrays(model: onnx.ModelProto, weights: dict[str, np.ndarray], config: ModelConfig):

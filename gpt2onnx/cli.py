@@ -354,7 +354,8 @@ def _add_serve(commands, formatter) -> None:
                    help="requests waiting to join the batch at most; beyond, 429 with Retry-After")
     p.add_argument("--prefill-chunk", type=int, default=e.prefill_chunk,
                    help="the most prompt tokens prefilled per step (a long prompt never freezes the others; "
-                        "fewer when decode steps are cheaper)")
+                        "fewer when decode steps are cheaper; a burst of short prompts arriving together may take "
+                        "four times as many, in one run)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per physical core)")
     p.add_argument("--model-name", default=None, help="the model name clients pass (default: MODEL_DIR's name)")
     p.add_argument("--drain-timeout", type=float, default=30.0,

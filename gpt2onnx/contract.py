@@ -31,7 +31,7 @@ are then int8 with the same shapes, and each layer's float32 scales `transformer
 `.v_scale` [1, n_head, 1, head_dim] (per channel, calibrated at export; initializers, see kv_scale_names)
 give the values: float = int8 * scale. The attention dequantizes as it reads, so a step reads a quarter of
 the bytes of a float32 cache. A prefill (empty past) attends in float32 and stores its keys and values as
-round(value / scale), clipped to int8: what the int8 attention stores.
+round(value / scale) (half to even), clipped to int8: the int8 attention's own rounding.
 
 Every graph names, per layer, the attention's input projection `transformer.h.{i}.attn.qkv` (float32
 [batch_size, sequence_length, 3 * n_embd]: query | key | value, c_attn's bias included). It is not a graph

@@ -75,7 +75,8 @@ class EngineOptions:
     # (10 against 9.5 ms), while 256 tokens stall every running row for 13 steps' time. Each step prefills fewer
     # when the measured cost says so: about one decode step's time of prompt while rows decode (no step takes
     # much more than two decode steps), two batch-1 steps' time while none does (a short prompt arriving waits
-    # that long at most)
+    # that long at most). A burst of fresh prompts (more than the running rows) may take _BURST_CHUNKS times this
+    # in one run (fresh_group)
     prefill_chunk: int = 64
     on_step: Callable[[int], None] | None = None  # called after each decode step with the batch's rows (metrics)
 

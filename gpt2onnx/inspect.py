@@ -243,7 +243,7 @@ class ModelFile:
             weights=tuple(self.weights.values()),
             inputs=tuple(_value_info(v) for v in graph.input),
             outputs=tuple(_value_info(v) for v in graph.output),
-            op_counts=dict(Counter(_op_name(node) for node in graph.node)),
+            op_counts=dict(Counter(_op_name(node) for node in all_nodes(graph))),
             constants=tuple(self.constants))
 
     # -- the data ------------------------------------------------------------------------------------
@@ -314,6 +314,16 @@ def _scheme(node, zero_points: str | None) -> str:
     if node.op_type in QUANTIZED_INPUTS:
         text += " zero points" if zero_points else " symmetric"
     return text
+
+
+def all_nodes(graph):
+    """Every node of an onnx GraphProto, those of its If branches included (each after the If that holds it):
+    an int8-cache export's attention is an If per layer."""
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.g.node:  # a subgraph attribute (AttributeProto.GRAPH)
+                yield from all_nodes(attribute.g)
 
 
 def _op_name(node) -> str:

@@ -313,7 +313,10 @@ class Model:
         assistant: see _tokens. eos_id, pad_id: the end token, or a tuple of them (each ends a row, min_new_tokens
         holds back all), and the left padding's token (default the model's <|endoftext|>; the pipeline's
         eos_token_id / pad_token_id)."""
-        eos_id = self.eos_token_id if eos_id is None else eos_id
+        if eos_id is None:
+            eos_id = self.eos_token_id
+        elif not isinstance(eos_id, (int, np.integer)):
+            eos_id = tuple(int(t) for t in eos_id)  # a list of ids too (the loops tell a tuple from one id)
         if settings.num_beams > 1:
             found = self._beams(prompt_ids, settings, rng, eos_id=eos_id, assistant=assistant is not None,
                                 pad_id=pad_id)

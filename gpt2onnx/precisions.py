@@ -77,7 +77,7 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in (
     # vs 2.9e-4 nats, perplexity -0.25% vs -0.03%, decisive top-1 99.98% vs 100% (the gate allows 5e-3). Timed
     # with session.run: prefill 512 positions, then one-token steps (48 at past 8, 24 at past 768). Since then a
     # prefill attends in float32 (export/builder.py), so the int8 cache no longer slows it: prefill@512 572 -> 914
-    # tok/s (int8), 440 -> 550 (int4) on a quiet machine, 3 interleaved rounds.
+    # tok/s (int8), 440 -> 550 (int4), old and new graphs side by side on a quiet machine, 3 interleaved rounds.
     Precision("int8", bits=8, scheme=SCHEME_PER_COLUMN, default_block_size=None, kv_cache_dtype=INT8_KV_CACHE,
               max_perplexity_increase=0.01, min_top1_agreement=0.95, max_kl=0.005),
     Precision("int4", bits=4, scheme=SCHEME_BLOCKS, default_block_size=128, kv_cache_dtype=INT8_KV_CACHE,

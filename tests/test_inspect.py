@@ -49,7 +49,7 @@ def test_report_lists_graph_ops_and_manifest(tiny_export):
     assert report.inputs[0].dtype == "int64" and report.inputs[0].shape == (c.DIM_BATCH, c.DIM_SEQUENCE)
     assert report.outputs[1].shape == (c.DIM_BATCH, 4, c.DIM_TOTAL, 16)
     assert report.op_counts == Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
-                                       for n in graph.node)
+                                       for n in graph.node)  # fp32: no If, every node at the top level
     assert report.manifest[c.M_PRECISION] == "fp32" and report.manifest[c.M_PARITY]["passed"]
     assert c.MODEL_FILE in report.manifest["files"]
     assert all(not t.name.startswith("transformer.") for t in report.constants)

@@ -405,6 +405,9 @@ def test_beams_end_at_every_eos_id(theirs, ours):
     """Beam search and beam sampling with an eos_token_id list: (1 + eos ids) x num_beams candidates a step, as
     transformers keeps, and every id ends a beam."""
     _, late, early = _two_eos_ids(theirs)
+    ended = 0
     for do_sample in (False, True):
-        _both(theirs, ours, PROMPTS[3], seeds=SEEDS if do_sample else [0], max_new_tokens=10, num_beams=3,
-              do_sample=do_sample, num_return_sequences=2, eos_token_id=[late, early], return_tensors=True)
+        records = _both(theirs, ours, PROMPTS[3], seeds=SEEDS if do_sample else [0], max_new_tokens=10, num_beams=3,
+                        do_sample=do_sample, num_return_sequences=2, eos_token_id=[late, early], return_tensors=True)
+        ended += sum(r["generated_token_ids"][-1] in (late, early) for r in records)
+    assert ended  # some beam did end at one of the ids, so the list was in force

@@ -13,6 +13,7 @@ import gpt2onnx
 from gpt2onnx import contract as c
 from gpt2onnx import precisions
 from gpt2onnx.errors import VerificationError
+from gpt2onnx.inspect import inspect_model
 from helpers import assert_within_half_a_step, export, run_dynamic_quantize_matmul, run_matmul_nbits
 
 
@@ -261,6 +262,10 @@ def test_int8_cache_prefill_attends_in_float32(tiny_quantized):
         assert np.mean(stored == expected) > 0.999
     assert not np.array_equal(int8_step, float_step)
     assert np.sqrt(np.mean((int8_step - float_step) ** 2)) <= 0.05 * float_step.std()
+    # inspect counts the attention inside each layer's If: a float32 and an int8 one per layer
+    ops = inspect_model(directory).op_counts
+    layers = len(int8_cache) // 2
+    assert ops["If"] == layers and ops["com.microsoft.GroupQueryAttention"] == 2 * layers
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +274,8 @@ def trained_int8(trained_dir, tmp_path_factory):
 
 
 def test_int8_of_trained_model_passes_the_gate_and_keeps_weights_within_half_a_step(trained_int8, trained_reference):
-    """The export passed the quality gate on the held-out text (whole windows in one call, i.e. prefill); every
+    """The export passed the quality gate on the held-out text (each window: its first position, then the rest in
+    one cached step, reading the int8 cache); every
     quantized weight is within half a step (max |column| / MAX_CODE / 2) of PyTorch's, per output column."""
     from gpt2onnx.inspect import ModelFile
 
