@@ -574,7 +574,7 @@ class _Gpt2OnnxRunner(_Runner):
             rng = np.random.default_rng(0)
         else:
             settings, rng = GenerationSettings(max_new_tokens=new, ignore_eos=True), None
-        self.timer.stamps = []
+        self.timer.reset()
         with self.model.session.observe(self.timer):
             out = generate(self.model.session, [prompt], settings, eos_id=self.model.eos_token_id, rng=rng)
         # the loop runs the graph once per new token (the prompt's run gives the first): the end of the run
@@ -587,6 +587,10 @@ class _StepClock:
     step ended."""
 
     def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        """Before each call: its ORT seconds and step times only."""
         self.seconds = 0.0
         self.stamps: list[float] = []
 
@@ -599,34 +603,33 @@ _RUNNERS = {"torch": _TorchRunner, "optimum": lambda d, p, t: _TorchRunner(d, p,
             "ctranslate2": _CTranslate2Runner, "gpt2onnx": _Gpt2OnnxRunner}
 
 
-def _timed(runner: _Runner, prompt: list[int], new: int, rows: int = 1) -> tuple[float, list[float]]:
-    """The whole call's seconds, and the times its new tokens were produced (one row: one per token)."""
+def _timed(runner: _Runner, prompt: list[int], new: int, rows: int = 1) -> tuple[float, float | None]:
+    """The whole call's seconds, and (one row) the seconds from its first new token to its last."""
     start = time.perf_counter()
     out, stamps = runner.generate(prompt, new, rows)
     seconds = time.perf_counter() - start
     if len(out) != rows or any(len(row) != new for row in out):
         raise GenerationError(f"asked for {rows} x {new} tokens, got {[len(row) for row in out]}",
                               hint="every runner must ignore <|endoftext|> and give exactly the tokens asked for")
-    if rows == 1 and (len(stamps) != new or stamps != sorted(stamps)):
-        order = "" if stamps == sorted(stamps) else ", out of order"
-        raise GenerationError(f"asked for {new} tokens, got {len(stamps)} token times{order}",
+    if rows > 1:
+        return seconds, None
+    ordered = stamps == sorted(stamps)
+    if len(stamps) != new or not ordered:
+        raise GenerationError(f"asked for {new} tokens, got {len(stamps)} token times"
+                              + ("" if ordered else ", out of order"),
                               hint="every runner must time each new token of a single row once, as it is produced")
-    return seconds, stamps
+    return seconds, stamps[-1] - stamps[0]
 
 
 def _round(runner: _Runner, spec: dict) -> dict:
     """One round's timings; a decode is timed inside one call, from its first new token to its last."""
     p = spec["prompts"]
     t = {"first_short": _timed(runner, p["short"], 1)[0]}
-    timer = getattr(runner, "timer", None)
-    if timer is not None:
-        timer.seconds = 0.0
-    full_short, stamps = _timed(runner, p["short"], spec["new_tokens"])
-    t["steps_short"] = stamps[-1] - stamps[0]
+    full_short, t["steps_short"] = _timed(runner, p["short"], spec["new_tokens"])
+    timer = getattr(runner, "timer", None)  # gpt2onnx's: the ORT seconds of its last call
     if timer is not None:
         t["outside_ort"] = 1.0 - timer.seconds / full_short
-    stamps = _timed(runner, p["long"], spec["long_new_tokens"])[1]
-    t["steps_long"] = stamps[-1] - stamps[0]
+    t["steps_long"] = _timed(runner, p["long"], spec["long_new_tokens"])[1]
     t["first_prefill"] = _timed(runner, p["prefill"], 1)[0]
     t["batch"] = _timed(runner, p["short"], spec["new_tokens"], spec["batch"])[0]
     return t

@@ -199,13 +199,13 @@ def _attention(g: _Graph, x: str, layer: int, config: ModelConfig, q: Quantizati
         # key (prefill@512 of random:gpt2 int8, 2 threads: 572 tok/s through it, 914 this way; decode steps
         # unchanged). Steps after a past keep the int8 path: there the cache's bytes are the cost.
         scales = c.kv_scale_names(layer)
-        step = g.branch()  # inputs: head_sink (unused), k_scale, v_scale
-        step.op("GroupQueryAttention", *inputs, "", *scales, domain=_MS, outputs=[o + ".int8" for o in outputs],
+        step, stepped = g.branch(), [o + ".int8" for o in outputs]  # inputs: head_sink (unused), k_scale, v_scale
+        step.op("GroupQueryAttention", *inputs, "", *scales, domain=_MS, outputs=stepped,
                 k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8, **attrs)
         types = (TensorProto.FLOAT, TensorProto.INT8, TensorProto.INT8)
         context = g.op("If", lengths["prefill"], outputs=outputs,
                        then_branch=_float_prefill(g, inputs, attrs, scales, types, f"{p}.float_prefill"),
-                       else_branch=step.graph(f"{p}.int8_step", [(o + ".int8", t) for o, t in zip(outputs, types)]))[0]
+                       else_branch=step.graph(f"{p}.int8_step", list(zip(stepped, types))))[0]
     return _linear(g, context, p + ".c_proj", e, e, q, bias=False)
 
 

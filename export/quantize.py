@@ -1,7 +1,7 @@
 """Weight quantization: per output column into the layout of ONNX Runtime's DynamicQuantizeMatMul
 (gpt2onnx/per_column.py; int8), or block-wise into the layout of MatMulNBits (gpt2onnx/matmulnbits.py; int4).
 
-Per column: a weight W [K, N] (Conv1D's [in, out]) gets one scale per output column, max |W[:, j]| / max_code,
+Per column: a weight W [K, N] (Conv1D's [in, out]) gets one scale per output column, max |W[:, j]| / MAX_CODE,
 and symmetric int8 codes round(W / scale); each dequantized value is within half a step (scale / 2) of W.
 
 Block-wise:
@@ -83,12 +83,13 @@ class PerColumnWeight:
         return per_column.dequantize(self.codes, self.scales)
 
 
-def quantize_per_column(weight: np.ndarray, *, max_code: int = per_column.MAX_CODE) -> PerColumnWeight:
-    """Quantize W [K, N] symmetrically with one scale per output column (a column of zeros keeps scale 1)."""
-    w = np.asarray(weight, dtype=np.float32)
-    scales = np.abs(w).max(axis=0) / max_code
+def quantize_per_column(weight: np.ndarray) -> PerColumnWeight:
+    """Quantize W [K, N] symmetrically with one scale per output column, codes within per_column.MAX_CODE (a
+    column of zeros keeps scale 1)."""
+    w, top = np.asarray(weight, dtype=np.float32), per_column.MAX_CODE
+    scales = np.abs(w).max(axis=0) / top
     scales[scales == 0] = 1.0
-    codes = np.ascontiguousarray(np.clip(np.rint(w / scales), -max_code, max_code).astype(np.int8))
+    codes = np.ascontiguousarray(np.clip(np.rint(w / scales), -top, top).astype(np.int8))
     return PerColumnWeight(codes, scales.astype(np.float32))
 
 

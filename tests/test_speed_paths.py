@@ -242,10 +242,9 @@ def test_int8_cache_prefill_attends_in_float32(tiny_quantized):
     (round half to even, clipped to int8). A step after a past reads the int8 cache: it differs from the
     float32 cache's step by the cache's rounding, and no more."""
     directory = tiny_quantized("int4")
-    runs = []
+    runs, n = [], 100
+    ids = _ids(n + 1, seed=2)
     for session in (gpt2onnx.load(directory).session, gpt2onnx.load(tiny_quantized("int4", "float32")).session):
-        n = 100
-        ids = _ids(n + 1, seed=2)
         prefill, cache = session.run(ids[:, :n], np.ones((1, n), np.int64), np.arange(n)[None], session.empty_cache(1))
         stored = [t.copy() for t in cache.tensors]
         step, _ = session.run(ids[:, n:], np.ones((1, n + 1), np.int64), np.array([[n]]), cache, logits_for="last")
