@@ -5,7 +5,7 @@ Every prompt keeps num_beams running sequences (its beams) and the num_beams bes
   1. every beam's log-softmax (float32) goes through the logits processors of `sampling.process` (repetition
      penalty, no-repeat n-grams, min_new_tokens; when sampling also temperature, top-k and top-p, which keep
      at least 1 + eos ids tokens with beams), and the beam's running score is added;
-  2. of a prompt's num_beams x vocab continuations, the (1 + eos ids, at least 2) x num_beams best are the
+  2. of a prompt's num_beams x vocab continuations, the (1 + eos ids) x num_beams best are the
      candidates (beam search), or as many drawn without replacement from their softmax (beam sampling:
      torch.multinomial, replayed by TorchGenerator.multinomial);
   3. candidates that end (an eos token, or the last allowed token) and rank among the first num_beams join the
@@ -48,12 +48,13 @@ def beam_search(session: OnnxSession, prompts: list[list[int]], settings: Genera
     beams, batch, new_tokens = settings.num_beams, len(prompts), settings.max_new_tokens
     if new_tokens == 0:
         return [[([], 0.0)] * settings.num_return_sequences for _ in prompts]
-    eos_count = len(eos_id) if isinstance(eos_id, tuple) else 1
-    keep = max(2, 1 + eos_count) * beams  # candidates kept per step, as transformers: one more than can all end
+    # candidates kept per step, as transformers: (1 + eos ids) per beam, one more than can all end
+    kept = 1 + (len(eos_id) if isinstance(eos_id, tuple) else 1)
+    keep, pad = kept * beams, first_eos(eos_id)
     ends_by_eos = not settings.ignore_eos
 
     # run each prompt once; its beams share that prefill's cache
-    ids, mask = left_pad(prompts, first_eos(eos_id))
+    ids, mask = left_pad(prompts, pad)
     width = ids.shape[1]
     max_length = width + new_tokens
     positions = position_ids(mask)
@@ -64,7 +65,7 @@ def beam_search(session: OnnxSession, prompts: list[list[int]], settings: Genera
     positions = np.repeat(positions[:, -1:], beams, axis=0)
 
     # running beams: tokens [batch, beams, max_length] and scores; only beam 0 starts live (no duplicate beams)
-    tokens = np.full((batch, beams, max_length), first_eos(eos_id), np.int64)
+    tokens = np.full((batch, beams, max_length), pad, np.int64)
     tokens[:, :, :width] = ids[:, None, :]
     running = np.zeros((batch, beams), np.float32)
     running[:, 1:] = _MASK
@@ -81,7 +82,7 @@ def beam_search(session: OnnxSession, prompts: list[list[int]], settings: Genera
             check_finite(logits, step)
         # 1. each beam's processed log-probabilities plus its running score, flattened per prompt
         scores = process(log_softmax(logits), tokens[:, :, :now].reshape(batch * beams, now), step, settings,
-                         eos_id=eos_id, min_tokens_to_keep=1 + eos_count)
+                         eos_id=eos_id, min_tokens_to_keep=kept)
         vocab = scores.shape[-1]
         total = (scores.reshape(batch, beams, vocab) + running[:, :, None]).reshape(batch, beams * vocab)
         # 2. the candidates: the best continuations, or drawn without replacement

@@ -39,11 +39,10 @@ import numpy as np
 
 from . import limits
 from .errors import Gpt2OnnxError, InvalidArgumentError
-from .generator import check_finite, left_pad
+from .generator import left_pad, pick
 from .gpt2 import position_ids
 from .kv_cache import KVCache
 from .logprobs import TopLogprobs, check_top, chosen
-from .sampling import sample
 from .settings import GenerationSettings, check_token_ids
 from .stopping import EOS, LENGTH, STOP, Deadline, ReleasedText, StopStringsKept
 
@@ -258,12 +257,10 @@ class _Active:
     def pick(self, logits: np.ndarray) -> int:
         """One step of generator.generate_tokens for this request's rows: sample from `logits` [n, vocab],
         emit the live rows' events, end rows at EOS, a stop string or max_new_tokens."""
-        s, rng = self.settings, self.request._rng
-        if not s.greedy:
-            check_finite(logits, self.step)  # sampling reads every probability
-        next_ids = sample(self._biased(logits), self.history[:, :self.now], self.step, s, rng, eos_id=self.eos_id)
-        if s.greedy:
-            check_finite(logits[np.arange(len(next_ids)), next_ids], self.step)
+        # the same pick as generate's (logit_bias first: finite amounts, so the finiteness checks read the same)
+        s = self.settings
+        next_ids, _ = pick(self._biased(logits), self.history[:, :self.now], self.step, s, self.request._rng,
+                           eos_id=self.eos_id)
         next_ids = np.where(self.live, next_ids, self.eos_id)  # finished rows are padded with EOS
         live = np.flatnonzero(self.live).tolist()
         # transformers' stop_strings and max_time end rows too (reasons: stop and length)

@@ -93,7 +93,7 @@ def pick(logits: np.ndarray, sequences: np.ndarray, step: int, settings: Generat
     scores = process(logits, sequences, step, settings, eos_id=eos_id)
     next_ids = choose(scores, settings, rng)
     if settings.greedy:  # a NaN or +inf anywhere is what argmax picks
-        check_finite(logits[np.arange(len(next_ids)), next_ids], step)
+        check_finite(np.take_along_axis(logits, next_ids[:, None], axis=1), step)
     return next_ids, scores
 
 

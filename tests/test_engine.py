@@ -128,16 +128,14 @@ def test_stop_strings_and_max_tokens(trained):
 
 
 def test_text_pieces_never_split_a_character(trained, monkeypatch):
-    from gpt2onnx import engine as engine_module
     from gpt2onnx import generator
 
     text = " naïve 😀 日本語 ok"
     forced = trained.tokenizer.encode(text)
     assert any("\ufffd" in trained.tokenizer.decode([t]) for t in forced)  # some tokens are partial bytes
-    # the same scripted tokens for the engine (sample) and Model.stream (choose)
-    for module, name in ((engine_module, "sample"), (generator, "choose")):
-        steps = iter(forced)
-        monkeypatch.setattr(module, name, lambda *a, _steps=steps, **k: np.array([next(_steps)]))
+    # the same scripted tokens for the engine, then Model.stream: both pick through generator.choose
+    steps = iter(forced + forced)
+    monkeypatch.setattr(generator, "choose", lambda *a, **k: np.array([next(steps)]))
     with Engine(trained) as engine:
         request = engine.submit(trained.encode_prompt("x"), GenerationSettings(max_new_tokens=len(forced)))
         pieces = [e.text for e in collect(request)[0] if e.text]
