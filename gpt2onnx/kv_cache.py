@@ -8,6 +8,8 @@ copied per step; the buffers grow (doubling, one copy) only when a step needs mo
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 
 from .config import ModelConfig
@@ -33,7 +35,7 @@ class KVCache:
         """The cache before the first step: length 0 (with room for `capacity` positions). dtype: float32, or
         int8 for an export whose cache is int8 (the session knows which)."""
         shape = (batch, config.n_head, capacity, config.head_dim)
-        return cls([np.zeros(shape, dtype) for _ in range(2 * config.n_layer)], length=0)
+        return cls([_allocate(shape, dtype) for _ in range(2 * config.n_layer)], length=0)
 
     @property
     def tensors(self) -> list[np.ndarray]:
@@ -78,7 +80,7 @@ class KVCache:
         first = parts[0][0]
         batch = sum(len(r) for _, r in parts)
         rows, capacity = max(rows, batch), max(capacity, width)
-        new = cls([np.empty((rows, b.shape[1], capacity, b.shape[3]), b.dtype)[:batch] for b in first.buffers],
+        new = cls([_allocate((rows, b.shape[1], capacity, b.shape[3]), b.dtype)[:batch] for b in first.buffers],
                   length=width)
         new._write(0, parts)
         return new
@@ -159,6 +161,19 @@ class KVCache:
                     row_at += 1
 
     def _moved(self, buffer: np.ndarray, batch: int, capacity: int, rows) -> np.ndarray:
-        new = np.empty((batch, buffer.shape[1], capacity, buffer.shape[3]), buffer.dtype)
+        new = _allocate((batch, buffer.shape[1], capacity, buffer.shape[3]), buffer.dtype)
         new[:, :, :self.length] = rows(buffer[:, :, :self.length])
         return new
+
+
+def _allocate(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A zeroed cache buffer in its own private anonymous memory map, which the kernel fills with 4 KiB pages
+    as they are first touched. numpy asks for transparent huge pages for arrays of 4 MiB and more: then the
+    first write anywhere in a 2 MiB region zeroes all of it, and the kernel may first compact memory to find
+    one. A cache's rows are spread over the whole buffer (row, head, position), so building the 16-row cache
+    the server gathers when a burst of clients joins touched every region at once: 60-240 ms, every other row
+    waiting (see the README's serving section)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes == 0 or not hasattr(mmap, "MAP_PRIVATE"):  # nothing to map, or no POSIX mmap (Windows)
+        return np.zeros(shape, dtype)
+    return np.ndarray(shape, dtype, buffer=mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))

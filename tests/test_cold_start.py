@@ -3,12 +3,17 @@ check. The saved optimized graph gives the logits of the model itself; a damaged
 entry is written again; an unchanged file is not hashed again, a changed one is, and a damaged one is still
 refused; the model directory is never written to; `gpt2onnx generate` imports none of the server's modules."""
 
+import inspect
 import json
 import os
 import shutil
+import threading
+import time
 
 import numpy as np
+import onnxruntime
 import pytest
+from onnxruntime.capi import _pybind_state
 
 import gpt2onnx
 from gpt2onnx import contract as c
@@ -16,6 +21,7 @@ from gpt2onnx import manifest as manifest_module
 from gpt2onnx import user_cache
 from gpt2onnx.errors import ModelLoadError
 from gpt2onnx.gpt2 import position_ids
+from gpt2onnx.model import _ORT_INITIALIZE, _in_background
 from gpt2onnx.session import OnnxSession, SessionOptions
 from helpers import quantized_copy, run_python
 
@@ -253,3 +259,44 @@ def test_a_damaged_tokenizer_and_graph_report_the_tokenizer(model_dir, cache):
     (model_dir / c.TOKENIZER_FILE).write_text("{")
     with pytest.raises(ModelLoadError, match="cannot read the tokenizer"):
         gpt2onnx.Model(model_dir, manifest=None)
+
+
+def test_the_tokenizer_starts_once_the_session_is_inside_the_call_that_releases_the_gil():
+    """_in_background(released_in=NAME) returns once its thread is inside the C function NAME (here time.sleep,
+    which releases the GIL as ONNX Runtime's session initialization does), not before and not after it."""
+    before, after = threading.Event(), threading.Event()
+
+    def load():
+        sum(range(200_000))  # Python work first, as ONNX Runtime's wrapper does before its C call
+        before.set()
+        time.sleep(0.5)
+        after.set()
+        return "session"
+
+    wait = _in_background(load, released_in="sleep")
+    assert before.is_set() and not after.is_set()
+    assert wait() == "session" and after.is_set()
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_thread_that_never_makes_the_call_does_not_hold_the_load_up(fails):
+    """A session that fails before its C call (a damaged graph), or a function that never makes it: the
+    wait ends with the thread, and its error reaches wait()."""
+    def load():
+        if fails:
+            raise ModelLoadError("damaged")
+        return 7
+
+    wait = _in_background(load, released_in="sleep")
+    if fails:
+        with pytest.raises(ModelLoadError, match="damaged"):
+            wait()
+    else:
+        assert wait() == 7
+
+
+def test_onnxruntime_builds_its_sessions_in_the_call_the_load_waits_for():
+    """The load waits for its session thread to enter ONNX Runtime's `initialize_session`: if a new ONNX
+    Runtime renamed it, the load would still work but serially (tokenizer after session), so say it here."""
+    assert hasattr(_pybind_state.InferenceSession, _ORT_INITIALIZE)
+    assert f".{_ORT_INITIALIZE}(" in inspect.getsource(onnxruntime.InferenceSession._create_inference_session)
