@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -199,10 +200,11 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 
 def one_error(err: str, *, progress: bool = False) -> str:
     """The error line of the CLI's one-line error, followed by its hint line; fails on anything else on stderr
-    (progress: an export's progress lines may come before them)."""
+    (progress: an export's progress lines, `[   0.3s] building ...`, may come before them; nothing else)."""
     lines = err.strip("\n").splitlines()
     assert "Traceback" not in err, err
     assert len(lines) >= 2 and (progress or len(lines) == 2), err
+    assert all(re.match(r"\[ *\d+\.\ds\] \S", line) for line in lines[:-2]), err
     assert lines[-2].startswith("gpt2onnx: error: ") and lines[-1].startswith("hint: "), err
     return lines[-2]
 

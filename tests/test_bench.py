@@ -3,7 +3,9 @@ they do not move with the prefill's cost; every runner reports when each of its 
 
 These assert how the figures are derived, not speed (the bench itself measures that)."""
 
+import json
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -15,9 +17,8 @@ OPTIONS = bench.BenchOptions(runs=1, new_tokens=12, short_prompt=4, long_prompt=
                              batch=3)
 
 
-def spec(options: bench.BenchOptions) -> dict:
-    return {"prompts": bench.prompts(options), "new_tokens": options.new_tokens,
-            "long_new_tokens": options.long_new_tokens, "batch": options.batch}
+# what run_bench hands its workers for OPTIONS (test_run_bench_hands_every_worker_the_workload checks it)
+SPEC = {"prompts": bench.prompts(OPTIONS), "new_tokens": 12, "long_new_tokens": 9, "batch": 3}
 
 
 class FakeClock:
@@ -66,7 +67,7 @@ def test_decode_figures_are_the_step_rate_whatever_the_prefill_costs(clock):
     difference between two calls) leaves decode@long exactly the rate of the steps."""
     for jitters in ([0.0, 3.0], [3.0, 0.0], [0.5, 0.5, 2.0]):
         runner = FakeRunner(clock, prompt_s=0.001, step_s=_step_s, long_prompt=OPTIONS.long_prompt, jitters=jitters)
-        figures = bench._figures(bench._round(runner, spec(OPTIONS)), OPTIONS)
+        figures = bench._figures(bench._round(runner, SPEC), OPTIONS)
         assert figures["decode_short"] == pytest.approx(100.0)
         assert figures["decode_long"] == pytest.approx(40.0)
 
@@ -75,7 +76,7 @@ def test_whole_call_figures_keep_their_definitions(clock):
     """TTFT is the time of a whole 1-token call on the short prompt, prefill the prompt tokens over a whole
     1-token call, batch-5 all rows' tokens over the whole batched call."""
     runner = FakeRunner(clock, prompt_s=0.002, step_s=_step_s, long_prompt=OPTIONS.long_prompt, jitters=[1.0])
-    figures = bench._figures(bench._round(runner, spec(OPTIONS)), OPTIONS)
+    figures = bench._figures(bench._round(runner, SPEC), OPTIONS)
     assert figures["ttft_ms"] == pytest.approx(1000 * 0.002 * OPTIONS.short_prompt)
     assert figures["prefill"] == pytest.approx(1 / 0.002)
     batch_s = 0.002 * OPTIONS.short_prompt + 0.010 * (OPTIONS.new_tokens - 1)
@@ -91,7 +92,63 @@ def test_a_runner_must_time_every_new_token_in_order(clock, broken):
 
     runner = Broken(clock, prompt_s=0.001, step_s=_step_s, long_prompt=OPTIONS.long_prompt, jitters=[0.0])
     with pytest.raises(bench.GenerationError, match="token times"):
-        bench._round(runner, spec(OPTIONS))
+        bench._round(runner, SPEC)
+
+
+def test_prompts_are_seeded_prefixes_of_one_random_text():
+    prompts = bench.prompts(OPTIONS)
+    assert {name: len(ids) for name, ids in prompts.items()} == {"short": 4, "long": 40, "prefill": 24}
+    assert prompts["short"] == prompts["long"][:4] and prompts["prefill"] == prompts["long"][:24]
+    assert all(0 <= i < 50256 for i in prompts["long"])  # never <|endoftext|>, which would end a sequence
+    assert len(set(prompts["long"])) > 30  # random ids, not a constant
+    assert bench.prompts(OPTIONS) == prompts  # the same for every framework, run and round
+
+
+def test_run_bench_hands_every_worker_the_workload(clock, tmp_path, monkeypatch):
+    """run_bench's parent side with workers that run the fake runner in this process: every worker gets the
+    options' workload, the same each time, and the report's figures are those of the fake costs."""
+    workers = []
+
+    class Worker:  # bench._Worker without its process; requests cross JSON as they do to a worker
+        def __init__(self, framework, precision, directory, threads, logs):
+            self.name, self.framework, self.precision = f"{framework} {precision}", framework, precision
+            self.loaded, self.requests, self.rounds = {"load_s": 0.5, "size_bytes": 2**20}, [], []
+            self.runner = FakeRunner(clock, prompt_s=0.002, step_s=_step_s, long_prompt=40, jitters=[1.0, 0.0])
+            workers.append(self)
+
+        def ask(self, request):
+            request = json.loads(json.dumps(request))
+            self.requests.append(request)
+            if request["cmd"] == "round":
+                return bench._round(self.runner, request["spec"])
+            return {"ok": True} if request["cmd"] == "warmup" else {"peak_rss_bytes": 3 * 2**20}
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(bench, "_Worker", Worker)
+    monkeypatch.setattr(bench, "_installed", lambda module: True)
+    monkeypatch.setattr(bench, "prepare", lambda options, configs, progress: {c: tmp_path for c in configs})
+    options = replace(OPTIONS, runs=2, frameworks=("torch", "gpt2onnx"), precisions=("fp32",), threads=1,
+                      work_dir=tmp_path)
+    report = bench.run_bench(options, progress=lambda message: None)
+    assert [(w.framework, w.precision) for w in workers] == [("torch", "fp32"), ("gpt2onnx", "fp32")]
+    for worker in workers:
+        assert [r["cmd"] for r in worker.requests] == ["warmup", "round", "round", "exit"]
+        for request in worker.requests[:3]:
+            spec = request["spec"]
+            assert {k: v for k, v in spec.items() if k != "prompts"} == {"new_tokens": 12, "long_new_tokens": 9,
+                                                                         "batch": 3}
+            assert {name: len(ids) for name, ids in spec["prompts"].items()} == {"short": 4, "long": 40,
+                                                                                 "prefill": 24}
+            assert spec["prompts"] == bench.prompts(OPTIONS)  # the seeded prompts, checked above
+    batch_s = 0.002 * 4 + 0.010 * 11  # the short prompt's prefill, then 11 steps at a short past
+    for result in report["results"]:
+        assert result["decode_short"] == pytest.approx(100.0) and result["decode_long"] == pytest.approx(40.0)
+        assert result["prefill"] == pytest.approx(500.0) and result["ttft_ms"] == pytest.approx(8.0)
+        assert result["batch"] == pytest.approx(3 * 12 / batch_s)
+        assert (result["load_s"], result["peak_rss_mb"], result["size_mb"]) == (0.5, 3.0, 1.0)
+        assert len(result["rounds"]) == 2
 
 
 def _check_stamps(runner, prompt, new):
@@ -113,7 +170,7 @@ def test_gpt2onnx_runner_times_each_token_and_keeps_the_ort_share(tiny_export):
     _check_stamps(runner, prompt[:3], 2)  # stamps of one call only
     out, stamps = runner.generate(prompt[:4], 5, 3)
     assert [len(row) for row in out] == [5] * 3 and stamps == []
-    figures = bench._figures(bench._round(runner, spec(OPTIONS)), OPTIONS)
+    figures = bench._figures(bench._round(runner, SPEC), OPTIONS)
     assert 0 < figures["outside_ort"] < 1
     assert all(figures[k] > 0 for k in ("decode_short", "decode_long", "prefill", "ttft_ms", "batch"))
 

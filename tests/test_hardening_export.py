@@ -281,7 +281,7 @@ def test_bad_arguments_exit_2_before_any_work(args, tmp_path, capsys, monkeypatc
     monkeypatch.setattr(sources, "load_source", lambda *a, **k: pytest.fail("work started"))
     out = tmp_path / "new" / "out"
     code, _, err = run_cli(capsys, "export", "random:tiny", out, *args)
-    assert code == 2 and BAD_ARGUMENTS[args] in one_error(err, progress=True), err
+    assert code == 2 and BAD_ARGUMENTS[args] in one_error(err), err
     assert list(tmp_path.iterdir()) == []  # not even OUT_DIR's parent was created
 
 
@@ -308,7 +308,7 @@ def test_bad_export_options_in_python(options, tmp_path, monkeypatch):
 def test_bad_verify_arguments_exit_2_before_loading(args, expected, tmp_path, capsys):
     # the model directory does not exist either: the argument is checked first
     code, _, err = run_cli(capsys, "verify", tmp_path / "no-model", *args)
-    assert code == 2 and expected in one_error(err, progress=True), err
+    assert code == 2 and expected in one_error(err), err
 
 
 # --- 3. output locations that cannot be written -------------------------------------------------------
@@ -318,7 +318,7 @@ def test_output_under_a_regular_file(tmp_path, capsys):
     for out in (tmp_path / "file" / "out", tmp_path / "file" / "deeper" / "out"):
         code, _, err = run_cli(capsys, "export", "random:tiny", out)
         assert code == 1
-        assert one_error(err, progress=True) == (
+        assert one_error(err) == (
             f"gpt2onnx: error: cannot create {out}: {tmp_path / 'file'} is a file, not a directory")
     assert [p.name for p in tmp_path.iterdir()] == ["file"]
 
@@ -340,8 +340,8 @@ def test_export_to_a_read_only_file_system(tmp_path, capsys):
     with _tmpfs(tmp_path / "ro", "size=1m,ro") as mount:
         code, _, err = run_cli(capsys, "export", "random:tiny", mount / "out")
         assert code == 1
-        assert one_error(err, progress=True).startswith(f"gpt2onnx: error: cannot write the export to {mount / 'out'}: "
-                                                        f"Read-only file system")
+        assert one_error(err).startswith(f"gpt2onnx: error: cannot write the export to {mount / 'out'}: "
+                                         f"Read-only file system")
         assert "hint: choose an OUT_DIR you can write to" in err
         assert list(mount.iterdir()) == []
 
@@ -378,7 +378,7 @@ def test_write_errors_without_mounts(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(tempfile, "mkdtemp", refused)
     code, _, err = run_cli(capsys, "export", "random:tiny", tmp_path / "out")
     assert code == 1
-    assert f"cannot write the export to {tmp_path / 'out'}: Permission denied" in one_error(err, progress=True)
+    assert f"cannot write the export to {tmp_path / 'out'}: Permission denied" in one_error(err)
 
 
 # --- 4. SIGTERM and kill -9 during verification -------------------------------------------------------
@@ -514,8 +514,8 @@ def test_force_refuses_to_delete_unlisted_files(tiny_export, tmp_path, capsys):
     (out / "plots").mkdir()
     code, _, err = run_cli(capsys, "export", "random:tiny", out, "--force")
     assert code == 1
-    assert one_error(err, progress=True) == (f"gpt2onnx: error: {out} is an export but also holds 2 file(s) its "
-                                             f"manifest does not list (notes.txt, plots); --force would delete them")
+    assert one_error(err) == (f"gpt2onnx: error: {out} is an export but also holds 2 file(s) its "
+                              f"manifest does not list (notes.txt, plots); --force would delete them")
     assert "hint: move them out of OUT_DIR first" in err
     for i in range(5):
         (out / f"extra-{i}.txt").write_text("mine")

@@ -373,8 +373,15 @@ def test_options_map_to_ray_serve_settings():
     # the application serves the replica class with the file's settings (Application has no public accessor)
     args = application["args"]
     built = build_app(args)._bound_deployment
-    assert built.func_or_class is Gpt2OnnxReplica and built.init_args == (RayServeOptions.from_dict(args),)
-    assert built.init_args[0].model_dir == args["model_dir"] == "/shared/models/gpt2-int4"
+    assert built.func_or_class is Gpt2OnnxReplica and len(built.init_args) == 1 and not built.init_kwargs
+    # the replica gets the file's values, and the defaults where the file has none (its autoscaling is commented out)
+    expected = {"model_dir": "/shared/models/gpt2-int4", "model_name": "gpt2", "replicas": 4, "cpus_per_replica": 2,
+                "threads": 2, "max_batch": 16, "max_queue": 64, "drain_timeout": 30, "min_replicas": None,
+                "max_replicas": None, "target_ongoing_requests": None, "prefill_chunk": 64, "api_keys": (),
+                "retry_after": 1, "check_hashes": True, "name": "Gpt2Onnx", "extra": {}}
+    options = built.init_args[0]
+    assert isinstance(options, RayServeOptions) and {k: getattr(options, k) for k in expected} == expected
+    assert options.ort_threads == 2
     assert (built.num_replicas, built.ray_actor_options, built.max_ongoing_requests, built.max_queued_requests) == (
         args["replicas"], {"num_cpus": args["cpus_per_replica"]}, args["max_batch"], args["max_queue"]) == (
         4, {"num_cpus": 2}, 16, 64)
