@@ -71,10 +71,7 @@ def check_options(options: ExportOptions) -> tuple[builder.Quantization | None, 
         if not isinstance(getattr(o, name), bool):
             raise InvalidArgumentError(f"{name} must be True or False, got {getattr(o, name)!r}",
                                        hint=f"pass {name}=True or {name}=False")
-    if not verify.is_finite(o.atol) or o.atol <= 0:
-        raise InvalidArgumentError(f"atol must be a finite number > 0, got {o.atol!r}",
-                                   hint=f"the largest |difference| from PyTorch accepted (default "
-                                        f"{verify.DEFAULT_ATOL:g})")
+    verify.check_atol(o.atol, meaning="the largest |difference| from PyTorch accepted")
     verify.check_thresholds(o.max_perplexity_increase, o.max_kl, o.min_top1_agreement)
     if o.eval_text is not None and (not isinstance(o.eval_text, (str, os.PathLike))
                                     or not Path(o.eval_text).expanduser().is_file()):

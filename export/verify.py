@@ -189,6 +189,14 @@ def is_finite(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def check_atol(atol, *, meaning: str) -> None:
+    """The logit tolerance, checked before any work: InvalidArgumentError unless a finite number > 0; the hint
+    says what it is to the caller (`meaning`) and the default."""
+    if not is_finite(atol) or atol <= 0:
+        raise InvalidArgumentError(f"atol must be a finite number > 0, got {atol!r}",
+                                   hint=f"{meaning} (default {DEFAULT_ATOL:g})")
+
+
 def check_thresholds(max_perplexity_increase, max_kl, min_top1_agreement, *,
                      names: tuple[str, str, str] = QUALITY_NAMES) -> None:
     """The quality gate's thresholds (None: the precision's default), checked before any work: an

@@ -161,10 +161,7 @@ def _check(options: VerifyOptions) -> None:
     if not verify.is_int(tokens) or tokens < 1:
         raise InvalidArgumentError(f"max_new_tokens must be an integer >= 1, got {options.max_new_tokens!r}",
                                    hint=f"tokens generated per case (default {parity.MAX_NEW_TOKENS})")
-    if not verify.is_finite(options.atol) or options.atol <= 0:
-        raise InvalidArgumentError(f"atol must be a finite number > 0, got {options.atol!r}",
-                                   hint=f"the largest |logit difference| that counts as float noise (default "
-                                        f"{verify.DEFAULT_ATOL:g})")
+    verify.check_atol(options.atol, meaning="the largest |logit difference| that counts as float noise")
     if options.attention not in (None, "sdpa", "eager"):
         raise InvalidArgumentError(f"attention must be sdpa or eager, got {options.attention!r}",
                                    hint="leave it out for what from_pretrained uses (sdpa)")
