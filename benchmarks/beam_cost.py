@@ -17,17 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
-from engine_throughput import cpu_model
-
 PROMPT = "Hello, I'm a language model,"
-
-
-def simd_flags() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return "?"
-    return " ".join(f for f in flags.split(":", 1)[1].split() if f in ("avx2", "fma", "avx512f", "avx512_vnni"))
 
 
 def main() -> None:
@@ -43,6 +33,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import gpt2onnx
+    from gpt2onnx import cpu
     from gpt2onnx.kv_cache import KVCache
 
     model_dir = Path(args.model_dir) if args.model_dir else (
@@ -71,7 +62,7 @@ def main() -> None:
             model.generate(PROMPT, max_new_tokens=args.new_tokens, ignore_eos=True, **options)
             times[name].append(clock() - start)
     greedy, beams = (statistics.median(t) for t in times.values())
-    print(f"CPU: {cpu_model()} ({simd_flags()}), {args.threads} ONNX Runtime thread(s), {args.clock} clock")
+    print(f"CPU: {cpu.summary()}, {args.threads} ONNX Runtime thread(s), {args.clock} clock")
     print(f"model: {model_dir} ({model.manifest.get('precision') if model.manifest else '?'}), batch 1, "
           f"{args.new_tokens} new tokens, median of {args.rounds} rounds")
     print(f"greedy:           {1000 * greedy:8.1f} ms ({1000 * greedy / args.new_tokens:.1f} ms/token)")

@@ -54,18 +54,10 @@ print("FIGURES", loaded - start, time.perf_counter() - start)
 
 
 def cpu_description() -> str:
-    """The CPU model and the flags that decide the kernels (AVX2, AVX-512, AMX, VNNI)."""
-    model, flags = "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model == "unknown CPU":
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile")
-    return f"{model}, {os.cpu_count()} CPUs; flags: {' '.join(f for f in wanted if f in flags) or 'none of these'}"
+    """The CPU model and the flags that decide the kernels (AVX2, AVX-512, AMX, VNNI), and the CPU count."""
+    from gpt2onnx import cpu
+
+    return f"{cpu.summary()}; {os.cpu_count()} CPUs"
 
 
 def commands(model_dir: Path, ct2_dir: Path, threads: int) -> dict[str, tuple[list[str], dict]]:

@@ -17,23 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import threading
 import time
 from pathlib import Path
 
 PROMPT = "Hello, I'm a language model,"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -102,9 +91,10 @@ def main() -> None:
     args = parser.parse_args()
 
     import gpt2onnx
+    from gpt2onnx import cpu
     from gpt2onnx.settings import GenerationSettings
 
-    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores), load average "
+    print(f"CPU: {cpu.summary()}; {os.cpu_count()} logical cores, load average "
           f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     model = gpt2onnx.load(args.model_dir, threads=args.threads, check_hashes=False)
     print(f"model: {args.model_dir} ({(model.manifest or {}).get('precision', '?')}), "
@@ -118,7 +108,7 @@ def main() -> None:
         return GenerationSettings(**options_for(i))
 
     model.generate(PROMPT, max_new_tokens=4)  # warm up
-    results = {"cpu": cpu_model(), "model": str(args.model_dir), "alone": [], "engine": [], "threads": []}
+    results = {"cpu": cpu.model_name(), "model": str(args.model_dir), "alone": [], "engine": [], "threads": []}
     print(f"\n{'clients':>7} {'alone tok/s':>11} {'engine tok/s':>12} {'x alone':>8} {'TTFT p50/p99 ms':>16} "
           f"{'ITL p50/p99 ms':>15} {'rows/step':>9} {'threads tok/s':>13}")
     for clients in (int(c) for c in args.clients.split(",")):

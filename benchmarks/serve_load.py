@@ -41,18 +41,11 @@ SIMD = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl
 
 
 def cpu_description() -> dict:
-    """The CPU model and its SIMD flags (from /proc/cpuinfo on Linux)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "Model") and model in ("", platform.machine(), platform.processor()):
-                model = value.strip()
-            if key.strip() in ("flags", "Features"):
-                flags |= set(value.split())
-    except OSError:
-        pass
-    return {"model": model, "cores": os.cpu_count(), "simd": [f for f in SIMD if f in flags],
+    """The CPU model and its SIMD flags (gpt2onnx/cpu.py reads /proc/cpuinfo on Linux)."""
+    from gpt2onnx import cpu
+
+    flags = set(cpu.flags())
+    return {"model": cpu.model_name(), "cores": os.cpu_count(), "simd": [f for f in SIMD if f in flags],
             "python": platform.python_version()}
 
 

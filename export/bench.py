@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2onnx import cpu
 from gpt2onnx.errors import GenerationError, InvalidArgumentError, MissingDependencyError
 from gpt2onnx.optimum_layout import has_pytorch_weights
 from gpt2onnx.precisions import FLOAT_KV_CACHE, PRECISIONS
@@ -372,14 +373,6 @@ def _summary(worker: _Worker, final: dict) -> dict:
 
 
 def _machine(threads: int) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     versions = {}
     for name in ("onnxruntime", "torch", "transformers", "optimum", "ctranslate2", "numpy"):
         try:
@@ -388,8 +381,8 @@ def _machine(threads: int) -> dict:
             versions[name] = version(name)
         except Exception:
             pass
-    return {"cpu": cpu, "physical_cores": physical_cores(), "threads": threads, "python": platform.python_version(),
-            "versions": versions}
+    return {"cpu": cpu.model_name(), "physical_cores": physical_cores(), "threads": threads,
+            "python": platform.python_version(), "versions": versions}
 
 
 def _workload(options: BenchOptions) -> dict:

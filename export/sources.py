@@ -18,6 +18,7 @@ from gpt2onnx import contract as c
 from gpt2onnx.config import ModelConfig
 from gpt2onnx.errors import ExportError, InvalidArgumentError, ModelLoadError
 from gpt2onnx.gpt2 import state_dict_shapes, weight_names
+from gpt2onnx.optimum_layout import PYTORCH_WEIGHTS
 
 RANDOM_PREFIX = "random:"
 
@@ -146,7 +147,8 @@ def _check_generation_config(generation: dict, path: Path) -> None:
 
 def _read_weights(path: Path, *, allow_pickle: bool) -> dict[str, np.ndarray]:
     """Every tensor of the checkpoint as float32 (float16 and bfloat16 checkpoints are upcast exactly)."""
-    safetensors = sorted(path.glob("*.safetensors"))
+    safetensors_pattern, pickle_pattern = PYTORCH_WEIGHTS
+    safetensors = sorted(path.glob(safetensors_pattern))
     if safetensors:
         from safetensors import safe_open
 
@@ -163,7 +165,7 @@ def _read_weights(path: Path, *, allow_pickle: bool) -> dict[str, np.ndarray]:
                 raise ModelLoadError(f"{file} is damaged or not a safetensors file ({_first_line(error)})",
                                      hint="download or copy it again (a truncated copy fails like this)") from error
         return weights
-    pickles = sorted(path.glob("pytorch_model*.bin"))
+    pickles = sorted(path.glob(pickle_pattern))
     if pickles and not allow_pickle:
         raise ExportError(f"{path} has only pickle checkpoints ({pickles[0].name}), which can run arbitrary code "
                           "when loaded",

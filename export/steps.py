@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
-import numbers
 import os
 import shutil
 import sys
@@ -63,7 +61,7 @@ def check_options(options: ExportOptions) -> tuple[builder.Quantization | None, 
                                    hint="add --precision " + " or --precision ".join(precisions.BLOCKED)
                                         + ", or leave out --block-size")
     quantization = builder.quantization_for(precision.name, o.block_size)  # checks the block size
-    if not _is_int(o.seed) or not 0 <= o.seed < 2**63:
+    if not verify.is_int(o.seed) or not 0 <= o.seed < 2**63:
         raise InvalidArgumentError(f"seed must be an integer from 0 to 2**63-1, got {o.seed!r}",
                                    hint="it seeds random:NAME weights and the verification inputs (default 0)")
     if o.revision is not None and (not isinstance(o.revision, str) or not o.revision.strip()):
@@ -73,10 +71,7 @@ def check_options(options: ExportOptions) -> tuple[builder.Quantization | None, 
         if not isinstance(getattr(o, name), bool):
             raise InvalidArgumentError(f"{name} must be True or False, got {getattr(o, name)!r}",
                                        hint=f"pass {name}=True or {name}=False")
-    if not _is_real(o.atol) or not math.isfinite(o.atol) or o.atol <= 0:
-        raise InvalidArgumentError(f"atol must be a finite number > 0, got {o.atol!r}",
-                                   hint=f"the largest |difference| from PyTorch accepted (default "
-                                        f"{verify.DEFAULT_ATOL:g})")
+    verify.check_atol(o.atol, meaning="the largest |difference| from PyTorch accepted")
     verify.check_thresholds(o.max_perplexity_increase, o.max_kl, o.min_top1_agreement)
     if o.eval_text is not None and (not isinstance(o.eval_text, (str, os.PathLike))
                                     or not Path(o.eval_text).expanduser().is_file()):
@@ -88,14 +83,6 @@ def check_options(options: ExportOptions) -> tuple[builder.Quantization | None, 
                                    "verified exactly)", hint="add --precision " + " or --precision ".join(
                                        precisions.QUANTIZED))
     return quantization, kv_cache
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def export_model(model: str, out_dir: str | Path, options: ExportOptions = ExportOptions(), *,

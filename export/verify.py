@@ -179,23 +179,38 @@ def _greedy_parity(session: OnnxSession, reference, tokenizer, tokens: int) -> d
 QUALITY_NAMES = ("max_perplexity_increase", "max_kl", "min_top1_agreement")  # ExportOptions' names
 
 
+def is_int(value) -> bool:
+    """An integer option's value: any integral number but a bool (True is not 1 here)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_finite(value) -> bool:
+    """A real option's value: a finite real number (not a bool, NaN or infinity)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_atol(atol, *, meaning: str) -> None:
+    """The logit tolerance, checked before any work: InvalidArgumentError unless a finite number > 0; the hint
+    says what it is to the caller (`meaning`) and the default."""
+    if not is_finite(atol) or atol <= 0:
+        raise InvalidArgumentError(f"atol must be a finite number > 0, got {atol!r}",
+                                   hint=f"{meaning} (default {DEFAULT_ATOL:g})")
+
+
 def check_thresholds(max_perplexity_increase, max_kl, min_top1_agreement, *,
                      names: tuple[str, str, str] = QUALITY_NAMES) -> None:
     """The quality gate's thresholds (None: the precision's default), checked before any work: an
     InvalidArgumentError naming the first bad one as the caller spells it (`names`: increase, KL, top-1)."""
-    def finite(value) -> bool:
-        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
     increase_name, kl_name, top1_name = names
     increase = max_perplexity_increase
-    if increase is not None and not (finite(increase) and increase > -1):
+    if increase is not None and not (is_finite(increase) and increase > -1):
         raise InvalidArgumentError(f"{increase_name} must be a finite fraction > -1 (0.01 is 1%), got {increase!r}",
                                    hint="default: " + precisions.per_precision("max_perplexity_increase"))
     top1 = min_top1_agreement
-    if top1 is not None and not (finite(top1) and 0 <= top1 <= 1):
+    if top1 is not None and not (is_finite(top1) and 0 <= top1 <= 1):
         raise InvalidArgumentError(f"{top1_name} must be a fraction from 0 to 1 (0.95 is 95%), got {top1!r}",
                                    hint="default: " + precisions.per_precision("min_top1_agreement"))
-    if max_kl is not None and not (finite(max_kl) and max_kl >= 0):
+    if max_kl is not None and not (is_finite(max_kl) and max_kl >= 0):
         raise InvalidArgumentError(f"{kl_name} must be a finite number of nats >= 0, got {max_kl!r}",
                                    hint="default: " + precisions.per_precision("max_kl"))
 

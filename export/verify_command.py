@@ -23,8 +23,6 @@ can set.
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -156,23 +154,14 @@ def reference_spec(manifest: dict | None, override: str | None, *, directory: st
 
 def _check(options: VerifyOptions) -> None:
     """Every option, before any work: InvalidArgumentError naming the first bad one."""
-    def is_int(value) -> bool:
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-    def is_finite(value) -> bool:
-        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-    if not is_int(options.seeds) or options.seeds < 0:
+    if not verify.is_int(options.seeds) or options.seeds < 0:
         raise InvalidArgumentError(f"seeds must be an integer >= 0, got {options.seeds!r}",
                                    hint=f"seeds 0 .. N-1 are compared (default {DEFAULT_SEEDS}; 0: greedy cases only)")
     tokens = options.max_new_tokens
-    if not is_int(tokens) or tokens < 1:
+    if not verify.is_int(tokens) or tokens < 1:
         raise InvalidArgumentError(f"max_new_tokens must be an integer >= 1, got {options.max_new_tokens!r}",
                                    hint=f"tokens generated per case (default {parity.MAX_NEW_TOKENS})")
-    if not is_finite(options.atol) or options.atol <= 0:
-        raise InvalidArgumentError(f"atol must be a finite number > 0, got {options.atol!r}",
-                                   hint=f"the largest |logit difference| that counts as float noise (default "
-                                        f"{verify.DEFAULT_ATOL:g})")
+    verify.check_atol(options.atol, meaning="the largest |logit difference| that counts as float noise")
     if options.attention not in (None, "sdpa", "eager"):
         raise InvalidArgumentError(f"attention must be sdpa or eager, got {options.attention!r}",
                                    hint="leave it out for what from_pretrained uses (sdpa)")
@@ -180,10 +169,10 @@ def _check(options: VerifyOptions) -> None:
                             names=("max_ppl_increase", "max_kl", "min_top1"))
     if options.text is not None and not Path(options.text).expanduser().is_file():
         raise InvalidArgumentError(f"the text {options.text!r} is not a file", hint="pass a UTF-8 text file to --text")
-    if options.reference_seed is not None and (not is_int(options.reference_seed) or options.reference_seed < 0):
+    if options.reference_seed is not None and (not verify.is_int(options.reference_seed) or options.reference_seed < 0):
         raise InvalidArgumentError(f"reference_seed must be an integer >= 0, got {options.reference_seed!r}",
                                    hint="the --seed a random:NAME model was exported with (default 0)")
-    if not is_int(options.threads) or options.threads < 0:
+    if not verify.is_int(options.threads) or options.threads < 0:
         raise InvalidArgumentError(f"threads must be an integer >= 0, got {options.threads!r}",
                                    hint="0 uses one thread per physical core")
 

@@ -40,7 +40,12 @@ def describe() -> str:
     return " ".join(flags()) or f"{platform.machine()} {platform.processor()}"
 
 
+def model_name() -> str:
+    """The CPU's model name (x86 'model name', ARM 'Model'), else the processor or machine name Python knows."""
+    info = _cpuinfo()
+    return info.get("model name") or info.get("Model") or platform.processor() or platform.machine()
+
+
 def summary() -> str:
     """For people (benchmark reports): the CPU's model name and its vector extensions."""
-    name = _cpuinfo().get("model name") or platform.processor() or platform.machine()
-    return f"{name}; flags: {' '.join(f for f in flags() if f.startswith(_VECTOR))}"
+    return f"{model_name()}; flags: {' '.join(f for f in flags() if f.startswith(_VECTOR))}"

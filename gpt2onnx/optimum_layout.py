@@ -38,6 +38,10 @@ from .session import OnnxSession, SessionOptions, _kept_logits
 
 GPT2ONNX, OPTIMUM = "gpt2onnx", "optimum"
 ONNX_FOLDER = "onnx"  # where a Hub-style repository keeps its ONNX files
+# The PyTorch weight files of a checkpoint directory, as glob patterns: safetensors (shards included), then
+# pickle checkpoints. The export side reads them in this order (gpt2onnx_export.sources); here they only tell
+# that a directory has them.
+PYTORCH_WEIGHTS = ("*.safetensors", "pytorch_model*.bin")
 _REEXPORT = ("export it again with `optimum-cli export onnx --model MODEL --task text-generation-with-past DIR`, "
              "or with `gpt2onnx export MODEL DIR`")
 _log = logging.getLogger(__name__)
@@ -104,10 +108,10 @@ def find_layout(directory: str | Path) -> Layout:
 
 
 def has_pytorch_weights(directory: str | Path) -> bool:
-    """Whether `directory` holds PyTorch weights the export side reads (*.safetensors, shards included, or
-    pytorch_model*.bin): a Hub repository with an onnx/ folder often keeps them at its top."""
+    """Whether `directory` holds PyTorch weights the export side reads (a file PYTORCH_WEIGHTS matches): a Hub
+    repository with an onnx/ folder often keeps them at its top."""
     directory = Path(directory)
-    return any(directory.glob("*.safetensors")) or any(directory.glob("pytorch_model*.bin"))
+    return any(any(directory.glob(pattern)) for pattern in PYTORCH_WEIGHTS)
 
 
 def _check_inputs(model_file: Path, inputs: dict[str, str | None]) -> None:
