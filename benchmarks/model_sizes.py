@@ -111,7 +111,8 @@ def summary_table(reports: dict) -> str:
                          f"{ratio} | {r['decode_long']:.1f} | {r['prefill']:.0f} | {r['peak_rss_mb']:.0f} | "
                          f"{r['size_mb']:.0f} |")
     machine = next(iter(reports.values()))["machine"]
-    lines.append(f"\n{machine['cpu']}, {machine['threads']} threads; medians of the rounds of each model's run")
+    lines.append(f"\n{machine['cpu']} (flags: {' '.join(machine.get('flags', [])) or 'unknown'}), "
+                 f"{machine['threads']} threads; medians of the rounds of each model's run")
     return "\n".join(lines)
 
 

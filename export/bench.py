@@ -381,8 +381,8 @@ def _machine(threads: int) -> dict:
             versions[name] = version(name)
         except Exception:
             pass
-    return {"cpu": cpu.model_name(), "physical_cores": physical_cores(), "threads": threads,
-            "python": platform.python_version(), "versions": versions}
+    return {"cpu": cpu.model_name(), "flags": list(cpu.vector_flags()), "physical_cores": physical_cores(),
+            "threads": threads, "python": platform.python_version(), "versions": versions}
 
 
 def _workload(options: BenchOptions) -> dict:
@@ -414,7 +414,8 @@ def format_table(report: dict) -> str:
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     m = report["machine"]
     lines.append("")
-    lines.append(f"{m['cpu']}, {m['physical_cores']} physical cores, {m['threads']} threads each; "
+    lines.append(f"{m['cpu']} (flags: {' '.join(m.get('flags', [])) or 'unknown'}), {m['physical_cores']} physical "
+                 f"cores, {m['threads']} threads each; "
                  f"{w['model']}, medians of {w['runs']} interleaved rounds; "
                  + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
     for note in report.get("skipped", []):

@@ -46,6 +46,11 @@ def model_name() -> str:
     return info.get("model name") or info.get("Model") or platform.processor() or platform.machine()
 
 
+def vector_flags() -> tuple[str, ...]:
+    """The flags that name vector extensions (AVX2, FMA, AVX-512, VNNI, AMX, SSE4): what benchmarks print."""
+    return tuple(f for f in flags() if f.startswith(_VECTOR))
+
+
 def summary() -> str:
     """For people (benchmark reports): the CPU's model name and its vector extensions."""
-    return f"{model_name()}; flags: {' '.join(f for f in flags() if f.startswith(_VECTOR))}"
+    return f"{model_name()}; flags: {' '.join(vector_flags())}"

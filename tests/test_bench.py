@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from gpt2onnx import cpu
 from gpt2onnx_export import bench
 
 # small enough for random:tiny (256 positions) and for a fake clock
@@ -149,6 +150,10 @@ def test_run_bench_hands_every_worker_the_workload(clock, tmp_path, monkeypatch)
         assert result["batch"] == pytest.approx(3 * 12 / batch_s)
         assert (result["load_s"], result["peak_rss_mb"], result["size_mb"]) == (0.5, 3.0, 1.0)
         assert len(result["rounds"]) == 2
+    # the report says on what machine: the CPU model and its vector flags (a figure without them means little)
+    footer = bench.format_table(report).splitlines()[-1]
+    assert report["machine"]["flags"] == list(cpu.vector_flags())
+    assert footer.startswith(f"{cpu.model_name()} (flags: ") and all(f in footer for f in cpu.vector_flags())
 
 
 def _check_stamps(runner, prompt, new):
