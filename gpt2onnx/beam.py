@@ -28,7 +28,7 @@ from .gpt2 import position_ids
 from .sampling import log_softmax, process, softmax
 from .session import OnnxSession
 from .settings import GenerationSettings
-from .stopping import first_eos, is_eos
+from .stopping import eos_ids, first_eos, is_eos
 
 _MASK = np.float32(-1e9)  # transformers' "not this one" score offset
 
@@ -49,7 +49,7 @@ def beam_search(session: OnnxSession, prompts: list[list[int]], settings: Genera
     if new_tokens == 0:
         return [[([], 0.0)] * settings.num_return_sequences for _ in prompts]
     # candidates kept per step, as transformers: (1 + eos ids) per beam, one more than can all end
-    kept = 1 + (len(eos_id) if isinstance(eos_id, tuple) else 1)
+    kept = 1 + len(eos_ids(eos_id))
     keep, pad = kept * beams, first_eos(eos_id)
     ends_by_eos = not settings.ignore_eos
 

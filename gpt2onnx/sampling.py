@@ -18,6 +18,7 @@ import numpy as np
 
 from . import cpu
 from .settings import GenerationSettings
+from .stopping import eos_ids
 
 
 def sample(logits: np.ndarray, sequences: np.ndarray, new_tokens: int, settings: GenerationSettings, rng, *,
@@ -190,7 +191,7 @@ class _Fixed:
 def _prepare(s: GenerationSettings, eos_id: int | tuple[int, ...] | None, vocab: int) -> _Fixed:
     """The arrays `process` uses at every step, from the settings (frozen, hence hashable): built on a
     generation's first step, reused by the others (and by later calls with equal settings)."""
-    alone = [(e,) for e in (eos_id if isinstance(eos_id, tuple) else (eos_id,))]  # an eos token alone: kept
+    alone = [(e,) for e in eos_ids(eos_id)]  # an eos token alone: kept
     words = tuple((w, -math.inf) for w in s.bad_words_ids or () if w not in alone)
     ids = (s.suppress_tokens, s.begin_suppress_tokens,
            None if s.forced_bos_token_id is None else (s.forced_bos_token_id,), s.forced_eos_token_id)

@@ -125,6 +125,12 @@ class Deadline:
         return np.full(len(next_ids), time.monotonic() > self.end)
 
 
+def eos_ids(eos_id: int | tuple[int, ...]) -> tuple[int, ...]:
+    """The end-of-text tokens as a tuple: eos_id is one id, or a tuple of several (transformers' eos_token_id
+    list, whose every id ends a row)."""
+    return eos_id if isinstance(eos_id, tuple) else (eos_id,)
+
+
 def is_eos(tokens: np.ndarray, eos_id: int | tuple[int, ...]) -> np.ndarray:
     """Where `tokens` are an end-of-text token: eos_id, or any of a tuple of them (transformers' eos_token_id list,
     whose every id ends a row)."""
@@ -134,7 +140,7 @@ def is_eos(tokens: np.ndarray, eos_id: int | tuple[int, ...]) -> np.ndarray:
 def first_eos(eos_id: int | tuple[int, ...]) -> int:
     """The token finished rows are padded with: the end-of-text token, the first of several (transformers' default
     pad_token_id)."""
-    return eos_id[0] if isinstance(eos_id, tuple) else eos_id
+    return eos_ids(eos_id)[0]
 
 
 def any_of(*criteria):
