@@ -39,7 +39,7 @@ from .session import OnnxSession, SessionOptions, _kept_logits
 GPT2ONNX, OPTIMUM = "gpt2onnx", "optimum"
 ONNX_FOLDER = "onnx"  # where a Hub-style repository keeps its ONNX files
 # The PyTorch weight files of a checkpoint directory, as glob patterns: safetensors (shards included), then
-# pickle checkpoints. The export side reads them in this order (gpt2onnx_export.sources); here they only tell
+# pickle checkpoints. The export side reads them in this order (its sources module); here they only tell
 # that a directory has them.
 PYTORCH_WEIGHTS = ("*.safetensors", "pytorch_model*.bin")
 _REEXPORT = ("export it again with `optimum-cli export onnx --model MODEL --task text-generation-with-past DIR`, "
