@@ -58,7 +58,7 @@ async def _round(url: str, clients: int, new_tokens: int) -> dict:
             now = time.perf_counter()
             if chunk.usage is not None:
                 samples["tokens"] += chunk.usage.completion_tokens
-            if chunk.choices and chunk.choices[0].text:
+            if chunk.choices:  # one chunk per token (the usage chunk has none)
                 samples["ttft" if last is None else "gaps"].append(now - (begin if last is None else last))
                 last = now
         samples["latency"].append(time.perf_counter() - begin)

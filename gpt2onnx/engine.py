@@ -651,8 +651,12 @@ class Engine:
             parts = ([(cache, np.concatenate([a.rows for a in stay]))] if stay else []) + \
                 [(c, np.full(n, row)) for c, row, n, _ in joining]
             width = int(lengths.max())
-            self._cache = KVCache.gather(parts, width=width, capacity=min(width + room, self.model.config.n_positions),
-                                         rows=self.options.max_batch)
+            # room for every row to the end of its request, twice over: requests arriving in the next steps (a
+            # burst of clients comes as a few requests, then the rest) then join in place, their rows copied
+            # alone, not all rows rebuilt. Positions never written are never touched (kv_cache._allocate): the
+            # room costs address space, not memory
+            capacity = min(2 * (width + room), self.model.config.n_positions)
+            self._cache = KVCache.gather(parts, width=width, capacity=capacity, rows=self.options.max_batch)
             self._pad = width - lengths
             start = 0
             for active in stay:

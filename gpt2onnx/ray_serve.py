@@ -192,7 +192,7 @@ class Gpt2OnnxReplica:
         global _replica_app
         from .engine import Engine, EngineOptions
         from .model import load
-        from .server import ServerOptions, create_app
+        from .server import ServerOptions, create_app, freeze_startup_heap
 
         self.options = options
         self.replica_id = _replica_id()
@@ -209,6 +209,7 @@ class Gpt2OnnxReplica:
         self.app_metrics = app.state.gpt2onnx.metrics
         self.bridge = _MetricsBridge(self.app_metrics.registry)
         _replica_app = app
+        freeze_startup_heap()  # a replica's process serves this model alone
         log.info("replica %s: %s loaded in %.1f s (%d ORT thread(s), pid %d)", self.replica_id, options.model_dir,
                  time.perf_counter() - started, options.ort_threads, os.getpid())
 

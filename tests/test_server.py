@@ -2,6 +2,7 @@
 logprobs equal PyTorch's, bad requests get OpenAI's 400 envelope, and the server survives them all."""
 
 import asyncio
+import gc
 import json
 import os
 import re
@@ -226,7 +227,8 @@ def test_logit_bias_forces_a_token(client, model):
 
 def test_streams_never_split_a_character(tiny_export):
     """Random weights pushed towards the byte tokens that are parts of multi-byte characters: the pieces of
-    a stream still join to the whole text, pieces that end inside a character are held back."""
+    a stream still join to the whole text, pieces that end inside a character are held back (a chunk with
+    text "" for that token)."""
     from gpt2onnx.openai_api import TokenText
 
     model = gpt2onnx.load(tiny_export)
@@ -240,11 +242,17 @@ def test_streams_never_split_a_character(tiny_export):
         client = openai_client(server.url)
         whole = client.completions.create(**options).choices[0]
         chunks = [c.choices[0] for c in client.completions.create(stream=True, **options)]
+        plain = {k: v for k, v in options.items() if k != "logprobs"}
+        bare = [c.choices[0] for c in client.completions.create(stream=True, **plain)]
     tokens = [t for c in chunks for t in c.logprobs.tokens]
     assert tokens == whole.logprobs.tokens and sum(t.startswith("bytes:") for t in tokens) > 30
     assert "".join(c.text for c in chunks) == whole.text
     held = [c for c in chunks if c.logprobs.tokens and not c.text]
     assert held, "no piece was held back: the test did not produce a split character"
+    # without logprobs too, one chunk per token (every step reaches the client, as in vLLM), "" while held back
+    assert len(bare) == len(tokens) == 120 and "".join(c.text for c in bare) == whole.text
+    assert [bool(c.text) for c in bare] == [bool(c.text) for c in chunks]
+    assert [c.finish_reason for c in bare] == [None] * 119 + ["length"]
     joined = [ch for ch in whole.text if ord(ch) > 0x7F and ch != "\ufffd"]
     print(f"{len(held)} held-back pieces; {len(joined)} multi-byte characters made of several tokens or not")
 
@@ -513,19 +521,29 @@ def test_health_is_503_while_the_model_loads(model):
         release.wait(60)
         return Engine(model, EngineOptions(max_batch=4, on_step=on_step))
 
-    with LiveServer(create_app(factory, ServerOptions(model_name=NAME))) as server:
+    def collected(thing) -> bool:  # in a generation the collector walks (frozen objects are in none)
+        return any(o is thing for o in gc.get_objects())
+
+    app = create_app(factory, ServerOptions(model_name=NAME))
+    with LiveServer(app) as server:
         health = httpx.get(server.url + "/health")
         assert health.status_code == 503 and health.json()["error"]["code"] == "model_loading"
         loading = httpx.post(server.url + "/v1/completions", json={"prompt": "hi"})
         assert loading.status_code == 503 and loading.headers["retry-after"] == "1"
+        assert collected(model) and collected(app)
         release.set()
         deadline = time.monotonic() + 30
-        while httpx.get(server.url + "/health").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        client = openai_client(server.url)
-        assert client.completions.create(model=NAME, prompt="hi", max_tokens=4, seed=1).choices[0].text
-        assert metric(server.url, "gpt2onnx_batch_size_rows_count") >= 1  # the engine's steps reach /metrics
+        try:
+            while httpx.get(server.url + "/health").status_code != 200:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            # the startup heap (model, engine, app) is frozen once loaded: no collection pauses walking it
+            assert not collected(model) and not collected(app) and gc.get_freeze_count() > 0
+            client = openai_client(server.url)
+            assert client.completions.create(model=NAME, prompt="hi", max_tokens=4, seed=1).choices[0].text
+            assert metric(server.url, "gpt2onnx_batch_size_rows_count") >= 1  # the engine's steps reach /metrics
+        finally:
+            gc.unfreeze()  # this test process is not a server's: give its heap back to the collector
 
 
 # --- the real CLI: API key, queue limit, SIGTERM drain ------------------------------------------------------
