@@ -108,19 +108,21 @@ class _State:
         self.metrics = Metrics(lambda: self.engine.stats() if self.engine is not None else None)
         self.model = self.token_text = self.fingerprint = None
 
-    def attach(self, engine) -> None:
+    def attach(self, engine, *, freeze: bool = False) -> None:
+        """Serve `engine`; freeze: the process is the server's own, freeze its heap (freeze_startup_heap) once
+        everything is loaded, before the first request."""
         model = engine.model
         self.token_text = TokenText(model.layout.tokenizer_file)
         precision = (model.manifest or {}).get("precision", "fp32")
         self.fingerprint = f"gpt2onnx-{__version__}-{precision}"
         self.model = model
+        if freeze:
+            freeze_startup_heap()
         self.engine = engine  # last: the routes take a set engine to mean "ready"
 
     def load(self, factory) -> None:
         try:
-            engine = factory(on_step=self.metrics.on_step)
-            freeze_startup_heap()  # the process is ours: the app owns the engine it made
-            self.attach(engine)
+            self.attach(factory(on_step=self.metrics.on_step), freeze=True)  # the app owns the engine it made
             log.info("model loaded: serving %s", self.options.model_name)
         except Exception as error:  # noqa: BLE001 - reported on /health and by the runner
             self.load_error = getattr(error, "message", None) or f"{type(error).__name__}: {error}"
