@@ -619,8 +619,9 @@ class Engine:
 
     def _regroup(self, newcomers: list[_Active]) -> None:
         """The batch after rows left and/or newcomers joined. In place when it can be (the rows that leave are
-        filled by the last rows, newcomers written into free rows: only those rows are copied); otherwise
-        one new right-aligned cache without the leading columns that are padding in every row."""
+        filled by the last rows, newcomers written into free rows: only those rows are copied; leading padding
+        is dropped by moving the rows to the front of their buffers); otherwise one new right-aligned cache
+        without the leading columns that are padding in every row."""
         stay = [a for a in self._running if not a.done]
         gone = [a for a in self._running if a.done]
         self._running, self._landing = stay + newcomers, []
@@ -633,17 +634,20 @@ class Engine:
         room = max(a.remaining() for a in self._running)  # every row gains one position per step, until its end
         lengths = np.concatenate([width - self._pad[a.rows] for a in stay] + [np.full(n, length)
                                                                             for _, _, n, length in joining])
-        # leading columns that would be padding in every row: attention reads them every step, so once they
-        # are an eighth of the width, one copy without them is cheaper than keeping them
+        # leading columns that would be padding in every row (negative: a newcomer's prompt is longer than the
+        # batch's past): attention reads them every step, so once they are an eighth of the width, moving every
+        # row's past to the front of its buffer is cheaper than keeping them
         trim = width - int(lengths.max())
-        in_place = (stay and all(length <= width for *_, length in joining)
-                    and cache.free_rows + leaving >= sum(n for _, _, n, _ in joining)
-                    and width + room <= cache.capacity and trim < max(16, width // 8))
+        shrink = trim if trim >= max(16, width // 8) else 0
+        in_place = (stay and trim >= 0 and cache.free_rows + leaving >= sum(n for _, _, n, _ in joining)
+                    and width - shrink + room <= cache.capacity)
         if in_place:
             cache, where = cache.drop(np.concatenate([a.rows for a in gone]) if gone else [])
+            if shrink:
+                cache, width = cache.trim(shrink), width - shrink
             pad = np.empty(cache.batch, np.int64)
             for active in stay:
-                pad[where[active.rows]] = self._pad[active.rows]
+                pad[where[active.rows]] = self._pad[active.rows] - shrink
                 active.rows = where[active.rows]
             self._cache = cache.join([(c, np.full(n, row)) for c, row, n, _ in joining])
             self._pad = np.concatenate([pad] + [np.full(n, width - length) for *_, n, length in joining])

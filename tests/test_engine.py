@@ -139,6 +139,26 @@ def test_clients_arriving_one_by_one_join_in_place(trained, monkeypatch):
     assert sum(differing) == 0
 
 
+def test_leading_padding_is_dropped_in_place(trained, monkeypatch):
+    """When a long prompt's request ends, the columns only it used are padding in every other row: they are
+    dropped by moving the rows to the front of their own buffers (KVCache.trim), not by building a new cache;
+    the rows that stay go on as if alone."""
+    regroups = counted_regroups(monkeypatch)
+    trims = []
+    trim = KVCache.trim
+    monkeypatch.setattr(KVCache, "trim", lambda self, columns: trims.append(columns) or trim(self, columns))
+    long_prompt, short_prompt = PROMPTS[4], PROMPTS[3]  # 40 tokens and 1
+    submitted = [(long_prompt, GenerationSettings(max_new_tokens=3)),
+                 (short_prompt, GenerationSettings(max_new_tokens=12, do_sample=True, top_k=0, seed=3)),
+                 (PROMPTS[2], GenerationSettings(max_new_tokens=12))]
+    with Engine(trained, EngineOptions(max_batch=4)) as engine:
+        requests = [(p, engine.submit(trained.encode_prompt(p), s)) for p, s in submitted]
+        differing = [assert_same(trained, p, r) for p, r in requests]
+    assert len(trained.encode_prompt(long_prompt)) >= 32 and trims and min(trims) >= 16
+    assert regroups["copied"] == 1, regroups  # the one cache the batch started with
+    assert sum(differing) == 0
+
+
 def test_stop_strings_and_max_tokens(trained):
     full = alone(trained, PROMPTS[1], GenerationSettings(max_new_tokens=60))[0]
     stop = full.text[len(full.text) // 2:][:5]
@@ -391,7 +411,8 @@ def test_logit_bias_and_penalties_follow_openai(trained):
 
 def test_kv_cache_row_surgery():
     """gather right-aligns rows of several caches (zeros in front), drop fills holes with the last rows,
-    join writes new rows into free rows in place; every row keeps its own past."""
+    join writes new rows into free rows in place, trim drops leading columns in place; every row keeps its own
+    past."""
     rng = np.random.default_rng(0)
 
     def cache(batch, length):
@@ -416,6 +437,13 @@ def test_kv_cache_row_surgery():
     assert all(np.array_equal(x, y[1, :, :5]) for x, y in zip(past(joined, 2), a.buffers))
     trimmed = KVCache.gather([(joined, np.array([2, 0]))], width=3)  # drops two leading columns
     assert np.array_equal(trimmed.buffers[1][0, :, :3], a.buffers[1][1, :, 2:5])
+    # trim drops leading columns in place: every row's last positions move to the front of the same memory
+    before = [[b[row, :, 2:5].copy() for b in joined.buffers] for row in range(joined.batch)]
+    shorter = joined.trim(2)
+    assert (shorter.batch, shorter.length, shorter.free_rows) == (3, 3, 3)
+    assert shorter.buffers[0].base is merged.buffers[0].base
+    for row in range(3):
+        assert all(np.array_equal(x, y) for x, y in zip(past(shorter, row), before[row]))
 
 
 def _huge_page_kb(array: np.ndarray) -> int | None:
