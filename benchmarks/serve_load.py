@@ -39,16 +39,13 @@ import time
 from pathlib import Path
 
 PROMPT = "Hello, I'm a language model,"
-SIMD = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
-        "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16", "asimd", "sve")
 
 
 def cpu_description() -> dict:
     """The CPU model and its SIMD flags (gpt2onnx/cpu.py reads /proc/cpuinfo on Linux)."""
     from gpt2onnx import cpu
 
-    flags = set(cpu.flags())
-    return {"model": cpu.model_name(), "cores": os.cpu_count(), "simd": [f for f in SIMD if f in flags],
+    return {"model": cpu.model_name(), "cores": os.cpu_count(), "simd": list(cpu.vector_flags()),
             "python": platform.python_version()}
 
 

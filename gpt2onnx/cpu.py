@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import platform
 
-_VECTOR = ("avx", "fma", "amx", "vnni", "sse4")  # the flags that name vector extensions (x86)
+_VECTOR = ("avx", "fma", "f16c", "amx", "vnni", "sse4", "asimd", "sve")  # flags naming vector extensions (x86, ARM)
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,7 +47,8 @@ def model_name() -> str:
 
 
 def vector_flags() -> tuple[str, ...]:
-    """The flags that name vector extensions (AVX2, FMA, AVX-512, VNNI, AMX, SSE4): what benchmarks print."""
+    """The flags that name vector extensions (AVX2, FMA, F16C, AVX-512, VNNI, AMX, SSE4; ARM ASIMD, SVE): what
+    benchmarks print."""
     return tuple(f for f in flags() if f.startswith(_VECTOR))
 
 

@@ -147,7 +147,7 @@ def test_leading_padding_is_dropped_in_place(trained, monkeypatch):
     trims = []
     trim = KVCache.trim
     monkeypatch.setattr(KVCache, "trim", lambda self, columns: trims.append(columns) or trim(self, columns))
-    long_prompt, short_prompt = PROMPTS[4], PROMPTS[3]  # 40 tokens and 1
+    long_prompt, short_prompt = PROMPTS[4], PROMPTS[3]  # 45 tokens and 1
     submitted = [(long_prompt, GenerationSettings(max_new_tokens=3)),
                  (short_prompt, GenerationSettings(max_new_tokens=12, do_sample=True, top_k=0, seed=3)),
                  (PROMPTS[2], GenerationSettings(max_new_tokens=12))]
