@@ -7,20 +7,25 @@
     from gpt2onnx import pipeline, set_seed   # transformers' pipeline and set_seed, same texts
 """
 
-from .errors import (
-    ExportError,
-    GenerationError,
-    Gpt2OnnxError,
-    InvalidArgumentError,
-    MissingDependencyError,
-    ModelLoadError,
-    OutputError,
-    VerificationError,
-)
-from .model import Generation, Model, load
-from .pipeline import pipeline  # the function, as transformers.pipeline (the module stays gpt2onnx.pipeline's home)
-from .seeding import set_seed
-from .settings import GenerationSettings
+from . import heap
+
+# importing numpy, ONNX Runtime and our modules makes ~100,000 objects that live as long as the process: the
+# collector walking them as they are made was a fifth of a cold import (heap.collector_paused)
+with heap.collector_paused():
+    from .errors import (
+        ExportError,
+        GenerationError,
+        Gpt2OnnxError,
+        InvalidArgumentError,
+        MissingDependencyError,
+        ModelLoadError,
+        OutputError,
+        VerificationError,
+    )
+    from .model import Generation, Model, load
+    from .pipeline import pipeline  # the function, as transformers.pipeline (the module stays gpt2onnx.pipeline's home)
+    from .seeding import set_seed
+    from .settings import GenerationSettings
 
 __version__ = "0.1.0"
 

@@ -67,7 +67,7 @@ MODEL_DATA_FILE = "model.onnx.data"  # external weights, only when the model is 
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
-TOKENIZER_FILE = "tokenizer.json"  # what the runtime reads (the `tokenizers` library)
+TOKENIZER_FILE = "tokenizer.json"  # what the runtime reads (tokenizer.py)
 TOKENIZER_EXTRA_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 # Graph inputs and outputs.

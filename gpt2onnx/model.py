@@ -83,8 +83,8 @@ class Model:
         self.max_cache_bytes = limits.check_cache_bytes(max_cache_bytes)
         self.raw_config, self.config = read_config(self.layout.config_file)
         # the session and the tokenizer load side by side: ONNX Runtime releases the GIL while it initializes
-        # the session (the tokenizers library does not, so it is the one on this thread, started once the
-        # session is inside that call)
+        # the session (reading the tokenizer's tables is Python, so it is the one on this thread, started once
+        # the session is inside that call)
         session = _in_background(self.layout.open_session, self.config, options, released_in=_ORT_INITIALIZE,
                                  model_hashes=_verified_graph_hashes(self.directory, manifest))
         try:
@@ -573,7 +573,7 @@ def _in_background(function, *args, released_in: str | None = None, **kwargs):
 
     released_in: the name of a C function that `function` calls and that runs without the GIL. Then this
     returns only once the thread is inside that call (or has ended), so that work started next on this thread
-    which holds the GIL throughout (the tokenizers library builds a tokenizer without releasing it) runs
+    which holds the GIL throughout (reading a tokenizer: Python, or the tokenizers library's build) runs
     beside the call, rather than first blocking the thread at its next line of Python and then running
     before it. Loading random:gpt2 int4: load 0.19-0.30 s against 0.31-0.40 s (see the README's cold start)."""
     outcome = {}

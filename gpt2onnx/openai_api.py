@@ -31,7 +31,6 @@ import json
 import math
 import secrets
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
@@ -451,35 +450,24 @@ class TokenText:
     """Each token id as OpenAI shows it in logprobs: its text, or "bytes:\\xNN..." when it is part of a
     multi-byte character (so that distinct tokens never share a name in a top_logprobs object)."""
 
-    def __init__(self, tokenizer_json: Path):
-        data = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
-        to_byte = {char: byte for byte, char in _bytes_to_unicode().items()}
-        self._names: dict[int, str] = {}
-        for token, index in data["model"]["vocab"].items():
-            raw = bytes(to_byte[ch] for ch in token) if all(ch in to_byte for ch in token) else token.encode()
-            try:
-                self._names[index] = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                self._names[index] = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
-        for added in data.get("added_tokens", []):
-            self._names[added["id"]] = added["content"]
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer  # the model's (tokenizer.Tokenizer)
+        self._names: dict[int, str] = {}  # filled as tokens are named
 
     def __call__(self, token_id: int) -> str:
-        return self._names.get(token_id, f"<token {token_id}>")
+        name = self._names.get(token_id)
+        if name is None:
+            name = self._names[token_id] = self._name(token_id)
+        return name
 
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (its byte-level BPE vocabulary is written in these)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            chars[byte] = chr(byte)
-        else:
-            chars[byte] = chr(256 + extra)
-            extra += 1
-    return chars
+    def _name(self, token_id: int) -> str:
+        raw = self._tokenizer.token_bytes(token_id)
+        if raw is None:
+            return f"<token {token_id}>"
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
 class ChoiceText:

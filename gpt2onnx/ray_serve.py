@@ -191,8 +191,9 @@ class Gpt2OnnxReplica:
     def __init__(self, options: RayServeOptions):
         global _replica_app
         from .engine import Engine, EngineOptions
+        from .heap import freeze_startup_heap
         from .model import load
-        from .server import ServerOptions, create_app, freeze_startup_heap
+        from .server import ServerOptions, create_app
 
         self.options = options
         self.replica_id = _replica_id()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import hmac
 import logging
 import os
@@ -43,6 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
 from .errors import Gpt2OnnxError, InvalidArgumentError, ModelLoadError
+from .heap import freeze_startup_heap
 from .metrics import CONTENT_TYPE, Metrics
 from .openai_api import (
     MAX_LOGPROBS,
@@ -112,7 +112,8 @@ class _State:
         """Serve `engine`; freeze: the process is the server's own, freeze its heap (freeze_startup_heap) once
         everything is loaded, before the first request."""
         model = engine.model
-        self.token_text = TokenText(model.layout.tokenizer_file)
+        self.token_text = TokenText(model.tokenizer)
+        model.tokenizer.prepare_library()  # now: a request with non-ASCII text never waits for its build
         precision = (model.manifest or {}).get("precision", "fp32")
         self.fingerprint = f"gpt2onnx-{__version__}-{precision}"
         self.model = model
@@ -633,17 +634,6 @@ def _check_model(name: str | None, state: _State) -> None:
 def _max_batch(engine) -> int:
     options = getattr(engine, "options", None)
     return getattr(options, "max_batch", MAX_RETURN_SEQUENCES)
-
-
-def freeze_startup_heap() -> None:
-    """Put every object alive now (the model, tokenizer, app and libraries: ~120,000) out of the garbage
-    collector's reach, as vLLM's server does once it has started. Otherwise each collection of the oldest
-    generation, which serving's allocations trigger now and then, walks all of them while holding the GIL: a
-    40-110 ms pause of every stream at once (measured on `gpt2onnx serve` under 16 clients: one such pause lengthens
-    16 gaps, most of a round's top 1%). For a server's own process only: what is frozen is never collected, should it
-    become garbage later (the model and the app live until the process exits)."""
-    gc.collect()
-    gc.freeze()
 
 
 # --- running it: uvicorn with a drain on SIGTERM -----------------------------------------------------------

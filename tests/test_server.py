@@ -232,7 +232,7 @@ def test_streams_never_split_a_character(tiny_export):
     from gpt2onnx.openai_api import TokenText
 
     model = gpt2onnx.load(tiny_export)
-    names = TokenText(Path(tiny_export) / "tokenizer.json")
+    names = TokenText(model.tokenizer)
     partial = [i for i in range(model.config.vocab_size) if names(i).startswith("bytes:")]
     assert len(partial) > 50
     options = dict(model=NAME, prompt="Hello", max_tokens=120, seed=0, logprobs=0,

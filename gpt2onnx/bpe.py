@@ -1,0 +1,163 @@
+"""GPT-2's byte-level BPE in Python: what the `tokenizers` library does with GPT-2's tokenizer.json, for ASCII
+text (encoding) and for any ids (decoding), without the library's build of the tokenizer.
+
+Why our own: the library builds GPT-2's tokenizer in 0.12-0.25 s holding the GIL, the largest single part of a
+cold start, while reading the same tables here takes about half of that and runs beside ONNX Runtime's session
+initialization (which releases the GIL). Text with a non-ASCII character goes to the library (Tokenizer in
+tokenizer.py builds it on first use): Unicode's letter and number classes are where a second implementation
+could differ, and ASCII is where they cannot. tests/test_tokenizer.py checks both against the library.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+# GPT-2's pre-tokenizer, `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`, on ASCII
+# text: \p{L} is [A-Za-z], \p{N} is [0-9] and \s the six ASCII white-space characters (Python's own \s would
+# also take \x1c-\x1f, which neither Unicode's White_Space nor the library's Oniguruma \s do)
+_SPACE = r"\t\n\x0b\x0c\r "
+ASCII_PIECES = re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^{_SPACE}A-Za-z0-9]+"
+                          rf"|[{_SPACE}]+(?![^{_SPACE}])|[{_SPACE}]+")
+
+_WORD_CACHE_SIZE = 65536  # words remembered with their ids (cleared when full: a server's memory stays bounded)
+
+
+def byte_chars() -> list[str]:
+    """GPT-2's printable stand-in for each byte (its `bytes_to_unicode`): the printable Latin-1 bytes stand for
+    themselves, the others for the characters from U+0100 on, in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    shifted = itertools.count(0x100)
+    return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
+
+
+_CHAR_BYTES = {char: byte for byte, char in enumerate(byte_chars())}
+
+
+def token_bytes(token: str) -> bytes:
+    """The bytes a token of the vocabulary stands for, as the library's ByteLevel decoder reads it: a token
+    written in GPT-2's byte characters is those bytes, any other token its own UTF-8."""
+    try:
+        return bytes(_CHAR_BYTES[char] for char in token)
+    except KeyError:
+        return token.encode("utf-8")
+
+
+def is_plain_gpt2(spec: dict) -> bool:
+    """Whether a parsed tokenizer.json is GPT-2's kind, the one ByteLevelBpe reproduces: byte-level BPE with
+    GPT-2's pattern and no prefix space, no normalizer, truncation, padding, dropout, affixes or byte fallback,
+    and added tokens that are all special ones (non-special added tokens are split out of any text)."""
+    model, pre, decoder = spec.get("model"), spec.get("pre_tokenizer"), spec.get("decoder")
+    post = spec.get("post_processor")
+    added = spec.get("added_tokens") or []
+    return (isinstance(model, dict) and model.get("type") == "BPE" and model.get("dropout") is None
+            and not model.get("continuing_subword_prefix") and not model.get("end_of_word_suffix")
+            and model.get("byte_fallback") is False and model.get("ignore_merges", False) is False
+            and isinstance(model.get("vocab"), dict) and isinstance(model.get("merges"), list)
+            and spec.get("normalizer") is None and spec.get("truncation") is None and spec.get("padding") is None
+            and isinstance(pre, dict) and pre.get("type") == "ByteLevel" and pre.get("add_prefix_space") is False
+            and pre.get("use_regex") is True
+            and isinstance(decoder, dict) and decoder.get("type") == "ByteLevel"
+            and (post is None or isinstance(post, dict) and post.get("type") == "ByteLevel")
+            and isinstance(added, list)
+            and all(isinstance(token, dict) and token.get("special") is True and isinstance(token.get("id"), int)
+                    and isinstance(token.get("content"), str) and token["content"]
+                    and not (token.get("lstrip") or token.get("rstrip") or token.get("single_word"))
+                    for token in added))
+
+
+class ByteLevelBpe:
+    """Encoding of ASCII text and decoding of ids, as the library does for a tokenizer.json that
+    `is_plain_gpt2`. Safe to share between threads."""
+
+    def __init__(self, spec: dict):
+        model = spec["model"]
+        self.vocab: dict[str, int] = model["vocab"]
+        if any(" " in token for token in self.vocab):  # a merge is keyed "first second" below
+            raise ValueError("a token with a space")
+        merges = model["merges"]  # ["a b", ...] (tokenizers < 0.20) or [["a", "b"], ...]
+        # a pair "first second" and its place in the merge order. String keys: a dict of strings and ints is
+        # one the garbage collector never walks (tuple keys would add 50,000 objects to every collection)
+        keys = map(" ".join, merges) if merges and isinstance(merges[0], list) else merges
+        self._ranks: dict[str, int] = dict(zip(keys, itertools.count()))
+        self.added = {token["content"]: token["id"] for token in spec.get("added_tokens") or []}
+        self.special_ids = frozenset(self.added.values())
+        self._tokens = dict(zip(self.vocab.values(), self.vocab.keys()))  # id -> token (added tokens win)
+        self._tokens.update((i, content) for content, i in self.added.items())
+        self._ascii = dict(enumerate(byte_chars()[:128]))  # str.translate table: ASCII text to GPT-2's characters
+        self._bytes: dict[int, bytes] = {}  # id -> its bytes, filled as ids are decoded
+        self._words: dict[str, list[int]] = {}
+        specials = sorted(self.added, key=len, reverse=True)  # the longest first where one starts another
+        self._special_split = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
+
+    def encode(self, text: str, *, allow_special: bool = False) -> list[int] | None:
+        """The ids of ASCII text; None for any other text (or a piece the vocabulary cannot spell), which is the
+        library's to encode. allow_special: "<|endoftext|>" in the text is that token, not its 13 characters."""
+        if not text.isascii():
+            return None
+        if allow_special and self._special_split is not None:
+            ids = []
+            for n, part in enumerate(self._special_split.split(text)):  # odd parts are the special tokens
+                part_ids = [self.added[part]] if n % 2 else self.encode(part)
+                if part_ids is None:
+                    return None
+                ids += part_ids
+            return ids
+        ids = []
+        for piece in ASCII_PIECES.findall(text):
+            word = self._words.get(piece)
+            if word is None:
+                word = self._word(piece)
+                if word is None:
+                    return None
+            ids += word
+        return ids
+
+    def _word(self, piece: str) -> list[int] | None:
+        """One pre-tokenized piece through the merges: the pair that comes first in the merge order is merged
+        everywhere in the word, left to right, until no pair of the word is a merge."""
+        ranks, word = self._ranks, list(piece.translate(self._ascii))
+        never = len(ranks)
+        while len(word) > 1:
+            i = min(range(len(word) - 1), key=lambda i: ranks.get(word[i] + " " + word[i + 1], never))
+            first, second = word[i], word[i + 1]
+            if first + " " + second not in ranks:
+                break
+            merged, i = [], 0
+            while i < len(word):
+                if word[i] == first and i + 1 < len(word) and word[i + 1] == second:
+                    merged.append(first + second)
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = merged
+        try:
+            ids = [self.vocab[token] for token in word]
+        except KeyError:
+            return None
+        if len(self._words) >= _WORD_CACHE_SIZE:
+            self._words.clear()
+        self._words[piece] = ids
+        return ids
+
+    def token(self, token_id: int) -> str | None:
+        """The token of an id (an added token's content); None for an id that is no token."""
+        return self._tokens.get(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The bytes a token stands for, added tokens too; None for an id that is no token (the library's
+        decode skips those)."""
+        found = self._bytes.get(token_id)
+        if found is None:
+            token = self._tokens.get(token_id)
+            if token is None:
+                return None
+            found = self._bytes[token_id] = token_bytes(token)
+        return found
+
+    def decode(self, ids, *, skip_special: bool = False) -> str:
+        """The text of ids, invalid UTF-8 replaced by U+FFFD (as the library's `from_utf8_lossy`)."""
+        skip = self.special_ids if skip_special else ()
+        pieces = (self.token_bytes(int(i)) for i in ids if int(i) not in skip)
+        return b"".join(piece for piece in pieces if piece is not None).decode("utf-8", "replace")
