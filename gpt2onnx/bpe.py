@@ -50,13 +50,14 @@ def is_plain_gpt2(spec: dict) -> bool:
     model, pre, decoder = spec.get("model"), spec.get("pre_tokenizer"), spec.get("decoder")
     post = spec.get("post_processor")
     added = spec.get("added_tokens") or []
+    # (a missing key means the library's default: older tokenizers versions wrote fewer of them)
     return (isinstance(model, dict) and model.get("type") == "BPE" and model.get("dropout") is None
             and not model.get("continuing_subword_prefix") and not model.get("end_of_word_suffix")
-            and model.get("byte_fallback") is False and model.get("ignore_merges", False) is False
+            and model.get("byte_fallback", False) is False and model.get("ignore_merges", False) is False
             and isinstance(model.get("vocab"), dict) and isinstance(model.get("merges"), list)
             and spec.get("normalizer") is None and spec.get("truncation") is None and spec.get("padding") is None
             and isinstance(pre, dict) and pre.get("type") == "ByteLevel" and pre.get("add_prefix_space") is False
-            and pre.get("use_regex") is True
+            and pre.get("use_regex", True) is True
             and isinstance(decoder, dict) and decoder.get("type") == "ByteLevel"
             and (post is None or isinstance(post, dict) and post.get("type") == "ByteLevel")
             and isinstance(added, list)
