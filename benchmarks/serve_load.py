@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import os
 import platform
@@ -235,6 +234,7 @@ def measure(model_dir: Path, label: str, args) -> dict:
     """Server and baseline rounds interleaved per client count (the idle server waits on a condition), so
     that both see the same machine even when its load changes over the run."""
     import gpt2onnx
+    from gpt2onnx import heap
 
     rows, probe = [], None
     server = Server(model_dir, max_batch=args.max_batch, max_queue=args.max_queue, threads=args.threads)
@@ -246,8 +246,7 @@ def measure(model_dir: Path, label: str, args) -> dict:
         for clients in args.clients:
             # this process's own heap out of its collector's reach (as the server does with its own): a
             # 40-110 ms collection here would stall every client's stream and count as the server's latency
-            gc.collect()
-            gc.freeze()
+            heap.freeze_startup_heap()
             cpu = server.cpu_seconds(), os.times()
             row = asyncio.run(_server_round(server.url, clients, args.new_tokens, PROMPT, args.arrival_gap))
             row.update(_cores_used(server, cpu, row["seconds"]))

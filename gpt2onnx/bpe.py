@@ -120,10 +120,10 @@ class ByteLevelBpe:
         ranks, word = self._ranks, list(piece.translate(self._ascii))
         never = len(ranks)
         while len(word) > 1:
-            i = min(range(len(word) - 1), key=lambda i: ranks.get(word[i] + " " + word[i + 1], never))
-            first, second = word[i], word[i + 1]
-            if first + " " + second not in ranks:
+            rank, i = min((ranks.get(word[j] + " " + word[j + 1], never), j) for j in range(len(word) - 1))
+            if rank == never:
                 break
+            first, second = word[i], word[i + 1]
             merged, i = [], 0
             while i < len(word):
                 if word[i] == first and i + 1 < len(word) and word[i + 1] == second:
@@ -160,5 +160,5 @@ class ByteLevelBpe:
     def decode(self, ids, *, skip_special: bool = False) -> str:
         """The text of ids, invalid UTF-8 replaced by U+FFFD (as the library's `from_utf8_lossy`)."""
         skip = self.special_ids if skip_special else ()
-        pieces = (self.token_bytes(int(i)) for i in ids if int(i) not in skip)
+        pieces = (self.token_bytes(i) for i in map(int, ids) if i not in skip)
         return b"".join(piece for piece in pieces if piece is not None).decode("utf-8", "replace")

@@ -31,7 +31,8 @@ def freeze_startup_heap() -> None:
     collector's reach, as vLLM's server does once it has started. Otherwise each collection of the oldest
     generation, which serving's allocations trigger now and then, walks all of them while holding the GIL: a
     40-110 ms pause of every stream at once (measured on `gpt2onnx serve` under 16 clients: one such pause lengthens
-    16 gaps, most of a round's top 1%). For a server's own process only: what is frozen is never collected, should it
-    become garbage later (the model and the app live until the process exits)."""
+    16 gaps, most of a round's top 1%). For a process that owns its heap only (a server's, a benchmark's client):
+    what is frozen is never collected, should it become garbage later (the model and the app live until the
+    process exits)."""
     gc.collect()
     gc.freeze()

@@ -98,14 +98,13 @@ class Tokenizer:
         """What one token stands for: a special token's text (UTF-8), any other token's bytes (a part of a
         character, for some); None for an id that is no token."""
         if self._bpe is not None:
-            if token_id in self._bpe.special_ids:
-                return self._bpe.token(token_id).encode("utf-8")
-            return self._bpe.token_bytes(token_id)
-        library = self._library(allow_special=False)
-        token = library.id_to_token(token_id)
+            token, special = self._bpe.token(token_id), token_id in self._bpe.special_ids
+        else:
+            library = self._library(allow_special=False)
+            token, special = library.id_to_token(token_id), token_id in library.get_added_tokens_decoder()
         if token is None:
             return None
-        return token.encode("utf-8") if token_id in library.get_added_tokens_decoder() else token_bytes(token)
+        return token.encode("utf-8") if special else token_bytes(token)
 
     def decode(self, ids) -> str:
         if self._bpe is not None:
