@@ -23,8 +23,8 @@ from .config import ModelConfig
 from .errors import InvalidArgumentError, ModelLoadError
 from .gpt2 import attention_scale
 from .inspect import require_onnx
+from .loading import read_config
 from .manifest import read_manifest
-from .model import read_config
 from .session import ort_options
 from .tokenizer import Tokenizer
 

@@ -3,14 +3,16 @@ text (encoding) and for any ids (decoding), without the library's build of the t
 
 Why our own: the library builds GPT-2's tokenizer in 0.12-0.25 s holding the GIL, the largest single part of a
 cold start, while reading the same tables here takes about half of that and runs beside ONNX Runtime's session
-initialization (which releases the GIL). Text with a non-ASCII character goes to the library (Tokenizer in
-tokenizer.py builds it on first use): Unicode's letter and number classes are where a second implementation
-could differ, and ASCII is where they cannot. tests/test_tokenizer.py checks both against the library.
+initialization (which releases the GIL); from the tables an earlier load saved (`tables`, user_cache.py), less.
+Text with a non-ASCII character goes to the library (Tokenizer in tokenizer.py builds it on first use): Unicode's
+letter and number classes are where a second implementation could differ, and ASCII is where they cannot.
+tests/test_tokenizer.py checks both against the library.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import re
 
 # GPT-2's pre-tokenizer, `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`, on ASCII
@@ -20,6 +22,7 @@ _SPACE = r"\t\n\x0b\x0c\r "
 ASCII_PIECES = re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^{_SPACE}A-Za-z0-9]+"
                           rf"|[{_SPACE}]+(?![^{_SPACE}])|[{_SPACE}]+")
 
+_TABLES_FORMAT = 1  # tables(): bumped whenever its layout changes
 _WORD_CACHE_SIZE = 65536  # words remembered with their ids (cleared when full: a server's memory stays bounded)
 
 
@@ -69,27 +72,70 @@ def is_plain_gpt2(spec: dict) -> bool:
 
 class ByteLevelBpe:
     """Encoding of ASCII text and decoding of ids, as the library does for a tokenizer.json that
-    `is_plain_gpt2`. Safe to share between threads."""
+    `is_plain_gpt2`. Safe to share between threads.
 
-    def __init__(self, spec: dict):
-        model = spec["model"]
-        self.vocab: dict[str, int] = model["vocab"]
-        if any(" " in token for token in self.vocab):  # a merge is keyed "first second" below
+    Built from the parsed file (`from_spec`) or from `tables()` saved by an earlier load (`from_tables`): the
+    vocabulary in id order, the merges in rank order and the added tokens. Reading those back is ~10x faster
+    than parsing tokenizer.json (json.loads of GPT-2's 3.5 MB alone is 60-80 ms), which a cold start waits for."""
+
+    def __init__(self, tokens: list[str], merges: list[str], added: dict[str, int]):
+        """tokens: every token of the vocabulary, token i having id i; merges: "first second" by rank; added:
+        the special tokens' contents and ids."""
+        if any(" " in token for token in tokens):  # a merge is keyed "first second" below
             raise ValueError("a token with a space")
-        merges = model["merges"]  # ["a b", ...] (tokenizers < 0.20) or [["a", "b"], ...]
+        self.vocab: dict[str, int] = dict(zip(tokens, itertools.count()))
+        if len(self.vocab) != len(tokens):
+            raise ValueError("a token twice")
         # a pair "first second" and its place in the merge order. String keys: a dict of strings and ints is
         # one the garbage collector never walks (tuple keys would add 50,000 objects to every collection)
-        keys = map(" ".join, merges) if merges and isinstance(merges[0], list) else merges
-        self._ranks: dict[str, int] = dict(zip(keys, itertools.count()))
-        self.added = {token["content"]: token["id"] for token in spec.get("added_tokens") or []}
+        self._ranks: dict[str, int] = dict(zip(merges, itertools.count()))
+        self._merges = merges
+        self.added = dict(added)
         self.special_ids = frozenset(self.added.values())
-        self._tokens = dict(zip(self.vocab.values(), self.vocab.keys()))  # id -> token (added tokens win)
+        self._tokens = dict(enumerate(tokens))  # id -> token (added tokens win)
         self._tokens.update((i, content) for content, i in self.added.items())
         self._ascii = dict(enumerate(byte_chars()[:128]))  # str.translate table: ASCII text to GPT-2's characters
         self._bytes: dict[int, bytes] = {}  # id -> its bytes, filled as ids are decoded
         self._words: dict[str, list[int]] = {}
         specials = sorted(self.added, key=len, reverse=True)  # the longest first where one starts another
         self._special_split = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> ByteLevelBpe:
+        """From a parsed tokenizer.json that `is_plain_gpt2`. ValueError when its vocabulary is not the ids
+        0..n-1 (or another table cannot be read this way): the library's to read."""
+        model = spec["model"]
+        vocab = model["vocab"]
+        tokens = sorted(vocab, key=vocab.__getitem__)
+        if [vocab[token] for token in tokens] != list(range(len(tokens))):
+            raise ValueError("the vocabulary's ids are not 0..n-1")
+        merges = model["merges"]  # ["a b", ...] (tokenizers < 0.20) or [["a", "b"], ...]
+        keys = list(map(" ".join, merges)) if merges and isinstance(merges[0], list) else merges
+        if not all(isinstance(key, str) for key in keys):
+            raise ValueError("a merge that is not a pair")
+        return cls(tokens, keys, {token["content"]: token["id"] for token in spec.get("added_tokens") or []})
+
+    def tables(self) -> str:
+        """The tables as one text for `from_tables`: a JSON header line (counts, added tokens), then the tokens
+        and the merges separated by NUL characters. ValueError when a token or merge holds a NUL (then there is
+        nothing to save)."""
+        items = [*self.vocab, *self._merges]  # the vocabulary's insertion order is its ids' (__init__)
+        if any("\0" in item for item in items):
+            raise ValueError("a token with a NUL character")
+        header = json.dumps({"format": _TABLES_FORMAT, "tokens": len(self.vocab), "merges": len(self._merges),
+                             "added": sorted(self.added.items(), key=lambda item: item[1])})
+        return header + "\n" + "\0".join(items)
+
+    @classmethod
+    def from_tables(cls, text: str) -> ByteLevelBpe:
+        """The tokenizer `tables()` wrote; ValueError (or KeyError, TypeError) for a text it did not write."""
+        header, body = text.split("\n", 1)
+        meta = json.loads(header)
+        items = body.split("\0")
+        count = meta["tokens"]
+        if meta["format"] != _TABLES_FORMAT or len(items) != count + meta["merges"]:
+            raise ValueError("not our tables")
+        return cls(items[:count], items[count:], {content: i for content, i in meta["added"]})
 
     def encode(self, text: str, *, allow_special: bool = False) -> list[int] | None:
         """The ids of ASCII text; None for any other text (or a piece the vocabulary cannot spell), which is the

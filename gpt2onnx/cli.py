@@ -59,7 +59,7 @@ def _read_stdin() -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .model import load
+    from .loading import load
 
     if args.stream and args.json:
         raise InvalidArgumentError("--stream and --json do not go together", hint="pick one")
@@ -128,8 +128,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise MissingDependencyError(f"serving needs the serve extra (cannot import {error.name or error})",
                                      hint="pip install 'gpt2onnx[serve]'") from error
     from .engine import Engine, EngineOptions
+    from .loading import load
     from .manifest import read_manifest
-    from .model import load
 
     directory = Path(args.model_dir)
     read_manifest(directory, check_hashes=False)  # a wrong directory fails now, not after the server started

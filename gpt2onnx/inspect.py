@@ -32,8 +32,8 @@ from . import matmulnbits, per_column
 from .errors import InvalidArgumentError, MissingDependencyError, ModelLoadError
 from .gpt2 import EMBEDDING, OUT_IN_WEIGHTS, state_dict_shapes
 from .limits import format_bytes
+from .loading import read_config
 from .manifest import read_manifest
-from .model import read_config
 
 PLOT_EXTRA_HINT = "pip install 'gpt2onnx[plot]'"
 TIED_TO = EMBEDDING

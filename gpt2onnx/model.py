@@ -1,12 +1,9 @@
-"""A loaded model directory: `gpt2onnx.load(dir)` checks the manifest, opens the session and generates."""
+"""A loaded model directory, which generates: `gpt2onnx.load(dir)` (loading.py) checks it and builds the Model."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import sys
-import threading
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,16 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import contract as c
-from . import limits, speculative, user_cache
+from . import limits, speculative
 from .beam import beam_search
-from .config import ModelConfig
 from .defaults import model_defaults, resolve
 from .errors import InvalidArgumentError, ModelLoadError
 from .generator import collect, generate_tokens
+from .loading import Loading, load, read_json, start
 from .logprobs import Score, TopLogprobs, check_top, chosen, score
-from .manifest import read_manifest
-from .optimum_layout import OPTIMUM, Layout, find_layout, note_unverified
+from .optimum_layout import Layout
 from .sampling import log_softmax
 from .seeding import rng_for
 from .session import SessionOptions
@@ -75,26 +70,26 @@ class Model:
     """An exported GPT-2, ready to generate. Build it with `gpt2onnx.load`. Safe to share between threads."""
 
     def __init__(self, directory: Path, *, manifest: dict | None, options: SessionOptions = SessionOptions(),
-                 max_cache_bytes: int = limits.DEFAULT_MAX_CACHE_BYTES, layout: Layout | None = None):
+                 max_cache_bytes: int = limits.DEFAULT_MAX_CACHE_BYTES, layout: Layout | None = None,
+                 loading: Loading | None = None):
+        """loading: the session already being built (loading.start, as load() does); None starts it here."""
         self.directory = Path(directory)
         self.manifest = manifest  # None for an Optimum export (see optimum_layout)
         self.layout = layout or Layout.gpt2onnx(self.directory)  # where its files are, which session runs it
         self.session_options = options
         self.max_cache_bytes = limits.check_cache_bytes(max_cache_bytes)
-        self.raw_config, self.config = read_config(self.layout.config_file)
-        # the session and the tokenizer load side by side: ONNX Runtime releases the GIL while it initializes
-        # the session (reading the tokenizer's tables is Python, so it is the one on this thread, started once
-        # the session is inside that call)
-        session = _in_background(self.layout.open_session, self.config, options, released_in=_ORT_INITIALIZE,
-                                 model_hashes=_verified_graph_hashes(self.directory, manifest))
+        loading = loading or start(self.layout, manifest, options)
+        self.raw_config, self.config = loading.raw_config, loading.config
+        # the session loads beside the tokenizer: ONNX Runtime releases the GIL while it initializes the session
+        # (reading the tokenizer's tables is Python, so it is the one on this thread)
         try:
             self.tokenizer = Tokenizer(self.layout.tokenizer_file)
         except BaseException:
-            session(errors=False)  # the tokenizer's error is the one reported
+            loading.session(errors=False)  # the tokenizer's error is the one reported
             raise
-        self.session = session()
+        self.session = loading.session()
         path = self.layout.generation_config_file
-        self.generation_config = _read_json(path) if path.is_file() else {}
+        self.generation_config = read_json(path) if path.is_file() else {}
         self.defaults = model_defaults(self.generation_config, self.raw_config)
         eos = self.generation_config.get("eos_token_id", self.config.eos_token_id)
         self.eos_token_id = eos if isinstance(eos, int) and not isinstance(eos, bool) else self.tokenizer.eos_token_id
@@ -520,111 +515,6 @@ class Model:
         reason = STOP if hit or (completed and not ended_by_eos) else EOS if ended_by_eos else LENGTH
         return Generation(text=prompt + text if full else text, token_ids=new_ids, prompt=prompt,
                           prompt_token_ids=prompt_ids, finish_reason=reason, seed=seed)
-
-
-def load(directory: str | Path, *, threads: int = 0, check_hashes: bool = True,
-         max_cache_bytes: int = limits.DEFAULT_MAX_CACHE_BYTES) -> Model:
-    """Load an exported model directory after checking its manifest, or a GPT-2 Optimum exported
-    (text-generation-with-past; the directory, or a Hub-style repository with it in onnx/), which has no
-    manifest to check: a log line says so (gpt2onnx/optimum_layout.py).
-
-    threads: ONNX Runtime intra-op threads; 0 uses one per physical core (at most 4 per usable CPU).
-    check_hashes: verify the sha256 of every file against the manifest (a few seconds for large models). A
-        file that matched once is not hashed again while its size, mtime, ctime and inode are unchanged (a
-        record in the user cache, gpt2onnx/user_cache.py); a changed file is hashed again. False skips the
-        check, and then the optimized graph is cached only for a model file verified before.
-    max_cache_bytes: the most KV cache one generate/stream call may reserve (default 4 GiB); a call that
-        needs more is refused before it runs.
-    """
-    options = SessionOptions(threads=threads)
-    max_cache_bytes = limits.check_cache_bytes(max_cache_bytes)
-    layout = find_layout(directory)
-    if layout.kind == OPTIMUM:
-        manifest = None
-        note_unverified(layout)
-    else:
-        manifest = read_manifest(Path(directory), check_hashes=check_hashes)
-    return Model(Path(directory), manifest=manifest, options=options, max_cache_bytes=max_cache_bytes,
-                 layout=layout)
-
-
-def _verified_graph_hashes(directory: Path, manifest: dict | None) -> dict[str, str] | None:
-    """The manifest's sha256 of the graph's files when they are verified (by this load or an earlier one, and
-    unchanged since): what the saved optimized graph is keyed on. None: not verified (check_hashes=False on a
-    file never verified), so the graph is optimized afresh and not cached."""
-    files = manifest.get(c.M_FILES) if isinstance(manifest, dict) else None
-    if not isinstance(files, dict):
-        return None
-    names = [name for name in (c.MODEL_FILE, c.MODEL_DATA_FILE) if name in files]
-    records = user_cache.records()
-    if names and all(user_cache.known_sha256(directory / name, records) == files[name] for name in names):
-        return {name: files[name] for name in names}
-    return None
-
-
-# the call of ONNX Runtime's Python binding that builds a session (its optimizers, kernels, prepacked weights:
-# most of a load) without the GIL: InferenceSession() calls it after reading the graph
-_ORT_INITIALIZE = "initialize_session"
-
-
-def _in_background(function, *args, released_in: str | None = None, **kwargs):
-    """Start function(*args, **kwargs) on a thread; returns wait(), which gives its result or raises its error
-    (wait(errors=False) only waits).
-
-    released_in: the name of a C function that `function` calls and that runs without the GIL. Then this
-    returns only once the thread is inside that call (or has ended), so that work started next on this thread
-    which holds the GIL throughout (reading a tokenizer: Python, or the tokenizers library's build) runs
-    beside the call, rather than first blocking the thread at its next line of Python and then running
-    before it. Loading random:gpt2 int4: load 0.19-0.30 s against 0.31-0.40 s (see the README's cold start)."""
-    outcome = {}
-    inside = threading.Event()
-
-    def watch(frame, event, arg):  # a profile function of that thread only
-        if event == "c_call" and getattr(arg, "__name__", None) == released_in:
-            inside.set()
-            sys.setprofile(None)
-
-    def run():
-        if released_in is not None:
-            sys.setprofile(watch)
-        try:
-            outcome["value"] = function(*args, **kwargs)
-        except BaseException as error:  # handed to the waiting thread
-            outcome["error"] = error
-        finally:
-            sys.setprofile(None)
-            inside.set()
-
-    thread = threading.Thread(target=run, name="gpt2onnx-load", daemon=True)
-    thread.start()
-    if released_in is not None:
-        inside.wait()
-
-    def wait(errors: bool = True):
-        thread.join()
-        if errors and "error" in outcome:
-            raise outcome["error"]
-        return outcome.get("value")
-
-    return wait
-
-
-def _read_json(path: Path) -> dict:
-    """A JSON object from the model directory, or a ModelLoadError naming the file."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:  # ValueError: invalid JSON or UTF-8
-        raise ModelLoadError(f"{path} is not valid JSON: {error}", hint="export the model again") from error
-    if not isinstance(value, dict):
-        raise ModelLoadError(f"{path} holds a JSON {type(value).__name__}, not an object",
-                             hint="export the model again")
-    return value
-
-
-def read_config(path: Path) -> tuple[dict, ModelConfig]:
-    """config.json as read and as a ModelConfig; a value of the wrong type is a ModelLoadError, not a traceback."""
-    raw = _read_json(path)
-    return raw, ModelConfig.from_dict(raw, source=str(path))
 
 
 def _check_beams(settings: GenerationSettings, logprobs: int | None, *, output_scores: bool = False,

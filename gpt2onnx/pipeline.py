@@ -24,14 +24,18 @@ import enum
 import json
 import numbers
 import warnings
+from typing import TYPE_CHECKING
 
 from .defaults import TRANSFORMERS_DEFAULTS
 from .errors import InvalidArgumentError
 from .home import resolve_model
-from .model import Model, load
+from .loading import load
 from .seeding import rng_for
 from .settings import OPTIONS, GenerationSettings, check_token_ids
 from .tokenizer import clean_up_tokenization
+
+if TYPE_CHECKING:
+    from .model import Model
 
 # TextGenerationPipeline._default_generation_config in transformers 4.57
 PIPELINE_DEFAULTS = {"max_new_tokens": 256, "do_sample": True, "temperature": 0.7}
@@ -346,6 +350,8 @@ def pipeline(task: str | None = "text-generation", model: str | Model | None = N
     if model is None:
         raise InvalidArgumentError("pipeline() needs model=DIR (an exported model directory) or a model name",
                                    hint="e.g. pipeline('text-generation', model='gpt2')")
+    from .model import Model  # here: `import gpt2onnx` leaves model.py to the first load (loading.py)
+
     if tokenizer is not None and (isinstance(model, Model) or str(tokenizer) != str(model)):
         raise InvalidArgumentError(f"tokenizer={tokenizer!r}: only the model's own tokenizer is supported",
                                    hint="leave tokenizer unset; the export carries its tokenizer")

@@ -192,7 +192,7 @@ class Gpt2OnnxReplica:
         global _replica_app
         from .engine import Engine, EngineOptions
         from .heap import freeze_startup_heap
-        from .model import load
+        from .loading import load
         from .server import ServerOptions, create_app
 
         self.options = options

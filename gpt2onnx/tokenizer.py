@@ -3,10 +3,12 @@ that reproduces it, the `tokenizers` library (no transformers) for the rest."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from pathlib import Path
 
+from . import user_cache
 from .bpe import ByteLevelBpe, is_plain_gpt2, token_bytes
 from .errors import ModelLoadError
 from .heap import collector_paused
@@ -29,9 +31,10 @@ class Tokenizer:
             raise ModelLoadError(f"cannot read the tokenizer {path}: {error.strerror}",
                                  hint="check the file's permissions, or export the model again") from error
         # ~150,000 objects, the tables among them kept as long as the model: read with the collector paused
-        # (heap.py), 0.09-0.15 s against 0.16-0.19 s with it on, beside a cold start's heap
+        # (heap.py), 0.09-0.15 s against 0.16-0.19 s with it on, beside a cold start's heap; from the tables an
+        # earlier load saved in the user cache (user_cache.py) when there are some: 15-20 ms
         with collector_paused():
-            self._bpe = _byte_level_bpe(self._parse())
+            self._bpe = self._read_tables()
         self._readers = {}  # allow_special -> the library's tokenizer, built on first use
         self._lock = threading.Lock()
         if self._bpe is None:
@@ -44,6 +47,24 @@ class Tokenizer:
         else:
             self.eos_token_id = self.token_id(ENDOFTEXT)
             self.vocab_size = max([len(self._bpe.vocab)] + [i + 1 for i in self._bpe.special_ids])
+
+    def _read_tables(self) -> ByteLevelBpe | None:
+        """Our tokenizer of the file (None: the library's alone), from the user cache or else from the JSON
+        (then saved there for the next load)."""
+        digest = hashlib.sha256(self._bytes).hexdigest()
+        saved = user_cache.tokenizer_tables(digest)
+        if saved is not None:
+            try:
+                return ByteLevelBpe.from_tables(saved)
+            except (ValueError, KeyError, TypeError):  # damaged: parsed and written again below
+                pass
+        bpe = _byte_level_bpe(self._parse())
+        if bpe is not None:
+            try:
+                user_cache.save_tokenizer_tables(digest, bpe.tables())
+            except ValueError:  # a token these tables cannot hold: parsed at every load
+                pass
+        return bpe
 
     def _parse(self):
         try:
@@ -126,8 +147,8 @@ def _byte_level_bpe(spec) -> ByteLevelBpe | None:
     if not (isinstance(spec, dict) and is_plain_gpt2(spec)):
         return None
     try:
-        return ByteLevelBpe(spec)
-    except (TypeError, ValueError, AttributeError):  # e.g. a merge that is not a pair: the library's to judge
+        return ByteLevelBpe.from_spec(spec)
+    except (TypeError, ValueError, AttributeError):  # e.g. ids not 0..n-1, a merge not a pair: the library's
         return None
 
 

@@ -21,7 +21,7 @@ from gpt2onnx import manifest as manifest_module
 from gpt2onnx import user_cache
 from gpt2onnx.errors import ModelLoadError
 from gpt2onnx.gpt2 import position_ids
-from gpt2onnx.model import _ORT_INITIALIZE, _in_background
+from gpt2onnx.loading import _ORT_INITIALIZE, _in_background
 from gpt2onnx.session import OnnxSession, SessionOptions
 from helpers import quantized_copy, run_python
 
@@ -220,6 +220,43 @@ print("LOADED", sorted(m for m in sys.modules if m.startswith(prefixes) or m == 
     done = run_python(code)
     assert done.returncode == 0, done.stderr
     assert "LOADED []" in done.stdout, done.stdout
+
+
+def test_load_builds_the_session_while_the_generation_modules_are_imported(tiny_export, tmp_path):
+    """`import gpt2onnx` imports none of the generation modules; `gpt2onnx.load` imports them only once the
+    session is being built on its thread (loading.py), so that the two run side by side; gpt2onnx.Model and
+    gpt2onnx.Generation are there when asked for."""
+    code = f"""
+import os, sys, threading
+os.environ[{user_cache.CACHE_ENV!r}] = {str(tmp_path / "cache")!r}
+LATER = ("gpt2onnx.model", "gpt2onnx.generator", "gpt2onnx.sampling", "gpt2onnx.speculative", "gpt2onnx.beam")
+building = {{}}  # module -> whether the session's thread was running when it was imported
+
+def audit(event, args):
+    if event == "import" and args[0] in LATER and args[0] not in building:
+        building[args[0]] = any(t.name == "gpt2onnx-load" for t in threading.enumerate())
+
+sys.addaudithook(audit)
+import gpt2onnx
+assert not building and not any(name in sys.modules for name in LATER), building
+for _ in range(2):
+    model = gpt2onnx.load({str(tiny_export)!r})
+    assert model.generate("Hello", max_new_tokens=2).token_ids
+import gpt2onnx.model
+assert gpt2onnx.Model is gpt2onnx.model.Model and gpt2onnx.Generation is gpt2onnx.model.Generation
+assert {{"Model", "Generation", "load"}} <= set(dir(gpt2onnx))
+try:
+    gpt2onnx.NoSuchThing
+except AttributeError as error:
+    assert "NoSuchThing" in str(error)
+else:
+    raise AssertionError("no AttributeError")
+print("BUILDING", sorted(building.items()))
+"""
+    done = run_python(code)
+    assert done.returncode == 0, done.stderr
+    later = ("gpt2onnx.beam", "gpt2onnx.generator", "gpt2onnx.model", "gpt2onnx.sampling", "gpt2onnx.speculative")
+    assert f"BUILDING {[(name, True) for name in later]}" in done.stdout, done.stdout
 
 
 def test_the_program_prints_everything_before_it_ends_without_teardown(tiny_export):

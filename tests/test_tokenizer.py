@@ -2,7 +2,9 @@
 and the library's path for what ours does not take."""
 
 import gc
+import hashlib
 import json
+import os
 import random
 import subprocess
 import sys
@@ -10,7 +12,7 @@ import sys
 import pytest
 import tokenizers
 
-from gpt2onnx import heap
+from gpt2onnx import heap, user_cache
 from gpt2onnx.bpe import ASCII_PIECES, byte_chars, is_plain_gpt2
 from gpt2onnx.errors import ModelLoadError
 from gpt2onnx.tokenizer import Tokenizer
@@ -213,3 +215,99 @@ def test_the_collector_is_paused_and_restored():
     done = subprocess.run([sys.executable, "-c", "import gc, gpt2onnx; print(gc.isenabled())"],
                           capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "True"
+
+
+@pytest.fixture()
+def tables_dir(tmp_path, monkeypatch):
+    """A fresh user cache for the test; returns where tokenizer tables are saved in it."""
+    monkeypatch.setenv(user_cache.CACHE_ENV, str(tmp_path / "user-cache"))
+    return tmp_path / "user-cache" / "tokenizers"
+
+
+def parsed_json(monkeypatch) -> list:
+    """Every parse of a tokenizer.json by a Tokenizer from here on."""
+    calls = []
+    original = Tokenizer._parse
+    monkeypatch.setattr(Tokenizer, "_parse", lambda self: calls.append(self) or original(self))
+    return calls
+
+
+def same_as_library(tokenizer, path):
+    """The tokenizer encodes, decodes and names tokens as the library does on the held-out text."""
+    theirs = library(path)
+    expected = ids(theirs, HELDOUT)
+    assert tokenizer.encode(HELDOUT) == expected
+    assert tokenizer.decode(expected[:5000]) == theirs.decode(expected[:5000], skip_special_tokens=False)
+    assert tokenizer.vocabulary() == theirs.get_vocab(with_added_tokens=True)
+    assert (tokenizer.eos_token_id, tokenizer.vocab_size) == (50256, 50257)
+    assert tokenizer.encode("<|endoftext|>", allow_special=True) == [50256]
+
+
+def test_the_next_read_uses_the_tables_the_first_saved(gpt2_json, tables_dir, monkeypatch, library_builds):
+    """The first read parses tokenizer.json and saves its tables under the sha256 of its bytes; the next read
+    builds the tokenizer from them without parsing, and both are the library's tokenizer."""
+    parses = parsed_json(monkeypatch)
+    first = Tokenizer(gpt2_json)
+    assert len(parses) == 1
+    assert [p.name for p in tables_dir.iterdir()] == [hashlib.sha256(gpt2_json.read_bytes()).hexdigest() + ".txt"]
+    second = Tokenizer(gpt2_json)
+    assert len(parses) == 1
+    for tokenizer in (first, second):
+        same_as_library(tokenizer, gpt2_json)
+    assert library_builds == []
+
+
+@pytest.mark.parametrize("damage", [
+    lambda text: text[:len(text) // 2],  # cut short
+    lambda text: "",
+    lambda text: text.replace('"tokens": 50257', '"tokens": 50256', 1),  # a count that does not add up
+    lambda text: text.split("\n", 1)[1],  # no header
+    lambda text: '{"format": 0' + text[text.index(","):],  # another layout
+], ids=["cut", "empty", "count", "no-header", "format"])
+def test_damaged_tables_are_parsed_again_and_saved_again(gpt2_json, tables_dir, monkeypatch, damage):
+    Tokenizer(gpt2_json)
+    (saved,) = tables_dir.iterdir()
+    good = saved.read_text(encoding="utf-8")
+    saved.write_text(damage(good), encoding="utf-8")
+    parses = parsed_json(monkeypatch)
+    same_as_library(Tokenizer(gpt2_json), gpt2_json)
+    assert len(parses) == 1 and saved.read_text(encoding="utf-8") == good
+
+
+def test_tables_that_are_not_utf8_are_parsed_again(gpt2_json, tables_dir, monkeypatch):
+    Tokenizer(gpt2_json)
+    (saved,) = tables_dir.iterdir()
+    saved.write_bytes(b"\xff\xfe" + saved.read_bytes())
+    parses = parsed_json(monkeypatch)
+    same_as_library(Tokenizer(gpt2_json), gpt2_json)
+    assert len(parses) == 1
+
+
+def test_nothing_is_saved_for_other_tokenizers_or_without_a_cache(gpt2_json, tmp_path, tables_dir, monkeypatch):
+    """A tokenizer.json of another kind (the library's), one with a token the tables cannot hold (a NUL), or
+    no user cache: nothing saved, every read parses, and the tokenizer is still the library's."""
+    parses = parsed_json(monkeypatch)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    prefix_space = rewritten(gpt2_json, tmp_path / "a", lambda spec: spec["pre_tokenizer"].update(
+        add_prefix_space=True))
+    with_nul = rewritten(gpt2_json, tmp_path / "b", lambda spec: spec["model"]["vocab"].update({"a\x00b": 50257}))
+    assert is_plain_gpt2(json.loads(with_nul.read_text(encoding="utf-8")))  # ours to encode, but not to save
+    for path in (prefix_space, with_nul, prefix_space, with_nul):
+        tokenizer = Tokenizer(path)
+        assert tokenizer.encode(HELDOUT[:3000]) == ids(library(path), HELDOUT[:3000])
+    assert len(parses) == 4 and not tables_dir.exists()
+    monkeypatch.setenv(user_cache.CACHE_ENV, user_cache.OFF)
+    same_as_library(Tokenizer(gpt2_json), gpt2_json)
+    same_as_library(Tokenizer(gpt2_json), gpt2_json)
+    assert len(parses) == 6 and not tables_dir.exists()
+
+
+def test_only_the_most_recently_used_tables_are_kept(tables_dir, monkeypatch):
+    monkeypatch.setattr(user_cache, "MAX_TOKENIZERS", 3)
+    for n in range(5):
+        user_cache.save_tokenizer_tables(f"{n:064x}", f"tables {n}")
+        os.utime(tables_dir / f"{n:064x}.txt", (1000 + n, 1000 + n))  # written in this order
+    assert user_cache.tokenizer_tables(f"{2:064x}") == "tables 2"  # used: now the most recent
+    user_cache.save_tokenizer_tables(f"{5:064x}", "tables 5")
+    assert sorted(int(p.stem, 16) for p in tables_dir.iterdir()) == [2, 4, 5]
