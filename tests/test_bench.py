@@ -4,13 +4,14 @@ they do not move with the prefill's cost; every runner reports when each of its 
 These assert how the figures are derived, not speed (the bench itself measures that)."""
 
 import json
+import os
 import time
 from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 
-from gpt2onnx import cpu
+from gpt2onnx import cpu, user_cache
 from gpt2onnx_export import bench
 
 # small enough for random:tiny (256 positions) and for a fake clock
@@ -108,10 +109,11 @@ def test_prompts_are_seeded_prefixes_of_one_random_text():
 def test_run_bench_hands_every_worker_the_workload(clock, tmp_path, monkeypatch):
     """run_bench's parent side with workers that run the fake runner in this process: every worker gets the
     options' workload, the same each time, and the report's figures are those of the fake costs."""
-    workers = []
+    workers, started = [], []
 
     class Worker:  # bench._Worker without its process; requests cross JSON as they do to a worker
         def __init__(self, framework, precision, directory, threads, logs):
+            started.append(("worker", framework, directory))
             self.name, self.framework, self.precision = f"{framework} {precision}", framework, precision
             self.loaded, self.requests, self.rounds = {"load_s": 0.5, "size_bytes": 2**20}, [], []
             self.runner = FakeRunner(clock, prompt_s=0.002, step_s=_step_s, long_prompt=40, jitters=[1.0, 0.0])
@@ -129,11 +131,15 @@ def test_run_bench_hands_every_worker_the_workload(clock, tmp_path, monkeypatch)
 
     monkeypatch.setattr(bench, "_Worker", Worker)
     monkeypatch.setattr(bench, "_installed", lambda module: True)
-    monkeypatch.setattr(bench, "prepare", lambda options, configs, progress: {c: tmp_path for c in configs})
+    monkeypatch.setattr(bench, "prepare", lambda options, configs, progress: {c: tmp_path / c[0] for c in configs})
+    monkeypatch.setattr(bench, "_warm_user_cache", lambda directory: started.append(("warm", directory)))
     options = replace(OPTIONS, runs=2, frameworks=("torch", "gpt2onnx"), precisions=("fp32",), threads=1,
                       work_dir=tmp_path)
     report = bench.run_bench(options, progress=lambda message: None)
     assert [(w.framework, w.precision) for w in workers] == [("torch", "fp32"), ("gpt2onnx", "fp32")]
+    # gpt2onnx's export is loaded once just before its worker loads it (the user cache warm), torch's is not
+    assert started == [("worker", "torch", tmp_path / "torch"), ("warm", tmp_path / "gpt2onnx"),
+                       ("worker", "gpt2onnx", tmp_path / "gpt2onnx")]
     for worker in workers:
         assert [r["cmd"] for r in worker.requests] == ["warmup", "round", "round", "exit"]
         for request in worker.requests[:3]:
@@ -161,6 +167,18 @@ def test_run_bench_hands_every_worker_the_workload(clock, tmp_path, monkeypatch)
     present = set(line.split(":", 1)[1].split())
     assert set(flags) <= present and "fpu" not in flags  # real flags of this CPU, vector extensions only
     assert ("avx2" in flags) == ("avx2" in present) and ("fma" in flags) == ("fma" in present)
+
+
+def test_warming_saves_what_the_next_load_uses(tiny_export, tmp_path, monkeypatch):
+    """The throwaway load before a gpt2onnx worker's leaves the export's optimized graph and tokenizer tables in
+    the user cache."""
+    cache = tmp_path / "user-cache"
+    monkeypatch.setenv(user_cache.CACHE_ENV, str(cache))
+    settled = max(os.stat(path).st_ctime for path in tiny_export.iterdir()) + user_cache.RACY_SECONDS + 0.1
+    time.sleep(max(0.0, settled - time.time()))  # files are recorded as verified once their ctime has settled
+    bench._warm_user_cache(tiny_export)
+    assert len([p for p in (cache / "graphs").iterdir() if not p.name.startswith(".")]) == 1
+    assert len(list((cache / "tokenizers").iterdir())) == 1
 
 
 def _check_stamps(runner, prompt, new):
