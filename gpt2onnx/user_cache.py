@@ -305,9 +305,12 @@ def tokenizer_tables(digest: str) -> str | None:
         return None
     try:
         text = path.read_text(encoding="utf-8")
-        os.utime(path)  # most recently used: eviction keeps it
     except (OSError, ValueError):  # none yet, or not UTF-8 (damaged: written again)
         return None
+    try:
+        os.utime(path)  # most recently used: eviction keeps it
+    except OSError:  # a read-only cache: still used
+        pass
     return text
 
 

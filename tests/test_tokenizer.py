@@ -311,3 +311,17 @@ def test_only_the_most_recently_used_tables_are_kept(tables_dir, monkeypatch):
     assert user_cache.tokenizer_tables(f"{2:064x}") == "tables 2"  # used: now the most recent
     user_cache.save_tokenizer_tables(f"{5:064x}", "tables 5")
     assert sorted(int(p.stem, 16) for p in tables_dir.iterdir()) == [2, 4, 5]
+
+
+def test_tables_are_used_from_a_cache_that_cannot_be_written(gpt2_json, tables_dir, monkeypatch):
+    """A read-only cache (its files' times cannot be touched, nothing can be saved) still gives its tables."""
+    Tokenizer(gpt2_json)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(30, "Read-only file system")
+
+    monkeypatch.setattr(os, "utime", refuse)
+    monkeypatch.setattr(user_cache, "_write_atomically", lambda path, text: None)  # nothing is saved
+    parses = parsed_json(monkeypatch)
+    same_as_library(Tokenizer(gpt2_json), gpt2_json)
+    assert parses == []
