@@ -75,8 +75,9 @@ class ByteLevelBpe:
     `is_plain_gpt2`. Safe to share between threads.
 
     Built from the parsed file (`from_spec`) or from `tables()` saved by an earlier load (`from_tables`): the
-    vocabulary in id order, the merges in rank order and the added tokens. Reading those back is ~10x faster
-    than parsing tokenizer.json (json.loads of GPT-2's 3.5 MB alone is 60-80 ms), which a cold start waits for."""
+    vocabulary in id order, the merges in rank order and the added tokens. Building from those takes about half
+    the time of parsing tokenizer.json and building from that (json.loads of GPT-2's 3.5 MB alone is 60-80 ms,
+    one call that holds the GIL), which a cold start waits for."""
 
     def __init__(self, tokens: list[str], merges: list[str], added: dict[str, int]):
         """tokens: every token of the vocabulary, token i having id i; merges: "first second" by rank; added:

@@ -32,7 +32,7 @@ class Tokenizer:
                                  hint="check the file's permissions, or export the model again") from error
         # ~150,000 objects, the tables among them kept as long as the model: read with the collector paused
         # (heap.py), 0.09-0.15 s against 0.16-0.19 s with it on, beside a cold start's heap; from the tables an
-        # earlier load saved in the user cache (user_cache.py) when there are some: 15-20 ms
+        # earlier load saved in the user cache (user_cache.py) when there are some: about half of that
         with collector_paused():
             self._bpe = self._read_tables()
         self._readers = {}  # allow_special -> the library's tokenizer, built on first use
