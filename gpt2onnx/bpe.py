@@ -22,6 +22,7 @@ _SPACE = r"\t\n\x0b\x0c\r "
 ASCII_PIECES = re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^{_SPACE}A-Za-z0-9]+"
                           rf"|[{_SPACE}]+(?![^{_SPACE}])|[{_SPACE}]+")
 
+_NO_MERGE = 2**62  # the rank of a pair that is no merge: after every merge's (the highest is below the merges' count)
 _TABLES_FORMAT = 1  # tables(): bumped whenever its layout changes
 _WORD_CACHE_SIZE = 65536  # words remembered with their ids (cleared when full: a server's memory stays bounded)
 
@@ -89,8 +90,8 @@ class ByteLevelBpe:
             raise ValueError("a token twice")
         # a pair "first second" and its place in the merge order. String keys: a dict of strings and ints is
         # one the garbage collector never walks (tuple keys would add 50,000 objects to every collection)
+        # (a merge listed twice takes its later place, as in the library)
         self._ranks: dict[str, int] = dict(zip(merges, itertools.count()))
-        self._merges = merges
         self.added = dict(added)
         self.special_ids = frozenset(self.added.values())
         self._tokens = dict(enumerate(tokens))  # id -> token (added tokens win)
@@ -120,10 +121,11 @@ class ByteLevelBpe:
         """The tables as one text for `from_tables`: a JSON header line (counts, added tokens), then the tokens
         and the merges separated by NUL characters. ValueError when a token or merge holds a NUL (then there is
         nothing to save)."""
-        items = [*self.vocab, *self._merges]  # the vocabulary's insertion order is its ids' (__init__)
+        merges = sorted(self._ranks, key=self._ranks.__getitem__)  # their order, each once
+        items = [*self.vocab, *merges]  # the vocabulary's insertion order is its ids' (__init__)
         if any("\0" in item for item in items):
             raise ValueError("a token with a NUL character")
-        header = json.dumps({"format": _TABLES_FORMAT, "tokens": len(self.vocab), "merges": len(self._merges),
+        header = json.dumps({"format": _TABLES_FORMAT, "tokens": len(self.vocab), "merges": len(merges),
                              "added": sorted(self.added.items(), key=lambda item: item[1])})
         return header + "\n" + "\0".join(items)
 
@@ -164,8 +166,7 @@ class ByteLevelBpe:
     def _word(self, piece: str) -> list[int] | None:
         """One pre-tokenized piece through the merges: the pair that comes first in the merge order is merged
         everywhere in the word, left to right, until no pair of the word is a merge."""
-        ranks, word = self._ranks, list(piece.translate(self._ascii))
-        never = len(ranks)
+        ranks, word, never = self._ranks, list(piece.translate(self._ascii)), _NO_MERGE
         while len(word) > 1:
             rank, i = min((ranks.get(word[j] + " " + word[j + 1], never), j) for j in range(len(word) - 1))
             if rank == never:

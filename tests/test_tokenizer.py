@@ -325,3 +325,15 @@ def test_tables_are_used_from_a_cache_that_cannot_be_written(gpt2_json, tables_d
     parses = parsed_json(monkeypatch)
     same_as_library(Tokenizer(gpt2_json), gpt2_json)
     assert parses == []
+
+
+def test_a_merge_listed_twice_takes_its_later_place(gpt2_json, tmp_path, tables_dir, monkeypatch):
+    """GPT-2's first merge ("Ġ t") listed again at the end ranks last, as the library reads it: from the JSON
+    and from the saved tables alike."""
+    path = rewritten(gpt2_json, tmp_path, lambda spec: spec["model"]["merges"].append(spec["model"]["merges"][0]))
+    expected = ids(library(path), HELDOUT[:20000])
+    assert expected != ids(library(gpt2_json), HELDOUT[:20000])  # the change matters to this text
+    parses = parsed_json(monkeypatch)
+    for _ in range(2):
+        assert Tokenizer(path).encode(HELDOUT[:20000]) == expected
+    assert len(parses) == 1
