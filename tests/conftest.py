@@ -47,6 +47,17 @@ def _no_temporary_leftovers(tmp_path_factory):
     assert not leftovers, f"the test run left scratch directories behind: {leftovers}"
 
 
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A fresh user cache for the test (gpt2onnx/user_cache.py), with no verified-file records in this process."""
+    from gpt2onnx import user_cache
+
+    directory = tmp_path / "user-cache"
+    monkeypatch.setenv(user_cache.CACHE_ENV, str(directory))
+    monkeypatch.setattr(user_cache, "_memory", {})
+    return directory
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_user_cache(tmp_path_factory):
     """The run's loads keep their verified-file records and optimized graphs (gpt2onnx/user_cache.py) in a

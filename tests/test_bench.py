@@ -169,11 +169,9 @@ def test_run_bench_hands_every_worker_the_workload(clock, tmp_path, monkeypatch)
     assert ("avx2" in flags) == ("avx2" in present) and ("fma" in flags) == ("fma" in present)
 
 
-def test_warming_saves_what_the_next_load_uses(tiny_export, tmp_path, monkeypatch):
+def test_warming_saves_what_the_next_load_uses(tiny_export, cache):
     """The throwaway load before a gpt2onnx worker's leaves the export's optimized graph and tokenizer tables in
     the user cache."""
-    cache = tmp_path / "user-cache"
-    monkeypatch.setenv(user_cache.CACHE_ENV, str(cache))
     settled = max(os.stat(path).st_ctime for path in tiny_export.iterdir()) + user_cache.RACY_SECONDS + 0.1
     time.sleep(max(0.0, settled - time.time()))  # files are recorded as verified once their ctime has settled
     bench._warm_user_cache(tiny_export)

@@ -29,13 +29,10 @@ PROMPT = [[464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13]]
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """A fresh user cache for the test; files count as settled as soon as they are hashed."""
-    directory = tmp_path / "user-cache"
-    monkeypatch.setenv(user_cache.CACHE_ENV, str(directory))
+def cache(cache, monkeypatch):
+    """conftest's fresh user cache, in which files count as settled as soon as they are hashed."""
     monkeypatch.setattr(user_cache, "RACY_SECONDS", 0.0)
-    monkeypatch.setattr(user_cache, "_memory", {})
-    return directory
+    return cache
 
 
 @pytest.fixture

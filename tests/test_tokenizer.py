@@ -218,10 +218,9 @@ def test_the_collector_is_paused_and_restored():
 
 
 @pytest.fixture()
-def tables_dir(tmp_path, monkeypatch):
-    """A fresh user cache for the test; returns where tokenizer tables are saved in it."""
-    monkeypatch.setenv(user_cache.CACHE_ENV, str(tmp_path / "user-cache"))
-    return tmp_path / "user-cache" / "tokenizers"
+def tables_dir(cache):
+    """Where tokenizer tables are saved in the test's fresh user cache."""
+    return cache / "tokenizers"
 
 
 def parsed_json(monkeypatch) -> list:
