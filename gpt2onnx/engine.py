@@ -44,7 +44,7 @@ from .gpt2 import position_ids
 from .kv_cache import KVCache
 from .logprobs import TopLogprobs, check_top, chosen
 from .settings import GenerationSettings, check_token_ids
-from .stopping import EOS, LENGTH, STOP, Deadline, ReleasedText, StopStringsKept
+from .stopping import EOS, LENGTH, STOP, Deadline, ReleasedText, StopStringsKept, eos_ids, first_eos
 
 CANCELLED, ERROR = "cancelled", "error"
 _log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class RowResult:
 
     row: int
     text: str  # new text, cut before any stop string
-    token_ids: list[int]  # as Generation.token_ids (ending with <|endoftext|> when finish_reason is "eos")
+    token_ids: list[int]  # as Generation.token_ids (ending with the end token when finish_reason is "eos")
     finish_reason: str
     logprobs: list[tuple[float, TopLogprobs | None]] | None  # per token, when logprobs was asked
 
@@ -227,12 +227,13 @@ class Request:
 class _Active:
     """Scheduler side of a request: its rows' history, random generator and text, one step at a time."""
 
-    def __init__(self, request: Request, eos_id: int, decode, token_text):
+    def __init__(self, request: Request, eos_id: int | tuple[int, ...], decode, token_text):
         s = request.settings
-        self.request, self.settings, self.eos_id = request, s, eos_id
+        self.request, self.settings, self.eos_id, self.pad = request, s, eos_id, first_eos(eos_id)
+        self.ends = eos_ids(eos_id)  # every end token
         n, p = request.rows, len(request.prompt_ids)
         # every row's tokens so far, no padding: the sequences transformers' processors see in generate()
-        self.history = np.full((n, p + s.max_new_tokens), eos_id, np.int64)
+        self.history = np.full((n, p + s.max_new_tokens), self.pad, np.int64)
         self.history[:, :p] = request.prompt_ids
         self.now, self.step = p, 0  # tokens in the history, new tokens so far
         self.live = np.ones(n, dtype=bool)
@@ -240,6 +241,7 @@ class _Active:
         # transformers' stop_strings: the row ends with (and keeps) the token that completes one
         self.kept = StopStringsKept(s.stop_strings, token_text, [request.prompt_ids] * n) if s.stop_strings else None
         self.reasons: list[str | None] = [None] * n
+        self.ended_by: dict[int, int] = {}  # row -> the end token that ended it (reason EOS)
         self.values: list[list] | None = [[] for _ in range(n)] if request.logprobs is not None else None
         # per row: token id -> times generated (OpenAI's penalties), only when a penalty applies
         self.counts: list[dict[int, int]] | None = ([{} for _ in range(n)]
@@ -261,7 +263,7 @@ class _Active:
         s = self.settings
         next_ids, _ = pick(self._biased(logits), self.history[:, :self.now], self.step, s, self.request._rng,
                            eos_id=self.eos_id)
-        next_ids = np.where(self.live, next_ids, self.eos_id)  # finished rows are padded with EOS
+        next_ids = np.where(self.live, next_ids, self.pad)  # finished rows are padded with (the first) EOS
         live = np.flatnonzero(self.live).tolist()
         # transformers' stop_strings and max_time end rows too (reasons: stop and length)
         completed = self.kept.update(next_ids, self.live) if self.kept is not None else None
@@ -277,12 +279,14 @@ class _Active:
             if self.counts is not None:
                 self.counts[row][token] = self.counts[row].get(token, 0) + 1
             # the row ends at EOS (not part of the text), a stop string, or max_new_tokens, as in Model._result
-            text, by_eos, reason = self.texts[row], token == self.eos_id and not s.ignore_eos, None
+            text, by_eos, reason = self.texts[row], token in self.ends and not s.ignore_eos, None
             piece = "" if by_eos else text.add(token)
             kept = completed is not None and bool(completed[row]) and not by_eos
             if by_eos or text.hit or kept or last or (timed_out is not None and timed_out[row]):
                 piece += text.finish()
                 reason = self.reasons[row] = STOP if text.hit or kept else EOS if by_eos else LENGTH
+                if by_eos:
+                    self.ended_by[row] = token
                 self.live[row] = False
             events.append(Event(row, token, piece, logprob, alternatives, reason))
         self.history[:, self.now] = next_ids
@@ -330,7 +334,7 @@ class _Active:
 
     def _row_ids(self, row: int) -> list[int]:
         ids = self.texts[row].tokens
-        return ids + [self.eos_id] if self.reasons[row] == EOS else list(ids)
+        return ids + [self.ended_by[row]] if self.reasons[row] == EOS else list(ids)
 
 
 class _Joining:
@@ -353,7 +357,7 @@ class Engine:
     def __init__(self, model, options: EngineOptions | None = None):
         self.model = model
         self.options = options or EngineOptions()
-        self._session, self._eos = model.session, model.eos_token_id
+        self._session, self._eos = model.session, model.eos_token_id  # the (first) end token pads prompts
         self._lock = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()  # guarded by _lock
         self._closing = self._cancel_all = False
@@ -700,7 +704,7 @@ class Engine:
             self._stats["tokens"] += tokens
 
     def _active(self, request: Request) -> _Active:
-        return _Active(request, self._eos, self.model.tokenizer.decode, self.model.token_text)
+        return _Active(request, self.model.ends, self.model.tokenizer.decode, self.model.token_text)
 
     def _die(self, message: str) -> None:
         with self._lock:

@@ -44,7 +44,7 @@ class Generation:
     """One continuation of one prompt."""
 
     text: str  # the new text (prompt + new text with return_full_text=True), cut before any stop string
-    token_ids: list[int]  # the new token ids (ending with <|endoftext|> when finish_reason is "eos")
+    token_ids: list[int]  # the new token ids (ending with the end token when finish_reason is "eos")
     prompt: str
     prompt_token_ids: list[int]  # what the model saw (after an empty prompt became <|endoftext|>, truncation)
     finish_reason: str  # "eos", "stop" (a stop string) or "length" (max_new_tokens)
@@ -91,12 +91,20 @@ class Model:
         path = self.layout.generation_config_file
         self.generation_config = read_json(path) if path.is_file() else {}
         self.defaults = model_defaults(self.generation_config, self.raw_config)
-        eos = self.generation_config.get("eos_token_id", self.config.eos_token_id)
-        self.eos_token_id = eos if isinstance(eos, int) and not isinstance(eos, bool) else self.tokenizer.eos_token_id
+        # every token that ends a row (generation_config.json's eos_token_id may list several, as transformers
+        # reads it: any one ends a row); the first pads finished rows, as transformers' default pad_token_id
+        self.eos_token_ids = _end_tokens(self.generation_config.get("eos_token_id", self.config.eos_token_id),
+                                         self.tokenizer.eos_token_id)
+        self.eos_token_id = self.eos_token_ids[0] if self.eos_token_ids else None
         self._check_vocabulary()
         # a token's text alone, as transformers' stop_strings read each token
         self.token_text = functools.lru_cache(maxsize=None)(lambda token: self.tokenizer.decode([token]))
         self._same_vocabulary = weakref.WeakSet()  # assistant models checked to share this model's vocabulary
+
+    @property
+    def ends(self) -> int | tuple[int, ...]:
+        """The end tokens as the generation loops take them: the one id, or a tuple of several."""
+        return self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else self.eos_token_ids
 
     def _check_vocabulary(self) -> None:
         """Every id the tokenizer or <|endoftext|> can give must be a row of the model's embedding."""
@@ -104,10 +112,11 @@ class Model:
         if self.eos_token_id is None:
             raise ModelLoadError(f"{self.layout.tokenizer_file} has no {ENDOFTEXT} token and the model "
                                  "directory gives no eos_token_id", hint="export the model again")
-        if not 0 <= self.eos_token_id < vocab:
-            raise ModelLoadError(f"eos_token_id {self.eos_token_id} in {self.directory} is not a token of this model "
-                                 f"(vocab_size={vocab})", hint="fix eos_token_id in generation_config.json / "
-                                                                "config.json, or export the model again")
+        for eos in self.eos_token_ids:
+            if not 0 <= eos < vocab:
+                raise ModelLoadError(f"eos_token_id {eos} in {self.directory} is not a token of this model "
+                                     f"(vocab_size={vocab})", hint="fix eos_token_id in generation_config.json / "
+                                                                    "config.json, or export the model again")
         if self.tokenizer.vocab_size > vocab:
             raise ModelLoadError(f"{self.layout.tokenizer_file} has {self.tokenizer.vocab_size} tokens but "
                                  f"the model has vocab_size={vocab}",
@@ -231,7 +240,7 @@ class Model:
 
         stats = None  # how the drafts fared, when the call speculated
         if settings.num_beams > 1:  # each row with its sequence score
-            found = self._beams(prompt_ids, settings, rng, eos_id=self.eos_token_id, logprobs=logprobs,
+            found = self._beams(prompt_ids, settings, rng, eos_id=self.ends, logprobs=logprobs,
                                 output_scores=output_scores, assistant=assistant is not None)
         else:
             watch = record if logprobs is not None or output_scores else None
@@ -289,7 +298,7 @@ class Model:
                                 stopped=any_of(*self._criteria([prompt_ids], settings)))
         for next_ids, live in steps:
             token = int(next_ids[0])
-            if token == self.eos_token_id and not settings.ignore_eos:
+            if token in self.eos_token_ids and not settings.ignore_eos:
                 break
             piece = text.add(token)
             if piece:
@@ -311,7 +320,7 @@ class Model:
         holds back all), and the left padding's token (default the model's <|endoftext|>; the pipeline's
         eos_token_id / pad_token_id)."""
         if eos_id is None:
-            eos_id = self.eos_token_id
+            eos_id = self.ends
         elif not isinstance(eos_id, (int, np.integer)):
             eos_id = tuple(int(t) for t in eos_id)  # a list of ids too (the loops tell a tuple from one id)
         if settings.num_beams > 1:
@@ -359,7 +368,7 @@ class Model:
         tokens, fewer runs), the plain loop otherwise (batches share each weight read among their rows already).
         Returns its (next ids, live) steps and the stats the speculative loop fills in (None for the plain loop).
         eos_id, pad_id: see generate_rows."""
-        eos_id = self.eos_token_id if eos_id is None else eos_id
+        eos_id = self.ends if eos_id is None else eos_id
         one_row = len(prompt_ids) == 1 and settings.num_return_sequences == 1
         if not (one_row and (assistant is not None or settings.prompt_lookup_num_tokens is not None)):
             return generate_tokens(self.session, prompt_ids, settings, eos_id=eos_id, rng=rng, stopped=stopped,
@@ -508,13 +517,22 @@ class Model:
 
     def _result(self, prompt: str, prompt_ids: list[int], new_ids: list[int], settings: GenerationSettings,
                 seed: int | None, full: bool) -> Generation:
-        ended_by_eos = bool(new_ids) and new_ids[-1] == self.eos_token_id and not settings.ignore_eos
+        ended_by_eos = bool(new_ids) and new_ids[-1] in self.eos_token_ids and not settings.ignore_eos
         text, hit = cut_at_stop(self.tokenizer.decode(new_ids[:-1] if ended_by_eos else new_ids), settings.stop)
         completed = bool(new_ids and settings.stop_strings) and completes(settings.stop_strings, self.token_text,
                                                                           prompt_ids + new_ids)
         reason = STOP if hit or (completed and not ended_by_eos) else EOS if ended_by_eos else LENGTH
         return Generation(text=prompt + text if full else text, token_ids=new_ids, prompt=prompt,
                           prompt_token_ids=prompt_ids, finish_reason=reason, seed=seed)
+
+
+def _end_tokens(eos, fallback: int | None) -> tuple[int, ...]:
+    """The end tokens from generation_config.json's (or config.json's) eos_token_id: one id or a list of them
+    (duplicates dropped, order kept); anything else gives the tokenizer's <|endoftext|> (`fallback`)."""
+    ids = eos if isinstance(eos, list) else [eos]
+    if ids and all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        return tuple(dict.fromkeys(ids))
+    return () if fallback is None else (fallback,)
 
 
 def _check_beams(settings: GenerationSettings, logprobs: int | None, *, output_scores: bool = False,

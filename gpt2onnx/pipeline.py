@@ -123,7 +123,7 @@ class TextGenerationPipeline:
         for key, value in model.generation_config.items():
             if key in _KEYS and config.get(key) == _GLOBAL.get(key) and value != _GLOBAL.get(key):
                 config[key] = value
-        config["eos_token_id"] = model.eos_token_id
+        config["eos_token_id"] = model.eos_token_id if len(model.eos_token_ids) == 1 else list(model.eos_token_ids)
         config["pad_token_id"] = model.generation_config.get("pad_token_id")
         config.update(generate_options)  # generate options given to pipeline() update its generation config
         # a max_length other than 20 is honoured over the pipeline's default max_new_tokens
