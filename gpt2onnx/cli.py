@@ -405,6 +405,18 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # the environment (a full disk, a permission), not a bug: one line, no traceback
         print(f"gpt2onnx: error: {error}", file=sys.stderr)
         return 1
+    except UnicodeEncodeError as error:  # the output's encoding (PYTHONIOENCODING, a latin-1 locale) lacks a character
+        encoding = getattr(sys.stdout, "encoding", None) or error.encoding
+        print(f"gpt2onnx: error: the output's encoding ({encoding}) cannot write the text ({error.reason}: "
+              f"{error.object[error.start:error.end]!r})", file=sys.stderr)
+        print("hint: write UTF-8: set PYTHONIOENCODING=utf-8, or a UTF-8 locale such as LANG=C.UTF-8",
+              file=sys.stderr)
+        return 1
+    except MemoryError:  # the machine, not the arguments
+        print("gpt2onnx: error: out of memory", file=sys.stderr)
+        print("hint: a quantized export needs less (gpt2onnx export --precision int4 or int8); close other programs "
+              "or use a machine with more memory", file=sys.stderr)
+        return 1
 
 
 def _exit_now(code: int) -> None:

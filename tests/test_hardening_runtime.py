@@ -262,9 +262,10 @@ def test_a_file_given_as_the_model_directory(tiny_export, capsys):
 
 def _cli_process(argv, *, stdin: bytes = b"", env: dict | None = None) -> subprocess.CompletedProcess:
     paths = [str(ROOT), str(ROOT / ".shim"), os.environ.get("PYTHONPATH", "")]
-    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     full_env.pop("PYTHONUTF8", None)
     full_env.pop("PYTHONIOENCODING", None)
+    full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "gpt2onnx.cli", *map(str, argv)], input=stdin,
                           capture_output=True, env=full_env, check=False)
 
@@ -286,6 +287,29 @@ def test_utf8_stdin_under_any_locale(tiny_export, tiny):
                             stdin=prompt.encode(), env={"LC_ALL": locale})
         assert done.returncode == 0, done.stderr.decode()
         assert json.loads(done.stdout)[0]["text"] == expected
+
+
+def test_an_output_encoding_that_cannot_write_the_text(tiny_export):
+    """A terminal (or PYTHONIOENCODING) whose encoding lacks a character of the text: one line saying which, exit 1
+    (the environment), the text printed so far kept."""
+    for encoding, argv in (("ascii", []), ("latin-1", ["--stream"])):
+        done = _cli_process(["generate", "naïve 日本", "-m", tiny_export, "--max-new-tokens", "2", *argv],
+                            env={"PYTHONIOENCODING": encoding})
+        err = done.stderr.decode()
+        assert done.returncode == 1, err
+        assert "the output's encoding" in one_error(err) and "cannot write the text" in one_error(err)
+        assert "PYTHONIOENCODING=utf-8" in err
+
+
+def test_out_of_memory_is_one_line(tiny_export, capsys, monkeypatch):
+    import gpt2onnx.loading
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(gpt2onnx.loading, "load", no_memory)
+    code, _, err = run_cli(capsys, "generate", "Hello", "-m", tiny_export)
+    assert code == 1 and one_error(err) == "gpt2onnx: error: out of memory"
 
 
 def test_plot_output_errors(tiny_export, tmp_path, capsys):
