@@ -406,8 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpt2onnx: error: {error}", file=sys.stderr)
         return 1
     except UnicodeEncodeError as error:  # the output's encoding (PYTHONIOENCODING, a latin-1 locale) lacks a character
-        encoding = getattr(sys.stdout, "encoding", None) or error.encoding
-        print(f"gpt2onnx: error: the output's encoding ({encoding}) cannot write the text ({error.reason}: "
+        print(f"gpt2onnx: error: the output's encoding ({error.encoding}) cannot write the text ({error.reason}: "
               f"{error.object[error.start:error.end]!r})", file=sys.stderr)
         print("hint: write UTF-8: set PYTHONIOENCODING=utf-8, or a UTF-8 locale such as LANG=C.UTF-8",
               file=sys.stderr)

@@ -241,7 +241,6 @@ class _Active:
         # transformers' stop_strings: the row ends with (and keeps) the token that completes one
         self.kept = StopStringsKept(s.stop_strings, token_text, [request.prompt_ids] * n) if s.stop_strings else None
         self.reasons: list[str | None] = [None] * n
-        self.ended_by: dict[int, int] = {}  # row -> the end token that ended it (reason EOS)
         self.values: list[list] | None = [[] for _ in range(n)] if request.logprobs is not None else None
         # per row: token id -> times generated (OpenAI's penalties), only when a penalty applies
         self.counts: list[dict[int, int]] | None = ([{} for _ in range(n)]
@@ -285,8 +284,6 @@ class _Active:
             if by_eos or text.hit or kept or last or (timed_out is not None and timed_out[row]):
                 piece += text.finish()
                 reason = self.reasons[row] = STOP if text.hit or kept else EOS if by_eos else LENGTH
-                if by_eos:
-                    self.ended_by[row] = token
                 self.live[row] = False
             events.append(Event(row, token, piece, logprob, alternatives, reason))
         self.history[:, self.now] = next_ids
@@ -333,8 +330,9 @@ class _Active:
         self.request._emit(events, results)
 
     def _row_ids(self, row: int) -> list[int]:
-        ids = self.texts[row].tokens
-        return ids + [self.ended_by[row]] if self.reasons[row] == EOS else list(ids)
+        ids = self.texts[row].tokens  # every new token but an ending EOS, which the history holds after them
+        return ids + [int(self.history[row, len(self.request.prompt_ids) + len(ids)])] \
+            if self.reasons[row] == EOS else list(ids)
 
 
 class _Joining:
