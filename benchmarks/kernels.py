@@ -144,9 +144,10 @@ class AttentionCase:
             return buffer
         if self.bits == 8:
             return buffer.astype(np.float32) * self.scales
-        low, high = (buffer & 0x0F).astype(np.int16), (buffer >> 4).astype(np.int16)  # 4 bits, low nibble first
-        codes = np.stack([low, high], axis=-1).reshape(*buffer.shape[:3], HEAD_DIM) - 8
-        return codes.astype(np.float32) * self.scales
+        from gpt2onnx import matmulnbits  # the same packing: two codes a byte, low nibble first, zero at 8
+
+        codes = matmulnbits.unpack(buffer.reshape(-1, buffer.shape[-1]), 4).reshape(*buffer.shape[:3], HEAD_DIM)
+        return (codes.astype(np.float32) - 8) * self.scales
 
 
 def measure(*, rounds: int, threads: int) -> list[dict]:
