@@ -33,8 +33,8 @@ def main() -> None:
     args = parser.parse_args()
 
     import gpt2onnx
-    from gpt2onnx import cpu
-    from gpt2onnx.kv_cache import KVCache
+    from gpt2onnx.runtime import cpu
+    from gpt2onnx.runtime.kv_cache import KVCache
 
     model_dir = Path(args.model_dir) if args.model_dir else (
         Path(args.work_dir).expanduser() / args.model.replace(":", "-").replace("/", "_"))

@@ -12,7 +12,7 @@ by round in turn (load drifting on a shared machine hits all alike; medians over
 - the same with the user cache off (GPT2ONNX_CACHE_DIR=off): every file hashed, the graph optimized afresh;
 - `import ctranslate2, tokenizers; Generator(DIR, compute_type="int8")` + its tokenizer + the first token.
 
-One unmeasured run of each first fills the page cache and gpt2onnx's user cache (gpt2onnx/user_cache.py).
+One unmeasured run of each first fills the page cache and gpt2onnx's user cache (gpt2onnx/runtime/user_cache.py).
 Prints the CPU and its flags: ONNX Runtime's and CTranslate2's kernels depend on them.
 """
 
@@ -55,7 +55,7 @@ print("FIGURES", loaded - start, time.perf_counter() - start)
 
 def cpu_description() -> str:
     """The CPU model and the flags that decide the kernels (AVX2, AVX-512, AMX, VNNI), and the CPU count."""
-    from gpt2onnx import cpu
+    from gpt2onnx.runtime import cpu
 
     return f"{cpu.summary()}; {os.cpu_count()} CPUs"
 
@@ -64,7 +64,7 @@ def commands(model_dir: Path, ct2_dir: Path, threads: int) -> dict[str, tuple[li
     env = dict(os.environ)
     off = {**env, "GPT2ONNX_CACHE_DIR": "off"}
     code = GPT2ONNX.format(directory=str(model_dir), threads=threads, prompt=PROMPT)
-    cli = [sys.executable, "-m", "gpt2onnx.cli", "generate", PROMPT, "-m", str(model_dir), "--max-new-tokens", "1",
+    cli = [sys.executable, "-m", "gpt2onnx", "generate", PROMPT, "-m", str(model_dir), "--max-new-tokens", "1",
            "--threads", str(threads)]
     ct2 = CTRANSLATE2.format(directory=str(ct2_dir), tokenizer=str(ct2_dir / "tokenizer.json"), threads=threads,
                              prompt=PROMPT)

@@ -40,7 +40,7 @@ def in_threads(clients: int, work) -> None:
 
 
 def run_engine(model, clients: int, settings_for) -> dict:
-    from gpt2onnx.engine import Engine, EngineOptions
+    from gpt2onnx.generation.engine import Engine, EngineOptions
 
     rows = []
     engine = Engine(model, EngineOptions(max_batch=max(16, clients), max_queue=max(64, clients),
@@ -91,8 +91,8 @@ def main() -> None:
     args = parser.parse_args()
 
     import gpt2onnx
-    from gpt2onnx import cpu
-    from gpt2onnx.settings import GenerationSettings
+    from gpt2onnx.generation.settings import GenerationSettings
+    from gpt2onnx.runtime import cpu
 
     print(f"CPU: {cpu.summary()}; {os.cpu_count()} logical cores, load average "
           f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}")

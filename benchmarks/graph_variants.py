@@ -31,7 +31,7 @@ CLOCK = time.perf_counter  # --clock cpu: process CPU time, steadier on a shared
 
 
 def _variants():
-    from gpt2onnx import contract as c
+    from gpt2onnx.format import contract as c
     from gpt2onnx_export import builder
 
     def unfused_attention(g, x, layer, config, q, lengths):
@@ -99,7 +99,7 @@ class _Copying:
 
     def __init__(self, session):
         self.session, self.inner = session, session._session
-        from gpt2onnx import contract as c
+        from gpt2onnx.format import contract as c
 
         self.c = c
 
@@ -162,8 +162,8 @@ def main() -> None:
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
 
-    from gpt2onnx.config import ModelConfig
-    from gpt2onnx.session import OnnxSession, SessionOptions
+    from gpt2onnx.format.config import ModelConfig
+    from gpt2onnx.runtime.session import OnnxSession, SessionOptions
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:

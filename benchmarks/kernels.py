@@ -144,7 +144,7 @@ class AttentionCase:
             return buffer
         if self.bits == 8:
             return buffer.astype(np.float32) * self.scales
-        from gpt2onnx import matmulnbits  # the same packing: two codes a byte, low nibble first, zero at 8
+        from gpt2onnx.format import matmulnbits  # the same packing: two codes a byte, low nibble first, zero at 8
 
         codes = matmulnbits.unpack(buffer.reshape(-1, buffer.shape[-1]), 4).reshape(*buffer.shape[:3], HEAD_DIM)
         return (codes.astype(np.float32) - 8) * self.scales
@@ -183,7 +183,7 @@ def measure(*, rounds: int, threads: int) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    from gpt2onnx import cpu
+    from gpt2onnx.runtime import cpu
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)

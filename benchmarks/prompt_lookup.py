@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import gpt2onnx
-    from gpt2onnx import cpu
+    from gpt2onnx.runtime import cpu
 
     precisions = [p for p in args.precisions.split(",") if p]
     dirs = exports(Path(args.work_dir).expanduser(), precisions + ([args.assistant] if args.assistant else []))

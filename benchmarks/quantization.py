@@ -35,9 +35,9 @@ def _build(model: str, out: Path, quantization) -> Path:
 
 
 def _quality(model_dir: Path, quantization, tokens: int) -> dict:
-    from gpt2onnx.config import ModelConfig
-    from gpt2onnx.session import OnnxSession
-    from gpt2onnx.tokenizer import Tokenizer
+    from gpt2onnx.format.config import ModelConfig
+    from gpt2onnx.runtime.session import OnnxSession
+    from gpt2onnx.text.tokenizer import Tokenizer
     from gpt2onnx_export import sources, verify
     from gpt2onnx_export.reference import torch_model
 
@@ -71,8 +71,8 @@ def main() -> None:
     args = parser.parse_args()
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
-    from gpt2onnx.config import ModelConfig
-    from gpt2onnx.session import OnnxSession, SessionOptions
+    from gpt2onnx.format.config import ModelConfig
+    from gpt2onnx.runtime.session import OnnxSession, SessionOptions
     from gpt2onnx_export.builder import Quantization, quantization_for
 
     schemes = {"fp32": None, "int8 per-column": quantization_for("int8")}

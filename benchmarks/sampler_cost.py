@@ -2,7 +2,7 @@
 
     python benchmarks/sampler_cost.py [--model random:gpt2] [--rounds 7] [--threads 1 --clock cpu] [--json FILE]
 
-On a 124M model (exported once into --work-dir): the time of `gpt2onnx.sampling.sample` for one token
+On a 124M model (exported once into --work-dir): the time of `gpt2onnx.generation.sampling.sample` for one token
 of every row — processors, softmax and the draw — with `TorchGenerator` (sampler="torch", the default,
 transformers' tokens) and with numpy's generator (sampler="numpy"), on the model's own logits, batch 1
 and 5, for the default setting (top_k=50) and for the whole vocabulary (top_k=0); then a decode step of
@@ -40,10 +40,10 @@ def _time(fn, repeat: int, clock) -> float:
 
 def measure(model_dir: Path, *, rounds: int, threads: int, new_tokens: int, clock: str = "wall") -> list[dict]:
     import gpt2onnx
-    from gpt2onnx.generator import left_pad
-    from gpt2onnx.sampling import sample
-    from gpt2onnx.settings import GenerationSettings
-    from gpt2onnx.torch_random import TorchGenerator
+    from gpt2onnx.generation.generator import left_pad
+    from gpt2onnx.generation.sampling import sample
+    from gpt2onnx.generation.settings import GenerationSettings
+    from gpt2onnx.generation.torch_random import TorchGenerator
 
     model = gpt2onnx.load(model_dir, threads=threads)
     session, eos = model.session, model.eos_token_id

@@ -5,7 +5,7 @@ calling the library (each its own batch-1 loop) on the same export.
                                     [--new-tokens 128] [--out bench-results/serve_load.json]
 
 For each export (made once into --work-dir; or pass --model-dir DIR) and each client count N:
-  server    `python -m gpt2onnx.cli serve` in a subprocess; N AsyncOpenAI clients each stream one completion
+  server    `python -m gpt2onnx.tools.cli serve` in a subprocess; N AsyncOpenAI clients each stream one completion
             of --new-tokens tokens (ignore_eos, seeded, temperature 1) at once, or one every --arrival-gap
             seconds (time to first token counted from each request's own start);
   baseline  the same N requests as N threads of this process, each iterating `model.stream(...)`.
@@ -41,8 +41,8 @@ PROMPT = "Hello, I'm a language model,"
 
 
 def cpu_description() -> dict:
-    """The CPU model and its SIMD flags (gpt2onnx/cpu.py reads /proc/cpuinfo on Linux)."""
-    from gpt2onnx import cpu
+    """The CPU model and its SIMD flags (gpt2onnx/runtime/cpu.py reads /proc/cpuinfo on Linux)."""
+    from gpt2onnx.runtime import cpu
 
     return {"model": cpu.model_name(), "cores": os.cpu_count(), "simd": list(cpu.vector_flags()),
             "python": platform.python_version()}
@@ -86,7 +86,7 @@ class Server:
         root = str(Path(__file__).resolve().parents[1])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gpt2onnx.cli", "serve", str(model_dir), "--port", str(self.port), "--model-name",
+            [sys.executable, "-m", "gpt2onnx", "serve", str(model_dir), "--port", str(self.port), "--model-name",
              "bench", "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--threads", str(threads),
              "--log-level", "warning", *extra_args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             text=True)
@@ -234,7 +234,7 @@ def measure(model_dir: Path, label: str, args) -> dict:
     """Server and baseline rounds interleaved per client count (the idle server waits on a condition), so
     that both see the same machine even when its load changes over the run."""
     import gpt2onnx
-    from gpt2onnx import heap
+    from gpt2onnx.runtime import heap
 
     rows, probe = [], None
     server = Server(model_dir, max_batch=args.max_batch, max_queue=args.max_queue, threads=args.threads)

@@ -17,7 +17,7 @@ greedy decoding, threads = physical cores for every framework.
   load, peak RSS, size on disk; for gpt2onnx also the share of a decode step spent outside ONNX Runtime
 
 Each framework is measured through its own generation API: transformers' and Optimum's `generate`,
-CTranslate2's `generate_batch`, and gpt2onnx's generation loop (`gpt2onnx.generator.generate`). The token
+CTranslate2's `generate_batch`, and gpt2onnx's generation loop (`gpt2onnx.generation.generator.generate`). The token
 times t_i come from each API's own per-step hook: a transformers streamer, `generate_batch`'s `callback`,
 gpt2onnx's session observer. The decode figures are never a difference between two calls: that assumed
 both calls' prefills cost the same, and a long prefill jitters more than a whole decode (with an int8 KV
@@ -42,10 +42,10 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2onnx import cpu
 from gpt2onnx.errors import GenerationError, InvalidArgumentError, MissingDependencyError
-from gpt2onnx.optimum_layout import has_pytorch_weights
-from gpt2onnx.precisions import FLOAT_KV_CACHE, PRECISIONS
+from gpt2onnx.format.precisions import FLOAT_KV_CACHE, PRECISIONS
+from gpt2onnx.runtime import cpu
+from gpt2onnx.runtime.optimum_layout import has_pytorch_weights
 
 # (framework, precision) in report order; gpt2onnx's precisions are the table's, and "+kv32" is one whose KV
 # cache defaults to int8 exported with --kv-cache float32
@@ -196,7 +196,7 @@ def ready_optimum_export(model: str) -> Path | None:
     if model.startswith("random:"):
         return None
     from gpt2onnx.errors import ModelLoadError
-    from gpt2onnx.optimum_layout import OPTIMUM, find_layout
+    from gpt2onnx.runtime.optimum_layout import OPTIMUM, find_layout
 
     try:
         layout = find_layout(Path(model).expanduser())
@@ -320,7 +320,7 @@ def _convert(framework: str, precision: str, model: str, hf: Path, directory: Pa
 def _warm_user_cache(directory: Path) -> None:
     """Load a gpt2onnx export once in a throwaway process, right before its worker loads it, so that the load
     figure is what a user's every later process sees: the optimized graph and the tokenizer's tables in the
-    user cache (gpt2onnx/user_cache.py). Without this a graph evicted since (the cache keeps the 4 most recently
+    user cache (gpt2onnx/runtime/user_cache.py). Without this a graph evicted since (the cache keeps the 4 most recently
     used) was optimized afresh inside the measured load: int8 3.37 s against 0.54 s. A failure shows in the
     worker's own load, with its log."""
     subprocess.run([sys.executable, "-c", "import sys, gpt2onnx; gpt2onnx.load(sys.argv[1])", str(directory)],
@@ -495,7 +495,7 @@ class _TorchRunner(_Runner):
         if optimum:
             from optimum.onnxruntime import ORTModelForCausalLM
 
-            from gpt2onnx.session import ort_options
+            from gpt2onnx.runtime.session import ort_options
 
             self.model = ORTModelForCausalLM.from_pretrained(directory, session_options=ort_options(threads=threads),
                                                              provider="CPUExecutionProvider")
@@ -571,8 +571,8 @@ class _Gpt2OnnxRunner(_Runner):
         self.timer = _StepClock()
 
     def generate(self, prompt, new, rows=1):
-        from gpt2onnx.generator import generate
-        from gpt2onnx.settings import GenerationSettings
+        from gpt2onnx.generation.generator import generate
+        from gpt2onnx.generation.settings import GenerationSettings
 
         if rows > 1:
             settings = GenerationSettings(max_new_tokens=new, ignore_eos=True, do_sample=True,

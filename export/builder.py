@@ -14,7 +14,7 @@ Optionally the KV cache is int8 (GroupQueryAttention's per-channel quantized cac
 quantize.kv_cache_scales); then each layer's attention is an If: a prefill attends in float32 and stores the
 cache quantized, a step after a past reads the int8 cache.
 
-Names of inputs, outputs and weights come from gpt2onnx.contract. `build_graph` leaves the weights as named
+Names of inputs, outputs and weights come from gpt2onnx.format.contract. `build_graph` leaves the weights as named
 slots; `save_model` fills each slot from the Hugging Face weights, quantizing where the graph asks for it.
 """
 
@@ -28,13 +28,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from gpt2onnx import contract as c
-from gpt2onnx import per_column, precisions
-from gpt2onnx.config import TANH_GELUS, ModelConfig
 from gpt2onnx.errors import InvalidArgumentError
-from gpt2onnx.gpt2 import attention_scale
-from gpt2onnx.inspect import all_nodes
-from gpt2onnx.matmulnbits import check_block_size
+from gpt2onnx.format import contract as c
+from gpt2onnx.format import per_column, precisions
+from gpt2onnx.format.config import TANH_GELUS, ModelConfig
+from gpt2onnx.format.gpt2 import attention_scale
+from gpt2onnx.format.matmulnbits import check_block_size
+from gpt2onnx.tools.inspection import all_nodes
 
 from . import quantize
 
@@ -48,7 +48,7 @@ _MS = "com.microsoft"
 @dataclass(frozen=True)
 class Quantization:
     """Weight quantization of the block matmuls and the head: per output column (DynamicQuantizeMatMul) or
-    block-wise (MatMulNBits); see gpt2onnx/precisions.py."""
+    block-wise (MatMulNBits); see gpt2onnx/format/precisions.py."""
 
     bits: int  # 8 or 4
     block_size: int | None = None  # blocks: inputs per block, a power of two >= 16 (defaults: precisions.py)
@@ -64,7 +64,7 @@ class Quantization:
 
 
 def quantization_for(precision: str, block_size: int | None = None) -> Quantization | None:
-    """The quantization a precision of gpt2onnx/precisions.py means (None: float32 weights); block_size None =
+    """The quantization a precision of gpt2onnx/format/precisions.py means (None: float32 weights); block_size None =
     the precision's default. A new precision whose graph differs in more than bits and block size starts here."""
     p = precisions.get(precision)
     if not p.quantized:

@@ -1,9 +1,10 @@
 """The export side's commands of the `gpt2onnx` CLI: `export`, `verify`, `bench`.
 
 Each `register_*(subparsers, formatter)` adds its parser; pyproject.toml names them in the entry-point group
-`gpt2onnx.commands`, through which gpt2onnx/cli.py finds them (gpt2onnx/plugins.py). Loading this module must
-stay cheap — the CLI loads it to list the commands in `gpt2onnx --help` — so the heavy imports are in the
-command functions. When the export extra is missing, the help says so and the command exits with the hint.
+`gpt2onnx.commands`, through which gpt2onnx/tools/cli.py finds them (gpt2onnx/tools/plugins.py).
+Loading this module must stay cheap — the CLI loads it to list the commands in `gpt2onnx --help` — so the heavy
+imports are in the command functions. When the export extra is missing, the help says so and the command exits
+with the hint.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import argparse
 import json
 import sys
 
-from gpt2onnx import precisions
-from gpt2onnx.contract import KV_CACHE_DTYPES
-from gpt2onnx.plugins import KNOWN
+from gpt2onnx.format import precisions
+from gpt2onnx.format.contract import KV_CACHE_DTYPES
+from gpt2onnx.tools.plugins import KNOWN
 
 from . import INSTALL_HINT, missing_extra, require_extra
 from .progress import stderr

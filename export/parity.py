@@ -46,13 +46,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpt2onnx.beam import beam_search
-from gpt2onnx.defaults import TRANSFORMERS_DEFAULTS
-from gpt2onnx.kv_cache import KVCache
-from gpt2onnx.sampling import process, softmax
-from gpt2onnx.session import StepRecord
-from gpt2onnx.settings import GenerationSettings
-from gpt2onnx.torch_random import TorchGenerator
+from gpt2onnx.generation.beam import beam_search
+from gpt2onnx.generation.defaults import TRANSFORMERS_DEFAULTS
+from gpt2onnx.generation.sampling import process, softmax
+from gpt2onnx.generation.settings import GenerationSettings
+from gpt2onnx.generation.torch_random import TorchGenerator
+from gpt2onnx.runtime.kv_cache import KVCache
+from gpt2onnx.runtime.session import StepRecord
 
 from .reference import cache_layer
 from .verify import first_difference
@@ -476,7 +476,7 @@ def explain_greedy(session, reference, prompt: list[int], tokens: int, *, eos_id
     import torch
     from transformers import GenerationConfig
 
-    from gpt2onnx.generator import generate
+    from gpt2onnx.generation.generator import generate
 
     recorder = _Recorder()
     settings = GenerationSettings(max_new_tokens=tokens, ignore_eos=True)

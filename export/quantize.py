@@ -1,5 +1,6 @@
 """Weight quantization: per output column into the layout of ONNX Runtime's DynamicQuantizeMatMul
-(gpt2onnx/per_column.py; int8), or block-wise into the layout of MatMulNBits (gpt2onnx/matmulnbits.py; int4).
+(gpt2onnx/format/per_column.py; int8), or block-wise into the layout of MatMulNBits
+(gpt2onnx/format/matmulnbits.py; int4).
 
 Per column: a weight W [K, N] (Conv1D's [in, out]) gets one scale per output column, max |W[:, j]| / MAX_CODE,
 and symmetric int8 codes round(W / scale); each dequantized value is within half a step (scale / 2) of W.
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpt2onnx import matmulnbits, per_column
+from gpt2onnx.format import matmulnbits, per_column
 
 
 @dataclass
@@ -102,7 +103,7 @@ def kv_cache_scales(reference, config, token_windows: list[list[int]], *, margin
     never moved keeps a tiny scale). Returns {kv_scale_names(layer)...: float32 [1, n_head, 1, head_dim]}."""
     import torch
 
-    from gpt2onnx import contract as c
+    from gpt2onnx.format import contract as c
 
     from .reference import cache_layer
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2onnx import contract as c
-from gpt2onnx.config import ModelConfig
 from gpt2onnx.errors import ExportError, InvalidArgumentError, ModelLoadError
-from gpt2onnx.gpt2 import state_dict_shapes, weight_names
-from gpt2onnx.optimum_layout import PYTORCH_WEIGHTS
+from gpt2onnx.format import contract as c
+from gpt2onnx.format.config import ModelConfig
+from gpt2onnx.format.gpt2 import state_dict_shapes, weight_names
+from gpt2onnx.runtime.optimum_layout import PYTORCH_WEIGHTS
 
 RANDOM_PREFIX = "random:"
 
@@ -262,7 +262,7 @@ def _tokenizer_dir(path: Path, workdir: Path) -> Path:
     else:
         raise ExportError(f"{path} has no tokenizer (tokenizer.json, or vocab.json and merges.txt)",
                           hint="copy the GPT-2 tokenizer files into the model directory")
-    from gpt2onnx.tokenizer import Tokenizer
+    from gpt2onnx.text.tokenizer import Tokenizer
 
     try:
         Tokenizer(out / c.TOKENIZER_FILE)

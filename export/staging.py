@@ -22,8 +22,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from gpt2onnx import contract as c
 from gpt2onnx.errors import ExportError
+from gpt2onnx.format import contract as c
 
 PARTIAL_MARK = ".partial-"
 OLD_MARK = ".old-"  # an earlier export, swapped out while its replacement is renamed into place

@@ -16,11 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt2onnx import __version__, precisions
-from gpt2onnx import contract as c
+from gpt2onnx import __version__
 from gpt2onnx.errors import InvalidArgumentError
-from gpt2onnx.session import OnnxSession
-from gpt2onnx.tokenizer import Tokenizer
+from gpt2onnx.format import contract as c
+from gpt2onnx.format import precisions
+from gpt2onnx.runtime.session import OnnxSession
+from gpt2onnx.text.tokenizer import Tokenizer
 
 from . import builder, quantize, sources, staging, verify
 from .progress import stderr, stopwatch
@@ -38,7 +39,7 @@ class ExportOptions:
     allow_pickle: bool = False  # accept pytorch_model.bin checkpoints (pickle can run code: trusted sources only)
     force: bool = False  # replace an existing export at OUT_DIR
     atol: float = verify.DEFAULT_ATOL  # largest |difference| from PyTorch accepted for logits and cache
-    # quantized exports: the quality gate (None = the precision's default in gpt2onnx/precisions.py)
+    # quantized exports: the quality gate (None = the precision's default in gpt2onnx/format/precisions.py)
     max_perplexity_increase: float | None = None  # relative to PyTorch fp32, e.g. 0.01 = 1%
     max_kl: float | None = None  # mean KL(PyTorch fp32 || export) of the next-token distributions, nats
     min_top1_agreement: float | None = None  # share of the decisive positions whose top token equals PyTorch's
@@ -209,7 +210,7 @@ def _calibration_windows(source: sources.Source, config, seed: int) -> list[list
 def _manifest(source: sources.Source, options: ExportOptions, directory: Path, files: list[str],
               report: dict, quantization: builder.Quantization | None, kv_info: dict) -> dict:
     """Written last: a directory without it is not a model."""
-    from gpt2onnx.manifest import hash_files, write_manifest
+    from gpt2onnx.runtime.manifest import hash_files, write_manifest
 
     manifest = {c.M_FORMAT: c.FORMAT_NAME, c.M_FORMAT_VERSION: c.FORMAT_VERSION, c.M_PRECISION: options.precision,
                 c.M_OPSET: c.OPSET, c.M_SOURCE: source.description, c.M_VERSIONS: _versions(),

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2onnx import contract as c
-from gpt2onnx import precisions
 from gpt2onnx.errors import InvalidArgumentError, VerificationError
-from gpt2onnx.generator import generate, left_pad
-from gpt2onnx.gpt2 import position_ids
-from gpt2onnx.session import OnnxSession
-from gpt2onnx.settings import GenerationSettings
+from gpt2onnx.format import contract as c
+from gpt2onnx.format import precisions
+from gpt2onnx.format.gpt2 import position_ids
+from gpt2onnx.generation.generator import generate, left_pad
+from gpt2onnx.generation.settings import GenerationSettings
+from gpt2onnx.runtime.session import OnnxSession
 
 from .reference import cache_layer
 
@@ -220,7 +220,7 @@ def verify_quality(session: OnnxSession, reference, tokenizer, *, precision: str
                    min_top1_agreement: float | None = None, seed: int = 0) -> dict:
     """Gate a quantized export on quality against the torch `reference`: the perplexity increase, the mean
     KL(PyTorch fp32 || export) of the next-token distributions (nats per position) and top-1 agreement where
-    PyTorch is decisive. Thresholds left None are the precision's (gpt2onnx/precisions.py). Returns the report;
+    PyTorch is decisive. Thresholds left None are the precision's (gpt2onnx/format/precisions.py). Returns the report;
     raises VerificationError (with the report) when a threshold or a structural check fails."""
     import torch
 

@@ -28,10 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt2onnx import contract as c
-from gpt2onnx import precisions
 from gpt2onnx.errors import InvalidArgumentError, VerificationError
-from gpt2onnx.optimum_layout import has_pytorch_weights
+from gpt2onnx.format import contract as c
+from gpt2onnx.format import precisions
+from gpt2onnx.runtime.optimum_layout import has_pytorch_weights
 
 from . import parity, sources, staging, verify
 from .progress import stderr, stopwatch

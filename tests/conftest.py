@@ -49,8 +49,9 @@ def _no_temporary_leftovers(tmp_path_factory):
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    """A fresh user cache for the test (gpt2onnx/user_cache.py), with no verified-file records in this process."""
-    from gpt2onnx import user_cache
+    """A fresh user cache for the test (gpt2onnx/runtime/user_cache.py), with no verified-file records in this
+    process."""
+    from gpt2onnx.runtime import user_cache
 
     directory = tmp_path / "user-cache"
     monkeypatch.setenv(user_cache.CACHE_ENV, str(directory))
@@ -60,7 +61,7 @@ def cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_user_cache(tmp_path_factory):
-    """The run's loads keep their verified-file records and optimized graphs (gpt2onnx/user_cache.py) in a
+    """The run's loads keep their verified-file records and optimized graphs (gpt2onnx/runtime/user_cache.py) in a
     private directory, not in the user's ~/.cache."""
     saved = os.environ.get("GPT2ONNX_CACHE_DIR")
     os.environ["GPT2ONNX_CACHE_DIR"] = str(tmp_path_factory.mktemp("user-cache"))

@@ -64,8 +64,8 @@ def rewrite(directory, model, *, external: bool = False, **manifest_updates) -> 
     """Save `model` into `directory` and bring its manifest's file list and hashes up to date."""
     import onnx
 
-    from gpt2onnx import contract as c
-    from gpt2onnx.manifest import hash_files, write_manifest
+    from gpt2onnx.format import contract as c
+    from gpt2onnx.runtime.manifest import hash_files, write_manifest
 
     onnx.save_model(model, str(directory / c.MODEL_FILE), save_as_external_data=external,
                     location=c.MODEL_DATA_FILE, size_threshold=1024)
@@ -79,7 +79,7 @@ def external_data_copy(src, dst):
     """The export with its weights in model.onnx.data, as large models are saved."""
     import onnx
 
-    from gpt2onnx import contract as c
+    from gpt2onnx.format import contract as c
 
     shutil.copytree(src, dst)
     rewrite(dst, onnx.load(str(dst / c.MODEL_FILE)), external=True)
@@ -106,7 +106,7 @@ def quantized_copy(src, dst, *, bits: int = 4, block_size: int = 32):
     import onnx
     from onnx import helper, numpy_helper
 
-    from gpt2onnx import contract as c
+    from gpt2onnx.format import contract as c
 
     shutil.copytree(src, dst)
     model = onnx.load(str(dst / c.MODEL_FILE))
@@ -162,7 +162,7 @@ def run_matmul_nbits(x: np.ndarray, packed, scales, zeros, *, n: int, bits: int,
 def assert_within_half_a_step(dequantized: np.ndarray, weight: np.ndarray, name: str = "") -> None:
     """Per-column int8 (DynamicQuantizeMatMul): every dequantized weight [in, out] is within half a step of the
     original, the step of an output column being max |column| / MAX_CODE (float32 rounding allowed for)."""
-    from gpt2onnx.per_column import MAX_CODE
+    from gpt2onnx.format.per_column import MAX_CODE
 
     step = np.abs(weight).max(axis=0) / MAX_CODE
     assert (np.abs(dequantized - weight) <= step / 2 * (1 + 1e-5) + 1e-7).all(), name
@@ -190,7 +190,7 @@ def run_dynamic_quantize_matmul(x: np.ndarray, codes: np.ndarray, scales: np.nda
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
     """`gpt2onnx ARGV` in this process: (exit code, stdout, stderr); fails on a traceback."""
-    from gpt2onnx.cli import main
+    from gpt2onnx.tools.cli import main
 
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from gpt2onnx.cli import main
 from gpt2onnx.errors import InvalidArgumentError
-from gpt2onnx.kv_cache import KVCache
-from gpt2onnx.torch_random import TorchGenerator
+from gpt2onnx.generation.torch_random import TorchGenerator
+from gpt2onnx.runtime.kv_cache import KVCache
+from gpt2onnx.tools.cli import main
 
 PROMPTS = ["Hello, I'm a language model,", "Vim: the :s command", "naïve café — 日本語 😀", "fs.readFile("]
 CASES = [  # (options, prompts in the batch); every option family with batches of 1 and 3
@@ -158,8 +158,8 @@ def test_bad_beam_options_are_refused_with_a_hint(tiny, options, words):
 def test_stream_engine_and_cli(tiny, tiny_export, capsys):
     with pytest.raises(InvalidArgumentError, match="beam search"):
         tiny.stream("Hello", num_beams=2)
-    from gpt2onnx.engine import Engine
-    from gpt2onnx.settings import GenerationSettings
+    from gpt2onnx.generation.engine import Engine
+    from gpt2onnx.generation.settings import GenerationSettings
 
     with Engine(tiny) as engine:
         with pytest.raises(InvalidArgumentError, match="beam search"):

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from gpt2onnx import cpu, user_cache
+from gpt2onnx.runtime import cpu, user_cache
 from gpt2onnx_export import bench
 
 # small enough for random:tiny (256 positions) and for a fake clock
@@ -160,7 +160,7 @@ def test_run_bench_hands_every_worker_the_workload(clock, tmp_path, monkeypatch)
     footer = bench.format_table(report).splitlines()[-1]
     flags = report["machine"]["flags"]
     assert footer.startswith(f"{cpu.model_name()} (flags: {' '.join(flags)})")
-    try:  # read here, not through gpt2onnx.cpu: the CPU's own flags line
+    try:  # read here, not through gpt2onnx.runtime.cpu: the CPU's own flags line
         line = next(x for x in open("/proc/cpuinfo").read().splitlines() if x.startswith(("flags", "Features")))
     except (OSError, StopIteration):
         return

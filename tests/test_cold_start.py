@@ -1,4 +1,4 @@
-"""Cold start: what one load keeps for the next (gpt2onnx/user_cache.py) never changes a result or weakens a
+"""Cold start: what one load keeps for the next (gpt2onnx/runtime/user_cache.py) never changes a result or weakens a
 check. The saved optimized graph gives the logits of the model itself; a damaged, stale or unreadable cache
 entry is written again; an unchanged file is not hashed again, a changed one is, and a damaged one is still
 refused; the model directory is never written to; `gpt2onnx generate` imports none of the server's modules."""
@@ -16,13 +16,13 @@ import pytest
 from onnxruntime.capi import _pybind_state
 
 import gpt2onnx
-from gpt2onnx import contract as c
-from gpt2onnx import manifest as manifest_module
-from gpt2onnx import user_cache
 from gpt2onnx.errors import ModelLoadError
-from gpt2onnx.gpt2 import position_ids
-from gpt2onnx.loading import _ORT_INITIALIZE, _in_background
-from gpt2onnx.session import OnnxSession, SessionOptions
+from gpt2onnx.format import contract as c
+from gpt2onnx.format.gpt2 import position_ids
+from gpt2onnx.runtime import manifest as manifest_module
+from gpt2onnx.runtime import user_cache
+from gpt2onnx.runtime.loading import _ORT_INITIALIZE, _in_background
+from gpt2onnx.runtime.session import OnnxSession, SessionOptions
 from helpers import quantized_copy, run_python
 
 PROMPT = [[464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13]]
@@ -208,10 +208,11 @@ def test_generate_imports_none_of_the_server_modules(tiny_export, tmp_path):
     code = f"""
 import os, sys
 os.environ[{user_cache.CACHE_ENV!r}] = {str(tmp_path / "cache")!r}
-from gpt2onnx.cli import main
+from gpt2onnx.tools.cli import main
 assert main(["generate", "Hello", "-m", {str(tiny_export)!r}, "--max-new-tokens", "2"]) == 0
-prefixes = ("gpt2onnx.engine", "gpt2onnx.server", "gpt2onnx.plot", "gpt2onnx.inspect", "asyncio", "fastapi",
-            "gpt2onnx_export", "torch", "transformers", "matplotlib", "uvicorn", "ray")  # nor the export side
+prefixes = ("gpt2onnx.generation.engine", "gpt2onnx.serving.server", "gpt2onnx.tools.plot",
+            "gpt2onnx.tools.inspection", "asyncio", "fastapi", "gpt2onnx_export", "torch", "transformers",
+            "matplotlib", "uvicorn", "ray")  # nor the export side
 print("LOADED", sorted(m for m in sys.modules if m.startswith(prefixes) or m == "onnx" or m.startswith("onnx.")))
 """
     done = run_python(code)
@@ -226,7 +227,8 @@ def test_load_builds_the_session_while_the_generation_modules_are_imported(tiny_
     code = f"""
 import os, sys, threading
 os.environ[{user_cache.CACHE_ENV!r}] = {str(tmp_path / "cache")!r}
-LATER = ("gpt2onnx.model", "gpt2onnx.generator", "gpt2onnx.sampling", "gpt2onnx.speculative", "gpt2onnx.beam")
+LATER = ("gpt2onnx.generation.model", "gpt2onnx.generation.generator", "gpt2onnx.generation.sampling",
+         "gpt2onnx.generation.speculative", "gpt2onnx.generation.beam")
 building = {{}}  # module -> whether the session's thread was running when it was imported
 
 def audit(event, args):
@@ -239,8 +241,8 @@ assert not building and not any(name in sys.modules for name in LATER), building
 for _ in range(2):
     model = gpt2onnx.load({str(tiny_export)!r})
     assert model.generate("Hello", max_new_tokens=2).token_ids
-import gpt2onnx.model
-assert gpt2onnx.Model is gpt2onnx.model.Model and gpt2onnx.Generation is gpt2onnx.model.Generation
+import gpt2onnx.generation.model
+assert gpt2onnx.Model is gpt2onnx.generation.model.Model and gpt2onnx.Generation is gpt2onnx.generation.model.Generation
 assert {{"Model", "Generation", "load"}} <= set(dir(gpt2onnx))
 try:
     gpt2onnx.NoSuchThing
@@ -252,7 +254,8 @@ print("BUILDING", sorted(building.items()))
 """
     done = run_python(code)
     assert done.returncode == 0, done.stderr
-    later = ("gpt2onnx.beam", "gpt2onnx.generator", "gpt2onnx.model", "gpt2onnx.sampling", "gpt2onnx.speculative")
+    later = ("gpt2onnx.generation.beam", "gpt2onnx.generation.generator", "gpt2onnx.generation.model",
+             "gpt2onnx.generation.sampling", "gpt2onnx.generation.speculative")
     assert f"BUILDING {[(name, True) for name in later]}" in done.stdout, done.stdout
 
 
@@ -261,7 +264,7 @@ def test_the_program_prints_everything_before_it_ends_without_teardown(tiny_expo
     import subprocess
     import sys
 
-    base = [sys.executable, "-m", "gpt2onnx.cli", "generate", "Hello", "-m", str(tiny_export), "--max-new-tokens", "3"]
+    base = [sys.executable, "-m", "gpt2onnx", "generate", "Hello", "-m", str(tiny_export), "--max-new-tokens", "3"]
     done = subprocess.run(base + ["--json"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     (result,) = json.loads(done.stdout)

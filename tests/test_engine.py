@@ -8,11 +8,11 @@ import time
 import numpy as np
 import pytest
 
-from gpt2onnx import logprobs
-from gpt2onnx.engine import Engine, EngineClosedError, EngineOptions, QueueFullError, fresh_group
 from gpt2onnx.errors import InvalidArgumentError
-from gpt2onnx.kv_cache import KVCache
-from gpt2onnx.settings import GenerationSettings
+from gpt2onnx.generation import logprobs
+from gpt2onnx.generation.engine import Engine, EngineClosedError, EngineOptions, QueueFullError, fresh_group
+from gpt2onnx.generation.settings import GenerationSettings
+from gpt2onnx.runtime.kv_cache import KVCache
 
 PROMPTS = ["The :substitute command", "fs.readFile(path, options", "In Vim, to", "x",
            "A buffer is the in-memory text of a file. A window is a viewport on a buffer. " * 2]
@@ -175,7 +175,7 @@ def test_stop_strings_and_max_tokens(trained):
 
 
 def test_text_pieces_never_split_a_character(trained, monkeypatch):
-    from gpt2onnx import generator
+    from gpt2onnx.generation import generator
 
     text = " naïve 😀 日本語 ok"
     forced = trained.tokenizer.encode(text)

@@ -9,9 +9,9 @@ import onnx
 import pytest
 
 import gpt2onnx
-from gpt2onnx import contract as c
 from gpt2onnx.errors import ExportError, InvalidArgumentError, VerificationError
-from gpt2onnx.manifest import sha256_file
+from gpt2onnx.format import contract as c
+from gpt2onnx.runtime.manifest import sha256_file
 from helpers import export
 
 
@@ -127,7 +127,7 @@ def test_local_directory_sources(tiny_export, tmp_path):
     import torch
     from safetensors import safe_open  # noqa: F401  (export extra present)
 
-    from gpt2onnx.config import ModelConfig
+    from gpt2onnx.format.config import ModelConfig
     from gpt2onnx_export.reference import torch_model
     from gpt2onnx_export.sources import random_weights
 

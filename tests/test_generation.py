@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 
 import gpt2onnx
-from gpt2onnx import generator
-from gpt2onnx.cli import build_parser, main
-from gpt2onnx.defaults import TRANSFORMERS_DEFAULTS, model_defaults, resolve
 from gpt2onnx.errors import GenerationError, InvalidArgumentError
-from gpt2onnx.sampling import process
-from gpt2onnx.settings import OPTIONS, GenerationSettings
-from gpt2onnx.stopping import ReleasedText, cut_at_stop
+from gpt2onnx.generation import generator
+from gpt2onnx.generation.defaults import TRANSFORMERS_DEFAULTS, model_defaults, resolve
+from gpt2onnx.generation.sampling import process
+from gpt2onnx.generation.settings import OPTIONS, GenerationSettings
+from gpt2onnx.text.stopping import ReleasedText, cut_at_stop
+from gpt2onnx.tools.cli import build_parser, main
 
 PROMPTS = ["The :substitute command", "fs.readFile(path, options", "In Vim, to", "x"]
 
@@ -60,9 +60,9 @@ def test_greedy_padded_batch_equals_transformers(trained, trained_reference):
                                      dict(do_sample=False, min_new_tokens=5), dict(do_sample=True),
                                      dict(do_sample=True, top_k=0, top_p=0.9), dict(do_sample=True, temperature=0.7)])
 def test_sampling_leaves_the_callers_logits_untouched(options):
-    from gpt2onnx.sampling import sample
-    from gpt2onnx.settings import GenerationSettings
-    from gpt2onnx.torch_random import TorchGenerator
+    from gpt2onnx.generation.sampling import sample
+    from gpt2onnx.generation.settings import GenerationSettings
+    from gpt2onnx.generation.torch_random import TorchGenerator
 
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((3, 1000)).astype(np.float32)

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 import gpt2onnx
-from gpt2onnx import contract as c
 from gpt2onnx.errors import ExportError, InvalidArgumentError, ModelLoadError
+from gpt2onnx.format import contract as c
 from helpers import REPO, TRAINED_DATA, TRAINED_FILES, export, one_error, run_cli
 
 # sha256 of the tokenizer files the trained test model was trained and saved with (transformers 4.57's
@@ -89,9 +89,9 @@ def test_code_in_a_model_directory_never_runs(trained_dir, tmp_path):
     marker.unlink()
 
     out = tmp_path / "model"
-    exported = subprocess.run([sys.executable, "-m", "gpt2onnx.cli", "export", str(source), str(out)], **run)
+    exported = subprocess.run([sys.executable, "-m", "gpt2onnx", "export", str(source), str(out)], **run)
     assert exported.returncode == 0, exported.stderr
-    verified = subprocess.run([sys.executable, "-m", "gpt2onnx.cli", "verify", str(out), "--seeds", "0",
+    verified = subprocess.run([sys.executable, "-m", "gpt2onnx", "verify", str(out), "--seeds", "0",
                                "--max-new-tokens", "4"], **run)
     assert verified.returncode == 0, verified.stderr
     assert not marker.exists()
@@ -130,7 +130,7 @@ def test_trained_fixture_lives_in_the_repository(trained_dir):
 def test_assembled_tokenizer_is_the_one_the_model_was_trained_with(trained_dir, trained_reference):
     from transformers import GPT2Tokenizer
 
-    from gpt2onnx.manifest import sha256_file
+    from gpt2onnx.runtime.manifest import sha256_file
 
     assert {name: sha256_file(trained_dir / name) for name in TOKENIZER_SHA256} == TOKENIZER_SHA256
     # and transformers' pure-Python tokenizer, from vocab.json and merges.txt alone, agrees on the whole text
@@ -387,7 +387,7 @@ def _export_until_verifying(out: Path, scratch: Path) -> tuple[subprocess.Popen,
     """`gpt2onnx export random:tiny OUT` in a child process, returned once it prints that it is verifying
     (the graph is written then). Its temporary files go to `scratch`."""
     scratch.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "gpt2onnx.cli", "export", "random:tiny", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "gpt2onnx", "export", "random:tiny", str(out)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "TMPDIR": str(scratch)})
     watchdog = threading.Timer(600, proc.kill)

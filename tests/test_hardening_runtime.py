@@ -16,12 +16,12 @@ import pytest
 from onnx import helper
 
 import gpt2onnx
-from gpt2onnx import contract as c
-from gpt2onnx import limits
 from gpt2onnx.errors import GenerationError, InvalidArgumentError, ModelLoadError
-from gpt2onnx.graph_facts import read_graph_facts
-from gpt2onnx.manifest import hash_files, write_manifest
-from gpt2onnx.settings import GenerationSettings
+from gpt2onnx.format import contract as c
+from gpt2onnx.format.graph_facts import read_graph_facts
+from gpt2onnx.generation.settings import GenerationSettings
+from gpt2onnx.runtime import limits
+from gpt2onnx.runtime.manifest import hash_files, write_manifest
 from helpers import export, one_error, run_cli, run_python
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -266,7 +266,7 @@ def _cli_process(argv, *, stdin: bytes = b"", env: dict | None = None) -> subpro
     full_env.pop("PYTHONUTF8", None)
     full_env.pop("PYTHONIOENCODING", None)
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "gpt2onnx.cli", *map(str, argv)], input=stdin,
+    return subprocess.run([sys.executable, "-m", "gpt2onnx", *map(str, argv)], input=stdin,
                           capture_output=True, env=full_env, check=False)
 
 
@@ -302,12 +302,12 @@ def test_an_output_encoding_that_cannot_write_the_text(tiny_export):
 
 
 def test_out_of_memory_is_one_line(tiny_export, capsys, monkeypatch):
-    import gpt2onnx.loading
+    import gpt2onnx.generation.loader
 
     def no_memory(*args, **kwargs):
         raise MemoryError
 
-    monkeypatch.setattr(gpt2onnx.loading, "load", no_memory)
+    monkeypatch.setattr(gpt2onnx.generation.loader, "load", no_memory)
     code, _, err = run_cli(capsys, "generate", "Hello", "-m", tiny_export)
     assert code == 1 and one_error(err) == "gpt2onnx: error: out of memory"
 
@@ -345,7 +345,7 @@ def test_stream_checks_when_called(tiny, monkeypatch):
 
 # -- 4. every argument error has a hint ------------------------------------------------------------
 
-# the documented bound, worked out here rather than by gpt2onnx.limits: 4 ONNX Runtime threads per CPU this
+# the documented bound, worked out here rather than by gpt2onnx.runtime.limits: 4 ONNX Runtime threads per CPU this
 # process may run on
 MAX_THREADS = 4 * (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
 CLI_BAD = [

@@ -11,10 +11,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from gpt2onnx import contract as c
-from gpt2onnx.cli import main
 from gpt2onnx.errors import InvalidArgumentError
-from gpt2onnx.inspect import ModelFile, dequantize_matmul_nbits, inspect_model
+from gpt2onnx.format import contract as c
+from gpt2onnx.tools.cli import main
+from gpt2onnx.tools.inspection import ModelFile, dequantize_matmul_nbits, inspect_model
 from helpers import assert_within_half_a_step, external_data_copy, quantized_copy, rewrite, run_matmul_nbits, run_python
 
 
@@ -118,7 +118,7 @@ def int8_export(tmp_path_factory):
 
 def test_per_column_int8_lists_scheme_and_dequantizes(int8_export, tiny_export):
     """int8 exports: DynamicQuantizeMatMul with int8 codes [in, out] and a scale per output column."""
-    from gpt2onnx.per_column import MAX_CODE
+    from gpt2onnx.format.per_column import MAX_CODE
 
     fp32, q = inspect_model(tiny_export), inspect_model(int8_export)
     assert {w.name: w.shape for w in q.weights} == {w.name: w.shape for w in fp32.weights}
@@ -144,8 +144,8 @@ def test_per_column_int8_lists_scheme_and_dequantizes(int8_export, tiny_export):
 def test_int8_exports_of_matmulnbits_still_load_inspect_and_plot(tiny_export, tmp_path):
     """int8 exports made before per-column (MatMulNBits bits=8, a manifest quantization without "scheme")."""
     import gpt2onnx
-    from gpt2onnx.graph_facts import read_graph_facts
-    from gpt2onnx.plot import plot_model
+    from gpt2onnx.format.graph_facts import read_graph_facts
+    from gpt2onnx.tools.plot import plot_model
 
     old = quantized_copy(tiny_export, tmp_path / "old-int8", bits=8, block_size=32)
     assert "scheme" not in json.loads((old / c.MANIFEST_FILE).read_text())[c.M_QUANTIZATION]
@@ -231,7 +231,7 @@ def test_dequantize_matches_onnxruntime_quantizer(bits, symmetric):
 @pytest.mark.parametrize("command", [["inspect"], ["plot", "--out", "PLOTS"]])
 def test_without_plot_extra_says_how_to_install(tiny_export, tmp_path, command):
     argv = [command[0], str(tiny_export)] + [str(tmp_path / "p") if a == "PLOTS" else a for a in command[1:]]
-    done = run_python(f"from gpt2onnx.cli import main; sys.exit(main({argv!r}))",
+    done = run_python(f"from gpt2onnx.tools.cli import main; sys.exit(main({argv!r}))",
                       blocked=("torch", "transformers", "onnx", "matplotlib"))
     assert done.returncode == 1, done.stderr
     assert "pip install 'gpt2onnx[plot]'" in done.stderr and "Traceback" not in done.stderr

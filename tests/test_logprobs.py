@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gpt2onnx.errors import InvalidArgumentError
-from gpt2onnx.logprobs import log_softmax, top
+from gpt2onnx.generation.logprobs import log_softmax, top
 from helpers import torch_logprobs
 
 TEXTS = ["The :substitute command replaces text", "fs.readFile(path, options", "x", "In Vim, to delete a line, type dd"]

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 import gpt2onnx
-from gpt2onnx.cli import main
-from gpt2onnx.engine import Engine, EngineOptions
 from gpt2onnx.errors import ModelLoadError
-from gpt2onnx.kv_cache import KVCache
-from gpt2onnx.optimum_layout import OPTIMUM, OptimumSession
-from gpt2onnx.settings import GenerationSettings
+from gpt2onnx.generation.engine import Engine, EngineOptions
+from gpt2onnx.generation.settings import GenerationSettings
+from gpt2onnx.runtime.kv_cache import KVCache
+from gpt2onnx.runtime.optimum_layout import OPTIMUM, OptimumSession
+from gpt2onnx.tools.cli import main
 from helpers import one_error, run_cli, run_python, torch_logprobs, transformers_generate
 
 PROMPTS = ["Use :set number to", "fs.readFile(path, options", "naïve café — 日本語 😀", "x"]

@@ -3,7 +3,7 @@
 import pytest
 
 import gpt2onnx
-from gpt2onnx.pipeline import pipeline
+from gpt2onnx.generation.pipeline import pipeline
 from helpers import transformers_generate
 
 PROMPTS = ["Hello, I'm a language model,", "Vim: the :s command", "naïve café — 日本語 😀", "fs.readFile("]
@@ -162,8 +162,8 @@ def test_every_end_token_ends_a_row_in_the_engine_and_the_pipeline(several_ends)
     from transformers import pipeline as hf_pipeline
     from transformers import set_seed
 
-    from gpt2onnx.engine import Engine
-    from gpt2onnx.settings import GenerationSettings
+    from gpt2onnx.generation.engine import Engine
+    from gpt2onnx.generation.settings import GenerationSettings
 
     source, out, _, _ = several_ends
     model = gpt2onnx.load(out)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 import gpt2onnx
-from gpt2onnx import seeding
 from gpt2onnx.errors import InvalidArgumentError, ModelLoadError
-from gpt2onnx.pipeline import CALL_OPTIONS, ReturnType
+from gpt2onnx.generation import seeding
+from gpt2onnx.generation.pipeline import CALL_OPTIONS, ReturnType
 from helpers import REPO, run_python
 
 # The GPT-2 model card's example, as published (the seed article's script).
@@ -345,10 +345,10 @@ def test_readme_states_the_snippets_side_by_side():
 
 
 def test_the_import_surface():
-    from gpt2onnx.pipeline import pipeline
+    from gpt2onnx.generation.pipeline import pipeline
 
     assert gpt2onnx.pipeline is pipeline and gpt2onnx.set_seed is seeding.set_seed
-    assert Path(gpt2onnx.seeding.__file__).name == "seeding.py"
+    assert Path(gpt2onnx.generation.seeding.__file__).name == "seeding.py"
 
 
 def test_beam_sampling_draws_from_the_set_seed_stream(ours, theirs):

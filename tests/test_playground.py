@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 import gpt2onnx
-from gpt2onnx.engine import Engine, EngineOptions
-from gpt2onnx.server import ServerOptions, create_app
+from gpt2onnx.generation.engine import Engine, EngineOptions
+from gpt2onnx.serving.server import ServerOptions, create_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "playground.png"

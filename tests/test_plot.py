@@ -9,12 +9,12 @@ import sys
 import numpy as np
 import pytest
 
-from gpt2onnx import contract as c
-from gpt2onnx.attention import attention_maps
-from gpt2onnx.cli import main
 from gpt2onnx.errors import InvalidArgumentError
-from gpt2onnx.inspect import ModelFile, inspect_model
-from gpt2onnx.plot import plot_model
+from gpt2onnx.format import contract as c
+from gpt2onnx.tools.attention import attention_maps
+from gpt2onnx.tools.cli import main
+from gpt2onnx.tools.inspection import ModelFile, inspect_model
+from gpt2onnx.tools.plot import plot_model
 from helpers import blocker, export, external_data_copy, quantized_copy
 
 PROMPTS = ["The cat sat on the mat because it was tired.", "Hello",
@@ -192,7 +192,7 @@ def test_plot_command(tiny_export, tmp_path, capsys):
 
 def test_plot_and_inspect_need_no_torch(tiny_export, tmp_path):
     code = blocker("torch", "transformers", "gpt2onnx_export") + f"""
-from gpt2onnx.cli import main
+from gpt2onnx.tools.cli import main
 assert main(["inspect", {str(tiny_export)!r}, "--json"]) == 0
 assert main(["plot", {str(tiny_export)!r}, "--out", {str(tmp_path)!r}, "--layers", "0"]) == 0
 """

@@ -10,12 +10,12 @@ import math
 import numpy as np
 import pytest
 
-from gpt2onnx.cli import main
-from gpt2onnx.defaults import TRANSFORMERS_DEFAULTS
-from gpt2onnx.engine import Engine
 from gpt2onnx.errors import InvalidArgumentError
-from gpt2onnx.sampling import process
-from gpt2onnx.settings import GenerationSettings
+from gpt2onnx.generation.defaults import TRANSFORMERS_DEFAULTS
+from gpt2onnx.generation.engine import Engine
+from gpt2onnx.generation.sampling import process
+from gpt2onnx.generation.settings import GenerationSettings
+from gpt2onnx.tools.cli import main
 from helpers import transformers_generate
 
 PROMPTS = ("Hello, I'm a language model,", "The history of", "naïve café — 日本語 😀")

@@ -342,7 +342,7 @@ def test_sigterm_lets_a_stream_finish_then_stops_ray(cluster):
 def test_options_map_to_ray_serve_settings():
     from ray.serve.schema import ServeDeploySchema
 
-    from gpt2onnx.ray_serve import Gpt2OnnxReplica, RayServeOptions, build_app
+    from gpt2onnx.serving.ray_serve import Gpt2OnnxReplica, RayServeOptions, build_app
 
     options = RayServeOptions(model_dir="/m", replicas=3, cpus_per_replica=0.5, max_batch=8, max_queue=20)
     settings = options.deployment_options()
@@ -353,7 +353,7 @@ def test_options_map_to_ray_serve_settings():
     scaled = RayServeOptions(model_dir="/m", max_replicas=4, cpus_per_replica=2).deployment_options()
     assert "num_replicas" not in scaled and scaled["autoscaling_config"]["max_replicas"] == 4
     assert scaled["autoscaling_config"]["target_ongoing_requests"] == 12  # 0.75 x max_batch 16
-    # `serve run gpt2onnx.ray_serve:build_app key=value`: text values are parsed to the fields' types
+    # `serve run gpt2onnx.serving.ray_serve:build_app key=value`: text values are parsed to the fields' types
     parsed = RayServeOptions.from_dict({"model_dir": "/m", "replicas": "2", "cpus_per_replica": "1.5",
                                         "api_keys": "a,b", "check_hashes": "false"})
     assert (parsed.replicas, parsed.cpus_per_replica, parsed.api_keys, parsed.check_hashes) == (2, 1.5, ("a", "b"),
@@ -369,7 +369,7 @@ def test_options_map_to_ray_serve_settings():
     ServeDeploySchema.model_validate(config) if hasattr(ServeDeploySchema, "model_validate") else \
         ServeDeploySchema.parse_obj(config)
     application = config["applications"][0]
-    assert application["import_path"] == "gpt2onnx.ray_serve:build_app"
+    assert application["import_path"] == "gpt2onnx.serving.ray_serve:build_app"
     # the application serves the replica class with the file's settings (Application has no public accessor)
     args = application["args"]
     built = build_app(args)._bound_deployment
@@ -396,6 +396,6 @@ def test_options_map_to_ray_serve_settings():
 def test_ray_flags_need_ray(tiny_export):
     root = str(Path(gpt2onnx.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "gpt2onnx.cli", "serve", str(tiny_export), "--replicas", "2"],
+    done = subprocess.run([sys.executable, "-m", "gpt2onnx", "serve", str(tiny_export), "--replicas", "2"],
                           check=False, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--replicas needs --ray" in done.stderr and "Traceback" not in done.stderr

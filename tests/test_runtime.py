@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import gpt2onnx
-from gpt2onnx import contract as c
-from gpt2onnx.cli import main
 from gpt2onnx.errors import InvalidArgumentError, ModelLoadError
+from gpt2onnx.format import contract as c
+from gpt2onnx.tools.cli import main
 from helpers import blocker
 
 BLOCK_TORCH = blocker("torch", "transformers")
@@ -20,7 +20,7 @@ BLOCK_TORCH = blocker("torch", "transformers")
 def test_runtime_runs_without_torch(tiny_export):
     code = BLOCK_TORCH + f"""
 import gpt2onnx
-from gpt2onnx.cli import main
+from gpt2onnx.tools.cli import main
 model = gpt2onnx.load({str(tiny_export)!r})
 result = model.generate("Hello", max_new_tokens=5, ignore_eos=True)
 assert len(result.token_ids) == 5
@@ -36,7 +36,7 @@ print("TORCH-FREE-OK")
 
 def test_export_command_without_extra_says_how_to_install(tmp_path):
     code = BLOCK_TORCH + f"""
-from gpt2onnx.cli import main
+from gpt2onnx.tools.cli import main
 sys.exit(main(["export", "random:tiny", {str(tmp_path / 'x')!r}]))
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

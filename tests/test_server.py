@@ -20,8 +20,8 @@ import pytest
 import uvicorn
 
 import gpt2onnx
-from gpt2onnx.engine import Engine, EngineOptions, Event
-from gpt2onnx.server import ServerOptions, create_app
+from gpt2onnx.generation.engine import Engine, EngineOptions, Event
+from gpt2onnx.serving.server import ServerOptions, create_app
 from helpers import openai_client, torch_logprobs
 
 NAME = "trained"
@@ -61,11 +61,11 @@ class LiveServer:
 
 
 def start_cli(model_dir: Path, *args: str) -> tuple[subprocess.Popen, str]:
-    """`python -m gpt2onnx.cli serve MODEL_DIR ARGS` on a free port, once /health says ok."""
+    """`python -m gpt2onnx.tools.cli serve MODEL_DIR ARGS` on a free port, once /health says ok."""
     port = free_port()
     root = str(Path(gpt2onnx.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    process = subprocess.Popen([sys.executable, "-m", "gpt2onnx.cli", "serve", str(model_dir), "--port", str(port),
+    process = subprocess.Popen([sys.executable, "-m", "gpt2onnx", "serve", str(model_dir), "--port", str(port),
                                 "--model-name", NAME, "--log-level", "warning", *args],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -229,7 +229,7 @@ def test_streams_never_split_a_character(tiny_export):
     """Random weights pushed towards the byte tokens that are parts of multi-byte characters: the pieces of
     a stream still join to the whole text, pieces that end inside a character are held back (a chunk with
     text "" for that token)."""
-    from gpt2onnx.openai_api import TokenText
+    from gpt2onnx.serving.openai_api import TokenText
 
     model = gpt2onnx.load(tiny_export)
     names = TokenText(model.tokenizer)

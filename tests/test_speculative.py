@@ -1,4 +1,4 @@
-"""Prompt lookup and assisted decoding (gpt2onnx/speculative.py): the tokens of plain decoding, fewer runs.
+"""Prompt lookup and assisted decoding (gpt2onnx/generation/speculative.py): the tokens of plain decoding, fewer runs.
 
 Compared with transformers' own generate(prompt_lookup_num_tokens=N) and plain generate, with our plain loop
 (itself tested against transformers in test_generation.py and test_parity.py), and with the invariants of
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import gpt2onnx
-from gpt2onnx.cli import main
 from gpt2onnx.errors import InvalidArgumentError
+from gpt2onnx.tools.cli import main
 from helpers import TRAINED_DATA, export
 
 HELDOUT = (TRAINED_DATA / "heldout.txt").read_text(encoding="utf-8")

@@ -10,10 +10,10 @@ import onnx
 import pytest
 
 import gpt2onnx
-from gpt2onnx import contract as c
-from gpt2onnx import precisions
 from gpt2onnx.errors import VerificationError
-from gpt2onnx.inspect import inspect_model
+from gpt2onnx.format import contract as c
+from gpt2onnx.format import precisions
+from gpt2onnx.tools.inspection import inspect_model
 from helpers import assert_within_half_a_step, export, run_dynamic_quantize_matmul, run_matmul_nbits
 
 
@@ -215,7 +215,7 @@ def test_quantizer_layout_matches_onnxruntime():
 def test_per_column_layout_matches_onnxruntime():
     """Our per-column int8 is what DynamicQuantizeMatMul reads, and with 7-bit codes ONNX Runtime's result is the
     exact integer math (activations to uint8 over the whole tensor, int32 sums): no int16 saturation."""
-    from gpt2onnx import per_column
+    from gpt2onnx.format import per_column
     from gpt2onnx_export.quantize import quantize_per_column
 
     rng = np.random.default_rng(0)
@@ -276,7 +276,7 @@ def test_int8_of_trained_model_passes_the_gate_and_keeps_weights_within_half_a_s
     """The export passed the quality gate on the held-out text (each window: its first position, then the rest in
     one cached step, reading the int8 cache); every
     quantized weight is within half a step (max |column| / MAX_CODE / 2) of PyTorch's, per output column."""
-    from gpt2onnx.inspect import ModelFile
+    from gpt2onnx.tools.inspection import ModelFile
 
     parity = json.loads((trained_int8 / c.MANIFEST_FILE).read_text())[c.M_PARITY]
     assert parity["passed"] and parity["eval_text"].endswith("heldout.txt") and parity["window"] > 1

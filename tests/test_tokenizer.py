@@ -1,4 +1,4 @@
-"""The tokenizer: our byte-level BPE (gpt2onnx/bpe.py) against the `tokenizers` library on GPT-2's own files,
+"""The tokenizer: our byte-level BPE (gpt2onnx/text/bpe.py) against the `tokenizers` library on GPT-2's own files,
 and the library's path for what ours does not take."""
 
 import gc
@@ -12,10 +12,10 @@ import sys
 import pytest
 import tokenizers
 
-from gpt2onnx import heap, user_cache
-from gpt2onnx.bpe import ASCII_PIECES, byte_chars, is_plain_gpt2
 from gpt2onnx.errors import ModelLoadError
-from gpt2onnx.tokenizer import Tokenizer
+from gpt2onnx.runtime import heap, user_cache
+from gpt2onnx.text.bpe import ASCII_PIECES, byte_chars, is_plain_gpt2
+from gpt2onnx.text.tokenizer import Tokenizer
 from helpers import TRAINED_DATA
 
 HELDOUT = (TRAINED_DATA / "heldout.txt").read_text(encoding="utf-8")

@@ -1,4 +1,5 @@
-"""gpt2onnx.torch_random against PyTorch itself: same seed, same exponentials, same tokens, no torch imported."""
+"""gpt2onnx.generation.torch_random against PyTorch itself: same seed, same exponentials, same tokens, no torch
+imported."""
 
 import math
 import subprocess
@@ -11,7 +12,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from gpt2onnx.errors import InvalidArgumentError  # noqa: E402
-from gpt2onnx.torch_random import TorchGenerator  # noqa: E402
+from gpt2onnx.generation.torch_random import TorchGenerator  # noqa: E402
 from helpers import blocker  # noqa: E402
 
 SEEDS = [0, 1, 42, 2**31, 2**32 - 1] + list(range(1000, 1017))  # 22 seeds, both ends of the range included
@@ -238,7 +239,7 @@ def test_only_float32_batches(probs):
 def test_module_does_not_import_torch():
     code = blocker("torch", "transformers") + """
 import numpy as np
-from gpt2onnx.torch_random import TorchGenerator
+from gpt2onnx.generation.torch_random import TorchGenerator
 rng = TorchGenerator(42)
 rng.exponential((2, 3))
 rng.multinomial_one(np.full((2, 10), 0.1, np.float32))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import gpt2onnx
-from gpt2onnx.cli import main
-from gpt2onnx.settings import GenerationSettings
+from gpt2onnx.generation.settings import GenerationSettings
+from gpt2onnx.tools.cli import main
 
 SEEDS, TOKENS = "1", "12"  # 10 cases of 12 tokens per model: the full grid runs in benchmarks/parity_rate.py
 
@@ -286,7 +286,7 @@ def test_greedy_near_tie_and_greedy_bug():
 
 def test_top_k_boundary_near_tie_is_explained():
     """top_k=5: the 5th and 6th logits within float noise, so each side lets a different one in."""
-    from gpt2onnx.sampling import process
+    from gpt2onnx.generation.sampling import process
     from gpt2onnx_export.parity import explain
 
     settings, unfiltered = GenerationSettings(do_sample=True, top_k=5), GenerationSettings(do_sample=True, top_k=0)
@@ -315,7 +315,7 @@ def test_quantized_export_reports_agreement(tmp_path, capsys):
     """int8: agreement with PyTorch, not identity; the KL divergence is torch's own kl_div of the two models."""
     import torch
 
-    from gpt2onnx.session import OnnxSession
+    from gpt2onnx.runtime.session import OnnxSession
     from gpt2onnx_export.reference import torch_model
     from gpt2onnx_export.sources import random_source
     from gpt2onnx_export.verify import SAMPLE_TEXT

@@ -1,0 +1,442 @@
+"""gpt2onnx on Ray Serve: the app of `gpt2onnx serve` (server.create_app, unchanged) as a Ray Serve
+deployment, one engine per replica, on one machine or a cluster (`gpt2onnx serve --ray`, or `serve run` with
+an import path to build_app).
+
+Each replica loads the export once (checking every file's sha256 against the manifest) and runs ONNX Runtime
+on `threads` threads while Ray reserves `cpus_per_replica` CPUs for it, so replicas x threads never exceed
+the cores Ray was given. Ray's proxy routes HTTP to the replicas; what a replica holds at once and what waits
+in front of them are Ray's settings, derived from the engine's:
+
+    max_ongoing_requests = max_batch   a replica gets no more requests than it has rows to run them in (a
+                                       request of n > 1 rows may still wait in its engine's own queue)
+    max_queued_requests  = max_queue   requests waiting in each proxy for a free replica (each proxy keeps
+                                       its own queue: one per node); beyond, 429 with Retry-After
+    autoscaling          min_replicas .. max_replicas, aiming at target_ongoing_requests per replica
+
+check_health() fails once a replica's engine thread has died (Ray then replaces the replica); a stopping
+replica first lets its requests in flight finish, for at most drain_timeout seconds. Every response carries
+`x-gpt2onnx-replica` = the Ray replica id (`SERVE_REPLICA::app#deployment#id`, also its actor's name in the
+"serve" namespace). Metrics: the app's Prometheus metrics are copied every second into Ray metrics
+(ray.serve.metrics, tagged with deployment and replica), which Ray's metrics agent exports on each node for
+Prometheus to scrape and sum over replicas; a /metrics request through the proxy reaches one replica only.
+
+The app is given to Ray the documented way, `@serve.ingress(app)`: a small ASGI app that hands each request
+to the app its replica built in its constructor (see _ReplicaApp). Ray is optional
+(`pip install 'gpt2onnx[ray]'`); nothing else in gpt2onnx imports this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from ..errors import InvalidArgumentError, MissingDependencyError, ModelLoadError
+
+try:
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+except ImportError as error:  # pragma: no cover - exercised without ray
+    raise MissingDependencyError(f"running on Ray Serve needs the ray extra (cannot import {error.name or error})",
+                                 hint="pip install 'gpt2onnx[ray]'") from error
+
+log = logging.getLogger("gpt2onnx.ray")
+APP_NAME = "gpt2onnx"
+DEPLOYMENT_NAME = "Gpt2Onnx"
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a local cluster advertises 127.0.0.1 only
+METRICS_PERIOD = 1.0  # seconds between copies of a replica's Prometheus metrics into Ray's
+
+
+@dataclass(frozen=True)
+class RayServeOptions:
+    """One gpt2onnx deployment on Ray Serve. Build it with keywords; `build_app(dict)` takes the same keys."""
+
+    model_dir: str  # an export directory at this path on every node (a shared or copied path; hashes checked)
+    replicas: int = 1  # fixed number of replicas (ignored when max_replicas is set)
+    cpus_per_replica: float = 1.0  # Ray CPUs reserved per replica (may be fractional, e.g. 0.5)
+    threads: int = 0  # ONNX Runtime threads per replica; 0: cpus_per_replica rounded, at least 1
+    min_replicas: int | None = None  # autoscaling lower bound (default 1 when max_replicas is set)
+    max_replicas: int | None = None  # set it to autoscale between min_replicas and max_replicas
+    target_ongoing_requests: float | None = None  # autoscaling aim per replica (default 0.75 x max_batch)
+    max_batch: int = 16  # rows decoded together per replica (EngineOptions.max_batch)
+    max_queue: int = 64  # requests waiting per proxy for a free replica, and in each engine's queue
+    prefill_chunk: int = 64  # prompt tokens prefilled per step (EngineOptions.prefill_chunk)
+    model_name: str = ""  # the `model` clients pass (default: the directory's name)
+    api_keys: tuple[str, ...] = ()  # accepted bearer keys; empty: no authentication
+    drain_timeout: float = 30.0  # seconds a stopping replica waits for its requests in flight
+    retry_after: int = 1  # seconds a 429 asks the client to wait
+    check_hashes: bool = True  # verify every model file against the manifest's sha256 when a replica loads
+    name: str = DEPLOYMENT_NAME  # the deployment's name
+    extra: dict = field(default_factory=dict, compare=False)  # more @serve.deployment options, passed as given
+
+    def __post_init__(self):
+        if not self.model_dir:
+            raise InvalidArgumentError("model_dir must name an exported model directory")
+        object.__setattr__(self, "api_keys", tuple(self.api_keys))
+        if isinstance(self.replicas, bool) or not isinstance(self.replicas, int) or self.replicas < 1:
+            raise InvalidArgumentError(f"replicas must be an integer >= 1, got {self.replicas!r}")
+        if not self.cpus_per_replica > 0:
+            raise InvalidArgumentError(f"cpus_per_replica must be > 0, got {self.cpus_per_replica!r}")
+        if self.threads < 0:
+            raise InvalidArgumentError(f"threads must be >= 0 (0: from cpus_per_replica), got {self.threads}")
+        if self.max_replicas is None and self.min_replicas is not None:
+            raise InvalidArgumentError("min_replicas needs max_replicas", hint="give --max-replicas to autoscale")
+        if self.max_replicas is not None and not (
+                self.max_replicas >= 1 and 0 <= self.autoscale_min <= self.max_replicas):
+            raise InvalidArgumentError(f"autoscaling needs 0 <= min_replicas <= max_replicas and max_replicas >= 1, "
+                                       f"got {self.min_replicas}..{self.max_replicas}")
+        if self.target_ongoing_requests is not None and not self.target_ongoing_requests > 0:
+            raise InvalidArgumentError(f"target_ongoing_requests must be > 0, got {self.target_ongoing_requests}")
+        from ..generation.engine import EngineOptions
+        from .server import ServerOptions
+
+        EngineOptions(max_batch=self.max_batch, max_queue=self.max_queue, prefill_chunk=self.prefill_chunk)
+        ServerOptions(api_keys=self.api_keys, drain_timeout=self.drain_timeout)
+
+    @property
+    def ort_threads(self) -> int:
+        return self.threads or max(1, round(self.cpus_per_replica))
+
+    @property
+    def autoscale_min(self) -> int:
+        return 1 if self.min_replicas is None else self.min_replicas
+
+    def deployment_options(self) -> dict:
+        """The @serve.deployment options these settings mean."""
+        scaling = {"num_replicas": self.replicas}
+        if self.max_replicas is not None:
+            target = self.target_ongoing_requests or max(1.0, 0.75 * self.max_batch)
+            scaling = {"autoscaling_config": {"min_replicas": self.autoscale_min, "max_replicas": self.max_replicas,
+                                              "initial_replicas": max(self.autoscale_min, 1),
+                                              "target_ongoing_requests": target}}
+        return {"name": self.name, **scaling,
+                "ray_actor_options": {"num_cpus": self.cpus_per_replica},
+                "max_ongoing_requests": self.max_batch,
+                "max_queued_requests": self.max_queue,
+                **_backpressure(self.retry_after),
+                # a stopping replica waits for its requests in flight (Ray counts a stream until its end)
+                "graceful_shutdown_timeout_s": self.drain_timeout + 5,
+                "graceful_shutdown_wait_loop_s": 0.5,
+                "health_check_period_s": 2.0, "health_check_timeout_s": 10.0,
+                **self.extra}
+
+    @classmethod
+    def from_dict(cls, args: dict) -> RayServeOptions:
+        """From `serve run`'s args (strings from the command line, or YAML values); unknown keys fail."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(args) - set(known))
+        if unknown:
+            raise InvalidArgumentError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        values = {}
+        for key, value in args.items():
+            kind = known[key].type
+            if isinstance(value, str) and kind != "str":
+                value = _parse(key, value, kind)
+            values[key] = value
+        return cls(**values)
+
+
+def _backpressure(retry_after: int) -> dict:
+    """A full proxy queue answers 429 with Retry-After where Ray has backpressure_config (2.60 has; older
+    versions answer 503, which the openai client retries too)."""
+    import inspect
+
+    if "backpressure_config" not in inspect.signature(serve.deployment).parameters:
+        return {}
+    return {"backpressure_config": {"status_code": 429, "retry_after_s": retry_after}}
+
+
+def _parse(key: str, text: str, kind: str):
+    try:
+        if kind.startswith("int"):
+            return None if text.lower() == "none" else int(text)
+        if kind.startswith("float"):
+            return None if text.lower() == "none" else float(text)
+        if kind == "bool":
+            return {"true": True, "1": True, "false": False, "0": False}[text.lower()]
+        if kind.startswith("tuple"):
+            return tuple(k for k in text.split(",") if k)
+    except (ValueError, KeyError):
+        raise InvalidArgumentError(f"{key}={text!r} is not a valid {kind}") from None
+    raise InvalidArgumentError(f"{key} cannot be given as text")
+
+
+# --- one replica -----------------------------------------------------------------------------------------
+
+# Ray runs each replica in a process of its own; this is the app its constructor built around its engine.
+_replica_app = None
+
+
+class _ReplicaApp:
+    """The ASGI app given to @serve.ingress: it hands every request (and the lifespan events) to the app
+    of the replica in this process. Ray pickles the app it is given when the class is decorated, before any
+    engine exists, so the real app, built per replica, is looked up when a request comes."""
+
+    async def __call__(self, scope, receive, send):
+        if _replica_app is None:
+            raise RuntimeError("no gpt2onnx replica was constructed in this process")
+        await _replica_app(scope, receive, send)
+
+
+@serve.ingress(_ReplicaApp())
+class Gpt2OnnxReplica:
+    """One replica: the model loaded once, its engine, and server.create_app's app around it."""
+
+    def __init__(self, options: RayServeOptions):
+        global _replica_app
+        from ..generation.engine import Engine, EngineOptions
+        from ..generation.loader import load
+        from ..runtime.heap import freeze_startup_heap
+        from .server import ServerOptions, create_app
+
+        self.options = options
+        self.replica_id = _replica_id()
+        _keep_internal_grpc_on_loopback()
+        started = time.perf_counter()
+        model = load(options.model_dir, threads=options.ort_threads, check_hashes=options.check_hashes)
+        self.app_metrics = None  # the app's metrics; the engine's steps feed its batch-size histogram
+        self.engine = Engine(model, EngineOptions(max_batch=options.max_batch, max_queue=options.max_queue,
+                                                  prefill_chunk=options.prefill_chunk, on_step=self._on_step))
+        name = options.model_name or Path(options.model_dir).resolve().name
+        app = create_app(self.engine, ServerOptions(model_name=name, api_keys=options.api_keys,
+                                                    replica_id=self.replica_id, drain_timeout=options.drain_timeout,
+                                                    retry_after=options.retry_after))
+        self.app_metrics = app.state.gpt2onnx.serving.metrics
+        self.bridge = _MetricsBridge(self.app_metrics.registry)
+        _replica_app = app
+        freeze_startup_heap()  # a replica's process serves this model alone
+        log.info("replica %s: %s loaded in %.1f s (%d ORT thread(s), pid %d)", self.replica_id, options.model_dir,
+                 time.perf_counter() - started, options.ort_threads, os.getpid())
+
+    def _on_step(self, rows: int) -> None:
+        if self.app_metrics is not None:
+            self.app_metrics.on_step(rows)
+
+    def check_health(self) -> None:
+        """Ray calls this every health_check_period_s; raising marks the replica unhealthy (it is replaced)."""
+        if not self.engine.alive:
+            raise RuntimeError(f"replica {self.replica_id}: the engine's scheduler thread has stopped")
+
+    def __del__(self):
+        """Ray has let the requests in flight finish (graceful_shutdown_timeout_s); stop the engine."""
+        if getattr(self, "bridge", None) is not None:
+            self.bridge.stop()
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close(drain=True, timeout=self.options.drain_timeout)
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.to_full_id_str()
+    except (RayServeException, AttributeError):  # outside a replica, or an older Ray's context
+        return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _keep_internal_grpc_on_loopback() -> None:
+    """On a loopback-only cluster, bind the replica's inter-deployment gRPC server to 127.0.0.1.
+
+    Ray Serve 2.60 binds it to "[::]:0" (every interface) with no setting to change that
+    (ray-project/ray#64544); the proxy reaches a replica at its node's address, which on a local cluster is
+    127.0.0.1, so loopback suffices there. On a real cluster (a node address other than 127.0.0.1) nothing
+    changes. The server starts after this replica's constructor, so patching Ray's module here is in time.
+    """
+    import ray
+
+    try:
+        if ray.util.get_node_ip_address() != "127.0.0.1":
+            return
+        from ray.serve._private import replica as ray_replica
+
+        bind = getattr(ray_replica, "add_port_to_grpc_server", None)
+        if bind is None or getattr(bind, "gpt2onnx_loopback", False):  # no such server, or done already
+            return
+
+        def loopback(server, address):
+            return bind(server, "127.0.0.1:0" if address == "[::]:0" else address)
+
+        loopback.gpt2onnx_loopback = True
+        ray_replica.add_port_to_grpc_server = loopback
+    except Exception:  # another Ray version: leave its default
+        log.warning("could not keep Ray Serve's inter-deployment gRPC server on 127.0.0.1", exc_info=True)
+
+
+class _MetricsBridge:
+    """Copies a replica's Prometheus registry into Ray metrics every METRICS_PERIOD seconds: counters by their
+    increase, gauges by value, histograms bucket by bucket (bucket counts exact; the sum approximated by
+    each bucket's middle). Ray adds the deployment, replica and application tags."""
+
+    def __init__(self, registry, period: float = METRICS_PERIOD):
+        self.registry, self.period = registry, period
+        self.ray_metrics: dict[str, object] = {}
+        self.last: dict[tuple, float] = {}
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="gpt2onnx-ray-metrics", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def _run(self) -> None:
+        while not self.stopping.wait(self.period):
+            try:
+                self.copy()
+            except Exception:  # metrics never take a replica down
+                log.exception("copying metrics to Ray failed")
+
+    def copy(self) -> None:
+        from ray.serve import metrics
+
+        for family in self.registry.collect():
+            kind = family.type
+            if kind not in ("counter", "gauge", "histogram"):
+                continue
+            labels = tuple(sorted({k for s in family.samples for k in s.labels if k != "le"}))
+            if kind == "counter":
+                ray_metric = self._metric(family.name, metrics.Counter, family.documentation, labels)
+                for sample in family.samples:
+                    if sample.name.endswith("_total"):
+                        delta = self._delta(sample, sample.value)
+                        if delta > 0:
+                            ray_metric.inc(delta, tags=dict(sample.labels) or None)
+            elif kind == "gauge":
+                ray_metric = self._metric(family.name, metrics.Gauge, family.documentation, labels)
+                for sample in family.samples:
+                    ray_metric.set(sample.value, tags=dict(sample.labels) or None)
+            else:
+                buckets = sorted({float(s.labels["le"]) for s in family.samples if s.name.endswith("_bucket")})
+                finite = [b for b in buckets if math.isfinite(b)]
+                ray_metric = self._metric(family.name, metrics.Histogram, family.documentation, labels,
+                                          boundaries=finite)
+                previous_bound, previous_count = 0.0, 0.0
+                for sample in sorted((s for s in family.samples if s.name.endswith("_bucket")),
+                                     key=lambda s: float(s.labels["le"])):
+                    bound = float(sample.labels["le"])
+                    in_bucket = sample.value - previous_count  # prometheus buckets are cumulative
+                    previous_count = sample.value
+                    new = int(self._delta(sample, in_bucket))
+                    value = (previous_bound + bound) / 2 if math.isfinite(bound) else previous_bound * 1.5 or 1.0
+                    previous_bound = bound if math.isfinite(bound) else previous_bound
+                    for _ in range(max(0, new)):
+                        ray_metric.observe(value)
+
+    def _metric(self, name, cls, documentation, labels, **options):
+        found = self.ray_metrics.get(name)
+        if found is None:
+            found = self.ray_metrics[name] = cls(name, description=documentation, tag_keys=labels or None,
+                                                 **options)
+        return found
+
+    def _delta(self, sample, value: float) -> float:
+        key = (sample.name, tuple(sorted(sample.labels.items())))
+        delta = value - self.last.get(key, 0.0)
+        self.last[key] = value
+        return delta
+
+
+# --- building and running the application ----------------------------------------------------------------
+
+
+def deployment(options: RayServeOptions):
+    """The Ray Serve application: the deployment bound to its options (pass it to serve.run)."""
+    return serve.deployment(Gpt2OnnxReplica, **options.deployment_options()).bind(options)
+
+
+def build_app(args: dict):
+    """The application builder for `serve run gpt2onnx.serving.ray_serve:build_app key=value ...` or a config file's
+    `import_path: gpt2onnx.serving.ray_serve:build_app` with `args:` (the keys of RayServeOptions)."""
+    return deployment(RayServeOptions.from_dict(dict(args)))
+
+
+def run(options: RayServeOptions, *, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
+        num_cpus: float | None = None, metrics_port: int | None = None, ready_timeout: float = 300.0,
+        on_ready=None) -> int:
+    """Deploy on Ray and serve on host:port through Ray's proxy until SIGTERM / Ctrl-C; then delete the
+    application (each replica first finishes its requests in flight) and stop the Ray cluster if this call
+    started it. Returns 0; raises ModelLoadError when the replicas could not start.
+
+    address: a running cluster ("auto", "ray://..." or "host:port"); None starts a local cluster on
+        127.0.0.1 with num_cpus CPUs (default: replicas x cpus_per_replica, at least the machine's cores).
+    metrics_port: where a local cluster's metrics agent serves Prometheus text (None: Ray picks a port).
+    on_ready: called with the Ray metrics URL once the deployment answers /health.
+    """
+    import ray
+
+    started_ray = address is None
+    if started_ray:
+        from .server import _check_address
+
+        _check_address(host, port)  # a busy port fails in one line now, not after Ray started
+        wanted = options.cpus_per_replica * (options.max_replicas or options.replicas)
+        start_local_cluster(num_cpus=num_cpus or max(wanted, os.cpu_count() or 1), metrics_port=metrics_port)
+    else:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
+        try:
+            serve.run(deployment(options), name=APP_NAME, route_prefix="/", blocking=False)
+        except RuntimeError as error:  # the replicas' constructors failed (Ray retried them)
+            first = next((line for line in str(error).splitlines() if "Error" in line), str(error).splitlines()[0])
+            raise ModelLoadError(f"the replicas could not start: {first.strip()}",
+                                 hint="see the replicas' logs in /tmp/ray/session_latest/logs/serve/") from None
+        _wait_ready(f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/health", ready_timeout, stop)
+        if on_ready is not None:
+            node = next((n for n in ray.nodes() if n.get("Alive")), {})
+            on_ready(f"http://{node.get('NodeManagerAddress', '127.0.0.1')}:{node.get('MetricsExportPort')}/metrics")
+        stop.wait()
+        log.info("stopping: deleting the application (replicas drain for at most %.0f s)", options.drain_timeout)
+        serve.delete(APP_NAME)
+        if started_ray:
+            serve.shutdown()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if started_ray:
+            ray.shutdown()
+    return 0
+
+
+def start_local_cluster(*, num_cpus: float, metrics_port: int | None = None) -> None:
+    """ray.init of a one-machine cluster bound to 127.0.0.1 only, without the dashboard.
+
+    Ray picks the machine's network address unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set before ray
+    was first imported (it reads it at import): `gpt2onnx serve --ray` sets it; a program that imports ray
+    itself must set it first. A cluster that would not stay on loopback is stopped again, with that hint.
+    """
+    import ray
+
+    os.environ.setdefault(LOOPBACK_ENV, "0")  # for the processes Ray starts
+    extra = {} if metrics_port is None else {"_metrics_export_port": metrics_port}
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+             log_to_driver=False, **extra)
+    node = ray.util.get_node_ip_address()
+    if node != "127.0.0.1":
+        ray.shutdown()
+        raise InvalidArgumentError(f"the local Ray cluster would listen on {node}, not only on 127.0.0.1",
+                                   hint=f"set {LOOPBACK_ENV}=0 in the environment before Python imports ray")
+
+
+def _wait_ready(url: str, timeout: float, stop: threading.Event) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while not stop.is_set():
+        try:
+            with urllib.request.urlopen(url, timeout=5) as answer:  # our own proxy
+                if answer.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise InvalidArgumentError(f"the deployment did not become healthy at {url} in {timeout:.0f} s",
+                                       hint="see the replicas' logs under /tmp/ray/session_latest/logs/serve")
+        stop.wait(0.5)
