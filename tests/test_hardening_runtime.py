@@ -419,7 +419,8 @@ def test_bad_python_options_name_the_parameter_with_a_hint(tiny, options, messag
 def test_every_argument_error_in_the_runtime_has_a_hint():
     """Every `raise InvalidArgumentError(...)` in these modules passes a hint (the README promises one)."""
     missing = []
-    for module in ("settings", "model", "session", "defaults", "limits", "plot", "cli"):
+    for module in ("generation/settings", "generation/model", "runtime/session", "generation/defaults",
+                   "runtime/limits", "tools/plot", "tools/cli"):
         path = ROOT / "gpt2onnx" / f"{module}.py"
         for node in ast.walk(ast.parse(path.read_text())):
             if (isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call)

@@ -207,7 +207,7 @@ class Gpt2OnnxReplica:
         app = create_app(self.engine, ServerOptions(model_name=name, api_keys=options.api_keys,
                                                     replica_id=self.replica_id, drain_timeout=options.drain_timeout,
                                                     retry_after=options.retry_after))
-        self.app_metrics = app.state.gpt2onnx.serving.metrics
+        self.app_metrics = app.state.gpt2onnx.metrics
         self.bridge = _MetricsBridge(self.app_metrics.registry)
         _replica_app = app
         freeze_startup_heap()  # a replica's process serves this model alone
