@@ -232,9 +232,11 @@ def test_queue_full_and_bad_requests(trained):
         with pytest.raises(InvalidArgumentError, match="max_batch"):
             engine.submit([1], GenerationSettings(do_sample=True, num_return_sequences=3))
         with pytest.raises(InvalidArgumentError, match="logit_bias"):
-            engine.submit([1], GenerationSettings(), logit_bias={5: 101})
+            engine.submit([1], GenerationSettings(logit_bias={5: 101}))
         with pytest.raises(InvalidArgumentError, match="presence_penalty"):
-            engine.submit([1], GenerationSettings(), presence_penalty=3)
+            engine.submit([1], GenerationSettings(presence_penalty=3))
+        with pytest.raises(InvalidArgumentError, match="not tokens of this model"):
+            engine.submit([1], GenerationSettings(logit_bias={trained.config.vocab_size: 1}))
         for request in [running, *waiting]:
             request.cancel()
     with pytest.raises(InvalidArgumentError, match="max_batch"):
@@ -398,10 +400,14 @@ def test_logit_bias_and_penalties_follow_openai(trained):
     cases = [({plain[0]: -100}, 0, 0), ({}, 2.0, 0), ({}, 0, 1.5), ({13: 5.0, plain[1]: -3}, 0.5, 0.5)]
     with Engine(trained) as engine:
         for bias, frequency, presence in cases:
-            request = engine.submit(ids, GenerationSettings(max_new_tokens=10, ignore_eos=True), logit_bias=bias,
-                                    frequency_penalty=frequency, presence_penalty=presence, logprobs=0)
-            events = collect(request)[0]
-            assert [e.token_id for e in events] == reference(bias, frequency, presence)
+            settings = GenerationSettings(max_new_tokens=10, ignore_eos=True, logit_bias=bias,
+                                          frequency_penalty=frequency, presence_penalty=presence)
+            events = collect(engine.submit(ids, settings, logprobs=0))[0]
+            expected = reference(bias, frequency, presence)
+            assert [e.token_id for e in events] == expected
+            # the library's generate runs the same logits pipeline
+            assert trained.generate(PROMPTS[1], max_new_tokens=10, ignore_eos=True, logit_bias=bias,
+                                    frequency_penalty=frequency, presence_penalty=presence).token_ids == expected
         # logprobs stay those of the raw distribution, whatever bias picked the token
         (score,) = logprobs.score(trained.session, [ids + [e.token_id for e in events]], pad_id=0,
                                   decode=trained.tokenizer.decode)

@@ -396,3 +396,35 @@ def test_cli_options_stream_json_stdin(trained_export, capsys, monkeypatch):
         assert main(args + bad) == 2
         err = capsys.readouterr().err
         assert "error:" in err and "Traceback" not in err
+
+
+def test_complete_is_generates_typed_core(trained):
+    """Model.complete takes GenerationSettings as they are; generate() with the same options (the model's
+    defaults then change nothing) gives the same rows, seeded sampling and a batch included."""
+    settings = GenerationSettings(max_new_tokens=12, do_sample=True, temperature=0.9, top_k=40, seed=11,
+                                  num_return_sequences=2, frequency_penalty=0.5)
+    prompts = ["The quick brown", "Vim is"]
+    rows = trained.complete(prompts, settings)
+    grouped = trained.generate(prompts, max_new_tokens=12, do_sample=True, temperature=0.9, top_k=40, seed=11,
+                               num_return_sequences=2, frequency_penalty=0.5)
+    assert [r.token_ids for r in rows] == [g.token_ids for pair in grouped for g in pair]
+    assert [r.text for r in rows] == [g.text for pair in grouped for g in pair]
+    assert len({tuple(r.token_ids) for r in rows}) > 1  # sampled rows, not copies
+    with pytest.raises(InvalidArgumentError, match="GenerationSettings"):
+        trained.complete("hi", {"max_new_tokens": 3})
+
+
+def test_one_finish_rule():
+    """stopping.finish_reason and ended_by_eos: the rule every loop and the engine follow."""
+    from gpt2onnx.text.stopping import EOS, LENGTH, STOP, ended_by_eos, ends_text, finish_reason
+
+    assert finish_reason(by_eos=True, stop_cut=False, stop_kept=False) == EOS
+    assert finish_reason(by_eos=True, stop_cut=False, stop_kept=True) == EOS  # the end token is not a kept stop
+    assert finish_reason(by_eos=True, stop_cut=True, stop_kept=False) == STOP  # a stop found before the end token
+    assert finish_reason(by_eos=False, stop_cut=False, stop_kept=True) == STOP
+    assert finish_reason(by_eos=False, stop_cut=False, stop_kept=False) == LENGTH
+    tokens = np.array([5, 7, 50256])
+    assert ended_by_eos(tokens, (7, 50256), ignore_eos=False).tolist() == [False, True, True]
+    assert ended_by_eos(tokens, 50256, ignore_eos=True) is None
+    assert ends_text(7, (7, 50256), ignore_eos=False) and not ends_text(7, 50256, ignore_eos=False)
+    assert not ends_text(50256, 50256, ignore_eos=True)

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..format.gpt2 import position_ids
 from ..runtime.session import OnnxSession
-from ..text.stopping import eos_ids, first_eos, is_eos
+from ..text.stopping import ended_by_eos, eos_ids, first_eos
 from .generator import check_finite, left_pad
 from .sampling import log_softmax, process, softmax
 from .settings import GenerationSettings
@@ -51,7 +51,6 @@ def beam_search(session: OnnxSession, prompts: list[list[int]], settings: Genera
     # candidates kept per step, as transformers: (1 + eos ids) per beam, one more than can all end
     kept = 1 + len(eos_ids(eos_id))
     keep, pad = kept * beams, first_eos(eos_id)
-    ends_by_eos = not settings.ignore_eos
 
     # run each prompt once; its beams share that prefill's cache
     ids, mask = left_pad(prompts, pad)
@@ -93,7 +92,8 @@ def beam_search(session: OnnxSession, prompts: list[list[int]], settings: Genera
         source, token = picked // vocab, picked % vocab
         candidates = np.take_along_axis(tokens, source[:, :, None], axis=1)
         candidates[:, :, now] = token
-        ends = is_eos(token, eos_id) if ends_by_eos else np.zeros(token.shape, bool)
+        by_eos = ended_by_eos(token, eos_id, ignore_eos=settings.ignore_eos)
+        ends = by_eos if by_eos is not None else np.zeros(token.shape, bool)
         ends |= now + 1 >= max_length
         # 3a. the next beams: the best candidates that go on
         going_on = picked_scores + ends.astype(np.float32) * _MASK

@@ -19,8 +19,7 @@ tokens of `model.generate(prompt, seed=...)` alone whatever else is in the batch
 do not depend on the other rows up to float rounding: see tests/test_engine.py for the measured rate).
 
 Logprobs are of the model's RAW distribution (before logit_bias, penalties, temperature, top-k, top-p), as
-OpenAI and vLLM report them. logit_bias, frequency_penalty and presence_penalty (OpenAI's definitions, over
-the tokens generated so far) change the logits first, before transformers' processors.
+OpenAI and vLLM report them.
 """
 
 from __future__ import annotations
@@ -41,9 +40,19 @@ from ..errors import Gpt2OnnxError, InvalidArgumentError
 from ..format.gpt2 import position_ids
 from ..runtime import limits
 from ..runtime.kv_cache import KVCache
-from ..text.stopping import EOS, LENGTH, STOP, Deadline, ReleasedText, StopStringsKept, eos_ids, first_eos
+from ..text.stopping import (
+    EOS,
+    LENGTH,
+    Deadline,
+    ReleasedText,
+    StopStringsKept,
+    ends_text,
+    finish_reason,
+    first_eos,
+)
 from .generator import left_pad, pick
 from .logprobs import TopLogprobs, check_top, chosen
+from .seeding import random_for
 from .settings import GenerationSettings, check_token_ids
 
 CANCELLED, ERROR = "cancelled", "error"
@@ -129,8 +138,7 @@ class Request:
     """
 
     def __init__(self, engine: Engine, prompt_ids: list[int], settings: GenerationSettings, seed: int | None, rng,
-                 logprobs: int | None, echo_logprobs: bool, logit_bias: dict[int, float] | None,
-                 frequency_penalty: float, presence_penalty: float):
+                 logprobs: int | None, echo_logprobs: bool):
         self.id = uuid.uuid4().hex
         self.prompt_ids = prompt_ids
         self.settings = settings
@@ -139,7 +147,6 @@ class Request:
         self.deadline = Deadline(settings.max_time) if settings.max_time is not None else None
         self.rows = settings.num_return_sequences
         self.logprobs, self.echo_logprobs = logprobs, echo_logprobs
-        self.logit_bias, self.frequency_penalty, self.presence_penalty = logit_bias, frequency_penalty, presence_penalty
         # prompt logprobs (echo_logprobs=True): (logprob, top list) per prompt token, (None, None) for the first
         self.prompt_logprobs: list[tuple[float | None, TopLogprobs | None]] | None = None
         self.error: str | None = None  # the message when the request ended with finish_reason "error"
@@ -230,7 +237,6 @@ class _Active:
     def __init__(self, request: Request, eos_id: int | tuple[int, ...], decode, token_text):
         s = request.settings
         self.request, self.settings, self.eos_id, self.pad = request, s, eos_id, first_eos(eos_id)
-        self.ends = eos_ids(eos_id)  # every end token
         n, p = request.rows, len(request.prompt_ids)
         # every row's tokens so far, no padding: the sequences transformers' processors see in generate()
         self.history = np.full((n, p + s.max_new_tokens), self.pad, np.int64)
@@ -242,9 +248,6 @@ class _Active:
         self.kept = StopStringsKept(s.stop_strings, token_text, [request.prompt_ids] * n) if s.stop_strings else None
         self.reasons: list[str | None] = [None] * n
         self.values: list[list] | None = [[] for _ in range(n)] if request.logprobs is not None else None
-        # per row: token id -> times generated (OpenAI's penalties), only when a penalty applies
-        self.counts: list[dict[int, int]] | None = ([{} for _ in range(n)]
-                                                    if request.frequency_penalty or request.presence_penalty else None)
         self.rows = np.zeros(0, np.int64)  # its rows' indices in the running batch
         self.cache: tuple[KVCache, int] | None = None  # its prompt's past (cache, row) until it joins the batch
 
@@ -258,10 +261,8 @@ class _Active:
     def pick(self, logits: np.ndarray) -> int:
         """One step of generator.generate_tokens for this request's rows: sample from `logits` [n, vocab],
         emit the live rows' events, end rows at EOS, a stop string or max_new_tokens."""
-        # the same pick as generate's (logit_bias first: finite amounts, so the finiteness checks read the same)
-        s = self.settings
-        next_ids, _ = pick(self._biased(logits), self.history[:, :self.now], self.step, s, self.request._rng,
-                           eos_id=self.eos_id)
+        s = self.settings  # the same pick as generate's
+        next_ids, _ = pick(logits, self.history[:, :self.now], self.step, s, self.request._rng, eos_id=self.eos_id)
         next_ids = np.where(self.live, next_ids, self.pad)  # finished rows are padded with (the first) EOS
         live = np.flatnonzero(self.live).tolist()
         # transformers' stop_strings and max_time end rows too (reasons: stop and length)
@@ -275,15 +276,14 @@ class _Active:
             logprob, alternatives = values[i] if values is not None else (None, None)
             if values is not None:
                 self.values[row].append(values[i])
-            if self.counts is not None:
-                self.counts[row][token] = self.counts[row].get(token, 0) + 1
-            # the row ends at EOS (not part of the text), a stop string, or max_new_tokens, as in Model._result
-            text, by_eos, reason = self.texts[row], token in self.ends and not s.ignore_eos, None
+            # the row ends at an end token (not part of the text), a stop string, or max_new_tokens
+            text, reason = self.texts[row], None
+            by_eos = ends_text(token, self.eos_id, ignore_eos=s.ignore_eos)
             piece = "" if by_eos else text.add(token)
-            kept = completed is not None and bool(completed[row]) and not by_eos
+            kept = completed is not None and bool(completed[row])
             if by_eos or text.hit or kept or last or (timed_out is not None and timed_out[row]):
                 piece += text.finish()
-                reason = self.reasons[row] = STOP if text.hit or kept else EOS if by_eos else LENGTH
+                reason = self.reasons[row] = finish_reason(by_eos=by_eos, stop_cut=text.hit, stop_kept=kept)
                 self.live[row] = False
             events.append(Event(row, token, piece, logprob, alternatives, reason))
         self.history[:, self.now] = next_ids
@@ -305,21 +305,6 @@ class _Active:
                 events.append(Event(row, None, rest, None, None, reason))
         self.live[:] = False
         self._emit(events)
-
-    def _biased(self, logits: np.ndarray) -> np.ndarray:
-        """OpenAI's logit_bias and frequency/presence penalties, on the raw logits (a copy when any applies)."""
-        r = self.request
-        if not r.logit_bias and self.counts is None:
-            return logits
-        scores = np.array(logits, dtype=np.float32)
-        for row, counts in enumerate(self.counts or ()):  # tokens never generated are left as they are (- 0)
-            if counts:
-                # every token in counts was generated at least once: the presence penalty applies to all
-                ids, times = list(counts), np.array(list(counts.values()), np.float32)
-                scores[row, ids] -= np.float32(r.frequency_penalty) * times + np.float32(r.presence_penalty)
-        if r.logit_bias:
-            scores[:, list(r.logit_bias)] += np.array(list(r.logit_bias.values()), np.float32)
-        return scores
 
     def _emit(self, events: list[Event]) -> None:
         results = None
@@ -391,25 +376,21 @@ class Engine:
         return self._failure is None and (self._thread.is_alive() or self._closing)
 
     def submit(self, prompt_ids: list[int], settings: GenerationSettings, *, logprobs: int | None = None,
-               echo_logprobs: bool = False, logit_bias: dict[int, float] | None = None,
-               frequency_penalty: float = 0.0, presence_penalty: float = 0.0) -> Request:
+               echo_logprobs: bool = False) -> Request:
         """Queue a request; it joins the running batch as soon as its rows fit. Thread-safe.
 
         prompt_ids: the prompt's token ids (at least one; prompt + max_new_tokens within n_positions).
-        settings: as for Model.generate; seed None draws a fresh seed, reported as Request.seed.
+        settings: as for Model.generate (OpenAI's logit_bias and penalties among them); seed None draws a
+            fresh seed, reported as Request.seed.
         logprobs: k >= 0 puts each token's logprob and its k likeliest alternatives on the events (raw
             distribution: before logit_bias, penalties, temperature, top-k, top-p); None: no logprobs.
         echo_logprobs: compute Request.prompt_logprobs (set before the first event).
-        logit_bias: token id -> a bias from -100 to 100 added to its logit (OpenAI's logit_bias).
-        frequency_penalty, presence_penalty: -2 .. 2; logit -= frequency * count + presence * (count > 0),
-            count = times the token was generated in this row so far (OpenAI's definitions).
         Raises QueueFullError when max_queue requests wait, EngineClosedError once closing or stopped,
         InvalidArgumentError for a bad prompt or option.
         """
-        self._check(prompt_ids, settings, logprobs, logit_bias, frequency_penalty, presence_penalty)
-        seed, rng = self.model._rng(settings)
-        request = Request(self, list(prompt_ids), settings, seed, rng, logprobs, bool(echo_logprobs),
-                          dict(logit_bias) if logit_bias else None, float(frequency_penalty), float(presence_penalty))
+        self._check(prompt_ids, settings, logprobs)
+        seed, rng = random_for(settings)
+        request = Request(self, list(prompt_ids), settings, seed, rng, logprobs, bool(echo_logprobs))
         with self._lock:
             if self._failure is not None:
                 raise EngineClosedError(f"the engine stopped on an error: {self._failure}",
@@ -702,7 +683,7 @@ class Engine:
             self._stats["tokens"] += tokens
 
     def _active(self, request: Request) -> _Active:
-        return _Active(request, self.model.ends, self.model.tokenizer.decode, self.model.token_text)
+        return _Active(request, self.model.eos_id, self.model.tokenizer.decode, self.model.token_text)
 
     def _die(self, message: str) -> None:
         with self._lock:
@@ -725,7 +706,7 @@ class Engine:
         with self._lock:
             self._lock.notify_all()
 
-    def _check(self, prompt_ids, settings, logprobs, logit_bias, frequency_penalty, presence_penalty) -> None:
+    def _check(self, prompt_ids, settings, logprobs) -> None:
         config = self.model.config
         if not isinstance(settings, GenerationSettings):
             raise InvalidArgumentError(f"settings must be a GenerationSettings, got {type(settings).__name__}")
@@ -745,17 +726,6 @@ class Engine:
                                        f"max_batch={self.options.max_batch}", hint="ask for fewer sequences")
         check_top("logprobs", logprobs, config.vocab_size)
         check_token_ids(settings, config.vocab_size)
-        for name, value in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2 <= value <= 2:
-                raise InvalidArgumentError(f"{name} must be a number from -2 to 2, got {value!r}")
-        for token, bias in (logit_bias or {}).items():
-            if (isinstance(token, bool) or not isinstance(token, (int, np.integer))
-                    or not 0 <= token < config.vocab_size):
-                raise InvalidArgumentError(f"logit_bias keys must be token ids from 0 to {config.vocab_size - 1}, "
-                                           f"got {token!r}")
-            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
-                raise InvalidArgumentError(f"logit_bias values must be numbers from -100 to 100, got {bias!r} "
-                                           f"for token {token}")
 
 
 def fresh_group(lengths: list[int], budget: int, *, running: int, burst: int) -> int:

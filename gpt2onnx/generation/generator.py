@@ -9,7 +9,7 @@ import numpy as np
 from ..errors import GenerationError
 from ..format.gpt2 import position_ids
 from ..runtime.session import OnnxSession
-from ..text.stopping import first_eos, is_eos
+from ..text.stopping import ended_by_eos, first_eos
 from .sampling import choose, process
 from .settings import GenerationSettings
 
@@ -69,7 +69,7 @@ def generate_tokens(session: OnnxSession, prompts: list[list[int]], settings: Ge
         if watch is not None:
             watch(logits, next_ids, live, scores)
         yield next_ids, live
-        ended = ends(next_ids, live, settings, eos_id=eos_id, stopped=stopped)
+        ended = ended_rows(next_ids, live, settings, eos_id=eos_id, stopped=stopped)
         if ended is not None and ended.any():  # (few numpy calls per step: each costs after a run)
             live, all_live = live & ~ended, False
             if not live.any():
@@ -97,11 +97,12 @@ def pick(logits: np.ndarray, sequences: np.ndarray, step: int, settings: Generat
     return next_ids, scores
 
 
-def ends(next_ids: np.ndarray, live: np.ndarray, settings: GenerationSettings, *, eos_id: int | tuple[int, ...],
-         stopped: Callable[[np.ndarray, np.ndarray], np.ndarray] | None) -> np.ndarray | None:
-    """Which rows this step's tokens end: at <|endoftext|> (any eos_id; unless ignore_eos) or by
-    `stopped(next_ids, live)`; None when nothing can end a row."""
-    ended = None if settings.ignore_eos else is_eos(next_ids, eos_id)
+def ended_rows(next_ids: np.ndarray, live: np.ndarray, settings: GenerationSettings, *,
+               eos_id: int | tuple[int, ...],
+               stopped: Callable[[np.ndarray, np.ndarray], np.ndarray] | None) -> np.ndarray | None:
+    """Which rows this step's tokens end: at an end token (stopping.ended_by_eos) or by `stopped(next_ids, live)`;
+    None when nothing can end a row."""
+    ended = ended_by_eos(next_ids, eos_id, ignore_eos=settings.ignore_eos)
     if stopped is not None:
         by_stop = stopped(next_ids, live)
         ended = by_stop if ended is None else ended | by_stop

@@ -17,9 +17,6 @@ from ..runtime.loading import Loading, open_model, read_json, start
 from ..runtime.optimum_layout import Layout
 from ..runtime.session import SessionOptions
 from ..text.stopping import (
-    EOS,
-    LENGTH,
-    STOP,
     Deadline,
     ReleasedText,
     StopStrings,
@@ -27,6 +24,8 @@ from ..text.stopping import (
     any_of,
     completes,
     cut_at_stop,
+    ends_text,
+    finish_reason,
     first_eos,
 )
 from ..text.tokenizer import ENDOFTEXT, Tokenizer
@@ -36,7 +35,7 @@ from .defaults import model_defaults, resolve
 from .generator import collect, generate_tokens
 from .logprobs import Score, TopLogprobs, check_top, chosen, score
 from .sampling import log_softmax
-from .seeding import rng_for
+from .seeding import random_for
 from .settings import OPTIONS, GenerationSettings, check_token_ids
 
 
@@ -109,8 +108,8 @@ class Model:
                    max_cache_bytes=max_cache_bytes, layout=loading.layout, loading=loading)
 
     @property
-    def ends(self) -> int | tuple[int, ...]:
-        """The end tokens as the generation loops take them: the one id, or a tuple of several."""
+    def eos_id(self) -> int | tuple[int, ...]:
+        """The end tokens as the generation loops take them (their `eos_id`): the one id, or a tuple of several."""
         return self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else self.eos_token_ids
 
     def _check_vocabulary(self) -> None:
@@ -143,7 +142,9 @@ class Model:
                  forced_bos_token_id: int | None = None, forced_eos_token_id: int | list[int] | None = None,
                  exponential_decay_length_penalty: tuple[int, float] | None = None,
                  renormalize_logits: bool | None = None, stop_strings: str | list[str] | None = None,
-                 max_time: float | None = None, prompt_lookup_num_tokens: int | None = None,
+                 max_time: float | None = None, frequency_penalty: float | None = None,
+                 presence_penalty: float | None = None, logit_bias: dict[int, float] | None = None,
+                 prompt_lookup_num_tokens: int | None = None,
                  max_matching_ngram_size: int | None = None, num_assistant_tokens: int | None = None,
                  num_assistant_tokens_schedule: str | None = None, return_full_text: bool = False,
                  truncate: str | None = None, allow_special_tokens: bool = False, logprobs: int | None = None,
@@ -199,6 +200,10 @@ class Model:
         stop_strings: a string or list of strings; a row ends at the token that completes one, which is kept
             in the text (transformers' StopStringCriteria; the prompt counts). `stop` instead cuts the text.
         max_time: seconds; every row ends (finish_reason "length") at the first step that finishes later.
+        frequency_penalty: OpenAI's: each token's logit is lowered by this times the number of times the row
+            generated it (-2 .. 2; 0: off). Applied to the raw logits before every other option.
+        presence_penalty: OpenAI's: the logit of every token the row generated already is lowered by this (-2 .. 2).
+        logit_bias: OpenAI's: {token id: bias} adds a bias from -100 to 100 to those tokens' logits.
         prompt_lookup_num_tokens: draft up to this many tokens by finding the text's last n-gram earlier in
             it, and check them in one run of the model: the same tokens, fewer runs (one prompt, one sequence;
             None: off). See gpt2onnx/generation/speculative.py.
@@ -224,13 +229,39 @@ class Model:
         given = locals()
         options = {name: given[name] for name in OPTIONS}  # the generation options, as settings.OPTIONS lists them
         prompts = [prompt] if isinstance(prompt, str) else prompt
-        _check_flag("return_full_text", return_full_text)
-        _check_flag("output_scores", output_scores)
         _check_flag("return_dict_in_generate", return_dict_in_generate)
         prompt_ids, settings = self._prepare(prompts, options, truncate=truncate, allow_special=allow_special_tokens)
+        results = self._complete(prompts, prompt_ids, settings, return_full_text=return_full_text, logprobs=logprobs,
+                                 output_scores=output_scores, assistant_model=assistant_model)
+        n = settings.num_return_sequences
+        grouped = results if n == 1 else [results[i:i + n] for i in range(0, len(results), n)]
+        return grouped[0] if isinstance(prompt, str) else grouped
+
+    def complete(self, prompts: str | list[str], settings: GenerationSettings, *, return_full_text: bool = False,
+                 truncate: str | None = None, allow_special_tokens: bool = False, logprobs: int | None = None,
+                 output_scores: bool = False, assistant_model: "Model | str | Path | None" = None) -> list[Generation]:
+        """generate()'s typed core: continue every prompt with `settings` as they are (the model directory's
+        defaults are not applied; generate() applies them before it calls this). Returns one Generation per row,
+        prompt-major (a prompt's num_return_sequences rows together). The keywords are generate()'s."""
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        if not isinstance(settings, GenerationSettings):
+            raise InvalidArgumentError(f"settings must be a GenerationSettings, got {type(settings).__name__}",
+                                       hint="build one: GenerationSettings(max_new_tokens=20, do_sample=True)")
+        ids = self._fit(self._encode(prompts, truncate=truncate, allow_special=allow_special_tokens), settings,
+                        truncate=truncate)
+        return self._complete(prompts, ids, settings, return_full_text=return_full_text, logprobs=logprobs,
+                              output_scores=output_scores, assistant_model=assistant_model)
+
+    def _complete(self, prompts: list[str], prompt_ids: list[list[int]], settings: GenerationSettings, *,
+                  return_full_text: bool, logprobs: int | None, output_scores: bool,
+                  assistant_model: "Model | str | Path | None") -> list[Generation]:
+        """Every row's Generation from checked prompts and settings: beams or the token loop, then the text, the
+        finish reason and what was asked for beside it (logprobs, scores, sequence scores, speculation)."""
+        _check_flag("return_full_text", return_full_text)
+        _check_flag("output_scores", output_scores)
         check_top("logprobs", logprobs, self.config.vocab_size)
         assistant = self._assistant(assistant_model, settings)
-        seed, rng = self._rng(settings)
+        seed, rng = random_for(settings)
         n = settings.num_return_sequences
         values = [[] for _ in range(len(prompts) * n)]
         processed = [[] for _ in range(len(prompts) * n)]
@@ -247,7 +278,7 @@ class Model:
 
         stats = None  # how the drafts fared, when the call speculated
         if settings.num_beams > 1:  # each row with its sequence score
-            found = self._beams(prompt_ids, settings, rng, eos_id=self.ends, logprobs=logprobs,
+            found = self._beams(prompt_ids, settings, rng, eos_id=self.eos_id, logprobs=logprobs,
                                 output_scores=output_scores, assistant=assistant is not None)
         else:
             watch = record if logprobs is not None or output_scores else None
@@ -266,8 +297,7 @@ class Model:
             if stats is not None:
                 result = dataclasses.replace(result, speculation=stats)
             results.append(result)
-        grouped = results if n == 1 else [results[i:i + n] for i in range(0, len(results), n)]
-        return grouped[0] if isinstance(prompt, str) else grouped
+        return results
 
     def stream(self, prompt: str, *, return_full_text: bool = False, truncate: str | None = None,
                allow_special_tokens: bool = False, assistant_model: "Model | str | Path | None" = None,
@@ -297,7 +327,7 @@ class Model:
 
     def _stream(self, prompt: str, prompt_ids: list[int], settings: GenerationSettings,
                 return_full_text: bool, assistant: "Model | None") -> Iterator[str]:
-        _, rng = self._rng(settings)
+        _, rng = random_for(settings)
         text = ReleasedText(settings.stop, self.tokenizer.decode)
         if return_full_text:
             yield prompt
@@ -305,7 +335,7 @@ class Model:
                                 stopped=any_of(*self._criteria([prompt_ids], settings)))
         for next_ids, live in steps:
             token = int(next_ids[0])
-            if token in self.eos_token_ids and not settings.ignore_eos:
+            if ends_text(token, self.eos_id, ignore_eos=settings.ignore_eos):
                 break
             piece = text.add(token)
             if piece:
@@ -327,7 +357,7 @@ class Model:
         holds back all), and the left padding's token (default the model's <|endoftext|>; the pipeline's
         eos_token_id / pad_token_id)."""
         if eos_id is None:
-            eos_id = self.ends
+            eos_id = self.eos_id
         elif not isinstance(eos_id, (int, np.integer)):
             eos_id = tuple(int(t) for t in eos_id)  # a list of ids too (the loops tell a tuple from one id)
         if settings.num_beams > 1:
@@ -375,7 +405,7 @@ class Model:
         tokens, fewer runs), the plain loop otherwise (batches share each weight read among their rows already).
         Returns its (next ids, live) steps and the stats the speculative loop fills in (None for the plain loop).
         eos_id, pad_id: see generate_rows."""
-        eos_id = self.ends if eos_id is None else eos_id
+        eos_id = self.eos_id if eos_id is None else eos_id
         one_row = len(prompt_ids) == 1 and settings.num_return_sequences == 1
         if not (one_row and (assistant is not None or settings.prompt_lookup_num_tokens is not None)):
             return generate_tokens(self.session, prompt_ids, settings, eos_id=eos_id, rng=rng, stopped=stopped,
@@ -446,7 +476,14 @@ class Model:
 
     def _prepare(self, prompts: list, options: dict, *, truncate: str | None,
                  allow_special: bool) -> tuple[list[list[int]], GenerationSettings]:
-        """Prompts to token ids and options to settings, with every check made before anything runs."""
+        """Prompts to token ids and options (over the model's defaults) to settings, with every check made before
+        anything runs."""
+        ids = self._encode(prompts, truncate=truncate, allow_special=allow_special)
+        settings = resolve(self.defaults, options, prompt_length=max(map(len, ids)))
+        return self._fit(ids, settings, truncate=truncate), settings
+
+    def _encode(self, prompts: list, *, truncate: str | None, allow_special: bool) -> list[list[int]]:
+        """The prompts' token ids (the arguments checked first)."""
         if not isinstance(prompts, list) or not prompts:
             raise InvalidArgumentError("prompt must be a string or a non-empty list of strings",
                                        hint='pass "text" or ["text", "more text"]')
@@ -458,9 +495,12 @@ class Model:
         if len(prompts) > limits.MAX_ROWS:
             raise InvalidArgumentError(f"{len(prompts)} prompts in one call; the limit is {limits.MAX_ROWS} rows",
                                        hint="split the prompts over several calls")
-        ids = [self.encode_prompt(p, allow_special=allow_special, index=i if len(prompts) > 1 else None)
-               for i, p in enumerate(prompts)]
-        settings = resolve(self.defaults, options, prompt_length=max(map(len, ids)))
+        return [self.encode_prompt(p, allow_special=allow_special, index=i if len(prompts) > 1 else None)
+                for i, p in enumerate(prompts)]
+
+    def _fit(self, ids: list[list[int]], settings: GenerationSettings, *, truncate: str | None) -> list[list[int]]:
+        """The prompts' ids checked against the model: the options' token ids, the context (cut on the left with
+        truncate='left') and the budget of rows and cache."""
         check_token_ids(settings, self.config.vocab_size)
         room = self.config.n_positions - settings.max_new_tokens
         longest = max(map(len, ids))
@@ -474,7 +514,7 @@ class Model:
                          "(--truncate left) to drop the oldest prompt tokens")
             ids = [p[-room:] for p in ids]
         self.check_budget(ids, settings)
-        return ids, settings
+        return ids
 
     def check_budget(self, prompt_ids: list[list[int]], settings: GenerationSettings) -> None:
         """Refuse a call whose rows or KV cache exceed the limits (gpt2onnx/runtime/limits.py), before anything runs."""
@@ -516,19 +556,13 @@ class Model:
         ids = self.tokenizer.encode(prompt, allow_special=allow_special)
         return ids if ids else [self.eos_token_id]
 
-    def _rng(self, settings: GenerationSettings):
-        if settings.greedy:
-            return None, None
-        # seed=None: the set_seed stream when there is one (gpt2onnx/generation/seeding.py), else a fresh seed
-        return rng_for(settings.seed, settings.sampler)
-
     def _result(self, prompt: str, prompt_ids: list[int], new_ids: list[int], settings: GenerationSettings,
                 seed: int | None, full: bool) -> Generation:
-        ended_by_eos = bool(new_ids) and new_ids[-1] in self.eos_token_ids and not settings.ignore_eos
-        text, hit = cut_at_stop(self.tokenizer.decode(new_ids[:-1] if ended_by_eos else new_ids), settings.stop)
+        by_eos = bool(new_ids) and ends_text(new_ids[-1], self.eos_id, ignore_eos=settings.ignore_eos)
+        text, hit = cut_at_stop(self.tokenizer.decode(new_ids[:-1] if by_eos else new_ids), settings.stop)
         completed = bool(new_ids and settings.stop_strings) and completes(settings.stop_strings, self.token_text,
                                                                           prompt_ids + new_ids)
-        reason = STOP if hit or (completed and not ended_by_eos) else EOS if ended_by_eos else LENGTH
+        reason = finish_reason(by_eos=by_eos, stop_cut=hit, stop_kept=completed)
         return Generation(text=prompt + text if full else text, token_ids=new_ids, prompt=prompt,
                           prompt_token_ids=prompt_ids, finish_reason=reason, seed=seed)
 

@@ -1,7 +1,8 @@
 """Choosing the next token: a pure function of (logits, the sequences so far, settings, random generator).
 
 The logits are processed exactly in transformers' order and arithmetic (float32, its
-`GenerationMixin._get_logits_processor`): sequence bias, repetition penalty, no-repeat n-grams, bad words,
+`GenerationMixin._get_logits_processor`), after OpenAI's frequency and presence penalties and logit bias (on the
+raw logits, first, as OpenAI and vLLM apply them): sequence bias, repetition penalty, no-repeat n-grams, bad words,
 min_new_tokens, forced BOS / EOS, exponential decay length penalty, suppressed tokens, tokens suppressed at
 the beginning; then, when sampling, temperature, top-k, top-p, min-p, typical-p, epsilon and eta cut-offs;
 last the log-softmax of renormalize_logits. Softmax; one draw per row. Temperature 0 (or do_sample=False)
@@ -58,6 +59,11 @@ def process(logits: np.ndarray, sequences: np.ndarray, new_tokens: int, settings
         return np.asarray(logits, dtype=np.float32)
     scores = np.array(logits, dtype=np.float32)  # a copy: every step below may write in place
     fixed = _prepare(s, eos_id, scores.shape[-1])  # the arrays the settings alone decide, built once
+    if s.frequency_penalty or s.presence_penalty:  # OpenAI's, over the tokens each row generated so far
+        _penalize(scores, sequences[:, length - new_tokens:], s)
+    if fixed.logit_bias is not None:  # OpenAI's logit_bias
+        ids, values = fixed.logit_bias
+        scores[:, ids] += values
     if fixed.sequence_bias is not None:  # SequenceBiasLogitsProcessor
         scores = _sequence_bias(scores, sequences, fixed.sequence_bias)
     if s.repetition_penalty != 1.0:  # RepetitionPenaltyLogitsProcessor
@@ -140,6 +146,16 @@ def _warp(scores: np.ndarray, s: GenerationSettings, keep: int) -> None:
         scores[_kept((probs < eta) & (scores < scores.max(axis=-1, keepdims=True)), scores, keep)] = -np.inf
 
 
+def _penalize(scores: np.ndarray, generated: np.ndarray, s: GenerationSettings) -> None:
+    """OpenAI's penalties in place: logit -= frequency x count + presence, for each token a row generated (count
+    times); the other tokens are left as they are."""
+    frequency, presence = np.float32(s.frequency_penalty), np.float32(s.presence_penalty)
+    for row, tokens in enumerate(generated):
+        if len(tokens):
+            ids, times = np.unique(tokens, return_counts=True)
+            scores[row, ids] -= frequency * times.astype(np.float32) + presence
+
+
 def _kept(drop: np.ndarray, scores: np.ndarray, keep: int) -> np.ndarray:
     """`drop` [batch, vocab] with the `keep` highest scores of every row taken out of it (min_tokens_to_keep > 1)."""
     if keep > 1:
@@ -150,7 +166,8 @@ def _kept(drop: np.ndarray, scores: np.ndarray, keep: int) -> np.ndarray:
 
 def _changes(s: GenerationSettings, new_tokens: int, eos_id: int | tuple[int, ...] | None) -> bool:
     """Whether any processor that also applies when greedy is set (min_new_tokens: still in force)."""
-    return bool(s.sequence_bias or s.repetition_penalty != 1.0 or s.no_repeat_ngram_size > 0 or s.bad_words_ids
+    return bool(s.frequency_penalty or s.presence_penalty or s.logit_bias
+                or s.sequence_bias or s.repetition_penalty != 1.0 or s.no_repeat_ngram_size > 0 or s.bad_words_ids
                 or (eos_id is not None and new_tokens < s.min_new_tokens) or s.forced_bos_token_id is not None
                 or s.forced_eos_token_id is not None or s.exponential_decay_length_penalty or s.suppress_tokens
                 or s.begin_suppress_tokens or s.renormalize_logits)
@@ -179,6 +196,7 @@ class _Bias:
 class _Fixed:
     """What `process` needs from the settings alone (token-id arrays, bias vectors), built once per settings."""
 
+    logit_bias: tuple[np.ndarray, np.ndarray] | None  # (token ids, float32 biases)
     sequence_bias: _Bias | None
     bad_words: _Bias | None
     suppress: np.ndarray | None
@@ -196,7 +214,9 @@ def _prepare(s: GenerationSettings, eos_id: int | tuple[int, ...] | None, vocab:
     ids = (s.suppress_tokens, s.begin_suppress_tokens,
            None if s.forced_bos_token_id is None else (s.forced_bos_token_id,), s.forced_eos_token_id)
     arrays = [None if i is None else np.array(i, dtype=np.int64) for i in ids]
-    return _Fixed(_Bias.of(s.sequence_bias, vocab) if s.sequence_bias else None,
+    logit_bias = None if not s.logit_bias else (np.array([t for t, _ in s.logit_bias], np.int64),
+                                                 np.array([b for _, b in s.logit_bias], np.float32))
+    return _Fixed(logit_bias, _Bias.of(s.sequence_bias, vocab) if s.sequence_bias else None,
                   _Bias.of(words, vocab) if words else None, *arrays)
 
 

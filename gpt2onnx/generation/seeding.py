@@ -101,6 +101,13 @@ def rng_for(seed: int | None, sampler: str = "torch") -> tuple[int, object]:
     return seed, TorchGenerator(seed)
 
 
+def random_for(settings) -> tuple[int | None, object]:
+    """(the seed to report, the rng) of one call with these GenerationSettings: (None, None) when greedy."""
+    if settings.greedy:
+        return None, None
+    return rng_for(settings.seed, settings.sampler)
+
+
 def _reset() -> None:
     """Forget set_seed (tests)."""
     with _LOCK:

@@ -13,6 +13,8 @@ from ..errors import InvalidArgumentError
 from ..runtime.limits import MAX_NEW_TOKENS, MAX_RETURN_SEQUENCES
 
 SEED_MAX = 2**32 - 1  # transformers' set_seed(seed) accepts 0 .. 2**32 - 1 (numpy's limit)
+PENALTY_LIMIT = 2  # OpenAI's frequency_penalty and presence_penalty: -2 .. 2
+BIAS_LIMIT = 100  # OpenAI's logit_bias values: -100 .. 100
 SAMPLERS = ("torch", "numpy")
 ASSISTANT_SCHEDULES = ("constant", "heuristic", "heuristic_transient")  # transformers' names
 
@@ -146,6 +148,16 @@ OPTIONS = {
                            hint='pass a string or a list of non-empty strings, e.g. stop_strings=["\\n\\n"]'),
     "max_time": Option("end every row after this many seconds (finish_reason length)",
                        hint="seconds, a number > 0; the row keeps the tokens made so far"),
+    # OpenAI's penalties and logit bias (the server's options; here for generate and the CLI too): sampling.process
+    # applies them to the raw logits before transformers' processors
+    "frequency_penalty": Option("lower a token's logit by this x the times the row generated it (OpenAI's; -2 to 2)",
+                                hint=f"a number from -{PENALTY_LIMIT} to {PENALTY_LIMIT}; 0 turns it off"),
+    "presence_penalty": Option("lower the logit of every token the row generated already by this (OpenAI's; -2 to 2)",
+                               hint=f"a number from -{PENALTY_LIMIT} to {PENALTY_LIMIT}; 0 turns it off"),
+    "logit_bias": Option("add a bias to token ids' logits (OpenAI's; JSON {\"50256\": -100})",
+                         flag={"type": _json_arg, "metavar": "JSON"},
+                         hint=f"a dict {{token id: bias}} with biases from -{BIAS_LIMIT} to {BIAS_LIMIT}, e.g. "
+                              "{50256: -100}"),
     # speculative decoding (gpt2onnx/generation/speculative.py): how many positions one run checks; never which tokens
     "prompt_lookup_num_tokens": Option(
         "draft up to N tokens by finding the last n-gram earlier in the text; same tokens, fewer runs",
@@ -197,6 +209,10 @@ class GenerationSettings:
     renormalize_logits: bool = False  # log-softmax after every processor
     stop_strings: tuple[str, ...] | None = None  # end a row at the token completing one (kept, unlike stop)
     max_time: float | None = None  # seconds; every row ends once a step finishes after this
+    # OpenAI's, over the tokens the row generated so far: logit -= frequency x count + presence x (count > 0)
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] | None = None  # (token id, bias) pairs: logit += bias
     # speculative decoding: the same tokens, with fewer runs of the model (gpt2onnx/generation/speculative.py)
     prompt_lookup_num_tokens: int | None = None  # draft this many tokens by prompt lookup; None: off
     max_matching_ngram_size: int | None = None  # prompt lookup's longest n-gram; None: 2 (transformers')
@@ -299,6 +315,11 @@ class GenerationSettings:
         if self.max_time is not None:
             self._set("max_time", _check_real("max_time", self.max_time, "a number of seconds > 0",
                                               lambda t: t > 0 and not math.isnan(t)))
+        for name in ("frequency_penalty", "presence_penalty"):
+            self._set(name, _check_real(name, getattr(self, name), f"a number from -{PENALTY_LIMIT} to {PENALTY_LIMIT}",
+                                        lambda v: -PENALTY_LIMIT <= v <= PENALTY_LIMIT))
+        if self.logit_bias is not None:
+            self._set("logit_bias", _check_logit_bias(self.logit_bias))
 
     def token_ids(self) -> set[int]:
         """Every token id the options name (to be checked against the model's vocabulary)."""
@@ -306,6 +327,7 @@ class GenerationSettings:
         ids |= set(self.forced_eos_token_id or ())
         ids |= {t for word in self.bad_words_ids or () for t in word}
         ids |= {t for sequence, _ in self.sequence_bias or () for t in sequence}
+        ids |= {t for t, _ in self.logit_bias or ()}
         return ids | ({self.forced_bos_token_id} if self.forced_bos_token_id is not None else set())
 
     @property
@@ -356,6 +378,26 @@ def _check_sequence_bias(bias) -> tuple[tuple[tuple[int, ...], float], ...]:
         merged[_check_ids("sequence_bias", ids)] = _check_real("sequence_bias", value, "(token ids, bias) pairs with "
                                                                "numbers as biases", lambda b: not math.isnan(b))
     return tuple(merged.items())
+
+
+def _check_logit_bias(bias) -> tuple[tuple[int, float], ...] | None:
+    """OpenAI's logit_bias, {token id: bias} (ids as integers, or as strings of digits as in its JSON), as (id, bias)
+    pairs in the dict's order; an empty dict is no bias (None)."""
+    pairs = list(bias.items()) if isinstance(bias, dict) else bias
+    if not isinstance(pairs, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
+        raise InvalidArgumentError(f"logit_bias must be a dict of token id -> bias, got {bias!r}",
+                                   hint=OPTIONS["logit_bias"].hint)
+    checked = {}
+    for token, value in pairs:
+        if isinstance(token, str) and token.isdigit():
+            token = int(token)
+        if isinstance(token, (bool, np.bool_)) or not isinstance(token, numbers.Integral) or token < 0:
+            raise InvalidArgumentError(f"logit_bias keys must be token ids (integers >= 0, or strings of digits), "
+                                       f"got {token!r}", hint=OPTIONS["logit_bias"].hint)
+        checked[int(token)] = _check_real(
+            "logit_bias", value, f"a dict of token id -> a bias from -{BIAS_LIMIT} to {BIAS_LIMIT}",
+            lambda b: -BIAS_LIMIT <= b <= BIAS_LIMIT)
+    return tuple(checked.items()) or None
 
 
 def _check_decay(pair) -> tuple[int, float]:

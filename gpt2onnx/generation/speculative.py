@@ -41,8 +41,8 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from ..runtime.session import OnnxSession
-from ..text.stopping import first_eos, is_eos
-from .generator import ends, pick
+from ..text.stopping import ended_by_eos, first_eos
+from .generator import ended_rows, pick
 from .sampling import sample
 from .settings import GenerationSettings
 
@@ -199,7 +199,7 @@ def generate_tokens(session: OnnxSession, prompt: list[int], settings: Generatio
             token = int(next_ids[0])
             ids[now] = token
             now += 1
-            ended = ends(next_ids, live, settings, eos_id=eos_id, stopped=stopped)
+            ended = ended_rows(next_ids, live, settings, eos_id=eos_id, stopped=stopped)
             if ended is not None and ended[0]:
                 return
             if now - width == settings.max_new_tokens:
@@ -213,7 +213,7 @@ def generate_tokens(session: OnnxSession, prompt: list[int], settings: Generatio
         drafter.update(i, len(drafts))
         # the next draft: a run of k + 1 positions gives at most k + 1 new tokens
         limit = settings.max_new_tokens - (now - width) - 1
-        drafts = _draft(drafter, ids[:now], limit, now - width, eos_id if not settings.ignore_eos else None)
+        drafts = _draft(drafter, ids[:now], limit, now - width, eos_id, settings.ignore_eos)
         feed = np.array([[ids[now - 1], *drafts]], np.int64)
         total = now + len(drafts)
         logits, cache = session.run(feed, mask[:, :total], np.arange(now - 1, total)[None], cache,
@@ -222,12 +222,11 @@ def generate_tokens(session: OnnxSession, prompt: list[int], settings: Generatio
 
 
 def _draft(drafter: PromptLookup | Assistant, ids: np.ndarray, limit: int, new_tokens: int,
-           eos_id: int | tuple[int, ...] | None) -> list[int]:
-    """The drafter's guess, cut before an <|endoftext|> (which would end the row: nothing to gain after it)."""
+           eos_id: int | tuple[int, ...], ignore_eos: bool) -> list[int]:
+    """The drafter's guess, cut before an end token (which would end the row: nothing to gain after it)."""
     if limit <= 0:
         return []
     drafts = drafter.propose(ids, limit, new_tokens)
-    if eos_id is not None:
-        at = np.flatnonzero(is_eos(np.array(drafts, np.int64), eos_id))
-        drafts = drafts[:at[0]] if at.size else drafts
-    return drafts
+    ended = ended_by_eos(np.array(drafts, np.int64), eos_id, ignore_eos=ignore_eos)
+    at = np.flatnonzero(ended) if ended is not None else ()
+    return drafts[:at[0]] if len(at) else drafts

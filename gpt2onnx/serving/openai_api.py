@@ -15,8 +15,9 @@ The mapping (OpenAI's defaults, not transformers'):
     seed                        -> seed (one seed for every prompt of the request; none: drawn and
                                    reported in the x-gpt2onnx-seed header)
     extra repetition_penalty, min_tokens (-> min_new_tokens), no_repeat_ngram_size, ignore_eos -> same
-    logit_bias, frequency_penalty, presence_penalty -> the engine's submit() (applied to the raw logits
-                                   first: logit += bias; logit -= frequency * count + presence * (count > 0))
+    logit_bias, frequency_penalty, presence_penalty -> the same settings (sampling.process applies them to
+                                   the raw logits first: logit -= frequency * count + presence * (count > 0);
+                                   logit += bias)
     sampler                     -> "torch" (the tokens transformers gives after set_seed(seed))
 
 so a seeded request gives the text of `model.generate(prompt, seed=s, do_sample=temperature > 0,
@@ -345,7 +346,7 @@ class Prepared:
     prompt_ids: list[list[int]]
     settings: GenerationSettings
     copies: int  # choices made from each engine row: n for greedy n > 1 (one row, copied), else 1
-    submit_options: dict  # the engine's submit() keywords (logprobs, penalties, bias, echo_logprobs)
+    submit_options: dict  # the engine's submit() keywords (logprobs, echo_logprobs)
     seed: int | None  # the seed every prompt uses (drawn when the request had none and samples)
 
 
@@ -382,14 +383,9 @@ def prepare(request: CompletionRequest, *, encode, decode, n_positions: int) -> 
         repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
         no_repeat_ngram_size=request.no_repeat_ngram_size or 0, num_return_sequences=1 if greedy else n,
         stop=tuple(request.stop or ()), ignore_eos=bool(request.ignore_eos), seed=None if greedy else seed,
-        sampler="torch")
+        sampler="torch", frequency_penalty=request.frequency_penalty or 0.0,
+        presence_penalty=request.presence_penalty or 0.0, logit_bias=request.logit_bias or None)
     submit = {"logprobs": request.logprobs, "echo_logprobs": bool(request.echo and request.logprobs is not None)}
-    if request.logit_bias:
-        submit["logit_bias"] = request.logit_bias
-    if request.frequency_penalty:
-        submit["frequency_penalty"] = float(request.frequency_penalty)
-    if request.presence_penalty:
-        submit["presence_penalty"] = float(request.presence_penalty)
     return Prepared(prompts=texts, prompt_ids=prompt_ids, settings=settings, copies=n if greedy else 1,
                     submit_options=submit, seed=None if greedy else seed)
 

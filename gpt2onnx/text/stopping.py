@@ -137,6 +137,25 @@ def is_eos(tokens: np.ndarray, eos_id: int | tuple[int, ...]) -> np.ndarray:
     return np.isin(tokens, eos_id) if isinstance(eos_id, tuple) else tokens == eos_id
 
 
+def ended_by_eos(tokens: np.ndarray, eos_id: int | tuple[int, ...] | None, *, ignore_eos: bool) -> np.ndarray | None:
+    """Where `tokens` end their rows as end of text: any end token (eos_id, or a tuple of them), unless ignore_eos;
+    None when no token can (ignore_eos, or no end token). The rule generate, stream, beams, speculation and the
+    engine all follow; `ends_text` is the same for one token."""
+    return None if ignore_eos or eos_id is None else is_eos(tokens, eos_id)
+
+
+def ends_text(token: int, eos_id: int | tuple[int, ...], *, ignore_eos: bool) -> bool:
+    """Whether one new token ends its row as end of text (ended_by_eos for one token, without numpy)."""
+    return not ignore_eos and token in eos_ids(eos_id)
+
+
+def finish_reason(*, by_eos: bool, stop_cut: bool, stop_kept: bool) -> str:
+    """Why a finished row ended: a stop string found in its text (cut) or completed by its last token (kept,
+    unless that token was an end token) is STOP; else an end token is EOS; else LENGTH (max_new_tokens or
+    max_time)."""
+    return STOP if stop_cut or (stop_kept and not by_eos) else EOS if by_eos else LENGTH
+
+
 def first_eos(eos_id: int | tuple[int, ...]) -> int:
     """The token finished rows are padded with: the end-of-text token, the first of several (transformers' default
     pad_token_id)."""
