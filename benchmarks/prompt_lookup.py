@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per prompt")
     parser.add_argument("--lookup", type=int, default=10, help="prompt_lookup_num_tokens")
     parser.add_argument("--precisions", default="fp32,int8",
-                        help="target precisions, comma-separated (int4: see the README)")
+                        help="target precisions, comma-separated (int4: see benchmarks/README.md)")
     parser.add_argument("--assistant", default="int4", help="the assistant's precision ('' skips assisted decoding)")
     parser.add_argument("--num-assistant-tokens", type=int, default=5, help="assistant drafts per run")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per model")

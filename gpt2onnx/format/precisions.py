@@ -7,9 +7,8 @@ graph differs, a case in the builder; nothing else spells a precision's numbers.
 Schemes (the manifest's quantization "scheme"; contract.SCHEME_*):
   per-column  int8: ONNX Runtime's DynamicQuantizeMatMul, int8 codes with one scale per output column
               (gpt2onnx/format/per_column.py); the activations are quantized to uint8 at each call, so the matmul runs
-              in integers. On this 2-thread AVX2 machine (GPT-2 124M) prefill@512 923 tok/s against 402 for
-              MatMulNBits 8-bit blocks (accuracy_level 4), a 16-row step 42 ms against 59.5, decode@8 97.6
-              tok/s against 93.2. No block size.
+              in integers (why not MatMulNBits 8-bit blocks: benchmarks/results/2026-12-01-quantization.md). No
+              block size.
   blocks      int4 (and int8 exports made before per-column): MatMulNBits, a scale per block of inputs
               (gpt2onnx/format/matmulnbits.py).
 

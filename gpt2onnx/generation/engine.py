@@ -1,6 +1,6 @@
 """Continuous batching: one scheduler thread runs the rows of many requests as one batch, a token per step.
 
-    engine = Engine(gpt2onnx.load("out/gpt2"))
+    engine = Engine(gpt2onnx.load("out/random-gpt2"))
     request = engine.submit(ids, GenerationSettings(do_sample=True, seed=7, max_new_tokens=64))
     for event in request.events():          # or `async for event in request.aevents()`
         print(event.text, end="")
@@ -78,13 +78,10 @@ class EngineOptions:
 
     max_batch: int = 16  # rows (sequences) in the running batch at once
     max_queue: int = 64  # requests waiting to join; submit() beyond raises QueueFullError
-    # the most prompt tokens prefilled per scheduler step (a long prompt never freezes the batch). GPT-2 small fp32
-    # on 2 cores: a 64-token chunk costs about 3.5 batch-1 decode steps and as much per token as a 256-token one
-    # (10 against 9.5 ms), while 256 tokens stall every running row for 13 steps' time. Each step prefills fewer
-    # when the measured cost says so: about one decode step's time of prompt while rows decode (no step takes
-    # much more than two decode steps), two batch-1 steps' time while none does (a short prompt arriving waits
-    # that long at most). A burst of fresh prompts (more than the running rows) may take _BURST_CHUNKS times this
-    # in one run (fresh_group)
+    # the most prompt tokens prefilled per scheduler step (a long prompt never freezes the batch; why 64:
+    # benchmarks/results/2026-12-01-serving.md). Each step prefills fewer when the measured cost says so: about
+    # one decode step's time of prompt while rows decode, two batch-1 steps' time while none does. A burst of fresh
+    # prompts (more than the running rows) may take _BURST_CHUNKS times this in one run (fresh_group)
     prefill_chunk: int = 64
     on_step: Callable[[int], None] | None = None  # called after each decode step with the batch's rows (metrics)
 

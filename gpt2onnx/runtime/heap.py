@@ -15,8 +15,7 @@ import gc
 @contextlib.contextmanager
 def collector_paused():
     """No automatic collection inside the block (the collector's state is restored after it): for code that
-    makes many long-lived objects at once. Importing gpt2onnx (numpy and ONNX Runtime with it) 0.21-0.25 s
-    against 0.28-0.39 s with the collector on, in interleaved fresh processes on the 2-core build machine."""
+    makes many long-lived objects at once (measured: benchmarks/results/2026-12-01-cold-start.md)."""
     enabled = gc.isenabled()
     gc.disable()
     try:

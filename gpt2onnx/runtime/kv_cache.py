@@ -182,7 +182,7 @@ def _allocate(shape: tuple[int, ...], dtype) -> np.ndarray:
     first write anywhere in a 2 MiB region zeroes all of it, and the kernel may first compact memory to find
     one. A cache's rows are spread over the whole buffer (row, head, position), so building the 16-row cache
     the server gathers when a burst of clients joins touched every region at once: 60-240 ms, every other row
-    waiting (see the README's serving section)."""
+    waiting (benchmarks/results/2026-12-01-serving.md)."""
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     if nbytes == 0 or not hasattr(mmap, "MAP_PRIVATE"):  # nothing to map, or no POSIX mmap (Windows)
         return np.zeros(shape, dtype)

@@ -83,7 +83,7 @@ def _in_background(function, *args, released_in: str | None = None, **kwargs):
     returns only once the thread is inside that call (or has ended), so that work started next on this thread
     which holds the GIL throughout (reading a tokenizer: Python, or the tokenizers library's build) runs
     beside the call, rather than first blocking the thread at its next line of Python and then running
-    before it. Loading random:gpt2 int4: load 0.19-0.30 s against 0.31-0.40 s (see the README's cold start)."""
+    before it (measured: benchmarks/results/2026-12-01-cold-start.md)."""
     outcome = {}
     inside = threading.Event()
 

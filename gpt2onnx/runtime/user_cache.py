@@ -11,22 +11,10 @@
   threads). An entry whose files changed since they were written, or that ONNX Runtime cannot open, is
   removed and written again; the model directory itself is never written to (it may be read-only).
 
-Measured on the 2-core build machine (random:gpt2, one process per load; the machine shared):
-- int4 (224 MB): ONNX Runtime's session 1.01 s from model.onnx, 0.17 s from the saved graph; first step 26
-  vs 19 ms; logits bitwise equal. Our export is fused already, so the saved graph holds the same nodes
-  (no layout transform applied on this AVX2 CPU either): the gain is the weights, which ONNX Runtime
-  maps from the external file instead of parsing them out of model.onnx and copying them (with the
-  optimizer off the plain model still takes 0.59 s). fp32 (498 MB): 1.53 -> 0.64 s, as the optimizer's
-  passes are skipped too.
-- The prepacked MatMulNBits weights are saved as well (see _SAVE_ENTRIES): 0.91-0.94x the wall time of a
-  whole `gpt2onnx generate`, as the session is the last to finish of the two loads side by side.
-- Tried and left out: ORT format (.ort, memory-mapped, model bytes used directly): 0.18 s, no better, and
-  a process crashed when the bytes came from Python.
-- the sha256 of the directory's files 0.21 s; a look at the records 1 ms.
 - **tokenizer tables**: a tokenizer.json of GPT-2's kind as ByteLevelBpe.tables() writes it (gpt2onnx/text/bpe.py),
-  keyed by the sha256 of the file's bytes (hashing GPT-2's 3.5 MB: ~3 ms). Reading it back and building the
-  tokenizer: 76-116 ms against 197-243 ms to parse the JSON and build it (fresh processes, six each, after
-  importing numpy and ONNX Runtime; the dicts' fresh memory is most of what is left on this VM).
+  keyed by the sha256 of the file's bytes.
+
+What each saves, measured: benchmarks/results/2026-12-01-cold-start.md ("The user cache, measured").
 
 The cache lives in $GPT2ONNX_CACHE_DIR, else $XDG_CACHE_HOME/gpt2onnx, else ~/.cache/gpt2onnx;
 GPT2ONNX_CACHE_DIR=off turns it off. Deleting it is always safe. It keeps the MAX_GRAPHS most recently
@@ -218,10 +206,8 @@ def new_graph(key: dict) -> Path | None:
 
 # ONNX Runtime's config entries that save the optimized graph with its weights in one external data file
 # beside it (which ONNX Runtime maps, rather than copies, when it opens the graph), the 4-bit MatMulNBits
-# weights also as ONNX Runtime prepacks them for this CPU (prepacking is ~120 of a 150 ms int4 session load):
-# `gpt2onnx generate "Hello" --max-new-tokens 1` on random:gpt2 int4 0.94x and 0.91x the wall time of saving
-# without them (CPU 0.93x, 0.96x; two paired farm-bench runs of 10 and 15, the machine busy), +67 MB in the
-# cache and +25 MB peak memory; a token as fast (17.8 vs 18.3 ms CPU), the same logits
+# weights also as ONNX Runtime prepacks them for this CPU (prepacking is most of an int4 session load; measured
+# in benchmarks/results/2026-12-01-cold-start.md)
 _SAVE_ENTRIES = {"session.optimized_model_external_initializers_file_name": _GRAPH_DATA,
                  "session.optimized_model_external_initializers_min_size_in_bytes": "1024",
                  "session.save_external_prepacked_constant_initializers": "1"}

@@ -7,7 +7,7 @@ outputs of an in-memory copy of the graph (the files on disk are not touched), r
 off the query heads and take softmax(q·kᵀ · scale) with the causal mask in numpy. This works for any export
 that keeps the contract's tensor names, fused or quantized.
 
-    maps = attention_maps("out/gpt2", "The cat sat on the mat")
+    maps = attention_maps("out/random-gpt2", "The cat sat on the mat")
     maps.probs[layer, head]   # [tokens, tokens]; row i is query token i, its entries sum to 1
 """
 

@@ -21,18 +21,18 @@ EXAMPLES = """examples:
   gpt2onnx export gpt2 out/gpt2                 # download, convert, verify against PyTorch
   gpt2onnx export random:gpt2 out/random-gpt2   # offline: seeded random weights, real tokenizer
   gpt2onnx export random:gpt2 out/gpt2-int4 --precision int4   # 4-bit weights, gated on quality
-  gpt2onnx generate "Hello, I'm a language model," --model out/gpt2
-  gpt2onnx verify out/gpt2                      # side by side with PyTorch: logits, greedy, seeded sampling
-  gpt2onnx inspect out/gpt2                     # weights, shapes, dtypes, inputs/outputs, ops, manifest
-  gpt2onnx plot out/gpt2 --out plots --prompt "The cat sat on the mat"   # embeddings, weights, attention
+  gpt2onnx generate "Hello, I'm a language model," --model out/random-gpt2
+  gpt2onnx verify out/random-gpt2                      # side by side with PyTorch: logits, greedy, seeded sampling
+  gpt2onnx inspect out/random-gpt2                     # weights, shapes, dtypes, inputs/outputs, ops, manifest
+  gpt2onnx plot out/random-gpt2 --out plots --prompt "The cat sat on the mat"   # embeddings, weights, attention
   gpt2onnx bench                                # speed next to torch, Optimum and CTranslate2
 """
 
 
 GENERATE_EXAMPLES = """examples:
-  gpt2onnx generate "Hello, I'm a language model," -m out/gpt2 --max-length 30 -n 5 --do-sample --seed 42
-  gpt2onnx generate "def main():" -m out/gpt2 --max-new-tokens 64 --stop "\\n\\n" --stream
-  echo "Once upon a time" | gpt2onnx generate - -m out/gpt2 --do-sample --top-p 0.9 --json
+  gpt2onnx generate "Hello, I'm a language model," -m out/random-gpt2 --max-length 30 -n 5 --do-sample --seed 42
+  gpt2onnx generate "def main():" -m out/random-gpt2 --max-new-tokens 64 --stop "\\n\\n" --stream
+  echo "Once upon a time" | gpt2onnx generate - -m out/random-gpt2 --do-sample --top-p 0.9 --json
 """
 
 
@@ -110,9 +110,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 SERVE_EXAMPLES = """examples:
-  gpt2onnx serve out/gpt2                                   # http://127.0.0.1:8000 (playground at /)
-  gpt2onnx serve out/gpt2 --api-key-file key.txt --max-batch 32 --port 9000
-  gpt2onnx serve out/gpt2 --ray --replicas 2 --cpus-per-replica 1   # 2 replicas on Ray Serve, 1 core each
+  gpt2onnx serve out/random-gpt2                                   # http://127.0.0.1:8000 (playground at /)
+  gpt2onnx serve out/random-gpt2 --api-key-file key.txt --max-batch 32 --port 9000
+  gpt2onnx serve out/random-gpt2 --ray --replicas 2 --cpus-per-replica 1   # 2 replicas on Ray Serve, 1 core each
   # then, from Python:  OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY").completions.create(
   #                         model="gpt2", prompt="Hello", max_tokens=20, seed=1)
 """

@@ -1,8 +1,8 @@
 """Look inside an exported model: its weights under their Hugging Face names, the graph's inputs and
 outputs, op counts and the manifest.
 
-    report = inspect_model("out/gpt2")           # ModelReport; report.format() is the `inspect` listing
-    wpe = ModelFile("out/gpt2").weight("transformer.wpe.weight")   # float32, state-dict layout
+    report = inspect_model("out/random-gpt2")           # ModelReport; report.format() is the `inspect` listing
+    wpe = ModelFile("out/random-gpt2").weight("transformer.wpe.weight")   # float32, state-dict layout
 
 Reading the graph needs the `onnx` package (the `plot` extra); the runtime itself never imports it. Weights
 are read one at a time (from model.onnx, or model.onnx.data for large models), never all at once.

@@ -1,7 +1,7 @@
 """PNG pictures of an exported model: the positional embeddings, any weight matrix, and the attention a
 prompt actually produces (computed by ONNX Runtime, see `attention`).
 
-    paths = plot_model("out/gpt2", "plots", prompt="The cat sat on the mat")
+    paths = plot_model("out/random-gpt2", "plots", prompt="The cat sat on the mat")
 
 Needs the `plot` extra (matplotlib and onnx). Figures have fixed sizes (no tight cropping), so a file's
 pixel size depends only on what it shows: see the *_INCHES constants and DPI.
