@@ -342,22 +342,26 @@ def test_sigterm_lets_a_stream_finish_then_stops_ray(cluster):
 def test_options_map_to_ray_serve_settings():
     from ray.serve.schema import ServeDeploySchema
 
-    from gpt2onnx.serving.ray_serve import Gpt2OnnxReplica, RayServeOptions, build_app
+    from gpt2onnx.generation.engine import EngineOptions
+    from gpt2onnx.serving.options import RayServeOptions
+    from gpt2onnx.serving.ray_serve import Gpt2OnnxReplica, build_app, deployment_options
 
-    options = RayServeOptions(model_dir="/m", replicas=3, cpus_per_replica=0.5, max_batch=8, max_queue=20)
-    settings = options.deployment_options()
+    options = RayServeOptions(model_dir="/m", replicas=3, cpus_per_replica=0.5,
+                              engine=EngineOptions(max_batch=8, max_queue=20))
+    settings = deployment_options(options)
     assert options.ort_threads == 1 and settings["num_replicas"] == 3
     assert settings["ray_actor_options"] == {"num_cpus": 0.5}
     assert (settings["max_ongoing_requests"], settings["max_queued_requests"]) == (8, 20)
     assert settings["backpressure_config"] == {"status_code": 429, "retry_after_s": 1}
-    scaled = RayServeOptions(model_dir="/m", max_replicas=4, cpus_per_replica=2).deployment_options()
+    scaled = deployment_options(RayServeOptions(model_dir="/m", max_replicas=4, cpus_per_replica=2))
     assert "num_replicas" not in scaled and scaled["autoscaling_config"]["max_replicas"] == 4
     assert scaled["autoscaling_config"]["target_ongoing_requests"] == 12  # 0.75 x max_batch 16
     # `serve run gpt2onnx.serving.ray_serve:build_app key=value`: text values are parsed to the fields' types
     parsed = RayServeOptions.from_dict({"model_dir": "/m", "replicas": "2", "cpus_per_replica": "1.5",
                                         "api_keys": "a,b", "check_hashes": "false"})
-    assert (parsed.replicas, parsed.cpus_per_replica, parsed.api_keys, parsed.check_hashes) == (2, 1.5, ("a", "b"),
-                                                                                              False)
+    assert (parsed.replicas, parsed.cpus_per_replica, parsed.server.api_keys, parsed.check_hashes) == (
+        2, 1.5, ("a", "b"), False)
+    assert parsed.server.model_name == "m"  # the directory's name, as `gpt2onnx serve` names it
     for bad in ({"model_dir": "/m", "replica": 2}, {"model_dir": "/m", "replicas": 0},
                 {"model_dir": "/m", "min_replicas": 2}, {"model_dir": "/m", "max_batch": "x"}):
         with pytest.raises(gpt2onnx.errors.InvalidArgumentError):
@@ -380,7 +384,7 @@ def test_options_map_to_ray_serve_settings():
                 "max_replicas": None, "target_ongoing_requests": None, "prefill_chunk": 64, "api_keys": (),
                 "retry_after": 1, "check_hashes": True, "name": "Gpt2Onnx", "extra": {}}
     options = built.init_args[0]
-    assert isinstance(options, RayServeOptions) and {k: getattr(options, k) for k in expected} == expected
+    assert isinstance(options, RayServeOptions) and {k: options.flat()[k] for k in expected} == expected
     assert options.ort_threads == 2
     assert (built.num_replicas, built.ray_actor_options, built.max_ongoing_requests, built.max_queued_requests) == (
         args["replicas"], {"num_cpus": args["cpus_per_replica"]}, args["max_batch"], args["max_queue"]) == (

@@ -524,7 +524,7 @@ def test_health_is_503_while_the_model_loads(model):
     def collected(thing) -> bool:  # in a generation the collector walks (frozen objects are in none)
         return any(o is thing for o in gc.get_objects())
 
-    app = create_app(factory, ServerOptions(model_name=NAME))
+    app = create_app(options=ServerOptions(model_name=NAME), load=factory)
     with LiveServer(app) as server:
         health = httpx.get(server.url + "/health")
         assert health.status_code == 503 and health.json()["error"]["code"] == "model_loading"

@@ -33,6 +33,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -54,6 +55,9 @@ from .generator import left_pad, pick
 from .logprobs import TopLogprobs, check_top, chosen
 from .seeding import random_for
 from .settings import GenerationSettings, check_token_ids
+
+if TYPE_CHECKING:
+    from .model import Model
 
 CANCELLED, ERROR = "cancelled", "error"
 _log = logging.getLogger(__name__)
@@ -89,7 +93,8 @@ class EngineOptions:
         for name in ("max_batch", "max_queue", "prefill_chunk"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidArgumentError(f"{name} must be an integer >= 1, got {value!r}")
+                raise InvalidArgumentError(f"{name} must be an integer >= 1, got {value!r}",
+                                           hint=f"e.g. {name}={getattr(EngineOptions, name)} (the default)")
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,36 @@ class EngineStats:
     prompt_tokens: int  # prompt tokens prefilled so far
     rejected: int  # submits refused because the queue was full
     alive: bool  # False once the scheduler thread has stopped on an error
+
+
+class EngineRequest(Protocol):
+    """What a client of the engine reads of a submitted request (Request is the engine's own)."""
+
+    seed: int | None  # the seed that reproduces it (None for greedy)
+    error: str | None  # the message when it ended with finish_reason "error"
+    prompt_logprobs: list | None  # with echo_logprobs: (logprob, top list) per prompt token
+
+    def aevents(self) -> AsyncIterator[Event]: ...
+
+    def cancel(self) -> None: ...
+
+
+class EngineClient(Protocol):
+    """What the HTTP server (serving/server.py) and the Ray replica need of an engine: Engine is the one, a test
+    may stand in another."""
+
+    model: Model
+    options: EngineOptions
+
+    @property
+    def alive(self) -> bool: ...
+
+    def submit(self, prompt_ids: list[int], settings: GenerationSettings, *, logprobs: int | None = None,
+               echo_logprobs: bool = False) -> EngineRequest: ...
+
+    def stats(self) -> EngineStats | None: ...
+
+    def close(self, *, drain: bool = True, timeout: float | None = None) -> None: ...
 
 
 class Request:

@@ -45,10 +45,10 @@ from pydantic import (
 )
 
 from ..generation.settings import MAX_RETURN_SEQUENCES, SEED_MAX, GenerationSettings
+from .options import MAX_LOGPROBS
 
 DEFAULT_MAX_TOKENS = 16
 MAX_STOP = 4
-MAX_LOGPROBS = 5
 LOGIT_BIAS_LIMIT = 100.0
 PENALTY_LIMIT = 2.0
 

@@ -27,6 +27,7 @@ to the app its replica built in its constructor (see _ReplicaApp). Ray is option
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -34,10 +35,9 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass, field, fields
-from pathlib import Path
 
 from ..errors import InvalidArgumentError, MissingDependencyError, ModelLoadError
+from .options import RayServeOptions
 
 try:
     from ray import serve
@@ -48,98 +48,28 @@ except ImportError as error:  # pragma: no cover - exercised without ray
 
 log = logging.getLogger("gpt2onnx.ray")
 APP_NAME = "gpt2onnx"
-DEPLOYMENT_NAME = "Gpt2Onnx"
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a local cluster advertises 127.0.0.1 only
 METRICS_PERIOD = 1.0  # seconds between copies of a replica's Prometheus metrics into Ray's
 
 
-@dataclass(frozen=True)
-class RayServeOptions:
-    """One gpt2onnx deployment on Ray Serve. Build it with keywords; `build_app(dict)` takes the same keys."""
-
-    model_dir: str  # an export directory at this path on every node (a shared or copied path; hashes checked)
-    replicas: int = 1  # fixed number of replicas (ignored when max_replicas is set)
-    cpus_per_replica: float = 1.0  # Ray CPUs reserved per replica (may be fractional, e.g. 0.5)
-    threads: int = 0  # ONNX Runtime threads per replica; 0: cpus_per_replica rounded, at least 1
-    min_replicas: int | None = None  # autoscaling lower bound (default 1 when max_replicas is set)
-    max_replicas: int | None = None  # set it to autoscale between min_replicas and max_replicas
-    target_ongoing_requests: float | None = None  # autoscaling aim per replica (default 0.75 x max_batch)
-    max_batch: int = 16  # rows decoded together per replica (EngineOptions.max_batch)
-    max_queue: int = 64  # requests waiting per proxy for a free replica, and in each engine's queue
-    prefill_chunk: int = 64  # prompt tokens prefilled per step (EngineOptions.prefill_chunk)
-    model_name: str = ""  # the `model` clients pass (default: the directory's name)
-    api_keys: tuple[str, ...] = ()  # accepted bearer keys; empty: no authentication
-    drain_timeout: float = 30.0  # seconds a stopping replica waits for its requests in flight
-    retry_after: int = 1  # seconds a 429 asks the client to wait
-    check_hashes: bool = True  # verify every model file against the manifest's sha256 when a replica loads
-    name: str = DEPLOYMENT_NAME  # the deployment's name
-    extra: dict = field(default_factory=dict, compare=False)  # more @serve.deployment options, passed as given
-
-    def __post_init__(self):
-        if not self.model_dir:
-            raise InvalidArgumentError("model_dir must name an exported model directory")
-        object.__setattr__(self, "api_keys", tuple(self.api_keys))
-        if isinstance(self.replicas, bool) or not isinstance(self.replicas, int) or self.replicas < 1:
-            raise InvalidArgumentError(f"replicas must be an integer >= 1, got {self.replicas!r}")
-        if not self.cpus_per_replica > 0:
-            raise InvalidArgumentError(f"cpus_per_replica must be > 0, got {self.cpus_per_replica!r}")
-        if self.threads < 0:
-            raise InvalidArgumentError(f"threads must be >= 0 (0: from cpus_per_replica), got {self.threads}")
-        if self.max_replicas is None and self.min_replicas is not None:
-            raise InvalidArgumentError("min_replicas needs max_replicas", hint="give --max-replicas to autoscale")
-        if self.max_replicas is not None and not (
-                self.max_replicas >= 1 and 0 <= self.autoscale_min <= self.max_replicas):
-            raise InvalidArgumentError(f"autoscaling needs 0 <= min_replicas <= max_replicas and max_replicas >= 1, "
-                                       f"got {self.min_replicas}..{self.max_replicas}")
-        if self.target_ongoing_requests is not None and not self.target_ongoing_requests > 0:
-            raise InvalidArgumentError(f"target_ongoing_requests must be > 0, got {self.target_ongoing_requests}")
-        from ..generation.engine import EngineOptions
-        from .server import ServerOptions
-
-        EngineOptions(max_batch=self.max_batch, max_queue=self.max_queue, prefill_chunk=self.prefill_chunk)
-        ServerOptions(api_keys=self.api_keys, drain_timeout=self.drain_timeout)
-
-    @property
-    def ort_threads(self) -> int:
-        return self.threads or max(1, round(self.cpus_per_replica))
-
-    @property
-    def autoscale_min(self) -> int:
-        return 1 if self.min_replicas is None else self.min_replicas
-
-    def deployment_options(self) -> dict:
-        """The @serve.deployment options these settings mean."""
-        scaling = {"num_replicas": self.replicas}
-        if self.max_replicas is not None:
-            target = self.target_ongoing_requests or max(1.0, 0.75 * self.max_batch)
-            scaling = {"autoscaling_config": {"min_replicas": self.autoscale_min, "max_replicas": self.max_replicas,
-                                              "initial_replicas": max(self.autoscale_min, 1),
-                                              "target_ongoing_requests": target}}
-        return {"name": self.name, **scaling,
-                "ray_actor_options": {"num_cpus": self.cpus_per_replica},
-                "max_ongoing_requests": self.max_batch,
-                "max_queued_requests": self.max_queue,
-                **_backpressure(self.retry_after),
-                # a stopping replica waits for its requests in flight (Ray counts a stream until its end)
-                "graceful_shutdown_timeout_s": self.drain_timeout + 5,
-                "graceful_shutdown_wait_loop_s": 0.5,
-                "health_check_period_s": 2.0, "health_check_timeout_s": 10.0,
-                **self.extra}
-
-    @classmethod
-    def from_dict(cls, args: dict) -> RayServeOptions:
-        """From `serve run`'s args (strings from the command line, or YAML values); unknown keys fail."""
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(args) - set(known))
-        if unknown:
-            raise InvalidArgumentError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(known)}")
-        values = {}
-        for key, value in args.items():
-            kind = known[key].type
-            if isinstance(value, str) and kind != "str":
-                value = _parse(key, value, kind)
-            values[key] = value
-        return cls(**values)
+def deployment_options(options: RayServeOptions) -> dict:
+    """The @serve.deployment options these settings mean."""
+    scaling = {"num_replicas": options.replicas}
+    if options.max_replicas is not None:
+        target = options.target_ongoing_requests or max(1.0, 0.75 * options.engine.max_batch)
+        scaling = {"autoscaling_config": {"min_replicas": options.autoscale_min, "max_replicas": options.max_replicas,
+                                          "initial_replicas": max(options.autoscale_min, 1),
+                                          "target_ongoing_requests": target}}
+    return {"name": options.name, **scaling,
+            "ray_actor_options": {"num_cpus": options.cpus_per_replica},
+            "max_ongoing_requests": options.engine.max_batch,
+            "max_queued_requests": options.engine.max_queue,
+            **_backpressure(options.server.retry_after),
+            # a stopping replica waits for its requests in flight (Ray counts a stream until its end)
+            "graceful_shutdown_timeout_s": options.server.drain_timeout + 5,
+            "graceful_shutdown_wait_loop_s": 0.5,
+            "health_check_period_s": 2.0, "health_check_timeout_s": 10.0,
+            **options.extra}
 
 
 def _backpressure(retry_after: int) -> dict:
@@ -150,21 +80,6 @@ def _backpressure(retry_after: int) -> dict:
     if "backpressure_config" not in inspect.signature(serve.deployment).parameters:
         return {}
     return {"backpressure_config": {"status_code": 429, "retry_after_s": retry_after}}
-
-
-def _parse(key: str, text: str, kind: str):
-    try:
-        if kind.startswith("int"):
-            return None if text.lower() == "none" else int(text)
-        if kind.startswith("float"):
-            return None if text.lower() == "none" else float(text)
-        if kind == "bool":
-            return {"true": True, "1": True, "false": False, "0": False}[text.lower()]
-        if kind.startswith("tuple"):
-            return tuple(k for k in text.split(",") if k)
-    except (ValueError, KeyError):
-        raise InvalidArgumentError(f"{key}={text!r} is not a valid {kind}") from None
-    raise InvalidArgumentError(f"{key} cannot be given as text")
 
 
 # --- one replica -----------------------------------------------------------------------------------------
@@ -190,10 +105,10 @@ class Gpt2OnnxReplica:
 
     def __init__(self, options: RayServeOptions):
         global _replica_app
-        from ..generation.engine import Engine, EngineOptions
+        from ..generation.engine import Engine
         from ..generation.loader import load
         from ..runtime.heap import freeze_startup_heap
-        from .server import ServerOptions, create_app
+        from .server import create_app
 
         self.options = options
         self.replica_id = _replica_id()
@@ -201,12 +116,8 @@ class Gpt2OnnxReplica:
         started = time.perf_counter()
         model = load(options.model_dir, threads=options.ort_threads, check_hashes=options.check_hashes)
         self.app_metrics = None  # the app's metrics; the engine's steps feed its batch-size histogram
-        self.engine = Engine(model, EngineOptions(max_batch=options.max_batch, max_queue=options.max_queue,
-                                                  prefill_chunk=options.prefill_chunk, on_step=self._on_step))
-        name = options.model_name or Path(options.model_dir).resolve().name
-        app = create_app(self.engine, ServerOptions(model_name=name, api_keys=options.api_keys,
-                                                    replica_id=self.replica_id, drain_timeout=options.drain_timeout,
-                                                    retry_after=options.retry_after))
+        self.engine = Engine(model, dataclasses.replace(options.engine, on_step=self._on_step))
+        app = create_app(self.engine, dataclasses.replace(options.server, replica_id=self.replica_id))
         self.app_metrics = app.state.gpt2onnx.metrics
         self.bridge = _MetricsBridge(self.app_metrics.registry)
         _replica_app = app
@@ -229,7 +140,7 @@ class Gpt2OnnxReplica:
             self.bridge.stop()
         engine = getattr(self, "engine", None)
         if engine is not None:
-            engine.close(drain=True, timeout=self.options.drain_timeout)
+            engine.close(drain=True, timeout=self.options.server.drain_timeout)
 
 
 def _replica_id() -> str:
@@ -345,12 +256,12 @@ class _MetricsBridge:
 
 def deployment(options: RayServeOptions):
     """The Ray Serve application: the deployment bound to its options (pass it to serve.run)."""
-    return serve.deployment(Gpt2OnnxReplica, **options.deployment_options()).bind(options)
+    return serve.deployment(Gpt2OnnxReplica, **deployment_options(options)).bind(options)
 
 
 def build_app(args: dict):
     """The application builder for `serve run gpt2onnx.serving.ray_serve:build_app key=value ...` or a config file's
-    `import_path: gpt2onnx.serving.ray_serve:build_app` with `args:` (the keys of RayServeOptions)."""
+    `import_path: gpt2onnx.serving.ray_serve:build_app` with `args:` (RayServeOptions.from_dict's flat keys)."""
     return deployment(RayServeOptions.from_dict(dict(args)))
 
 
@@ -392,7 +303,8 @@ def run(options: RayServeOptions, *, host: str = "127.0.0.1", port: int = 8000, 
             node = next((n for n in ray.nodes() if n.get("Alive")), {})
             on_ready(f"http://{node.get('NodeManagerAddress', '127.0.0.1')}:{node.get('MetricsExportPort')}/metrics")
         stop.wait()
-        log.info("stopping: deleting the application (replicas drain for at most %.0f s)", options.drain_timeout)
+        log.info("stopping: deleting the application (replicas drain for at most %.0f s)",
+                 options.server.drain_timeout)
         serve.delete(APP_NAME)
         if started_ray:
             serve.shutdown()

@@ -30,7 +30,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
@@ -41,12 +40,12 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import Gpt2OnnxError, InvalidArgumentError, ModelLoadError
+from ..generation.engine import EngineClient
 from ..generation.settings import MAX_RETURN_SEQUENCES
 from ..runtime.heap import freeze_startup_heap
 from ..version import __version__
 from .metrics import CONTENT_TYPE, Metrics
 from .openai_api import (
-    MAX_LOGPROBS,
     ApiError,
     ChoiceText,
     Completion,
@@ -63,31 +62,12 @@ from .openai_api import (
     parse_model,
     prepare,
 )
+from .options import ServerOptions
 
 log = logging.getLogger("gpt2onnx.serving.server")
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 8 * 2**20  # a full 1,024-token context is ~10 KB of text or ids: 8 MB is far beyond any use
 _OPEN_PATHS = ("/health", "/", "/favicon.ico")  # and /static/*: the playground's page asks for the key itself
-
-
-@dataclass(frozen=True)
-class ServerOptions:
-    """How the HTTP side behaves (the engine has its own EngineOptions)."""
-
-    model_name: str = "gpt2"  # the `model` clients pass and /v1/models lists
-    api_keys: tuple[str, ...] = ()  # accepted bearer keys; empty: no authentication
-    replica_id: str = ""  # the x-gpt2onnx-replica header; "" means hostname-pid
-    drain_timeout: float = 30.0  # seconds a SIGTERM waits for the requests in flight before ending them
-    retry_after: int = 1  # seconds a 429 (queue full) asks the client to wait
-    max_logprobs: int = MAX_LOGPROBS
-
-    def __post_init__(self):
-        if not isinstance(self.api_keys, tuple) or not all(isinstance(k, str) and k for k in self.api_keys):
-            raise InvalidArgumentError("api_keys must be a tuple of non-empty strings")
-        if not self.model_name:
-            raise InvalidArgumentError("model_name must not be empty")
-        if self.drain_timeout < 0:
-            raise InvalidArgumentError(f"drain_timeout must be >= 0 seconds, got {self.drain_timeout}")
 
 
 class _State:
@@ -97,7 +77,7 @@ class _State:
         self.options = options
         self.replica = options.replica_id or f"{socket.gethostname()}-{os.getpid()}"
         self.keys = [key.encode() for key in options.api_keys]
-        self.engine = None
+        self.engine: EngineClient | None = None
         self.owns_engine = False
         self.load_error: str | None = None
         self.load_hint: str | None = None
@@ -121,13 +101,14 @@ class _State:
             freeze_startup_heap()
         self.engine = engine  # last: the routes take a set engine to mean "ready"
 
-    def load(self, factory) -> None:
+    def load(self, load: Callable[[Callable[[int], None]], EngineClient]) -> None:
         try:
-            self.attach(factory(on_step=self.metrics.on_step), freeze=True)  # the app owns the engine it made
+            self.attach(load(self.metrics.on_step), freeze=True)  # the app owns the engine it made
             log.info("model loaded: serving %s", self.options.model_name)
         except Exception as error:  # noqa: BLE001 - reported on /health and by the runner
-            self.load_error = getattr(error, "message", None) or f"{type(error).__name__}: {error}"
-            self.load_hint = getattr(error, "hint", None)
+            ours = isinstance(error, Gpt2OnnxError)
+            self.load_error = error.message if ours else f"{type(error).__name__}: {error}"
+            self.load_hint = error.hint if ours else None
             if self.on_load_error is not None:
                 self.on_load_error()
             else:
@@ -144,7 +125,7 @@ class _State:
         if self.draining:
             return ApiError(503, "the server is shutting down and takes no new requests", type="unavailable_error",
                             code="draining")
-        if not getattr(self.engine, "alive", True):
+        if not self.engine.alive:
             return ApiError(503, "the engine has stopped; restart the server", type="unavailable_error",
                             code="engine_stopped")
         return None
@@ -157,26 +138,30 @@ class _State:
         return self.engine
 
 
-def create_app(engine, options: ServerOptions = ServerOptions()) -> FastAPI:
-    """The FastAPI app serving `engine`.
+def create_app(engine: EngineClient | None = None, options: ServerOptions = ServerOptions(), *,
+               load: Callable[[Callable[[int], None]], EngineClient] | None = None) -> FastAPI:
+    """The FastAPI app serving an engine: pass one of the two.
 
-    engine: a running gpt2onnx.generation.engine.Engine (the caller keeps it: the app never closes it), or a factory
-        `factory(on_step=callback) -> Engine` called in a background thread at startup (pass on_step on to
-        EngineOptions so /metrics has the batch-size histogram); /health answers 503 until it returns, and
-        the app closes that engine on shutdown.
+    engine: a running gpt2onnx.Engine (the caller keeps it: the app never closes it).
+    load: `load(on_step) -> Engine`, called in a background thread at startup (pass on_step on to EngineOptions
+        so /metrics has the batch-size histogram); /health answers 503 until it returns, and the app closes
+        that engine on shutdown.
     """
+    if (engine is None) == (load is None):
+        raise InvalidArgumentError("create_app takes an engine or load=, one of the two",
+                                   hint="create_app(engine) serves a running Engine; create_app(load=f) builds one")
     state = _State(options)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         if state.engine is None and state.load_error is None:
-            threading.Thread(target=state.load, args=(engine,), name="gpt2onnx-load", daemon=True).start()
+            threading.Thread(target=state.load, args=(load,), name="gpt2onnx-load", daemon=True).start()
         yield
         state.draining = True
         if state.owns_engine and state.engine is not None:
             await asyncio.to_thread(state.engine.close, drain=True, timeout=options.drain_timeout)
 
-    if callable(engine) and not hasattr(engine, "submit"):
+    if engine is None:
         state.owns_engine = True
     else:
         state.attach(engine)
@@ -271,15 +256,15 @@ async def _completions(request: Request, state: _State) -> Response:
                        code="request_too_large")
     try:
         body = parse_completion_request(raw, vocab_size=model.config.vocab_size,
-                                        max_n=min(MAX_RETURN_SEQUENCES, _max_batch(engine)),
+                                        max_n=min(MAX_RETURN_SEQUENCES, engine.options.max_batch),
                                         max_logprobs=state.options.max_logprobs)
         _check_model(body.model, state)
         # tokenizing a long prompt takes milliseconds: off the event loop, which streams everyone's tokens
         prepared = await asyncio.to_thread(prepare, body, decode=model.tokenizer.decode,
                                            encode=lambda text: model.encode_prompt(text, allow_special=True),
                                            n_positions=model.config.n_positions)
-        most = getattr(getattr(engine, "options", None), "max_queue", None)
-        if most is not None and len(prepared.prompt_ids) > most:  # could never be queued at once
+        most = engine.options.max_queue
+        if len(prepared.prompt_ids) > most:  # could never be queued at once
             raise bad_request(f"prompt holds {len(prepared.prompt_ids)} prompts; this server takes at most {most} "
                               "in one request (its --max-queue): split the list", "prompt")
     except ApiError as error:
@@ -389,11 +374,11 @@ class _Run:
                     self.echoed.add(p)
                     for choice in self.choices[p * self.n:(p + 1) * self.n]:
                         text, piece = choice.add_echo(self.prepared.prompts[p], self.prepared.prompt_ids[p],
-                                                      getattr(self.requests[p], "prompt_logprobs", None))
+                                                      self.requests[p].prompt_logprobs)
                         yield choice, text, piece, False
                 if event.finish_reason == "error":
                     self.status = "error"
-                    message = getattr(self.requests[p], "error", None) or "generation failed"
+                    message = self.requests[p].error or "generation failed"
                     raise ApiError(500, f"generation failed: {message}", type="server_error", code="engine_error")
                 if event.finish_reason == "cancelled" and not self.client_gone:
                     self.status = "error"
@@ -631,21 +616,17 @@ def _check_model(name: str | None, state: _State) -> None:
         raise _model_not_found(name, state.options.model_name)
 
 
-def _max_batch(engine) -> int:
-    options = getattr(engine, "options", None)
-    return getattr(options, "max_batch", MAX_RETURN_SEQUENCES)
-
-
 # --- running it: uvicorn with a drain on SIGTERM -----------------------------------------------------------
 
 
-def serve(engine, options: ServerOptions = ServerOptions(), *, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info") -> int:
+def serve(engine: EngineClient | None = None, options: ServerOptions = ServerOptions(), *,
+          load: Callable[[Callable[[int], None]], EngineClient] | None = None, host: str = "127.0.0.1",
+          port: int = 8000, log_level: str = "info") -> int:
     """Run the app until SIGTERM / Ctrl-C (drained). Returns 0; raises ModelLoadError when the model could not
-    be loaded (the server then stops), InvalidArgumentError when host:port cannot be bound. `engine` as in
-    create_app."""
+    be loaded (the server then stops), InvalidArgumentError when host:port cannot be bound. `engine` and `load`
+    as in create_app."""
     _check_address(host, port)
-    app = create_app(engine, options)
+    app = create_app(engine, options, load=load)
     state: _State = app.state.gpt2onnx
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
                             lifespan="on")

@@ -119,6 +119,7 @@ SERVE_EXAMPLES = """examples:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import dataclasses
     import os
     from pathlib import Path
 
@@ -130,6 +131,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..generation.engine import Engine, EngineOptions
     from ..generation.loader import load
     from ..runtime.manifest import read_manifest
+    from ..serving.options import ServerOptions
 
     directory = Path(args.model_dir)
     read_manifest(directory, check_hashes=False)  # a wrong directory fails now, not after the server started
@@ -144,60 +146,60 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise InvalidArgumentError(f"--api-key-file {args.api_key_file} holds no key",
                                        hint="write the key on the file's first line")
     keys += [os.environ["GPT2ONNX_API_KEY"]] if not keys and os.environ.get("GPT2ONNX_API_KEY") else []
-    engine_options = dict(max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)
-    EngineOptions(**engine_options)  # bad values fail here, before the port opens
-
-    def engine(on_step):
-        return Engine(load(directory, threads=args.threads), EngineOptions(**engine_options, on_step=on_step))
-
+    # bad values fail here, before the port opens or the model loads
+    engine_options = EngineOptions(max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)
+    options = ServerOptions(model_name=args.model_name or directory.resolve().name, api_keys=tuple(keys),
+                            drain_timeout=args.drain_timeout)
     if args.ray:
-        return _serve_on_ray(args, directory, keys)
+        return _serve_on_ray(args, directory, engine_options, options)
     _no_ray_options(args)
-    options = server.ServerOptions(model_name=args.model_name or directory.resolve().name, api_keys=tuple(keys),
-                                   drain_timeout=args.drain_timeout)
+
+    def load_engine(on_step):
+        return Engine(load(directory, threads=args.threads), dataclasses.replace(engine_options, on_step=on_step))
+
     print(f"gpt2onnx: serving {directory} as {options.model_name!r} on http://{args.host}:{args.port} "
           f"(playground at /, API at /v1; {'API key required' if keys else 'no API key'})", file=sys.stderr,
           flush=True)
-    return server.serve(engine, options, host=args.host, port=args.port, log_level=args.log_level)
+    return server.serve(options=options, load=load_engine, host=args.host, port=args.port, log_level=args.log_level)
 
 
-RAY_FLAGS = {"replicas": 1, "cpus_per_replica": 1.0, "min_replicas": None, "max_replicas": None,
-             "target_ongoing_requests": None, "ray_address": None, "ray_metrics_port": None}
+# the flags of `serve --ray` alone (their defaults are RayServeOptions'; unset, they are None here)
+RAY_DEPLOYMENT_FLAGS = ("replicas", "cpus_per_replica", "min_replicas", "max_replicas", "target_ongoing_requests")
+RAY_FLAGS = (*RAY_DEPLOYMENT_FLAGS, "ray_address", "ray_metrics_port")
 
 
 def _no_ray_options(args: argparse.Namespace) -> None:
-    given = [name for name, default in RAY_FLAGS.items() if getattr(args, name) != default]
+    given = [name for name in RAY_FLAGS if getattr(args, name) is not None]
     if given:
         raise InvalidArgumentError(f"--{given[0].replace('_', '-')} needs --ray",
                                    hint="add --ray to serve on Ray Serve (pip install 'gpt2onnx[ray]')")
 
 
-def _serve_on_ray(args: argparse.Namespace, directory, keys: list[str]) -> int:
+def _serve_on_ray(args: argparse.Namespace, directory, engine_options, server_options) -> int:
     """`gpt2onnx serve --ray`: the same app as replicas on Ray Serve (gpt2onnx/serving/ray_serve.py)."""
     import os
 
     from ..runtime.manifest import read_manifest
+    from ..serving.options import RayServeOptions
 
+    given = {name: getattr(args, name) for name in RAY_DEPLOYMENT_FLAGS if getattr(args, name) is not None}
+    options = RayServeOptions(model_dir=str(directory.resolve()), engine=engine_options, server=server_options,
+                              threads=args.threads, **given)
     if not args.ray_address:  # a local cluster: Ray reads this when imported; "0" keeps it on 127.0.0.1
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         read_manifest(directory, check_hashes=True)  # a damaged file fails now, not in every replica
     from ..serving import ray_serve  # raises MissingDependencyError without ray
 
-    options = ray_serve.RayServeOptions(
-        model_dir=str(directory.resolve()), replicas=args.replicas, cpus_per_replica=args.cpus_per_replica,
-        threads=args.threads, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
-        target_ongoing_requests=args.target_ongoing_requests, max_batch=args.max_batch, max_queue=args.max_queue,
-        prefill_chunk=args.prefill_chunk, model_name=args.model_name or directory.resolve().name,
-        api_keys=tuple(keys), drain_timeout=args.drain_timeout)
     scale = (f"{options.autoscale_min}..{options.max_replicas} replicas (autoscaling)"
              if options.max_replicas is not None else f"{options.replicas} replica(s)")
     print(f"gpt2onnx: starting {scale} of {directory} on Ray ({options.cpus_per_replica:g} CPU and "
           f"{options.ort_threads} ORT thread(s) each) at {args.ray_address or 'a local cluster on 127.0.0.1'}",
           file=sys.stderr, flush=True)
+    keys = server_options.api_keys
 
     def ready(metrics_url: str):
-        print(f"gpt2onnx: serving {options.model_name!r} on http://{args.host}:{args.port} through Ray's proxy "
-              f"(playground at /, API at /v1; {'API key required' if keys else 'no API key'}); metrics of all "
+        print(f"gpt2onnx: serving {server_options.model_name!r} on http://{args.host}:{args.port} through Ray's "
+              f"proxy (playground at /, API at /v1; {'API key required' if keys else 'no API key'}); metrics of all "
               f"replicas for Prometheus at {metrics_url}; Ctrl-C stops", file=sys.stderr, flush=True)
 
     return ray_serve.run(options, host=args.host, port=args.port, address=args.ray_address,
@@ -332,8 +334,9 @@ def _add_plot(commands, formatter) -> None:
 
 def _add_serve(commands, formatter) -> None:
     from ..generation.engine import EngineOptions
+    from ..serving.options import RayServeOptions, ServerOptions
 
-    e = EngineOptions()  # the defaults are the engine's own
+    e, h, r = EngineOptions(), ServerOptions(), RayServeOptions  # the defaults are theirs, written there once
     p = commands.add_parser("serve", formatter_class=formatter, help="serve an OpenAI-compatible API and a playground",
                             description="Serve MODEL_DIR over HTTP: OpenAI's legacy Completions API at "
                                         "/v1/completions (streaming, logprobs, echo), /v1/models, /health, "
@@ -358,15 +361,16 @@ def _add_serve(commands, formatter) -> None:
                         "four times as many, in one run)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per physical core)")
     p.add_argument("--model-name", default=None, help="the model name clients pass (default: MODEL_DIR's name)")
-    p.add_argument("--drain-timeout", type=float, default=30.0,
+    p.add_argument("--drain-timeout", type=float, default=h.drain_timeout,
                    help="seconds SIGTERM waits for requests in flight before ending them")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="server log level")
     ray = p.add_argument_group("Ray Serve (replicas on one machine or a cluster; pip install 'gpt2onnx[ray]')")
     ray.add_argument("--ray", action="store_true", help="serve the same API as Ray Serve replicas behind Ray's proxy")
-    ray.add_argument("--replicas", type=int, default=RAY_FLAGS["replicas"], help="replicas, one engine each")
-    ray.add_argument("--cpus-per-replica", type=float, default=RAY_FLAGS["cpus_per_replica"], metavar="C",
-                     help="CPUs Ray reserves per replica; --threads defaults to C (replicas x C = the cores)")
+    ray.add_argument("--replicas", type=int, help=f"replicas, one engine each (default: {r.replicas})")
+    ray.add_argument("--cpus-per-replica", type=float, metavar="C",
+                     help="CPUs Ray reserves per replica; --threads defaults to C (replicas x C = the cores; "
+                          f"default: {r.cpus_per_replica:g})")
     ray.add_argument("--min-replicas", type=int, default=None, help="autoscale from this many replicas (default 1)")
     ray.add_argument("--max-replicas", type=int, default=None, help="autoscale up to this many replicas")
     ray.add_argument("--target-ongoing-requests", type=float, default=None, metavar="R",
