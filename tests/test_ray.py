@@ -6,9 +6,9 @@ closed stream frees its rows on its replica; metrics reach Ray's exporter; SIGTE
 import asyncio
 import collections
 import concurrent.futures
+import ipaddress
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -148,13 +148,39 @@ def test_both_replicas_serve_on_loopback_only(cluster):
     print(f"20 requests over the replicas: {dict(seen)}")
     assert len(seen) == REPLICAS and all(r.startswith("SERVE_REPLICA::gpt2onnx#Gpt2Onnx#") for r in seen)
     assert len(replica_pids()) == REPLICAS
-    if shutil.which("ss"):  # every socket the CLI and the Ray processes it started listen on is on loopback
-        ours = descendants(cluster.process.pid)
-        listening = subprocess.run(["ss", "-Hltnp"], check=False, capture_output=True, text=True).stdout.splitlines()
-        mine = [line for line in listening if any(int(pid) in ours for pid in re.findall(r"pid=(\d+)", line))]
-        loopback = r"\s(127\.0\.0\.1|\[::1\]|\[::ffff:127\.0\.0\.1\]):\d+\s"
-        exposed = [line for line in mine if not re.search(loopback, line)]
-        assert mine and not exposed, f"listening beyond loopback: {exposed}"
+    # every socket the CLI and the Ray processes it started listen on is on loopback (read from /proc: no tool needed)
+    addresses = listening_addresses(descendants(cluster.process.pid))
+    assert (ipaddress.ip_address("127.0.0.1"), cluster.port) in addresses  # the proxy is seen: real sockets are read
+    exposed = [(ip, port) for ip, port in addresses if not (ip.is_loopback or getattr(ip, "ipv4_mapped", None)
+                                                            and ip.ipv4_mapped.is_loopback)]
+    assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+def listening_addresses(pids) -> set[tuple]:
+    """The TCP (address, port) pairs these processes listen on, read from /proc."""
+    inodes = set()
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:  # the process ended
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(fd)
+            except OSError:  # closed meanwhile
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and inode in inodes:  # 0A: LISTEN
+                address, port = local.split(":")
+                words = [bytes.fromhex(address[i:i + 8])[::-1] for i in range(0, len(address), 8)]
+                found.add((ipaddress.ip_address(b"".join(words)), int(port, 16)))
+    return found
 
 
 def wait_for(value: float, read, seconds: float = 5) -> float:
