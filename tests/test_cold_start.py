@@ -186,11 +186,24 @@ def test_a_file_replaced_by_an_identical_copy_is_hashed_again_and_trusted(model_
     assert hashed == [c.TOKENIZER_FILE]
 
 
-def test_unverified_files_are_not_cached(model_dir, cache):
+def test_unverified_files_are_not_cached(model_dir, cache, monkeypatch):
     """check_hashes=False on files never verified: the graph is optimized afresh and nothing is saved (the
-    cache is keyed on verified hashes only)."""
-    gpt2onnx.load(model_dir, check_hashes=False)
+    cache is keyed on verified hashes only); the same files, verified, are saved."""
+    opened = []
+
+    class Recording(onnxruntime.InferenceSession):
+        def __init__(self, path, options, *args, **kwargs):
+            opened.append((str(path), options.graph_optimization_level, options.optimized_model_filepath))
+            super().__init__(path, options, *args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", Recording)
+    assert gpt2onnx.load(model_dir, check_hashes=False).generate("Hello", max_new_tokens=3).token_ids
+    # the model's own graph, optimized in this load (not a saved one, which opens with optimization off), unsaved
+    assert [(path, level != onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL, saved)
+            for path, level, saved in opened] == [(str(model_dir / c.MODEL_FILE), True, "")]
     assert _graphs(cache) == []
+    gpt2onnx.load(model_dir)  # verified: its optimized graph is saved
+    assert len(_graphs(cache)) == 1 and len(opened) == 2 and opened[1][2].startswith(str(cache))
 
 
 def test_a_damaged_record_file_means_hashing_again(model_dir, cache, monkeypatch):

@@ -52,10 +52,15 @@ def test_prompt_lookup_greedy_equals_transformers_and_plain(trained, trained_ref
 @pytest.mark.parametrize("options", [dict(repetition_penalty=1.3), dict(no_repeat_ngram_size=3),
                                      dict(min_new_tokens=30), dict(stop=["\n"]), dict(ignore_eos=True)])
 def test_prompt_lookup_greedy_with_processors_and_stops(trained, options):
+    results = []
     for prompt in PROMPTS:
         plain = trained.generate(prompt, max_new_tokens=NEW, **options)
         ours = trained.generate(prompt, max_new_tokens=NEW, prompt_lookup_num_tokens=5, **options)
         assert (ours.token_ids, ours.text, ours.finish_reason) == (plain.token_ids, plain.text, plain.finish_reason)
+        results.append(ours)
+    # the processors saw drafts and kept some of them: fewer runs of the model than tokens after the first
+    assert sum(r.speculation.drafted for r in results) > 0 and _speculated(results) > 0, options
+    assert sum(r.speculation.runs for r in results) < sum(len(r.token_ids) - 1 for r in results), options
 
 
 SAMPLING = [dict(), dict(top_k=0, top_p=0.9, temperature=0.8), dict(repetition_penalty=1.2, top_k=20),

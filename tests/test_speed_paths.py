@@ -13,6 +13,8 @@ import gpt2onnx
 from gpt2onnx.errors import VerificationError
 from gpt2onnx.format import contract as c
 from gpt2onnx.format import precisions
+from gpt2onnx.format.gpt2 import position_ids
+from gpt2onnx.generation.generator import left_pad
 from gpt2onnx.tools.inspection import inspect_model
 from helpers import assert_within_half_a_step, export, run_dynamic_quantize_matmul, run_matmul_nbits
 
@@ -166,6 +168,24 @@ def test_last_logits_repeat_rows_and_padded_batch(tiny_export):
     for row, token in enumerate((1, 2, 3)):
         alone, _ = session.run(np.concatenate([ids, [[token]]], axis=1), np.ones((1, 10), np.int64),
                                np.arange(10)[None], session.empty_cache(1), logits_for="last")
+        np.testing.assert_allclose(step[row], alone[0], atol=1e-4)
+
+    # a left-padded batch of a 9-token and a 4-token prompt: each row's last logits, and those of one step after
+    # them, equal the prompt's own run alone
+    short = _ids(4, seed=4)
+    batch, padded = left_pad([ids[0].tolist(), short[0].tolist()], pad_id=50256)
+    assert batch.shape == (2, 9) and (padded == 0).sum(axis=1).tolist() == [0, 5]  # the short prompt is padded
+    first, rows = session.run(batch, padded, position_ids(padded), session.empty_cache(2), logits_for="last")
+    following = np.array([[7], [8]])
+    padded = np.concatenate([padded, np.ones((2, 1), np.int64)], axis=1)
+    step, _ = session.run(following, padded, position_ids(padded)[:, -1:], rows, logits_for="last")
+    for row, prompt in enumerate((ids, short)):
+        n = prompt.shape[1]
+        alone, cache = session.run(prompt, np.ones((1, n), np.int64), np.arange(n)[None], session.empty_cache(1),
+                                   logits_for="last")
+        np.testing.assert_allclose(first[row], alone[0], atol=1e-4)
+        alone, _ = session.run(following[row:row + 1], np.ones((1, n + 1), np.int64), np.array([[n]]), cache,
+                               logits_for="last")
         np.testing.assert_allclose(step[row], alone[0], atol=1e-4)
 
     with pytest.raises(ValueError, match="logits_for"):

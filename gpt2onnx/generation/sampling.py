@@ -19,7 +19,9 @@ import numpy as np
 
 from ..runtime import cpu
 from ..text.stopping import eos_ids
-from .settings import GenerationSettings
+from .settings import SCORE_LIMIT, GenerationSettings
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def sample(logits: np.ndarray, sequences: np.ndarray, new_tokens: int, settings: GenerationSettings, rng, *,
@@ -89,8 +91,13 @@ def process(logits: np.ndarray, sequences: np.ndarray, new_tokens: int, settings
                 growth = factor ** (new_tokens - start) - 1  # in Python floats, then float32, as torch
             except OverflowError:
                 growth = math.inf
+            eos = scores[:, eos_id]
             with np.errstate(over="ignore", invalid="ignore"):
-                scores[:, eos_id] += np.abs(scores[:, eos_id]) * np.float32(growth)
+                raised = eos + np.abs(eos) * np.float32(min(growth, _FLOAT32_MAX))
+            # where transformers' float32 gives inf or NaN: a banned end token (-inf: min_new_tokens, n-grams) stays
+            # banned, and one raised past the range gets the largest score the temperature keeps finite (certain)
+            limit = np.float32(SCORE_LIMIT * (1.0 if s.greedy else min(s.temperature, 1.0)))
+            scores[:, eos_id] = np.where(eos == -np.inf, eos, np.clip(raised, -limit, limit))
     if s.suppress_tokens:  # SuppressTokensLogitsProcessor
         scores[:, fixed.suppress] = -np.inf
     if s.begin_suppress_tokens:  # SuppressTokensAtBeginLogitsProcessor

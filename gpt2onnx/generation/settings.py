@@ -17,6 +17,23 @@ PENALTY_LIMIT = 2  # OpenAI's frequency_penalty and presence_penalty: -2 .. 2
 BIAS_LIMIT = 100  # OpenAI's logit_bias values: -100 .. 100
 SAMPLERS = ("torch", "numpy")
 ASSISTANT_SCHEDULES = ("constant", "heuristic", "heuristic_transient")  # transformers' names
+# Limits that keep every float32 score finite (issue 28), checked when the settings are built, before any work.
+# float32 holds up to 3.4e38 and the softmax subtracts two scores, so a score must stay within +-SCORE_LIMIT. The
+# model's scores are taken to be below LOGIT_LIMIT in magnitude: GPT-2's logits are far below 1e4 (the trained test
+# model's lie within +-16), and beam search's log-probabilities span at most twice the logits' range. The options
+# add their biases and penalties, the repetition penalty multiplies by up to max(r, 1 / r) and the temperature
+# divides: a combination whose worst case passes SCORE_LIMIT is refused, even where each value is within its limit.
+SCORE_LIMIT = 1e38
+LOGIT_LIMIT = 1e5
+# temperature: LOGIT_LIMIT / 1e-30 = 1e35 leaves a factor 1e3 under SCORE_LIMIT for biases and penalties; at 1e-30
+# the likeliest token already holds all the probability (sampling gives the greedy tokens), so lower adds nothing.
+# Above 1e30 float32 nears its end (3.4e38 is inf), and from about 1e10 on the distribution is uniform already.
+TEMPERATURE_MIN, TEMPERATURE_MAX = 1e-30, 1e30
+# repetition_penalty: alone, LOGIT_LIMIT x max(r, 1 / r) stays below 1e35 (np.float32(1e-300) is 0, a division by 0)
+REPETITION_PENALTY_MIN, REPETITION_PENALTY_MAX = 1e-30, 1e30
+# beam search divides the summed log-probabilities (beyond -1e9 with its masks) by new_tokens ** length_penalty;
+# kept within 1e-20 .. 1e20 that stays far inside float32 (Python's float raised OverflowError from 1e308 on)
+LENGTH_FACTOR_LIMIT = 1e20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,13 +92,16 @@ OPTIONS = {
         "sample (--do-sample) or take the most likely token (--no-do-sample); default: the model's",
         hint="pass True (sample) or False (greedy)"),
     "temperature": Option("divide logits by this before sampling; 0 = greedy",
-                          hint="0 is greedy, 1 leaves the logits as they are; 0.7 is common"),
+                          hint=f"0 is greedy, 1 leaves the logits as they are, 0.7 is common; from {TEMPERATURE_MIN:g} "
+                               f"to {TEMPERATURE_MAX:g} the float32 scores stay finite"),
     "top_k": Option("sample among the k most likely tokens; 0 = all",
                     hint="0 keeps every token; transformers' default is 50"),
     "top_p": Option("sample among the fewest tokens reaching this probability",
                     hint="1 keeps every token; 0.9 keeps the most likely tokens holding 90% of the probability"),
     "repetition_penalty": Option("> 1 discourages repeating tokens",
-                                 hint="1 means no penalty; 1.2 discourages repeating tokens"),
+                                 hint=f"1 means no penalty, 1.2 discourages repeating tokens; from "
+                                      f"{REPETITION_PENALTY_MIN:g} to {REPETITION_PENALTY_MAX:g} the float32 scores "
+                                      "stay finite"),
     "no_repeat_ngram_size": Option("never repeat an n-gram of this size",
                                    hint="0 turns it off; 3 forbids repeating any 3 tokens in a row"),
     "num_return_sequences": Option(
@@ -92,7 +112,8 @@ OPTIONS = {
     "num_beams": Option("beam search over this many beams (1 = off)",
                         hint=f"1 turns beam search off; 2 to {MAX_RETURN_SEQUENCES} beams, 4 is common"),
     "length_penalty": Option("beam scores are divided by length ** this (> 0 favours longer ones)",
-                             hint="1.0 averages the log-probabilities per token, 0 sums them; any finite number"),
+                             hint="1.0 averages the log-probabilities per token, 0 sums them; with beams, "
+                                  f"max_new_tokens ** |length_penalty| must stay below {LENGTH_FACTOR_LIMIT:g}"),
     "early_stopping": Option("beam search ends: true (num_beams done), false (heuristic), never",
                              flag={"type": early_stopping, "metavar": "{true,false,never}"},
                              hint="True stops once num_beams sequences are done, False when the heuristic says no "
@@ -131,7 +152,8 @@ OPTIONS = {
                                     hint="a list of token ids, e.g. [198] (--begin-suppress-tokens 198)"),
     "sequence_bias": Option(
         "add a bias to token sequences (JSON [[[ids], bias], ...])", flag={"type": _json_arg, "metavar": "JSON"},
-        hint="a dict {(ids...): bias} or a list [[[ids...], bias], ...], e.g. [[[11, 290], -5.0]]"),
+        hint="a dict {(ids...): bias} or a list [[[ids...], bias], ...], e.g. [[[11, 290], -5.0]]; a bias is a finite "
+             "number, or -inf to ban the sequence"),
     "forced_bos_token_id": Option("force this token first when the prompt is one token",
                                   hint="a token id of this model; it applies only when the (padded) prompt is 1 token"),
     "forced_eos_token_id": Option("force this token (or one of these, comma-separated) last, at max_new_tokens",
@@ -231,12 +253,14 @@ class GenerationSettings:
             self._set("seed", _check_int("seed", self.seed, 0, SEED_MAX))
         self._set("do_sample", _check_bool("do_sample", self.do_sample))
         self._set("ignore_eos", _check_bool("ignore_eos", self.ignore_eos))
-        self._set("temperature", _check_real("temperature", self.temperature, "a finite number >= 0 (0 means greedy)",
-                                             lambda t: math.isfinite(t) and t >= 0))
+        self._set("temperature", _check_real(
+            "temperature", self.temperature, f"0 (greedy) or a number from {TEMPERATURE_MIN:g} to {TEMPERATURE_MAX:g}",
+            lambda t: t == 0 or TEMPERATURE_MIN <= t <= TEMPERATURE_MAX))
         self._set("top_p", _check_real("top_p", self.top_p, "a number in (0, 1]", lambda p: 0 < p <= 1))
-        self._set("repetition_penalty", _check_real("repetition_penalty", self.repetition_penalty,
-                                                    "a finite number > 0 (1 means none)",
-                                                    lambda r: math.isfinite(r) and r > 0))
+        self._set("repetition_penalty", _check_real(
+            "repetition_penalty", self.repetition_penalty,
+            f"a number from {REPETITION_PENALTY_MIN:g} to {REPETITION_PENALTY_MAX:g} (1 means none)",
+            lambda r: REPETITION_PENALTY_MIN <= r <= REPETITION_PENALTY_MAX))
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             raise InvalidArgumentError(f"stop must be a list of non-empty strings, got {self.stop!r}",
                                        hint=OPTIONS["stop"].hint)
@@ -272,6 +296,33 @@ class GenerationSettings:
                 f"num_return_sequences={self.num_return_sequences} with greedy decoding gives identical rows",
                 hint="pass do_sample=True (with a temperature > 0), num_beams >= num_return_sequences, or "
                      "num_return_sequences=1")
+        self._check_finite_scores()
+
+    def _check_finite_scores(self) -> None:
+        """Refuse options that can take a float32 score past SCORE_LIMIT, for logits below LOGIT_LIMIT: their
+        biases and penalties add, the repetition penalty multiplies by up to max(r, 1 / r), the temperature divides
+        when sampling; with beams, new_tokens ** length_penalty divides the summed log-probabilities."""
+        added = abs(self.frequency_penalty) * self.max_new_tokens + abs(self.presence_penalty)
+        added += max((abs(b) for _, b in self.logit_bias or ()), default=0)
+        added += sum(abs(b) for _, b in self.sequence_bias or () if b != -math.inf)  # those ending in one token add up
+        r, t = self.repetition_penalty, 1.0 if self.greedy else self.temperature
+        worst = (LOGIT_LIMIT + added) * max(r, 1 / r) / t
+        if worst > SCORE_LIMIT:
+            named = [f"{name}={value:g}" for name, value, default in (
+                ("temperature", t, 1), ("repetition_penalty", r, 1), ("frequency_penalty", self.frequency_penalty, 0),
+                ("presence_penalty", self.presence_penalty, 0)) if value != default]
+            named += [name for name in ("logit_bias", "sequence_bias") if getattr(self, name)]
+            raise InvalidArgumentError(
+                f"{', '.join(named)} can take a score to {worst:.1e}, past float32's range",
+                hint=f"(logits up to {LOGIT_LIMIT:g} + biases and penalties) x max(repetition_penalty, "
+                     f"1 / repetition_penalty) / temperature must stay below {SCORE_LIMIT:g}: raise the temperature, "
+                     "bring repetition_penalty nearer 1 or lower the biases")
+        if self.num_beams > 1 and abs(self.length_penalty) * math.log10(max(self.max_new_tokens, 1)) > math.log10(
+                LENGTH_FACTOR_LIMIT):
+            raise InvalidArgumentError(
+                f"length_penalty={self.length_penalty:g} with max_new_tokens={self.max_new_tokens} makes "
+                f"new_tokens ** length_penalty leave {1 / LENGTH_FACTOR_LIMIT:g} .. {LENGTH_FACTOR_LIMIT:g}",
+                hint=OPTIONS["length_penalty"].hint)
 
     def _check_processors(self) -> None:
         """The options of transformers' other processors, warpers and stopping criteria, normalised to tuples."""
@@ -375,8 +426,9 @@ def _check_sequence_bias(bias) -> tuple[tuple[tuple[int, ...], float], ...]:
                                    f"got {bias!r}", hint=OPTIONS["sequence_bias"].hint)
     merged = {}
     for ids, value in pairs:
-        merged[_check_ids("sequence_bias", ids)] = _check_real("sequence_bias", value, "(token ids, bias) pairs with "
-                                                               "numbers as biases", lambda b: not math.isnan(b))
+        merged[_check_ids("sequence_bias", ids)] = _check_real(
+            "sequence_bias", value, "(token ids, bias) pairs with finite numbers or -inf as biases",
+            lambda b: math.isfinite(b) or b == -math.inf)
     return tuple(merged.items())
 
 
