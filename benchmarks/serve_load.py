@@ -17,6 +17,14 @@ every chunk with a choice counts, as vLLM's benchmark counts them; the baseline'
 pieces, which skip held-back tokens), rejections (429). Then one interference probe: the time to first
 token of a short prompt idle, and while a --long-prompt-token prompt is being prefilled.
 
+With --llamacpp DIR (or $GPT2ONNX_LLAMACPP), each export is also served by llama.cpp's `llama-server` on
+the GGUF file of the same model at the matching type (fp32: F32, int8: Q8_0, int4: Q4_0), with as many slots
+as --max-batch and the same threads, on loopback: the same clients (same prompt, temperature 1, top_p 1,
+llama.cpp's top_k and min_p off so both sample the whole distribution, a seed per client, ignore_eos) go
+to both, round after round alternated (--rounds), and the end prints tok/s and p99 inter-token gap side by
+side with their ratios. llama-server streams a chunk per token too, but holds back the chunks of a token that
+ends inside a UTF-8 character (ours sends them with empty text): its gaps skip those tokens.
+
 Prints the CPU model and its SIMD flags first; writes --out (JSON) and a chart beside it (matplotlib).
 The clients run in this process, on the same cores as the server: on a 2-core machine they take a share.
 """
@@ -75,7 +83,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
+class _ServerProcess:
+    """A server in a subprocess (self.process), its CPU time read from /proc, stopped by its PID."""
+
+    process: subprocess.Popen
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time the server process has used so far (user + system; None where /proc is missing)."""
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class Server(_ServerProcess):
     """`gpt2onnx serve` in a subprocess, up until stop()."""
 
     def __init__(self, model_dir: Path, *, max_batch: int, max_queue: int, threads: int, extra_args=()):
@@ -103,59 +133,103 @@ class Server:
                 pass
             time.sleep(0.2)
 
-    def cpu_seconds(self) -> float | None:
-        """CPU time the server process has used so far (user + system; None where /proc is missing)."""
-        try:
-            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+# What each server is sent besides the prompt, max_tokens, seed and temperature 1: the whole distribution
+# sampled (ours: OpenAI's top_p 1 and no top_k by default; llama-server's defaults are top_k 40, min_p 0.05).
+REQUEST_EXTRAS = {"server": {"ignore_eos": True},
+                  "llama-server": {"ignore_eos": True, "top_k": 0, "min_p": 0.0, "top_p": 1.0}}
 
 
-async def _one_stream(client, prompt: str, new_tokens: int, seed: int, delay: float, ttft: list, gaps: list):
+class LlamaServer(_ServerProcess):
+    """llama.cpp's `llama-server` on one GGUF file in a subprocess, on loopback, up until stop() (by its PID).
+    `slots` parallel sequences (continuous batching, its default), each with room for `per_slot` tokens."""
+
+    def __init__(self, program: Path, gguf: Path, *, slots: int, per_slot: int, threads: int, log: Path):
+        import httpx
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        log.parent.mkdir(parents=True, exist_ok=True)
+        # -c is the whole cache: llama-server gives each of its -np slots an equal share
+        command = [str(program), "-m", str(gguf), "-np", str(slots), "-c", str(slots * per_slot), "-t", str(threads),
+                   "--host", "127.0.0.1", "--port", str(self.port), "--no-webui"]
+        with open(log, "w") as out:
+            out.write("$ " + " ".join(command) + "\n")
+        with open(log, "a") as err:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + 120
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"llama-server exited ({self.process.returncode}); its log {log} ends with:\n"
+                                   + log.read_text()[-2000:])
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"llama-server did not become healthy in 120 s (log: {log})")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:  # 503 while it loads
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+
+
+def llama_pairs(folder: Path | None, labels: list[str]) -> tuple[Path, dict[str, Path]]:
+    """llama-server and, for each export label (fp32, int8, int4, or a folder name ending in one), the GGUF
+    file of the matching type found in folder (the bench's finder: bin/, build*/bin/, one level down)."""
+    from gpt2onnx_export import bench
+
+    bin_dir, gguf_dir = bench.llamacpp_folders(folder)
+    program = bench.find_program("llama-server", bin_dir)
+    ggufs = bench.find_ggufs(gguf_dir)
+    pairs = {}
+    for label in labels:
+        ours = next((p for p in bench.LLAMACPP_TYPES if label == p or label.endswith(("-" + p, "_" + p))), None)
+        if ours is not None and bench.LLAMACPP_TYPES[ours][0].lower() in ggufs:
+            pairs[label] = ggufs[bench.LLAMACPP_TYPES[ours][0].lower()].path
+    return program, pairs
+
+
+async def _one_stream(client, prompt: str, new_tokens: int, seed: int, delay: float, ttft: list, gaps: list,
+                      extra: dict):
     import openai
 
     await asyncio.sleep(delay)
     start = time.perf_counter()
     try:
         stream = await client.completions.create(model="bench", prompt=prompt, max_tokens=new_tokens, seed=seed,
-                                                 stream=True, stream_options={"include_usage": True},
-                                                 extra_body={"ignore_eos": True})
+                                                 temperature=1.0, stream=True,
+                                                 stream_options={"include_usage": True}, extra_body=extra)
     except openai.RateLimitError:
         return 0, True
-    last, tokens = None, 0
+    last, tokens, chunks = None, None, 0
     async for chunk in stream:
         now = time.perf_counter()
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
         if chunk.choices:  # one per token (the usage chunk has none)
+            chunks += 1
             if last is None:
                 ttft.append(now - start)
             else:
                 gaps.append(now - last)
             last = now
-    return tokens, False
+    return (chunks if tokens is None else tokens), False
 
 
-async def _server_round(url: str, clients: int, new_tokens: int, prompt: str, arrival_gap: float = 0.0) -> dict:
+async def _server_round(url: str, clients: int, new_tokens: int, prompt: str, arrival_gap: float = 0.0,
+                        kind: str = "server") -> dict:
     """`clients` streams, the i-th sent i * arrival_gap seconds after the first (0: all at once)."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=1800)
     ttft, gaps = [], []
     start = time.perf_counter()
-    results = await asyncio.gather(*[_one_stream(client, prompt, new_tokens, seed, seed * arrival_gap, ttft, gaps)
-                                     for seed in range(clients)])
+    results = await asyncio.gather(*[_one_stream(client, prompt, new_tokens, seed, seed * arrival_gap, ttft, gaps,
+                                                 REQUEST_EXTRAS[kind]) for seed in range(clients)])
     wall = time.perf_counter() - start
     await client.close()
-    return summary("server", clients, wall, sum(t for t, _ in results), ttft, gaps, sum(r for _, r in results))
+    return summary(kind, clients, wall, sum(t for t, _ in results), ttft, gaps, sum(r for _, r in results))
 
 
 async def _interference(url: str, long_tokens: int, repeats: int = 5) -> dict:
@@ -230,35 +304,49 @@ def exported(model: str, precision: str, work_dir: Path) -> Path:
     return out
 
 
-def measure(model_dir: Path, label: str, args) -> dict:
+def measure(model_dir: Path, label: str, args, peer: tuple[Path, Path] | None = None) -> dict:
     """Server and baseline rounds interleaved per client count (the idle server waits on a condition), so
-    that both see the same machine even when its load changes over the run."""
+    that both see the same machine even when its load changes over the run; with `peer` (llama-server's
+    program, a GGUF file), llama-server's round right after each of ours, both servers up throughout."""
     import gpt2onnx
     from gpt2onnx.runtime import heap
+    from gpt2onnx_export.bench import physical_cores
 
-    rows, probe = [], None
+    rows, probe, llama = [], None, None
     server = Server(model_dir, max_batch=args.max_batch, max_queue=args.max_queue, threads=args.threads)
-    model = None if args.no_baseline else gpt2onnx.load(model_dir, threads=args.threads)
     try:
+        if peer is not None:
+            per_slot = min(1024, 64 * -(-(32 + args.new_tokens) // 64))  # the prompt (< 32 tokens) and the new ones
+            llama = LlamaServer(*peer, slots=args.max_batch, per_slot=per_slot,
+                                threads=args.threads or physical_cores(),
+                                log=Path(args.work_dir).expanduser() / "logs" / f"llama-server-{label}.log")
+        model = None if args.no_baseline else gpt2onnx.load(model_dir, threads=args.threads)
         asyncio.run(_server_round(server.url, 2, 8, PROMPT))  # warm-up
+        if llama is not None:
+            asyncio.run(_server_round(llama.url, 2, 8, PROMPT, kind="llama-server"))
         if model is not None:
             baseline_round(model, 1, 8, PROMPT)
         for clients in args.clients:
-            # this process's own heap out of its collector's reach (as the server does with its own): a
-            # 40-110 ms collection here would stall every client's stream and count as the server's latency
-            heap.freeze_startup_heap()
-            cpu = server.cpu_seconds(), os.times()
-            row = asyncio.run(_server_round(server.url, clients, args.new_tokens, PROMPT, args.arrival_gap))
-            row.update(_cores_used(server, cpu, row["seconds"]))
-            rows.append(row)
-            print(f"{label:>6} server  N={clients:<3} {row['tok_per_s']:>7} tok/s  TTFT p50/p99 "
-                  f"{row['ttft_p50_ms']}/{row['ttft_p99_ms']} ms  ITL p50/p99 {row['itl_p50_ms']}/"
-                  f"{row['itl_p99_ms']} ms  rejected {row['rejected']}  cores: server {row.get('server_cores')}, "
-                  f"clients {row['client_cores']}", flush=True)
+            for _ in range(args.rounds):
+                for kind, target in (("server", server), ("llama-server", llama)):
+                    if target is None:
+                        continue
+                    # this process's own heap out of its collector's reach (as the server does with its own): a
+                    # 40-110 ms collection here would stall every client's stream and count as the server's latency
+                    heap.freeze_startup_heap()
+                    cpu = target.cpu_seconds(), os.times()
+                    row = asyncio.run(_server_round(target.url, clients, args.new_tokens, PROMPT, args.arrival_gap,
+                                                    kind=kind))
+                    row.update(_cores_used(target, cpu, row["seconds"]))
+                    rows.append(row)
+                    print(f"{label:>6} {kind:<12} N={clients:<3} {row['tok_per_s']:>7} tok/s  TTFT p50/p99 "
+                          f"{row['ttft_p50_ms']}/{row['ttft_p99_ms']} ms  ITL p50/p99 {row['itl_p50_ms']}/"
+                          f"{row['itl_p99_ms']} ms  rejected {row['rejected']}  cores: server "
+                          f"{row.get('server_cores')}, clients {row['client_cores']}", flush=True)
             if model is not None and clients in args.baseline_clients:
                 row = baseline_round(model, clients, args.new_tokens, PROMPT)
                 rows.append(row)
-                print(f"{label:>6} threads N={clients:<3} {row['tok_per_s']:>7} tok/s  TTFT p50/p99 "
+                print(f"{label:>6} {'threads':<12} N={clients:<3} {row['tok_per_s']:>7} tok/s  TTFT p50/p99 "
                       f"{row['ttft_p50_ms']}/{row['ttft_p99_ms']} ms  ITL p50/p99 {row['itl_p50_ms']}/"
                       f"{row['itl_p99_ms']} ms", flush=True)
         if args.long_prompt:
@@ -267,7 +355,30 @@ def measure(model_dir: Path, label: str, args) -> dict:
                   f"prefill {probe['ttft_during_long_prefill_ms']} ms ({probe['ratio']}x)", flush=True)
     finally:
         server.stop()
-    return {"export": label, "model_dir": str(model_dir), "rows": rows, "interference": probe}
+        if llama is not None:
+            llama.stop()
+    return {"export": label, "model_dir": str(model_dir), "rows": rows, "interference": probe,
+            **({"llama_server": {"program": str(peer[0]), "gguf": str(peer[1]), "log": str(llama.log)}}
+               if llama is not None else {})}
+
+
+def side_by_side(report: dict) -> str:
+    """Ours against llama-server per export and client count: medians over the rounds of aggregate tok/s and
+    p99 inter-token gap, and their ratios (tok/s ours over theirs: above 1 we lead; p99 theirs over ours:
+    above 1 our gaps are shorter)."""
+    lines = ["| export | clients | tok/s, ours / llama-server | p99 inter-token gap ms, ours / llama-server |"
+             " rounds |", "|---|---|---|---|---|"]
+    for run in report["runs"]:
+        for clients in report["clients"]:
+            ours = [r for r in run["rows"] if r["kind"] == "server" and r["clients"] == clients]
+            theirs = [r for r in run["rows"] if r["kind"] == "llama-server" and r["clients"] == clients]
+            if not ours or not theirs:
+                continue
+            tok = [statistics.median(r["tok_per_s"] for r in rows) for rows in (ours, theirs)]
+            p99 = [statistics.median(r["itl_p99_ms"] for r in rows) for rows in (ours, theirs)]
+            lines.append(f"| {run['export']} | {clients} | {tok[0]:.1f} / {tok[1]:.1f} = {tok[0] / tok[1]:.2f}× | "
+                         f"{p99[0]:.1f} / {p99[1]:.1f} ({p99[1] / p99[0]:.2f}×) | {len(ours)} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def chart(report: dict, path: Path) -> Path | None:
@@ -280,13 +391,15 @@ def chart(report: dict, path: Path) -> Path | None:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for run in report["runs"]:
-        for kind, style in (("server", "-o"), ("threads", "--s")):
+        for kind, style in (("server", "-o"), ("threads", "--s"), ("llama-server", ":^")):
             rows = [r for r in run["rows"] if r["kind"] == kind]
             if not rows:
                 continue
-            label = f"{run['export']} {'server' if kind == 'server' else 'threads + generate'}"
-            left.plot([r["clients"] for r in rows], [r["tok_per_s"] for r in rows], style, label=label)
-            right.plot([r["clients"] for r in rows], [r["itl_p99_ms"] for r in rows], style, label=label)
+            label = f"{run['export']} {({'threads': 'threads + generate'}).get(kind, kind)}"
+            clients = sorted({r["clients"] for r in rows})  # the median of the rounds at each count
+            for axis, key in ((left, "tok_per_s"), (right, "itl_p99_ms")):
+                axis.plot(clients, [statistics.median(r[key] for r in rows if r["clients"] == n) for n in clients],
+                          style, label=label)
     for axis, title, unit in ((left, "aggregate throughput", "tokens / s"),
                               (right, "p99 inter-token latency", "ms")):
         axis.set_xscale("log", base=2)
@@ -335,6 +448,12 @@ def main() -> None:
                         help="client counts of the threads baseline (64 threads of batch-1 loops take many minutes "
                              "on 2 cores; add 64 to measure it)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the threads + generate baseline")
+    parser.add_argument("--llamacpp", metavar="DIR", default=os.environ.get("GPT2ONNX_LLAMACPP"),
+                        help="also serve the same model with llama.cpp's llama-server (found in DIR, its bin/, "
+                             "build*/bin/ or one level down) on the GGUF file of each export's type in DIR "
+                             "(default: $GPT2ONNX_LLAMACPP; benchmarks/README.md says how to make them)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="rounds per client count (with --llamacpp: ours and llama-server's alternated)")
     parser.add_argument("--work-dir", default="~/.cache/gpt2onnx/serve-bench", help="where exports are kept")
     parser.add_argument("--out", default="bench-results/serve_load.json")
     args = parser.parse_args()
@@ -345,14 +464,24 @@ def main() -> None:
     work = Path(args.work_dir).expanduser()
     targets = [(Path(d), Path(d).name) for d in args.model_dir] or \
               [(exported(args.model, p, work), p) for p in args.precisions.split(",")]
+    program, peers = None, {}
+    if args.llamacpp:
+        program, peers = llama_pairs(Path(args.llamacpp).expanduser(), [label for _, label in targets])
+        for _, label in targets:
+            print(f"{label}: llama-server {program} -m {peers[label]}" if label in peers else
+                  f"{label}: no GGUF file of the matching type in {args.llamacpp}, ours alone", flush=True)
     report = {"cpu": cpu, "clients": args.clients, "new_tokens": args.new_tokens, "arrival_gap": args.arrival_gap,
               "max_batch": args.max_batch, "max_queue": args.max_queue, "threads": args.threads,
-              "command": " ".join(sys.argv),
-              "runs": [measure(directory, label, args) for directory, label in targets]}
+              "rounds": args.rounds, "command": " ".join(sys.argv),
+              "runs": [measure(directory, label, args, (program, peers[label]) if label in peers else None)
+                       for directory, label in targets]}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     picture = chart(report, out.with_suffix(".png"))
+    table = side_by_side(report)
+    if table:
+        print("\n" + table + "\n")
     print(f"wrote {out}" + (f" and {picture}" if picture else " (no chart: pip install matplotlib)"))
 
 

@@ -164,8 +164,10 @@ def register_bench(subparsers, formatter) -> None:
     p = subparsers.add_parser("bench", formatter_class=formatter,
                               help=_help("bench"),
                               description="Measure GPT-2 generation speed of gpt2onnx at each precision next to "
-                                          "transformers+torch, Optimum and CTranslate2 (those installed), on one "
-                                          "fixed workload, round-robin in one run. Prints a table; writes "
+                                          "transformers+torch, Optimum and CTranslate2 (those installed) and "
+                                          "llama.cpp (when found: --llamacpp), on one fixed workload, round-robin "
+                                          "in one run, with the bytes a decode step reads and the share of the "
+                                          "machine's read bandwidth that makes. Prints a table; writes "
                                           "OUT_DIR/bench.json and OUT_DIR/bench.png.")
     b = bench.BenchOptions()  # the defaults are the benchmark's own
     p.add_argument("--model", default=b.model,
@@ -180,6 +182,12 @@ def register_bench(subparsers, formatter) -> None:
     p.add_argument("--batch", type=int, default=b.batch, help="sampled continuations of the batch figure")
     p.add_argument("--threads", type=int, default=b.threads, help="threads of every framework (0: physical cores)")
     p.add_argument("--only", default=",".join(b.frameworks), help="frameworks to measure")
+    p.add_argument("--llamacpp", metavar="DIR", default=None,
+                   help="llama.cpp to measure beside gpt2onnx (F32, Q8_0, Q4_0 against fp32, int8, int4): a folder "
+                        "holding llama-bench (in it, its bin/ or build/bin/) and the GGUF files of the same model "
+                        "(default: $GPT2ONNX_LLAMACPP; benchmarks/README.md says how to make them)")
+    p.add_argument("--llamacpp-bin", metavar="DIR", default=None, help="the folder of llama-bench, if elsewhere")
+    p.add_argument("--llamacpp-gguf", metavar="DIR", default=None, help="the folder of the GGUF files, if elsewhere")
     p.add_argument("--precisions", default=",".join(b.precisions),
                    help="gpt2onnx precisions to measure (+kv32: exported with --kv-cache float32; optimum-fp32: "
                         "Optimum's fp32 export, run by gpt2onnx)")
@@ -198,7 +206,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                  long_prompt=args.long_past, long_new_tokens=args.long_new_tokens,
                                  prefill=args.prefill, batch=args.batch, threads=args.threads,
                                  frameworks=tuple(args.only.split(",")), precisions=tuple(args.precisions.split(",")),
-                                 work_dir=Path(args.work_dir).expanduser())
+                                 work_dir=Path(args.work_dir).expanduser(),
+                                 llamacpp_bin=_path(args.llamacpp_bin or args.llamacpp),
+                                 llamacpp_gguf=_path(args.llamacpp_gguf or args.llamacpp))
     command = "gpt2onnx bench " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None
     report = bench.run_bench(options, progress=stderr, command=command)
     out = Path(args.out_dir)
@@ -209,3 +219,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"\nwrote {out / 'bench.json'}" + (f" and {chart}" if chart else " (no chart: pip install matplotlib)"),
           file=sys.stderr)
     return 0
+
+
+def _path(value: str | None):
+    from pathlib import Path
+
+    return Path(value).expanduser() if value else None

@@ -232,10 +232,12 @@ async def _flood(url: str, held: int):
             tasks.append(asyncio.create_task(client.completions.create(**options)))
             await asyncio.sleep(0.02)
         deadline = time.monotonic() + 60
-        while sum(task.done() for task in tasks) < REPLICAS * MAX_BATCH:  # the replicas took theirs
+        # a replica takes MAX_BATCH requests and runs one (n=4 rows): its stream starts, the others wait in its
+        # engine's queue, unanswered until they start (a stream answers once its request leaves the queue)
+        while sum(task.done() for task in tasks) < REPLICAS:
             assert time.monotonic() < deadline, "the replicas did not take their requests"
             await asyncio.sleep(0.02)
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.0)
         refused = [task for task in tasks if task.done() and task.exception() is not None]
         probe = client.with_options(timeout=5)
         for probes in range(1, 6):  # Ray counts its queue loosely under bursts: a probe may still be queued
@@ -429,3 +431,82 @@ def test_ray_flags_need_ray(tiny_export):
     done = subprocess.run([sys.executable, "-m", "gpt2onnx", "serve", str(tiny_export), "--replicas", "2"],
                           check=False, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--replicas needs --ray" in done.stderr and "Traceback" not in done.stderr
+
+
+# --- last (the module's cluster has stopped): the cluster recipe of docs/ray.md, as written ----------------------
+
+
+def recipe() -> list[list[str]]:
+    """The commands of docs/ray.md's "Join a cluster started with `ray start`" block, split as a shell would."""
+    import shlex
+
+    text = (Path(__file__).parents[1] / "docs" / "ray.md").read_text(encoding="utf-8")
+    block = text.split("<!-- recipe: ray start -->", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [shlex.split(line, comments=True) for line in block.splitlines() if shlex.split(line, comments=True)]
+
+
+def test_the_cluster_recipe_works_as_written(trained_export, tmp_path, monkeypatch):
+    """`ray start --head` on 127.0.0.1, then `gpt2onnx serve DIR --ray --ray-address 127.0.0.1:PORT`, one request
+    through the openai client, then the cluster stops. The issue: on Ray 2.60, with token authentication on (a token
+    in ~/.ray/auth_token or RAY_AUTH_TOKEN_PATH), serve failed with InvalidAuthToken unless RAY_AUTH_MODE=token was
+    exported. Here the token is a file of the test's own (RAY_AUTH_TOKEN_PATH) and RAY_AUTH_MODE is unset.
+
+    Run on a machine shared with other tests, the recipe gets free ports and its own --temp-dir, and `ray start`
+    gets --block so that the head is stopped by its pid: `ray stop` would stop every Ray process of the machine."""
+    import shutil
+    import tempfile
+    import uuid
+
+    ray_cli = Path(sys.executable).with_name("ray")
+    if not ray_cli.exists() and shutil.which("ray") is None:
+        pytest.skip("the `ray` command is not installed (pip install 'gpt2onnx[ray]')")
+    exports, start, serve, stop = recipe()
+    assert exports[:2] == ["export", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0"] and stop == ["ray", "stop"]
+    assert start[:3] == ["ray", "start", "--head"] and serve[:2] == ["gpt2onnx", "serve"]
+    for flag in ("--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=false"):
+        assert flag in start
+    gcs = free_port()
+    head_command = [str(ray_cli if ray_cli.exists() else shutil.which("ray")), *start[1:]]
+    head_command = [f"--port={gcs}" if part.startswith("--port=") else part for part in head_command]
+    scratch = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    head_command += ["--block", f"--ray-client-server-port={free_port()}",
+                     f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={scratch}"]
+    token = tmp_path / "auth_token"
+    token.write_text(uuid.uuid4().hex)
+    monkeypatch.setenv(exports[1].split("=")[0], exports[1].split("=")[1])
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    monkeypatch.setenv("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "1")  # our head holds nothing to drain
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    log = (tmp_path / "head.log").open("w")
+    head = subprocess.Popen(head_command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    server = None
+    try:
+        deadline = time.monotonic() + 60
+        while "Ray runtime started" not in (tmp_path / "head.log").read_text():
+            assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "ray start did not start the head in 60 s"
+            time.sleep(0.5)
+        assert "Token authentication is enabled" in (tmp_path / "head.log").read_text()
+        address = [part for part in serve if part.startswith("127.0.0.1:")]
+        assert address and "--ray" in serve and "--ray-address" in serve
+        args = [f"127.0.0.1:{gcs}" if part == address[0] else part for part in serve[3:]]
+        started = time.monotonic()
+        server, url = start_cli(trained_export, *args)
+        answer = openai_client(url, timeout=60).completions.create(model=NAME, prompt=PROMPT, max_tokens=8, seed=1)
+        print(f"serving through the joined cluster {time.monotonic() - started:.1f} s after `gpt2onnx serve`: "
+              f"{answer.choices[0].text!r}")
+        assert answer.choices[0].text and answer.usage.completion_tokens == 8
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(60) == 0
+    finally:
+        if server is not None:
+            stop_cli(server)
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes of its head
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait()
+        log.close()
+        shutil.rmtree(scratch, ignore_errors=True)

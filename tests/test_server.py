@@ -348,7 +348,7 @@ def test_closing_a_stream_frees_its_rows_within_one_step(client, live, engine):
 def test_a_non_streamed_client_that_hangs_up_cancels_its_work(live, engine):
     with socket.create_connection(("127.0.0.1", live.port)) as sock:
         body = json.dumps({"prompt": PROMPT, "max_tokens": 800, "ignore_eos": True, "seed": 2}).encode()
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         deadline = time.monotonic() + 10
         while engine.stats().running_rows == 0:

@@ -14,9 +14,14 @@ prompts joins in one run, see `fresh_group`), shortest rest first
 per return sequence, sharing the prompt's cache) are right-aligned with the running rows in one cache (left
 padding, hidden by the attention mask; every row has its own position ids). It leaves as soon as all its rows
 are done or it is cancelled. Each request keeps its own settings, history and random generator and is
-sampled by the same `sampling.sample` call as in `generator.generate_tokens`, so a seeded request gives the
-tokens of `model.generate(prompt, seed=...)` alone whatever else is in the batch (the graph's logits of a row
-do not depend on the other rows up to float rounding: see tests/test_engine.py for the measured rate).
+sampled by the same `sampling.sample` call as in `generator.generate_tokens`. At fp32 a seeded request gave the
+tokens of `model.generate(prompt, seed=...)` alone in every measurement, whatever else was in the batch, but its
+logits are not bit for bit generate's: left padding moves them by rounding (~2e-6), which can flip a near-tie. At
+int8 and int4 they move further: int8's activation scale is taken over all the rows of a run and int4's kernel
+changes with the row count, and a sixth to a half of 64-token sequences differ
+(benchmarks/results/2026-12-08-batch-invariance.md). `EngineOptions(batch_invariant=True)` gives generate's
+tokens at every precision: each request runs as generate runs it, its prompt whole in a run of its own and its
+rows in a run of their own every step, at the cost of the batch's shared weight reads.
 
 Logprobs are of the model's RAW distribution (before logit_bias, penalties, temperature, top-k, top-p), as
 OpenAI and vLLM report them.
@@ -60,6 +65,7 @@ if TYPE_CHECKING:
     from .model import Model
 
 CANCELLED, ERROR = "cancelled", "error"
+REJECTED = "rejected"  # still queued when reject_waiting() was called: never started
 _log = logging.getLogger(__name__)
 _BURST_CHUNKS = 4  # a burst of fresh prompts joins in one run of up to this many prefill_chunks (fresh_group)
 
@@ -87,6 +93,10 @@ class EngineOptions:
     # one decode step's time of prompt while rows decode, two batch-1 steps' time while none does. A burst of fresh
     # prompts (more than the running rows) may take _BURST_CHUNKS times this in one run (fresh_group)
     prefill_chunk: int = 64
+    # every request's tokens equal model.generate(prompt, same settings and seed) alone, at every precision: its
+    # prompt prefilled whole in a run of its own, its rows decoded in a run of their own (one run per request per
+    # step: the batch no longer shares a weight read; the cost: benchmarks/results/2026-12-08-batch-invariance.md)
+    batch_invariant: bool = False
     on_step: Callable[[int], None] | None = None  # called after each decode step with the batch's rows (metrics)
 
     def __post_init__(self):
@@ -95,6 +105,9 @@ class EngineOptions:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidArgumentError(f"{name} must be an integer >= 1, got {value!r}",
                                            hint=f"e.g. {name}={getattr(EngineOptions, name)} (the default)")
+        if not isinstance(self.batch_invariant, bool):
+            raise InvalidArgumentError(f"batch_invariant must be True or False, got {self.batch_invariant!r}",
+                                       hint="batch_invariant=True gives every request generate()'s tokens alone")
 
 
 @dataclass(frozen=True)
@@ -106,7 +119,7 @@ class Event:
     text: str  # text this token releases ("" while a partial character or possible stop string is held back)
     logprob: float | None  # raw-distribution log-probability of the token (when logprobs was asked)
     top_logprobs: TopLogprobs | None  # the k likeliest (token id, logprob) of the raw distribution (logprobs=k)
-    finish_reason: str | None  # on a row's last event: "eos", "stop", "length", "cancelled" or "error"
+    finish_reason: str | None  # on a row's last event: "eos", "stop", "length", "cancelled", "error" or "rejected"
 
 
 @dataclass(frozen=True)
@@ -161,6 +174,8 @@ class EngineClient(Protocol):
     def stats(self) -> EngineStats | None: ...
 
     def close(self, *, drain: bool = True, timeout: float | None = None) -> None: ...
+
+    def reject_waiting(self) -> int: ...
 
 
 class Request:
@@ -282,6 +297,7 @@ class _Active:
         self.values: list[list] | None = [[] for _ in range(n)] if request.logprobs is not None else None
         self.rows = np.zeros(0, np.int64)  # its rows' indices in the running batch
         self.cache: tuple[KVCache, int] | None = None  # its prompt's past (cache, row) until it joins the batch
+        self.past: KVCache | None = None  # batch_invariant: its rows' own cache once running, laid out as generate's
 
     @property
     def done(self) -> bool:
@@ -438,6 +454,19 @@ class Engine:
             self._lock.notify_all()
         return request
 
+    def reject_waiting(self) -> int:
+        """Accept no more requests and end those still waiting in the queue at once, each row with a final
+        "rejected" event (they never started: a server's drain answers them 503, to be retried elsewhere);
+        the running ones go on. Returns how many were ended; close() then finishes the rest."""
+        with self._lock:
+            self._closing = True
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            self._lock.notify_all()
+        for request in waiting:  # out of the queue: the scheduler no longer sees them
+            self._active(request).end(REJECTED)
+        return len(waiting)
+
     def stats(self) -> EngineStats:
         with self._lock:
             return EngineStats(running_requests=len(self._running), running_rows=len(self._pad),
@@ -536,13 +565,18 @@ class Engine:
             if request.settings.max_new_tokens == 0 and not request.echo_logprobs:
                 active.end(LENGTH)  # nothing to compute
             else:
-                self._joining.append(_Joining(active, self._session.empty_cache(1, capacity=len(request.prompt_ids))))
+                # batch_invariant: room for the whole generation up front, as generate makes it
+                room = request.settings.max_new_tokens if self.options.batch_invariant else 0
+                self._joining.append(_Joining(active, self._session.empty_cache(
+                    1, capacity=len(request.prompt_ids) + room)))
             self._admitting.pop(0)
 
     def _prefill(self) -> list[_Active]:
         """One chunk of each joining prompt, the shortest rest first, the step's budget in all (a short
         prompt never waits behind a long one). Returns the requests whose prompt is complete, first tokens
         picked and rows still live."""
+        if self.options.batch_invariant:
+            return self._prefill_alone()
         budget, newcomers = self._prefill_budget(), self._landing
         order = sorted(self._joining, key=lambda j: len(j.active.request.prompt_ids) - j.done)
         # fresh prompts that fit whole go together, as one left-padded batch from an empty past (a burst of
@@ -560,19 +594,59 @@ class Engine:
                 budget -= self._prefill_chunk(joining, budget)
             if joining.done < len(joining.active.request.prompt_ids):
                 continue
-            # the prompt is in: its rows share its cache and pick their first tokens from its last logits
-            self._joining.remove(joining)
-            active, request = joining.active, joining.active.request
-            if request.echo_logprobs:
-                request.prompt_logprobs = joining.prompt_logprobs
-            if request.settings.max_new_tokens == 0:
-                active.end(LENGTH)
-                continue
-            active.cache = (joining.cache, joining.row)
-            self._pick(active, np.repeat(joining.last_logits, request.rows, axis=0))
-            if not active.done:
-                newcomers.append(active)
+            self._prompt_in(joining, newcomers)
         return newcomers
+
+    def _prompt_in(self, joining: _Joining, newcomers: list[_Active]) -> None:
+        """The prompt is in: its rows share its cache and pick their first tokens from its last logits; those still
+        live are added to `newcomers`."""
+        self._joining.remove(joining)
+        active, request = joining.active, joining.active.request
+        if request.echo_logprobs:
+            request.prompt_logprobs = joining.prompt_logprobs
+        if request.settings.max_new_tokens == 0:
+            active.end(LENGTH)
+            return
+        active.cache = (joining.cache, joining.row)
+        self._pick(active, np.repeat(joining.last_logits, request.rows, axis=0))
+        if not active.done:
+            newcomers.append(active)
+
+    def _prefill_alone(self) -> list[_Active]:
+        """batch_invariant: whole prompts, the shortest first, each in a run of its own as generate runs it (batch
+        1 from an empty past, no chunks, no other prompt beside it: int8's activation scale is taken over a run's
+        rows, int4's kernels change with them, a chunk attends to an int8 past where a whole prompt attends in
+        float32, and left padding moves even fp32 logits by ~2e-6); at least one a step, more while they fit the
+        step's budget. Returns the newcomers, as _prefill."""
+        budget, newcomers, spent = self._prefill_budget(), self._landing, 0
+        for joining in sorted(self._joining, key=lambda j: len(j.active.request.prompt_ids)):
+            length = len(joining.active.request.prompt_ids)
+            if spent and spent + length > budget:
+                break
+            spent += self._prefill_whole(joining)
+            self._prompt_in(joining, newcomers)
+        return newcomers
+
+    def _prefill_whole(self, joining: _Joining) -> int:
+        """Run a joining request's whole prompt in its batch-1 cache, as generate does (only the last position's
+        logits); with echo_logprobs, every position's logits first, in a run and a cache of their own (at int8 the
+        head's activation scale spans the positions kept, so the last logits of that run are not generate's)."""
+        request = joining.active.request
+        ids = np.array([request.prompt_ids], np.int64)
+        mask, positions = np.ones_like(ids), np.arange(ids.shape[1])[None]
+        if request.echo_logprobs:
+            logits, _ = self._session.run(ids, mask, positions, self._session.empty_cache(1, capacity=ids.shape[1]),
+                                          logits_for="all")
+            joining.prompt_logprobs += chosen(logits[0, :-1], request.prompt_ids[1:], request.logprobs)
+        if request.settings.max_new_tokens:
+            began = time.perf_counter()
+            logits, joining.cache = self._session.run(ids, mask, positions, joining.cache, logits_for="last")
+            self._measured("prefill", time.perf_counter() - began, ids.shape[1])
+            joining.last_logits = logits[:, -1, :].copy()
+        joining.done = ids.shape[1]
+        with self._lock:
+            self._stats["prompt_tokens"] += ids.shape[1]
+        return ids.shape[1]
 
     def _prefill_budget(self) -> int:
         """Prompt tokens to prefill this step: about one decode step's time of the running batch (two batch-1
@@ -637,6 +711,9 @@ class Engine:
         filled by the last rows, newcomers written into free rows: only those rows are copied; leading padding
         is dropped by moving the rows to the front of their buffers); otherwise one new right-aligned cache
         without the leading columns that are padding in every row."""
+        if self.options.batch_invariant:
+            self._regroup_alone(newcomers)
+            return
         stay = [a for a in self._running if not a.done]
         gone = [a for a in self._running if a.done]
         self._running, self._landing = stay + newcomers, []
@@ -685,7 +762,23 @@ class Engine:
             newcomer.rows, start = np.arange(start, start + newcomer.request.rows), start + newcomer.request.rows
             newcomer.cache = None
 
+    def _regroup_alone(self, newcomers: list[_Active]) -> None:
+        """batch_invariant: the requests that stay and the newcomers, each with a cache of its own rows alone, as
+        generate lays it out (the prompt's batch-1 cache, its row repeated for the return
+        sequences; no padding). Rows are numbered in order: they index the step's logits (_decode_alone)."""
+        self._running, self._landing = [a for a in self._running if not a.done] + newcomers, []
+        for newcomer in newcomers:
+            cache, n = newcomer.cache[0], newcomer.request.rows
+            newcomer.past, newcomer.cache = cache.repeat_rows(n) if n > 1 else cache, None
+        start = 0
+        for active in self._running:
+            active.rows, start = np.arange(start, start + active.request.rows), start + active.request.rows
+        self._pad = np.zeros(start, np.int64)  # no row of a cache of its own is padded
+
     def _decode(self) -> None:
+        if self.options.batch_invariant:
+            self._decode_alone()
+            return
         ids = np.empty((self._cache.batch, 1), np.int64)
         for active in self._running:
             ids[active.rows, 0] = active.history[:, active.now - 1]
@@ -697,11 +790,30 @@ class Engine:
                                                 reuse_logits=True)
         self._measured("decode", time.perf_counter() - start, len(ids))
         self._logits = logits[:, -1, :]
+        self._stepped(len(ids))
+
+    def _decode_alone(self) -> None:
+        """batch_invariant: one run per request, its rows alone in their own cache and fed as generate feeds them
+        (every row at the next position, no padding): generate's logits, bit for bit. Not one shared run even at
+        fp32: left padding moves a row's attention sums by a rounding unless it is a multiple of 4 columns."""
+        start, logits = time.perf_counter(), []
+        for active in self._running:
+            n, now = active.request.rows, active.now
+            step, active.past = self._session.run(active.history[:, now - 1:now], np.ones((n, now), np.int64),
+                                                  np.full((n, 1), now - 1, np.int64), active.past,
+                                                  logits_for="last", reuse_logits=True)
+            logits.append(step[:, -1, :])
+        self._logits = np.concatenate(logits)
+        self._measured("decode", time.perf_counter() - start, len(self._logits))
+        self._stepped(len(self._logits))
+
+    def _stepped(self, rows: int) -> None:
+        """A decode step of `rows` rows is done: count it, tell on_step."""
         with self._lock:
             self._stats["steps"] += 1
         if self.options.on_step is not None:
             try:
-                self.options.on_step(len(ids))
+                self.options.on_step(rows)
             except Exception:  # a metrics hook must not stop the engine
                 _log.exception("EngineOptions.on_step failed")
 

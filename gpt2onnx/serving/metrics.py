@@ -21,9 +21,10 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.1
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
-# why a request was refused (the `reason` label of gpt2onnx_rejected_total)
-REASONS = ("invalid", "context_length", "unauthorized", "not_found", "queue_full", "loading", "load_failed",
-           "draining", "engine_stopped")
+# why a request was refused (the `reason` label of gpt2onnx_rejected_total): its content; its headers (Host,
+# Origin, Content-Type, key: serving/guards.py); its body (too large, too slow); the server's state
+REASONS = ("invalid", "context_length", "not_found", "bad_host", "cross_origin", "content_type", "unauthorized",
+           "too_large", "read_timeout", "busy", "queue_full", "loading", "load_failed", "draining", "engine_stopped")
 
 
 class Metrics:

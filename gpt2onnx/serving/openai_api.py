@@ -32,7 +32,7 @@ import json
 import math
 import secrets
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -40,10 +40,12 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
 
+from ..errors import InvalidArgumentError
 from ..generation.settings import MAX_RETURN_SEQUENCES, SEED_MAX, GenerationSettings
 from .options import MAX_LOGPROBS
 
@@ -97,7 +99,7 @@ def validation_error(error: ValidationError) -> ApiError:
     kind, message = first["type"], first["msg"].removeprefix("Value error, ")
     if kind == "json_invalid":
         return bad_request(f"the request body is not valid JSON: {message}", None, "invalid_json")
-    if kind == "model_type" or (kind.endswith("_type") and not loc):
+    if kind.endswith("_type") and not loc:  # the body itself (a nested object of the wrong type names its field)
         return bad_request("the request body must be a JSON object", None, "invalid_json")
     if kind == "extra_forbidden":
         return bad_request(f"Unrecognized request argument supplied: {param}. Supported extras (extra_body): "
@@ -122,6 +124,16 @@ def _jsonable(value) -> bool:
 
 # --- requests ------------------------------------------------------------------------------------------
 
+# The shapes the validators below accept, as JSON schema (for /openapi.json and the fuzzer; validation is theirs)
+_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+PROMPT_SCHEMA = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}, _IDS,
+                           {"type": "array", "items": _IDS, "minItems": 1}]}
+STOP_SCHEMA = {"anyOf": [{"type": "string", "minLength": 1}, {"type": "null"},
+                         {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP}]}
+LOGIT_BIAS_SCHEMA = {"anyOf": [{"type": "null"}, {
+    "type": "object", "propertyNames": {"pattern": "^[0-9]+$"},
+    "additionalProperties": {"type": "number", "minimum": -LOGIT_BIAS_LIMIT, "maximum": LOGIT_BIAS_LIMIT}}]}
+
 
 class _Strict(BaseModel):
     # JSON types as written (1.0 is not an integer, "1" is not a number), no NaN/Infinity, unknown keys refused
@@ -139,19 +151,19 @@ class CompletionRequest(_Strict):
     """POST /v1/completions. Validate with `parse_completion_request` (it passes the limits as context)."""
 
     model: str | None = None  # must be the served model's name when given
-    prompt: Any  # str | list[str] | list[int] | list[list[int]] (required)
+    prompt: Annotated[Any, WithJsonSchema(PROMPT_SCHEMA)]  # str | list[str] | list[int] | list[list[int]] (required)
     max_tokens: int | None = Field(None, ge=0)  # None: 16; 0 only with echo (scores the prompt)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int | None = Field(None, ge=1)
     best_of: int | None = Field(None, ge=1)  # accepted only when equal to n
-    stop: Any = None  # str | list[str], at most 4, not empty
+    stop: Annotated[Any, WithJsonSchema(STOP_SCHEMA)] = None  # str | list[str], at most 4, not empty
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     logprobs: int | None = Field(None, ge=0)
     echo: bool | None = None
-    logit_bias: dict[str, float] | None = None  # {"token id": -100..100}
+    logit_bias: Annotated[dict[str, float] | None, WithJsonSchema(LOGIT_BIAS_SCHEMA)] = None  # {"token id": -100..100}
     frequency_penalty: float | None = Field(None, ge=-PENALTY_LIMIT, le=PENALTY_LIMIT)
     presence_penalty: float | None = Field(None, ge=-PENALTY_LIMIT, le=PENALTY_LIMIT)
     suffix: str | None = None  # not supported (GPT-2 does not infill)
@@ -210,8 +222,11 @@ class CompletionRequest(_Strict):
         vocab = (info.context or {}).get("vocab_size")
         bias = {}
         for key, number in value.items():
-            if not key.isdigit():
-                raise ValueError(f"logit_bias keys must be token ids (strings of digits), got {key!r}")
+            if not (key.isascii() and key.isdigit()):  # str.isdigit alone takes "²" and Arabic-Indic digits
+                raise ValueError(f"logit_bias keys must be token ids (strings of digits 0-9), got {key[:40]!r}")
+            if len(key.lstrip("0")) > 9:  # past any vocabulary (and int() refuses over 4,300 digits)
+                raise ValueError(f"logit_bias holds token id {key[:12]}...; ids go from 0 to "
+                                 f"{vocab - 1 if vocab else '...'}")
             token = int(key)
             _check_ids([token], vocab, "logit_bias")
             if not -LOGIT_BIAS_LIMIT <= number <= LOGIT_BIAS_LIMIT:
@@ -377,17 +392,33 @@ def prepare(request: CompletionRequest, *, encode, decode, n_positions: int) -> 
     if seed is None and not greedy:
         seed = secrets.randbelow(SEED_MAX + 1)  # one seed for all prompts: the request can be replayed
     temperature = 1.0 if request.temperature is None else request.temperature
-    settings = GenerationSettings(
-        max_new_tokens=new_tokens, min_new_tokens=request.min_tokens or 0, do_sample=temperature > 0,
-        temperature=temperature, top_k=request.top_k or 0, top_p=1.0 if request.top_p is None else request.top_p,
-        repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
-        no_repeat_ngram_size=request.no_repeat_ngram_size or 0, num_return_sequences=1 if greedy else n,
-        stop=tuple(request.stop or ()), ignore_eos=bool(request.ignore_eos), seed=None if greedy else seed,
-        sampler="torch", frequency_penalty=request.frequency_penalty or 0.0,
-        presence_penalty=request.presence_penalty or 0.0, logit_bias=request.logit_bias or None)
+    try:
+        settings = GenerationSettings(
+            max_new_tokens=new_tokens, min_new_tokens=request.min_tokens or 0, do_sample=temperature > 0,
+            temperature=temperature, top_k=request.top_k or 0, top_p=1.0 if request.top_p is None else request.top_p,
+            repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
+            no_repeat_ngram_size=request.no_repeat_ngram_size or 0, num_return_sequences=1 if greedy else n,
+            stop=tuple(request.stop or ()), ignore_eos=bool(request.ignore_eos), seed=None if greedy else seed,
+            sampler="torch", frequency_penalty=request.frequency_penalty or 0.0,
+            presence_penalty=request.presence_penalty or 0.0, logit_bias=request.logit_bias or None)
+    except InvalidArgumentError as error:  # the settings' own limits, e.g. options that take a score past float32
+        raise _settings_error(error) from None
     submit = {"logprobs": request.logprobs, "echo_logprobs": bool(request.echo and request.logprobs is not None)}
     return Prepared(prompts=texts, prompt_ids=prompt_ids, settings=settings, copies=n if greedy else 1,
                     submit_options=submit, seed=None if greedy else seed)
+
+
+# GenerationSettings' names of the request's fields, where they differ
+_SETTING_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "num_return_sequences": "n"}
+
+
+def _settings_error(error: InvalidArgumentError) -> ApiError:
+    """A GenerationSettings refusal as a 400 in the request's own names, `param` the field it names first."""
+    message = error.message
+    for setting, field in _SETTING_NAMES.items():
+        message = message.replace(setting, field)
+    first = message.split("=", 1)[0].split(" ", 1)[0]
+    return bad_request(message, first if first in CompletionRequest.model_fields else None)
 
 
 # --- responses -------------------------------------------------------------------------------------------

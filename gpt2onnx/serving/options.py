@@ -7,6 +7,9 @@ imported here, so that `gpt2onnx serve --help` works without the serve or ray ex
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -14,6 +17,8 @@ from ..errors import InvalidArgumentError
 from ..generation.engine import EngineOptions
 
 MAX_LOGPROBS = 5  # OpenAI's legacy Completions allow logprobs 0..5
+LOG_FORMATS = ("text", "json")
+_NAME = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*\.?")
 
 
 @dataclass(frozen=True)
@@ -24,8 +29,18 @@ class ServerOptions:
     api_keys: tuple[str, ...] = ()  # accepted bearer keys; empty: no authentication
     replica_id: str = ""  # the x-gpt2onnx-replica header; "" means hostname-pid
     drain_timeout: float = 30.0  # seconds a SIGTERM waits for the requests in flight before ending them
-    retry_after: int = 1  # seconds a 429 (queue full) asks the client to wait
+    retry_after: int = 1  # seconds a 429 (queue full) or a 503 (draining, busy) asks the client to wait
     max_logprobs: int = MAX_LOGPROBS
+    accept_any_model: bool = False  # answer to any `model` name (clients that insist on e.g. gpt-3.5-turbo-instruct)
+    # where a request may come from (serving/guards.py): Host names beyond loopback and the address the client
+    # connected to ("*.example.com" for subdomains, "*" for any); origins of other web pages allowed to call the
+    # API ("https://app.example.com", "*" for any)
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+    # the connections of `gpt2onnx serve` (uvicorn; on Ray, its proxy holds them and these two do nothing)
+    read_timeout: float = 30.0  # seconds a client has to send a request's headers, then as long for its body
+    limit_concurrency: int = 1024  # open connections (and requests) at most; a request beyond gets 503
+    log_format: str = "text"  # "text" (uvicorn's lines) or "json" (one object per line, for log shippers)
 
     def __post_init__(self):
         if not isinstance(self.api_keys, tuple) or not all(isinstance(k, str) and k for k in self.api_keys):
@@ -33,9 +48,28 @@ class ServerOptions:
                                        hint="pass api_keys=('KEY',), or --api-key-file with one key per line")
         if not self.model_name:
             raise InvalidArgumentError("model_name must not be empty", hint="pass --model-name NAME")
-        if not self.drain_timeout >= 0:
-            raise InvalidArgumentError(f"drain_timeout must be >= 0 seconds, got {self.drain_timeout}",
-                                       hint="e.g. --drain-timeout 30")
+        for name in ("drain_timeout", "read_timeout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise InvalidArgumentError(f"{name} must be a number of seconds >= 0, got {value!r}",
+                                           hint=f"e.g. --{name.replace('_', '-')} 30")
+        if not self.read_timeout > 0:
+            raise InvalidArgumentError("read_timeout must be > 0 seconds", hint="e.g. --read-timeout 30")
+        for name in ("limit_concurrency", "retry_after"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidArgumentError(f"{name} must be an integer >= 1, got {value!r}",
+                                           hint=f"e.g. {name}={getattr(ServerOptions, name)} (the default)")
+        if self.log_format not in LOG_FORMATS:
+            raise InvalidArgumentError(f"log_format must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}",
+                                       hint="--log-format json writes one JSON object per line")
+        for name, pattern in (("allowed_hosts", host_pattern), ("allowed_origins", origin_pattern)):
+            values = getattr(self, name)
+            if not isinstance(values, (tuple, list)):  # a list: from a YAML config's args
+                raise InvalidArgumentError(f"{name} must be a tuple of strings, got {type(values).__name__}",
+                                           hint=f"e.g. {name}=('*.example.com',)" if name == "allowed_hosts"
+                                           else f"e.g. {name}=('https://app.example.com',)")
+            object.__setattr__(self, name, tuple(pattern(value) for value in values))  # normalized
 
 
 @dataclass(frozen=True)
@@ -120,6 +154,39 @@ class RayServeOptions:
         flat = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("engine", "server")}
         flat |= {k: v for k, v in dataclasses.asdict(self.engine).items() if k != "on_step"}
         return flat | {k: v for k, v in dataclasses.asdict(self.server).items() if k != "replica_id"}
+
+
+def host_pattern(text: str) -> str:
+    """An allowed Host: a DNS name, "*.domain" (its subdomains), an IP address, or "*" (any); lower-cased."""
+    value = text.strip().lower() if isinstance(text, str) else ""
+    name = value[2:] if value.startswith("*.") else value
+    if value == "*" or (_NAME.fullmatch(name) and not name.isdigit()):
+        return value
+    if _is_ip(value.strip("[]")):
+        return value.strip("[]")  # as the Host check compares it: no brackets
+    raise InvalidArgumentError(f"allowed host {text!r} is not a host name, *.domain, an IP address or *",
+                               hint="e.g. --allowed-hosts gpt2.example.com,*.internal.example.com (no port, no scheme)")
+
+
+def origin_pattern(text: str) -> str:
+    """An allowed origin: "http(s)://host[:port]" as a browser sends it (no path), or "*" (any); lower-cased."""
+    value = text.strip().lower() if isinstance(text, str) else ""
+    scheme, sep, rest = value.partition("://")
+    host, _, port = rest.rpartition(":") if rest.rfind(":") > rest.rfind("]") else (rest, "", "")
+    if value == "*" or (sep and scheme in ("http", "https") and host and "/" not in rest
+                        and (not port or (port.isdigit() and 0 < int(port) < 65536))
+                        and (_NAME.fullmatch(host) or _is_ip(host.strip("[]")))):
+        return value
+    raise InvalidArgumentError(f"allowed origin {text!r} is not scheme://host[:port] or *",
+                               hint="e.g. --allowed-origins https://app.example.com,http://localhost:3000 (no path)")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _fields(cls, leave_out: tuple[str, ...]) -> dict[str, str]:

@@ -36,7 +36,7 @@ import socket
 import threading
 import time
 
-from ..errors import InvalidArgumentError, MissingDependencyError, ModelLoadError
+from ..errors import Gpt2OnnxError, InvalidArgumentError, MissingDependencyError, ModelLoadError
 from .options import RayServeOptions
 
 try:
@@ -50,6 +50,10 @@ log = logging.getLogger("gpt2onnx.ray")
 APP_NAME = "gpt2onnx"
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a local cluster advertises 127.0.0.1 only
 METRICS_PERIOD = 1.0  # seconds between copies of a replica's Prometheus metrics into Ray's
+JOIN_HINT = ("is it running (ray status --address ADDRESS)? With token authentication (Ray 2.60 turns it on when "
+             "`ray start` finds a token), this process needs the same token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH "
+             "or ~/.ray/auth_token and RAY_AUTH_MODE=token set before Python imports ray (`gpt2onnx serve "
+             "--ray-address` sets it when it finds a token)")
 
 
 def deployment_options(options: RayServeOptions) -> dict:
@@ -150,18 +154,29 @@ def _replica_id() -> str:
         return f"{socket.gethostname()}-{os.getpid()}"
 
 
+GRPC_PATCH_CHECKED_ON = ("2.60",)  # Ray versions whose replica.py binds "[::]:0" the way the patch below expects
+
+
 def _keep_internal_grpc_on_loopback() -> None:
     """On a loopback-only cluster, bind the replica's inter-deployment gRPC server to 127.0.0.1.
 
-    Ray Serve 2.60 binds it to "[::]:0" (every interface) with no setting to change that
+    Ray Serve 2.60 binds it to "[::]:0" (every interface) with no setting and no public API to change that
     (ray-project/ray#64544); the proxy reaches a replica at its node's address, which on a local cluster is
     127.0.0.1, so loopback suffices there. On a real cluster (a node address other than 127.0.0.1) nothing
-    changes. The server starts after this replica's constructor, so patching Ray's module here is in time.
+    changes. The server starts after this replica's constructor, so replacing the private
+    `ray.serve._private.replica.add_port_to_grpc_server` here is in time; on a Ray version the patch was not
+    checked on (GRPC_PATCH_CHECKED_ON) it is left alone, and a line in the replica's log says so.
     """
     import ray
 
     try:
         if ray.util.get_node_ip_address() != "127.0.0.1":
+            return
+        version = ".".join(ray.__version__.split(".")[:2])
+        if version not in GRPC_PATCH_CHECKED_ON:
+            log.warning("Ray %s: Ray Serve's inter-deployment gRPC server keeps Ray's own address (every "
+                        "interface): gpt2onnx binds it to 127.0.0.1 on Ray %s only (ray-project/ray#64544)",
+                        ray.__version__, ", ".join(GRPC_PATCH_CHECKED_ON))
             return
         from ray.serve._private import replica as ray_replica
 
@@ -281,13 +296,16 @@ def run(options: RayServeOptions, *, host: str = "127.0.0.1", port: int = 8000, 
 
     started_ray = address is None
     if started_ray:
-        from .server import _check_address
+        from .server import check_address
 
-        _check_address(host, port)  # a busy port fails in one line now, not after Ray started
+        check_address(host, port)  # a busy port fails in one line now, not after Ray started
         wanted = options.cpus_per_replica * (options.max_replicas or options.replicas)
         start_local_cluster(num_cpus=num_cpus or max(wanted, os.cpu_count() or 1), metrics_port=metrics_port)
     else:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        except ConnectionError as error:
+            raise Gpt2OnnxError(f"cannot join the Ray cluster at {address}: {error}", hint=JOIN_HINT) from None
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

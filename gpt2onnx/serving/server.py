@@ -12,20 +12,25 @@ Routes (an API key, when set, is needed everywhere but /health and the playgroun
     POST /v1/chat/completions  an OpenAI 404 error: GPT-2 has no chat template
     GET  /                   the playground page (static/playground.html)
 
-Every response carries `x-gpt2onnx-replica` (hostname-pid unless set), so a client behind a load
-balancer can tell replicas apart. SIGTERM (or Ctrl-C) drains: /health and new requests answer 503, the
-requests in flight finish (for at most drain_timeout seconds; the rest end with an error event), the engine
-closes, the process exits 0.
+Before a route runs, guards.py checks the Host, Origin and Content-Type headers and the key, and reads the
+body within the read timeout and size limit; connections.py bounds the time to a request's headers and the
+open connections of `serve()`. Every response carries `x-gpt2onnx-replica` (hostname-pid unless set), so a
+client behind a load balancer can tell replicas apart. A request that does not end as answered (abandoned,
+cancelled, stopped) is one log line (logs.py). SIGTERM (or Ctrl-C) drains: /health and new requests answer
+503, the queued requests get 503 at once, the running ones finish (for at most drain_timeout seconds; the rest
+end with an error event), the engine closes, the process exits 0. A second signal stops at once: exit 130
+(SIGINT) or 143 (SIGTERM), every open stream ending with an error event.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import os
+import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -35,15 +40,19 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import Gpt2OnnxError, InvalidArgumentError, ModelLoadError
-from ..generation.engine import EngineClient
+from ..generation.engine import CANCELLED, ERROR, REJECTED, EngineClient
 from ..generation.settings import MAX_RETURN_SEQUENCES
 from ..runtime.heap import freeze_startup_heap
 from ..version import __version__
+from .connections import connection_cap, guarded_protocol, raise_open_files_limit
+from .guards import add_guards, refusal
+from .logs import log_config
 from .metrics import CONTENT_TYPE, Metrics
 from .openai_api import (
     ApiError,
@@ -62,12 +71,11 @@ from .openai_api import (
     parse_model,
     prepare,
 )
+from .openapi import complete_schema
 from .options import ServerOptions
 
-log = logging.getLogger("gpt2onnx.serving.server")
+log = logging.getLogger("gpt2onnx.serving")
 STATIC = Path(__file__).parent / "static"
-MAX_BODY_BYTES = 8 * 2**20  # a full 1,024-token context is ~10 KB of text or ids: 8 MB is far beyond any use
-_OPEN_PATHS = ("/health", "/", "/favicon.ico")  # and /static/*: the playground's page asks for the key itself
 
 
 class _State:
@@ -76,7 +84,6 @@ class _State:
     def __init__(self, options: ServerOptions):
         self.options = options
         self.replica = options.replica_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.keys = [key.encode() for key in options.api_keys]
         self.engine: EngineClient | None = None
         self.owns_engine = False
         self.load_error: str | None = None
@@ -84,6 +91,7 @@ class _State:
         self.on_load_error: Callable[[], None] | None = None  # the runner stops the server
         self.draining = False
         self.in_flight = 0
+        self.runs: set[_Run] = set()  # the /v1/completions requests in flight
         self.created = int(time.time())
         self.metrics = Metrics(lambda: self.engine.stats() if self.engine is not None else None)
         self.model = self.token_text = self.fingerprint = None
@@ -137,6 +145,16 @@ class _State:
             raise error
         return self.engine
 
+    def reject(self, reason: str, error: ApiError, *, close: bool = False):
+        """Count a refusal by its reason; the response that answers it (close: the connection then closes)."""
+        self.metrics.rejected.labels(reason).inc()
+        return refusal(error, close=close)
+
+    def retry_later(self, message: str, code: str) -> ApiError:
+        """A 503 the client may retry (the openai client does, after Retry-After)."""
+        return ApiError(503, message, type="unavailable_error", code=code,
+                        headers={"Retry-After": str(self.options.retry_after)})
+
 
 def create_app(engine: EngineClient | None = None, options: ServerOptions = ServerOptions(), *,
                load: Callable[[Callable[[int], None]], EngineClient] | None = None) -> FastAPI:
@@ -167,8 +185,9 @@ def create_app(engine: EngineClient | None = None, options: ServerOptions = Serv
         state.attach(engine)
 
     app = FastAPI(title="gpt2onnx", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.openapi = lambda: app.openapi_schema or _whole_schema(app, options.model_name)
     app.state.gpt2onnx = state
-    app.add_middleware(_Shell, state=state)
+    add_guards(app, options, replica=state.replica, reject=state.reject)
     _error_handlers(app, state)
 
     @app.get("/health")
@@ -186,7 +205,7 @@ def create_app(engine: EngineClient | None = None, options: ServerOptions = Serv
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         state.require()
-        if model_id != options.model_name:
+        if model_id != options.model_name:  # even with accept_any_model: the list and the card name the real one
             raise _model_not_found(model_id, options.model_name)
         return _card(state).model_dump()
 
@@ -216,7 +235,8 @@ def create_app(engine: EngineClient | None = None, options: ServerOptions = Serv
             raise bad_request(f"tokens holds token id {bad[0]}; ids go from 0 to {vocab - 1}", "tokens")
         return {"prompt": state.model.tokenizer.decode(body.tokens)}
 
-    @app.api_route("/v1/chat/completions", methods=["GET", "POST"])
+    @app.get("/v1/chat/completions", operation_id="chat_completions_get")
+    @app.post("/v1/chat/completions", operation_id="chat_completions_post")
     async def chat():
         raise ApiError(404, "GPT-2 has no chat template, so this server has no /v1/chat/completions: send your "
                             "text as `prompt` to /v1/completions (client.completions.create) instead",
@@ -241,19 +261,7 @@ async def _completions(request: Request, state: _State) -> Response:
     arrived = time.perf_counter()
     engine = state.require()
     model = state.model
-    declared = request.headers.get("content-length", "")
-    size = int(declared) if declared.isdigit() else 0
-    raw = bytearray()  # grows in place, chunk by chunk
-    if size <= MAX_BODY_BYTES:  # refused from the header alone, before anything is read into memory
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > MAX_BODY_BYTES:
-                break
-        size = len(raw)
-    if size > MAX_BODY_BYTES:
-        state.metrics.rejected.labels("invalid").inc()
-        raise ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes, the most accepted",
-                       code="request_too_large")
+    raw = await request.body()  # read whole already, within the size and time limits (guards.BodyReader)
     try:
         body = parse_completion_request(raw, vocab_size=model.config.vocab_size,
                                         max_n=min(MAX_RETURN_SEQUENCES, engine.options.max_batch),
@@ -275,10 +283,19 @@ async def _completions(request: Request, state: _State) -> Response:
     except InvalidArgumentError as error:  # a prompt the tokenizer refuses
         state.metrics.rejected.labels("invalid").inc()
         raise bad_request(error.message, "prompt") from None
-    run = _Run(state, body, prepared, arrived)
+    run = _Run(state, body, prepared, arrived, request)
     run.submit(engine)
     headers = {} if prepared.seed is None else {"x-gpt2onnx-seed": str(prepared.seed)}
-    if body.stream:
+    if body.stream:  # the response starts once the engine takes the request: until then it may still be a 503
+        try:
+            await run.begin()
+        except BaseException:
+            run.finish()
+            raise
+        if run.client_gone:
+            run.finish()
+            return Response(status_code=499)
+        run.streaming = True
         return _EventStream(run.sse(), run.finish, media_type="text/event-stream",
                             headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     watcher = asyncio.create_task(_watch_disconnect(request, run))
@@ -298,8 +315,8 @@ class _Run:
     """One /v1/completions request in the engine: its engine requests (one per prompt), its choices (n per
     prompt; choice index = prompt index * n + j) and its timings."""
 
-    def __init__(self, state: _State, body, prepared, arrived: float):
-        self.state, self.body, self.prepared, self.arrived = state, body, prepared, arrived
+    def __init__(self, state: _State, body, prepared, arrived: float, request: Request):
+        self.state, self.body, self.prepared, self.arrived, self.request = state, body, prepared, arrived, request
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.n = body.choices_per_prompt
@@ -310,9 +327,14 @@ class _Run:
         self.echoed: set[int] = set()
         self.first_token: float | None = None
         self.last_token: dict[tuple[int, int], float] = {}
+        self.events = None  # the engine requests' events, merged (begin, pieces)
+        self.first = None  # the first of them, once begin() waited for it
+        self.streaming = False  # its 200 went out: what happens next is for the log (and an error event)
         self.client_gone = False
+        self.stopped_by: str | None = None  # why the server ended the request before the client had it all
         self.finished = False
         self.status = "cancelled"  # until the response is complete ("ok") or fails ("error")
+        self.error: str | None = None  # the engine's message when it failed
 
     def submit(self, engine) -> None:
         from ..generation.engine import EngineClosedError, QueueFullError
@@ -337,6 +359,7 @@ class _Run:
             metrics.rejected.labels("invalid").inc()
             raise bad_request(error.message, None) from None
         self.state.in_flight += 1
+        self.state.runs.add(self)
 
     def cancel(self) -> None:
         for engine_request in self.requests:
@@ -347,16 +370,46 @@ class _Run:
         self.status = "cancelled"
         self.cancel()
 
+    def stop(self, why: str) -> None:
+        """The server ends this request now (it is stopping): the client gets an error (event), not silence."""
+        self.stopped_by = why
+        self.cancel()
+
+    async def begin(self) -> None:
+        """Wait for the first event, i.e. until the engine takes the request (a client that hangs up meanwhile
+        cancels it); one refused while it waited raises its error now, before any response has started."""
+        self.events = _merge(self.requests)
+        watcher = asyncio.create_task(_watch_disconnect(self.request, self))
+        try:
+            self.first = await anext(self.events)
+            self._check(*self.first)
+        except BaseException:
+            await self.events.aclose()
+            raise
+        finally:
+            watcher.cancel()
+
     def finish(self) -> None:
-        """Once, when the response is over (however it ended): stop any work left, count the request."""
+        """Once, when the response is over (however it ended): stop any work left, count the request, and log
+        one line unless it ended well (uvicorn's access log has the others)."""
         if self.finished:
             return
         self.finished = True
         self.cancel()
         self.state.in_flight -= 1
+        self.state.runs.discard(self)
         self.state.metrics.requests.labels(self.status).inc()
+        seconds = time.perf_counter() - self.arrived
         if self.status == "ok":
-            self.state.metrics.duration.observe(time.perf_counter() - self.arrived)
+            self.state.metrics.duration.observe(seconds)
+        if self.status == "ok" or not (self.client_gone or self.streaming):
+            return  # uvicorn's access log has its line (an error status says what happened)
+        tokens = sum(choice.tokens for choice in self.choices)
+        event, why = ("cancelled", "the client hung up") if self.client_gone else \
+            ("failed", self.error) if self.error else ("stopped", self.stopped_by or "the server stopped")
+        log.info("%s %s after %d token(s) in %.2f s: %s", self.id, event, tokens, seconds, why,
+                 extra={"event": event, "id": self.id, "client": _client(self.request), "tokens": tokens,
+                        "seconds": round(seconds, 3)})
 
     def _choices_of(self, prompt: int, row: int) -> list[ChoiceText]:
         start = prompt * self.n
@@ -368,7 +421,7 @@ class _Run:
         """(choice, text, logprobs piece, whether it carries a generated token) as the engine produces them, the
         echoed prompts first."""
         metrics = self.state.metrics
-        async with contextlib.aclosing(_merge(self.requests)) as events:
+        async with contextlib.aclosing(self._events()) as events:
             async for p, event in events:
                 if self.body.echo and p not in self.echoed:
                     self.echoed.add(p)
@@ -376,14 +429,7 @@ class _Run:
                         text, piece = choice.add_echo(self.prepared.prompts[p], self.prepared.prompt_ids[p],
                                                       self.requests[p].prompt_logprobs)
                         yield choice, text, piece, False
-                if event.finish_reason == "error":
-                    self.status = "error"
-                    message = self.requests[p].error or "generation failed"
-                    raise ApiError(500, f"generation failed: {message}", type="server_error", code="engine_error")
-                if event.finish_reason == "cancelled" and not self.client_gone:
-                    self.status = "error"
-                    raise ApiError(503, "the server stopped before this request finished", type="unavailable_error",
-                                   code="shutdown")
+                self._check(p, event)
                 if event.token_id is not None:
                     now = time.perf_counter()
                     if self.first_token is None:
@@ -396,6 +442,34 @@ class _Run:
                 for choice in self._choices_of(p, event.row):
                     text, piece = choice.add_event(event)
                     yield choice, text, piece, event.token_id is not None
+
+    async def _events(self):
+        """(prompt index, event) of the engine requests: the one begin() took first, then the rest."""
+        events = self.events or _merge(self.requests)
+        try:
+            if self.first is not None:
+                yield self.first
+            async for item in events:
+                yield item
+        finally:
+            await events.aclose()
+
+    def _check(self, p: int, event) -> None:
+        """Raise the error an ending event means (an engine failure, a stop by the server)."""
+        if event.finish_reason == ERROR:
+            self.status = "error"
+            self.error = message = self.requests[p].error or "generation failed"
+            raise ApiError(500, f"generation failed: {message}", type="server_error", code="engine_error")
+        if event.finish_reason == REJECTED:  # it was still queued when the server began to drain
+            self.status = "error"
+            self.stopped_by = "refused while queued: the server is draining"
+            raise self.state.retry_later("the server is shutting down and did not start this request; retry "
+                                         "(another replica may take it)", "draining")
+        if event.finish_reason == CANCELLED and not self.client_gone:
+            self.status = "error"
+            self.stopped_by = self.stopped_by or "the server stopped"
+            raise ApiError(503, f"the server stopped before this request finished ({self.stopped_by})",
+                           type="unavailable_error", code="shutdown")
 
     def usage(self) -> Usage:
         prompt = sum(map(len, self.prepared.prompt_ids))
@@ -514,47 +588,7 @@ class _EventStream(StreamingResponse):
                 self.finish()
 
 
-# --- the shell: API key, replica header, errors ---------------------------------------------------------
-
-
-class _Shell:
-    """ASGI middleware: the replica header on every response; the API key on every route but the open ones
-    (compared in constant time)."""
-
-    def __init__(self, app, state: _State):
-        self.app = app
-        self.state = state
-        self.header = (b"x-gpt2onnx-replica", state.replica.encode("latin-1", "replace"))
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-
-        async def send_tagged(message):
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), self.header]
-            await send(message)
-
-        if self.state.keys and not _is_open(scope["path"]) and not self._authorized(scope):
-            self.state.metrics.rejected.labels("unauthorized").inc()
-            response = JSONResponse(error_body("Incorrect API key provided: pass it as 'Authorization: Bearer "
-                                               "KEY' (the openai client's api_key)", code="invalid_api_key"),
-                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
-            return await response(scope, receive, send_tagged)
-        await self.app(scope, receive, send_tagged)
-
-    def _authorized(self, scope) -> bool:
-        given = b""
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                scheme, _, token = value.partition(b" ")
-                given = token.strip() if scheme.lower() == b"bearer" else b""
-        matches = [hmac.compare_digest(given, key) for key in self.state.keys]  # every key, no early exit
-        return any(matches)
-
-
-def _is_open(path: str) -> bool:
-    return path in _OPEN_PATHS or path.startswith("/static/")
+# --- errors ---------------------------------------------------------------------------------------------
 
 
 def _error_handlers(app: FastAPI, state: _State) -> None:
@@ -591,6 +625,13 @@ def _error_handlers(app: FastAPI, state: _State) -> None:
         return _error_response(ApiError(500, f"internal error: {type(error).__name__}: {error}", type="server_error"))
 
 
+def _whole_schema(app: FastAPI, model_name: str) -> dict:
+    """/openapi.json: FastAPI's schema of the routes, made whole (request bodies, answers, errors: openapi.py)."""
+    app.openapi_schema = complete_schema(get_openapi(title=app.title, version=app.version, routes=app.routes),
+                                         model_name)
+    return app.openapi_schema
+
+
 def _error_response(error: ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
@@ -612,8 +653,13 @@ def _model_not_found(name: str, served: str) -> ApiError:
 
 
 def _check_model(name: str | None, state: _State) -> None:
-    if name is not None and name != state.options.model_name:
+    if name is not None and name != state.options.model_name and not state.options.accept_any_model:
         raise _model_not_found(name, state.options.model_name)
+
+
+def _client(request: Request) -> str:
+    client = request.client
+    return f"{client.host}:{client.port}" if client else "?"
 
 
 # --- running it: uvicorn with a drain on SIGTERM -----------------------------------------------------------
@@ -624,12 +670,19 @@ def serve(engine: EngineClient | None = None, options: ServerOptions = ServerOpt
           port: int = 8000, log_level: str = "info") -> int:
     """Run the app until SIGTERM / Ctrl-C (drained). Returns 0; raises ModelLoadError when the model could not
     be loaded (the server then stops), InvalidArgumentError when host:port cannot be bound. `engine` and `load`
-    as in create_app."""
-    _check_address(host, port)
+    as in create_app. A second signal ends the process itself at once (exit status 128 + the signal: 130 for
+    SIGINT, 143 for SIGTERM) once every open stream has its error event."""
+    check_address(host, port)
     app = create_app(engine, options, load=load)
     state: _State = app.state.gpt2onnx
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
-                            lifespan="on")
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=log_config(
+        log_level, options.log_format), lifespan="on", timeout_graceful_shutdown=5,
+        timeout_keep_alive=min(5, options.read_timeout), limit_concurrency=options.limit_concurrency)
+    config.load()  # sets the protocol class to wrap
+    config.http_protocol_class = guarded_protocol(
+        config.http_protocol_class, read_timeout=options.read_timeout, limit=options.limit_concurrency,
+        max_connections=connection_cap(options.limit_concurrency, raise_open_files_limit()), busy=_busy(state),
+        count=lambda reason: state.metrics.rejected.labels(reason).inc())
     server = _DrainingServer(config, state)
     state.on_load_error = server.stop
     server.run()
@@ -638,53 +691,105 @@ def serve(engine: EngineClient | None = None, options: ServerOptions = ServerOpt
     return 0
 
 
-def _check_address(host: str, port: int) -> None:
+def _busy(state: _State):
+    """The ASGI app that answers a request beyond --limit-concurrency."""
+    error = state.retry_later(f"the server holds {state.options.limit_concurrency} connections or requests already "
+                              "(its --limit-concurrency); retry", "busy")
+
+    async def busy(scope, receive, send):
+        await state.reject("busy", error, close=True)(scope, receive, send)
+
+    return busy
+
+
+def check_address(host: str, port: int) -> None:
     """Fail with one line now rather than with uvicorn's log after the model started loading."""
     try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host, port))
-    except OSError as error:
-        raise InvalidArgumentError(f"cannot listen on {host}:{port}: {error.strerror}",
+    except (OSError, OverflowError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise InvalidArgumentError(f"cannot listen on {host}:{port}: {reason}",
                                    hint="pick another --port, or stop the process that uses it") from None
 
 
 class _DrainingServer(uvicorn.Server):
-    """uvicorn's Server, except that the first SIGTERM / SIGINT drains before it stops (a second one stops at
-    once): /health and new requests get 503 while the requests in flight finish, for at most drain_timeout
-    seconds; those still running then end with an error event. The process then exits 0, not by the signal."""
+    """uvicorn's Server, except for what signals do. The first SIGTERM / SIGINT drains: /health and new requests
+    get 503, the requests still queued in the engine get a 503 with Retry-After at once (they never started),
+    and the running ones finish, for at most drain_timeout seconds (those still running then end with an error
+    event); the process then exits 0. A second signal stops at once: every open request ends with an error
+    (event), then the process exits with 128 + the signal without the interpreter's teardown."""
 
     def __init__(self, config, state: _State):
         super().__init__(config)
         self.state = state
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.signals = 0
 
     async def startup(self, sockets=None):
         self.loop = asyncio.get_running_loop()
         await super().startup(sockets)
 
     def handle_exit(self, sig, frame):
-        if self.state.draining or self.should_exit or self.loop is None:
-            self.force_exit = self.force_exit or self.should_exit or self.state.draining
-            self.should_exit = True
-            return
-        self.state.draining = True
-        log.info("draining: %d request(s) in flight (stopping in at most %.0f s; signal again to stop now)",
-                 self.state.in_flight, self.state.options.drain_timeout)
-        self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self.drain()))
+        self.signals += 1
+        if self.loop is None:  # before the loop runs: nothing is open yet
+            _exit_now(128 + sig)
+        if self.signals == 1 and not self.should_exit:
+            self.state.draining = True
+            self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self.drain()))
+        elif self.signals <= 2:
+            self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self.stop_now(sig)))
+        else:  # a third: whatever is left
+            _exit_now(128 + sig)
 
     async def drain(self):
         state = self.state
+        queued = state.engine.reject_waiting() if state.engine is not None and state.owns_engine else 0
+        running = max(0, state.in_flight - queued)
+        log.info("draining: %d request(s) running, %d queued one(s) refused (stopping in at most %.0f s; signal "
+                 "again to stop now)", running, queued, state.options.drain_timeout,
+                 extra={"event": "draining", "running": running, "refused": queued})
         deadline = time.monotonic() + state.options.drain_timeout
         while state.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if state.in_flight and state.engine is not None and state.owns_engine:  # out of time: end them
-            log.warning("drain timeout: cancelling %d request(s)", state.in_flight)
-            await asyncio.to_thread(state.engine.close, drain=False)
-            stop = time.monotonic() + 2
-            while state.in_flight and time.monotonic() < stop:
-                await asyncio.sleep(0.05)
+        if state.in_flight:  # out of time: end them
+            log.warning("drain timeout: ending %d request(s)", state.in_flight)
+            await self.end_requests("the drain timeout passed")
         self.should_exit = True
+
+    async def end_requests(self, why: str, wait: float = 2.0) -> None:
+        """End every request in flight with its error (event), and wait up to `wait` s for their responses."""
+        for run in list(self.state.runs):
+            run.stop(why)
+        stop = time.monotonic() + wait
+        while self.state.in_flight and time.monotonic() < stop:
+            await asyncio.sleep(0.02)
+
+    async def stop_now(self, sig: int):
+        """The second signal: end every request, stop the engine, flush the log, exit with 128 + sig."""
+        state = self.state
+        name = signal.Signals(sig).name
+        log.warning("%s again: stopping now (%d request(s) end with an error)", name, state.in_flight,
+                    extra={"event": "stopping", "running": state.in_flight})
+        state.draining = True
+        await self.end_requests(f"{name} stopped the server")
+        if state.engine is not None and state.owns_engine:
+            closing = threading.Thread(target=state.engine.close, kwargs={"drain": False}, daemon=True)
+            closing.start()
+            await asyncio.to_thread(closing.join, 2.0)
+        _exit_now(128 + sig)
 
     def stop(self):
         self.should_exit = True
+
+
+def _exit_now(code: int) -> None:
+    """End the process without the interpreter's teardown (ONNX Runtime's threads may still run; tearing the
+    interpreter down under them aborts): the log and the output are flushed first."""
+    for handler in logging.getLogger("gpt2onnx").handlers + logging.getLogger("uvicorn").handlers + \
+            logging.getLogger("uvicorn.access").handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -112,7 +112,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
 SERVE_EXAMPLES = """examples:
   gpt2onnx serve out/random-gpt2                                   # http://127.0.0.1:8000 (playground at /)
   gpt2onnx serve out/random-gpt2 --api-key-file key.txt --max-batch 32 --port 9000
+  gpt2onnx serve out/random-gpt2 --host 0.0.0.0 --api-key-file key.txt --allowed-hosts gpt2.example.com
   gpt2onnx serve out/random-gpt2 --ray --replicas 2 --cpus-per-replica 1   # 2 replicas on Ray Serve, 1 core each
+  gpt2onnx serve out/random-gpt2 --ray --ray-address 127.0.0.1:6379        # join a cluster started by `ray start`
   # then, from Python:  OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY").completions.create(
   #                         model="gpt2", prompt="Hello", max_tokens=20, seed=1)
 """
@@ -124,10 +126,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     try:
-        from ..serving import server
+        from ..serving import logs, server
     except ImportError as error:
-        raise MissingDependencyError(f"serving needs the serve extra (cannot import {error.name or error})",
-                                     hint="pip install 'gpt2onnx[serve]'") from error
+        raise _serve_extra_error(error) from error
     from ..generation.engine import Engine, EngineOptions
     from ..generation.loader import load
     from ..runtime.manifest import read_manifest
@@ -147,20 +148,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                        hint="write the key on the file's first line")
     keys += [os.environ["GPT2ONNX_API_KEY"]] if not keys and os.environ.get("GPT2ONNX_API_KEY") else []
     # bad values fail here, before the port opens or the model loads
-    engine_options = EngineOptions(max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)
+    engine_options = EngineOptions(max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
+                                   batch_invariant=args.batch_invariant)
     options = ServerOptions(model_name=args.model_name or directory.resolve().name, api_keys=tuple(keys),
-                            drain_timeout=args.drain_timeout)
+                            drain_timeout=args.drain_timeout, read_timeout=args.read_timeout,
+                            limit_concurrency=args.limit_concurrency, allowed_hosts=tuple(args.allowed_hosts),
+                            allowed_origins=tuple(args.allowed_origins), accept_any_model=args.any_model_name,
+                            log_format=args.log_format)
     if args.ray:
         return _serve_on_ray(args, directory, engine_options, options)
     _no_ray_options(args)
+    server.check_address(args.host, args.port)  # a busy or impossible address fails before anything starts
 
     def load_engine(on_step):
         return Engine(load(directory, threads=args.threads), dataclasses.replace(engine_options, on_step=on_step))
 
-    print(f"gpt2onnx: serving {directory} as {options.model_name!r} on http://{args.host}:{args.port} "
-          f"(playground at /, API at /v1; {'API key required' if keys else 'no API key'})", file=sys.stderr,
-          flush=True)
+    logs.announce(f"gpt2onnx: serving {directory} as {options.model_name!r} on http://{args.host}:{args.port} "
+                  f"(playground at /, API at /v1; {'API key required' if keys else 'no API key'})", options.log_format)
     return server.serve(options=options, load=load_engine, host=args.host, port=args.port, log_level=args.log_level)
+
+
+def _serve_extra_error(error: ImportError) -> MissingDependencyError:
+    """Name the real cause of a failed import of the server: a package of the serve extra that is missing, or
+    one installed at a version the extra does not take (pydantic 1 beside FastAPI), not just the import."""
+    from importlib import metadata
+
+    hint = "pip install 'gpt2onnx[serve]'"
+    try:
+        pydantic = metadata.version("pydantic")
+    except metadata.PackageNotFoundError:
+        pydantic = None
+    if pydantic is not None and pydantic.split(".")[0].isdigit() and int(pydantic.split(".")[0]) < 2:
+        return MissingDependencyError(f"pydantic {pydantic} is installed; the serve extra needs pydantic>=2 "
+                                      f"(importing the server failed: {error})", hint=f"pip install 'pydantic>=2' "
+                                      f"(or {hint}, which upgrades it)")
+    for package in ("fastapi", "uvicorn", "starlette", "pydantic", "prometheus-client"):
+        try:
+            metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return MissingDependencyError(f"serving needs the serve extra: {package} is not installed", hint=hint)
+    return MissingDependencyError(f"serving needs the serve extra, whose packages are installed but do not import: "
+                                  f"{type(error).__name__}: {error}", hint=f"reinstall them: {hint}")
 
 
 # the flags of `serve --ray` alone (their defaults are RayServeOptions'; unset, they are None here)
@@ -188,6 +216,8 @@ def _serve_on_ray(args: argparse.Namespace, directory, engine_options, server_op
     if not args.ray_address:  # a local cluster: Ray reads this when imported; "0" keeps it on 127.0.0.1
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         read_manifest(directory, check_hashes=True)  # a damaged file fails now, not in every replica
+    else:
+        _ray_token_auth()
     from ..serving import ray_serve  # raises MissingDependencyError without ray
 
     scale = (f"{options.autoscale_min}..{options.max_replicas} replicas (autoscaling)"
@@ -204,6 +234,28 @@ def _serve_on_ray(args: argparse.Namespace, directory, engine_options, server_op
 
     return ray_serve.run(options, host=args.host, port=args.port, address=args.ray_address,
                          metrics_port=args.ray_metrics_port, on_ready=ready)
+
+
+def _ray_token_auth() -> None:
+    """Before joining a cluster: export RAY_AUTH_MODE=token when it is unset and Ray's token is found where Ray
+    looks (RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH names, else ~/.ray/auth_token).
+
+    Ray 2.60's `ray start --head` turns token authentication on when it finds a token there, but a program that
+    joins by address looks for the token only when RAY_AUTH_MODE=token is set (ray.init(address="auto") alone
+    looks by itself); without it every call fails with InvalidAuthToken. A client with a token joins a
+    cluster without authentication as well. Ray reads the variable when imported: this runs before."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    token = os.environ.get("RAY_AUTH_TOKEN", "")
+    if not token.strip():
+        path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+        try:
+            with open(path, encoding="utf-8") as file:
+                token = file.read()
+        except OSError:
+            return
+    if token.strip():
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def _numbers(text: str) -> list[int]:
@@ -334,7 +386,8 @@ def _add_plot(commands, formatter) -> None:
 
 def _add_serve(commands, formatter) -> None:
     from ..generation.engine import EngineOptions
-    from ..serving.options import RayServeOptions, ServerOptions
+    from ..runtime.limits import max_threads
+    from ..serving.options import LOG_FORMATS, RayServeOptions, ServerOptions, host_pattern, origin_pattern
 
     e, h, r = EngineOptions(), ServerOptions(), RayServeOptions  # the defaults are theirs, written there once
     p = commands.add_parser("serve", formatter_class=formatter, help="serve an OpenAI-compatible API and a playground",
@@ -342,45 +395,133 @@ def _add_serve(commands, formatter) -> None:
                                         "/v1/completions (streaming, logprobs, echo), /v1/models, /health, "
                                         "/metrics (Prometheus), /tokenize, /detokenize, and a playground page at /. "
                                         "Concurrent requests share one continuously batched engine. SIGTERM "
-                                        "drains: no new requests, the ones in flight finish, then exit. Needs the "
-                                        "serve extra: pip install 'gpt2onnx[serve]'.",
+                                        "drains: no new requests, the queued ones get 503, the running ones "
+                                        "finish, then exit 0; a second signal stops at once (exit 130 or 143). "
+                                        "Needs the serve extra: pip install 'gpt2onnx[serve]'.",
                             epilog=SERVE_EXAMPLES)
+    p.error = _one_line_error(p)  # every option is checked here, before anything starts
+    port, count = _number(int, 1, 65535), _number(int, 1)
+    seconds = _number(float, 0)
     p.add_argument("model_dir", metavar="MODEL_DIR", help="exported model directory")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
-    p.add_argument("--port", type=int, default=8000, help="port to bind")
+    p.add_argument("--host", type=_host, default="127.0.0.1",
+                   help="address to bind (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=port, default=8000, help="port to bind")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health "
                                                    "(visible in ps: prefer --api-key-file or $GPT2ONNX_API_KEY)")
     p.add_argument("--api-key-file", default=None, metavar="FILE",
                    help="read the accepted keys from FILE, one per line")
-    p.add_argument("--max-batch", type=int, default=e.max_batch, help="rows (sequences) decoded together at most")
-    p.add_argument("--max-queue", type=int, default=e.max_queue,
+    p.add_argument("--max-batch", type=count, default=e.max_batch, help="rows (sequences) decoded together at most")
+    p.add_argument("--max-queue", type=count, default=e.max_queue,
                    help="requests waiting to join the batch at most; beyond, 429 with Retry-After")
-    p.add_argument("--prefill-chunk", type=int, default=e.prefill_chunk,
+    p.add_argument("--prefill-chunk", type=count, default=e.prefill_chunk,
                    help="the most prompt tokens prefilled per step (a long prompt never freezes the others; "
                         "fewer when decode steps are cheaper; a burst of short prompts arriving together may take "
                         "four times as many, in one run)")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: one per physical core)")
-    p.add_argument("--model-name", default=None, help="the model name clients pass (default: MODEL_DIR's name)")
-    p.add_argument("--drain-timeout", type=float, default=h.drain_timeout,
-                   help="seconds SIGTERM waits for requests in flight before ending them")
+    p.add_argument("--batch-invariant", action="store_true", default=e.batch_invariant,
+                   help="a seeded request's tokens never depend on the others: each runs as `generate` alone "
+                        "(int8 and int4 need it; fp32 has it already); costs most of the batching's throughput")
+    p.add_argument("--threads", type=_number(int, 0, max_threads()), default=0,
+                   help="ONNX Runtime threads (0: one per physical core)")
+    p.add_argument("--model-name", type=_text, default=None,
+                   help="the model name clients pass (default: MODEL_DIR's name)")
+    p.add_argument("--any-model-name", action="store_true", default=h.accept_any_model,
+                   help="answer to any model name clients pass (some insist on e.g. gpt-3.5-turbo-instruct); "
+                        "/v1/models still lists --model-name")
+    p.add_argument("--drain-timeout", type=seconds, default=h.drain_timeout, metavar="SECONDS",
+                   help="seconds SIGTERM waits for the running requests before ending them")
+    p.add_argument("--read-timeout", type=_number(float, 0, open_low=True), default=h.read_timeout, metavar="SECONDS",
+                   help="seconds a client has to send a request's headers, and as long again for its body; "
+                        "a slower one is closed (408 once its headers came)")
+    p.add_argument("--limit-concurrency", type=count, default=h.limit_concurrency, metavar="N",
+                   help="open connections (and requests) at most: a request beyond gets 503 with Retry-After; "
+                        "connections beyond 2N are closed at once")
+    p.add_argument("--allowed-hosts", type=_items(host_pattern), action="extend", default=list(h.allowed_hosts),
+                   metavar="NAMES", help="Host names to answer besides loopback and the address a client connected "
+                                         "to, comma-separated: gpt2.example.com, *.example.com, or * for any")
+    p.add_argument("--allowed-origins", type=_items(origin_pattern), action="extend",
+                   default=list(h.allowed_origins), metavar="ORIGINS",
+                   help="web pages of other origins that may call the API (CORS), comma-separated: "
+                        "https://app.example.com, or * for any")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="server log level")
+    p.add_argument("--log-format", default=h.log_format, choices=LOG_FORMATS,
+                   help="text, or json: one JSON object per line, for log shippers")
     ray = p.add_argument_group("Ray Serve (replicas on one machine or a cluster; pip install 'gpt2onnx[ray]')")
     ray.add_argument("--ray", action="store_true", help="serve the same API as Ray Serve replicas behind Ray's proxy")
-    ray.add_argument("--replicas", type=int, help=f"replicas, one engine each (default: {r.replicas})")
-    ray.add_argument("--cpus-per-replica", type=float, metavar="C",
+    ray.add_argument("--replicas", type=count, help=f"replicas, one engine each (default: {r.replicas})")
+    ray.add_argument("--cpus-per-replica", type=_number(float, 0, open_low=True), metavar="C",
                      help="CPUs Ray reserves per replica; --threads defaults to C (replicas x C = the cores; "
                           f"default: {r.cpus_per_replica:g})")
-    ray.add_argument("--min-replicas", type=int, default=None, help="autoscale from this many replicas (default 1)")
-    ray.add_argument("--max-replicas", type=int, default=None, help="autoscale up to this many replicas")
-    ray.add_argument("--target-ongoing-requests", type=float, default=None, metavar="R",
+    ray.add_argument("--min-replicas", type=_number(int, 0), default=None,
+                     help="autoscale from this many replicas (default 1)")
+    ray.add_argument("--max-replicas", type=count, default=None, help="autoscale up to this many replicas")
+    ray.add_argument("--target-ongoing-requests", type=_number(float, 0, open_low=True), default=None, metavar="R",
                      help="autoscaling aim: requests per replica (default 0.75 x --max-batch)")
-    ray.add_argument("--ray-address", default=None, metavar="ADDRESS",
-                     help="join this Ray cluster (e.g. auto) instead of starting a local one on 127.0.0.1")
-    ray.add_argument("--ray-metrics-port", type=int, default=None, metavar="PORT",
+    ray.add_argument("--ray-address", type=_text, default=None, metavar="ADDRESS",
+                     help="join this Ray cluster (host:port of `ray start --head`, or auto) instead of starting a "
+                          "local one on 127.0.0.1; a token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
+                          "~/.ray/auth_token turns on token authentication (RAY_AUTH_MODE=token)")
+    ray.add_argument("--ray-metrics-port", type=port, default=None, metavar="PORT",
                      help="port where the local cluster exports every replica's metrics to Prometheus "
                           "(default: Ray picks)")
     p.set_defaults(func=cmd_serve)
+
+
+def _number(kind: type, low: float, high: float | None = None, *, open_low: bool = False):
+    """An argparse type: an int or a finite float from `low` (excluded with open_low) to `high`; the error says
+    what is allowed."""
+    name = "an integer" if kind is int else "a number"
+    allowed = f"{name} from {low} to {high}" if high is not None else f"{name} {'>' if open_low else '>='} {low}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value != value or value in (float("inf"), float("-inf")) or value < low or (
+                open_low and value == low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _host(text: str) -> str:
+    """--host: an IP address or a host name (no scheme, no port)."""
+    from ..serving.options import host_pattern
+
+    try:
+        if text.startswith("*"):  # a pattern of --allowed-hosts, not an address
+            raise InvalidArgumentError(text)
+        return host_pattern(text)
+    except InvalidArgumentError:
+        raise argparse.ArgumentTypeError(f"must be an IP address or a host name such as 127.0.0.1, 0.0.0.0, ::1 or "
+                                         f"localhost (no scheme, no port), got {text!r}") from None
+
+
+def _items(pattern):
+    """An argparse type: comma-separated items, each checked by `pattern` (serving/options.py)."""
+    def parse(text: str) -> list[str]:
+        try:
+            return [pattern(item) for item in text.split(",") if item.strip()]
+        except InvalidArgumentError as error:
+            raise argparse.ArgumentTypeError(f"{error.message}; {error.hint}") from None
+
+    return parse
+
+
+def _text(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def _one_line_error(parser: argparse.ArgumentParser):
+    """parser.error that prints one line (no usage block): the option and what it allows, then exits 2."""
+    def error(message: str):
+        parser.exit(2, f"{parser.prog}: error: {message} (see {parser.prog} --help)\n")
+
+    return error
 
 
 def _command(argv: list[str]) -> str | None:
