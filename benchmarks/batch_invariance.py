@@ -14,6 +14,10 @@ the rate of differing sequences, and the largest |logprob difference| of the fir
 batch moves the logits). Sampled batched generate is not compared: one call draws one random stream for all
 its rows, row after row (as transformers does), so a row's draws depend on the other rows by design.
 
+Causes (--causes): one prompt's logits under each choice the engine makes -- prefilled in a group of prompts
+(left-padded or not), in chunks, with every position's logits, decoded beside other rows, with left padding --
+against generate's run of it alone: the largest |logit difference|, 0 when bit for bit the same.
+
 Throughput (--throughput-clients C > 0): C concurrent seeded requests (distinct prompts and seeds) through one
 Engine per mode, aggregate tok/s = new tokens / wall time from the first submit to the last token; the modes
 alternate --repeats times and the medians are printed (a shared machine's load moves single runs).
@@ -119,6 +123,68 @@ def library_rate(model, texts: list[str], new_tokens: int) -> dict:
     return {"differing": len(differing), "of": len(texts), "rows": differing, "first_logprob_max_diff": largest}
 
 
+def causes(model) -> dict:
+    """Which batching choice moves a row's logits: one prompt's last logits under each choice the engine makes,
+    against generate's run (batch 1, the whole prompt, room for 64 new tokens); max |difference| (0: bit for bit)."""
+    import numpy as np
+
+    from gpt2onnx.format.gpt2 import position_ids
+    from gpt2onnx.generation.generator import left_pad
+    from gpt2onnx.runtime.kv_cache import KVCache
+
+    session, pad_id = model.session, model.eos_token_id
+    a, b = model.encode_prompt(" ".join(TEXT[:60])), model.encode_prompt(" ".join(TEXT[20:26]))
+    longer = model.encode_prompt(" ".join(TEXT[:70]))
+    p = len(a)
+
+    def prefill(prompts, capacity):
+        ids, mask = left_pad(prompts, pad_id)
+        logits, cache = session.run(ids, mask, position_ids(mask), session.empty_cache(len(prompts),
+                                                                                       capacity=capacity),
+                                    logits_for="last")
+        return logits[:, -1].copy(), cache
+
+    def decode(parts, tokens, pads, width):
+        """One decode step of the parts' rows right-aligned in one cache of `width` past positions."""
+        cache = KVCache.gather(parts, width=width, capacity=width + 64)
+        mask = (np.arange(width + 1)[None, :] >= np.array(pads)[:, None]).astype(np.int64)
+        logits, _ = session.run(np.array(tokens)[:, None], mask, (width - np.array(pads))[:, None], cache,
+                                logits_for="last")
+        return logits[0, -1]
+
+    reference, cache_a = prefill([a], p + 64)
+    reference = reference[0]
+    chunked = session.empty_cache(1, capacity=p)
+    for start in range(0, p, 32):  # the engine's prefill_chunk
+        piece = a[start:start + 32]
+        logits, chunked = session.run(np.array([piece]), np.ones((1, start + len(piece)), np.int64),
+                                      np.arange(start, start + len(piece))[None], chunked, logits_for="last")
+    every, _ = session.run(np.array([a]), np.ones((1, p), np.int64), np.arange(p)[None],
+                           session.empty_cache(1, capacity=p), logits_for="all")
+    token = int(reference.argmax())
+    alone = decode([(cache_a, np.array([0]))], [token], [0], p)
+    _, cache_b = prefill([b], len(b) + 64)
+    found = {
+        "prefill: grouped with a longer prompt (left-padded)": prefill([a, longer], len(longer) + 64)[0][0],
+        "prefill: grouped with a shorter prompt": prefill([a, b], p + 64)[0][0],
+        "prefill: in chunks of 32 tokens": logits[0, -1],
+        "prefill: logits of every position (echo)": every[0, -1],
+        "prefill: cache capacity 1024": prefill([a], 1024)[0][0],
+    }
+    found = {name: np.abs(x - reference).max() for name, x in found.items()}
+    for rows in (2, 16):
+        found[f"decode: {rows} rows (copies of this one)"] = np.abs(
+            decode([(cache_a, np.zeros(rows, np.int64))], [token] * rows, [0] * rows, p) - alone).max()
+    found["decode: beside another prompt (it left-padded)"] = np.abs(
+        decode([(cache_a, np.array([0])), (cache_b, np.array([0]))], [token, 11], [0, p - len(b)], p) - alone).max()
+    for columns in (1, 3, 4, 8, 9):
+        found[f"decode: {columns} columns of left padding"] = np.abs(
+            decode([(cache_a, np.array([0]))], [token], [columns], p + columns) - alone).max()
+    for name, value in found.items():
+        print(f"  {name:<52} {'bit for bit' if value == 0 else f'max |logit difference| {value:.1e}'}")
+    return {name: float(value) for name, value in found.items()}
+
+
 def throughput(model, clients: int, new_tokens: int, repeats: int, modes: list[str]) -> dict:
     texts = prompts(clients)
     runs: dict[str, list[float]] = {mode: [] for mode in modes}
@@ -145,6 +211,8 @@ def main() -> None:
     parser.add_argument("--modes", default="default,invariant",
                         help="engine modes to measure: default, invariant (EngineOptions(batch_invariant=True))")
     parser.add_argument("--no-library", action="store_true", help="skip the library's batched generate")
+    parser.add_argument("--causes", action="store_true",
+                        help="also show which batching choice (grouping, chunks, rows, padding) moves a row's logits")
     parser.add_argument("--throughput-clients", type=int, default=0,
                         help="also measure aggregate tok/s of this many concurrent requests per mode (0: skip)")
     parser.add_argument("--repeats", type=int, default=3, help="alternated throughput runs per mode (medians)")
@@ -174,6 +242,9 @@ def main() -> None:
         results["engine"] = engine_rates(model, texts, args.new_tokens, modes)
         if not args.no_library:
             results["library"] = library_rate(model, texts, args.new_tokens)
+    if args.causes:
+        print("what moves one prompt's logits, against generate's run of it alone:")
+        results["causes"] = causes(model)
     if args.throughput_clients:
         results["throughput"] = throughput(model, args.throughput_clients, args.new_tokens, args.repeats, modes)
     if args.json:

@@ -70,7 +70,7 @@ def test_requests_together_equal_each_alone(model):
 
 def test_echo_and_a_request_joining_mid_decode(model):
     """A request with echo_logprobs (its prompt's logprobs from a run of their own) and one that arrives while the
-    others decode give generate's tokens; the prompt's logprobs are model.score's."""
+    others decode give generate's tokens; the prompt's logprobs are model.score's, also when only scoring."""
     first = GenerationSettings(max_new_tokens=16, do_sample=True, seed=5, top_k=0, ignore_eos=True)
     late = GenerationSettings(max_new_tokens=6, do_sample=True, seed=6, num_return_sequences=2)
     with Engine(model, EngineOptions(batch_invariant=True, prefill_chunk=16)) as engine:
@@ -78,12 +78,15 @@ def test_echo_and_a_request_joining_mid_decode(model):
         echo = engine.submit(model.encode_prompt(LONG), first, echo_logprobs=True, logprobs=1)
         next(running.events(timeout=30))  # decoding
         joining = engine.submit(model.encode_prompt(SHORT[2]), late)
+        scoring = engine.submit(model.encode_prompt(LONG), GenerationSettings(max_new_tokens=0), echo_logprobs=True,
+                                logprobs=1)
         got = [(SHORT[0], first, running), (LONG, first, echo), (SHORT[2], late, joining)]
         results = [(p, s, r.result(timeout=60)) for p, s, r in got]
+        assert [(r.token_ids, r.finish_reason) for r in scoring.result(timeout=60)] == [([], "length")]
     for prompt, settings, rows in results:
         assert [r.token_ids for r in rows] == [g.token_ids for g in alone(model, prompt, settings, None)]
     score = model.score(LONG, top_logprobs=1)
-    assert len(echo.prompt_logprobs) == len(score.token_logprobs)
+    assert echo.prompt_logprobs == scoring.prompt_logprobs and len(echo.prompt_logprobs) == len(score.token_logprobs)
     for (ours, top), expected, expected_top in zip(echo.prompt_logprobs[1:], score.token_logprobs[1:],
                                                    score.top_logprobs[1:]):
         assert abs(ours - expected) < 1e-5 and [t for t, _ in top] == [t for t, _ in expected_top]

@@ -370,7 +370,7 @@ class _Active:
 
 class _Joining:
     """A request whose prompt is being prefilled: chunk by chunk in a batch-1 cache of its own, or whole, as
-    one row of a batch of fresh short prompts."""
+    one row of a batch of fresh short prompts, or (batch_invariant) whole in a batch-1 run of its own."""
 
     def __init__(self, active: _Active, cache: KVCache):
         self.active, self.cache, self.row = active, cache, 0  # its prompt's past: self.cache's row self.row
@@ -764,8 +764,8 @@ class Engine:
 
     def _regroup_alone(self, newcomers: list[_Active]) -> None:
         """batch_invariant: the requests that stay and the newcomers, each with a cache of its own rows alone, as
-        generate lays it out (the prompt's batch-1 cache, its row repeated for the return
-        sequences; no padding). Rows are numbered in order: they index the step's logits (_decode_alone)."""
+        generate lays it out (the prompt's batch-1 cache, its row repeated for the return sequences; no padding).
+        Rows are numbered in order: they index the step's logits (_decode_alone)."""
         self._running, self._landing = [a for a in self._running if not a.done] + newcomers, []
         for newcomer in newcomers:
             cache, n = newcomer.cache[0], newcomer.request.rows
