@@ -339,18 +339,18 @@ def test_asyncio_consumers(tiny):
 
 def test_scheduler_failure_ends_every_request_with_error(tiny, monkeypatch):
     engine = Engine(tiny, EngineOptions(max_batch=2))
-    calls = []
+    armed = threading.Event()  # set once every request is queued: the scheduler fails at its next run after that
     real_run = tiny.session.run
 
     def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > 5:
+        if armed.is_set():
             raise RuntimeError("injected failure")
         return real_run(*args, **kwargs)
 
     monkeypatch.setattr(tiny.session, "run", failing)
-    requests = [engine.submit(tiny.encode_prompt(p), GenerationSettings(max_new_tokens=50, ignore_eos=True))
-                for p in PROMPTS]
+    ids = [tiny.encode_prompt(p) for p in PROMPTS]
+    requests = [engine.submit(i, GenerationSettings(max_new_tokens=50, ignore_eos=True)) for i in ids]
+    armed.set()
     for request in requests:  # never hangs: every row gets a final "error" event
         assert [e.finish_reason for e in request.events(timeout=30)][-1] == "error"
         assert "injected failure" in request.error

@@ -491,13 +491,14 @@ def _host(text: str) -> str:
     """--host: an IP address or a host name (no scheme, no port)."""
     from ..serving.options import host_pattern
 
+    problem = argparse.ArgumentTypeError(f"must be an IP address or a host name such as 127.0.0.1, 0.0.0.0, ::1 or "
+                                         f"localhost (no scheme, no port), got {text!r}")
+    if text.startswith("*"):  # a pattern of --allowed-hosts, not an address
+        raise problem
     try:
-        if text.startswith("*"):  # a pattern of --allowed-hosts, not an address
-            raise InvalidArgumentError(text)
         return host_pattern(text)
     except InvalidArgumentError:
-        raise argparse.ArgumentTypeError(f"must be an IP address or a host name such as 127.0.0.1, 0.0.0.0, ::1 or "
-                                         f"localhost (no scheme, no port), got {text!r}") from None
+        raise problem from None
 
 
 def _items(pattern):
