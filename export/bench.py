@@ -199,9 +199,9 @@ def run_bench(options: BenchOptions, *, progress: Callable[[str], None], command
                 worker.rounds.append(worker.figures(timings, options))
                 f = worker.rounds[-1]
                 progress(f"[round {round_}/{options.runs}] {worker.name:32s} decode@{options.short_prompt} "
-                         f"{f['decode_short']:6.1f} tok/s, decode@{options.long_prompt} {f['decode_long']:6.1f}, "
-                         f"prefill {f['prefill']:6.0f}" + (f", batch-{options.batch} {f['batch']:6.1f}"
-                                                           if "batch" in f else ""))
+                         f"{f['decode_short']:6.1f} tok/s, decode@{options.long_prompt} {f['decode_long']:6.1f}"
+                         + (f", prefill {f['prefill']:6.0f}" if "prefill" in f else "")
+                         + (f", batch-{options.batch} {f['batch']:6.1f}" if "batch" in f else ""))
         results = []
         for worker in workers:
             final = worker.ask({"cmd": "exit"})
@@ -211,6 +211,7 @@ def run_bench(options: BenchOptions, *, progress: Callable[[str], None], command
             worker.close()
     machine = _machine(threads)
     machine["versions"].update({"llama.cpp": w.version for w in workers if getattr(w, "version", None)})
+    skipped += [w.note for w in workers if getattr(w, "note", None)]
     return {"command": command, "machine": machine, "workload": _workload(options), "results": results,
             "skipped": skipped, "read_bandwidth": {"best": max(bandwidth), "rounds": bandwidth,
                                                    "method": READ_BANDWIDTH_METHOD.format(threads=threads)}}
@@ -432,8 +433,8 @@ def _figures(t: dict, options: BenchOptions) -> dict:
 
 
 def _summary(worker: _Worker, final: dict, options: BenchOptions, bandwidth: float) -> dict:
-    keys = worker.rounds[0].keys()
-    median = {k: float(np.median([r[k] for r in worker.rounds])) for k in keys}
+    keys = dict.fromkeys(k for r in worker.rounds for k in r)  # a figure a round lacks is not in its median
+    median = {k: float(np.median([r[k] for r in worker.rounds if k in r])) for k in keys}
     summary = {"name": worker.name, "framework": worker.framework, "precision": worker.precision,
                **median, "decode_long_over_short": median["decode_long"] / median["decode_short"],
                **({"load_s": worker.loaded["load_s"]} if worker.loaded.get("load_s") is not None else {}),
@@ -472,8 +473,7 @@ def _machine(threads: int) -> dict:
 
 def _workload(options: BenchOptions) -> dict:
     d = asdict(options)
-    d["work_dir"] = str(options.work_dir)
-    return d
+    return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -765,7 +765,8 @@ def parse_llama_bench(text: str) -> list[dict]:
 def llama_bench_figures(tests: list[dict], spec: dict) -> dict:
     """The bench's figures from llama-bench's tests of the workload: decode@short and @long are tg tests (one
     token per step) after a KV cache filled to that depth, prefill a pp test of the prefill's length, TTFT
-    the time of a pp test of the short prompt's length (one batch: the logits of its last token)."""
+    the time of a pp test of the short prompt's length (one batch: the logits of its last token). Without pp
+    tests (a build that crashes on batches), no prefill and no TTFT."""
     p = spec["prompts"]
 
     def test(n_prompt: int, n_gen: int, depth: int) -> dict:
@@ -775,25 +776,34 @@ def llama_bench_figures(tests: list[dict], spec: dict) -> dict:
         raise GenerationError(f"llama-bench gave no test of {n_prompt} prompt and {n_gen} new tokens at depth "
                               f"{depth}", hint="llama-bench needs -d (--n-depth): a llama.cpp of 2025 or later")
 
-    return {"decode_short": test(0, spec["new_tokens"], len(p["short"]))["avg_ts"],
-            "decode_long": test(0, spec["long_new_tokens"], len(p["long"]))["avg_ts"],
-            "prefill": test(len(p["prefill"]), 0, 0)["avg_ts"],
-            "ttft_ms": test(len(p["short"]), 0, 0)["avg_ns"] / 1e6}
+    figures = {"decode_short": test(0, spec["new_tokens"], len(p["short"]))["avg_ts"],
+               "decode_long": test(0, spec["long_new_tokens"], len(p["long"]))["avg_ts"]}
+    if any(t.get("n_gen") == 0 for t in tests):
+        figures.update(prefill=test(len(p["prefill"]), 0, 0)["avg_ts"],
+                       ttft_ms=test(len(p["short"]), 0, 0)["avg_ns"] / 1e6)
+    return figures
 
 
-def llama_bench_commands(bench: Path, gguf: Path, threads: int, spec: dict) -> list[list[str]]:
-    """The llama-bench runs of one round: the two prompts (pp), then the decodes (tg) after a cache filled to
-    the short and the long prompt's lengths (-d). One repetition each (the bench's rounds repeat), llama-bench's
-    own warm-up run before each test, its defaults otherwise."""
+def llama_bench_commands(bench: Path, gguf: Path, threads: int, spec: dict) -> tuple[list[str], list[list[str]]]:
+    """The llama-bench runs of one round: (the prompts' run: pp tests of the short prompt and the prefill,
+    the decodes' runs: tg tests after a cache filled to the short and the long prompt's lengths, -d). One
+    repetition each (the bench's rounds repeat), llama-bench's own warm-up run before each test, its defaults
+    otherwise. The decodes fill their cache one token at a time (-ub 1): the same cache, and the only way
+    there for a build whose AMX path crashes on batches (seen in VMs), whose one-token steps are llama.cpp's
+    fastest on such CPUs; the steps themselves do not depend on it (Q4_0, no AMX: 148-166 tok/s with
+    ubatches of 512, 152-163 with 1)."""
     p = spec["prompts"]
     common = [str(bench), "-m", str(gguf), "-t", str(threads), "-r", "1", "-o", "json"]
-    runs = [common + ["-p", f"{len(p['short'])},{len(p['prefill'])}", "-n", "0"]]
+    prompts_run = common + ["-p", f"{len(p['short'])},{len(p['prefill'])}", "-n", "0"]
     if spec["new_tokens"] == spec["long_new_tokens"]:
-        runs.append(common + ["-p", "0", "-n", str(spec["new_tokens"]), "-d", f"{len(p['short'])},{len(p['long'])}"])
+        depths = [(spec["new_tokens"], f"{len(p['short'])},{len(p['long'])}")]
     else:
-        runs += [common + ["-p", "0", "-n", str(new), "-d", str(len(p[prompt]))]
-                 for prompt, new in (("short", spec["new_tokens"]), ("long", spec["long_new_tokens"]))]
-    return runs
+        depths = [(spec["new_tokens"], str(len(p["short"]))), (spec["long_new_tokens"], str(len(p["long"])))]
+    return prompts_run, [common + ["-p", "0", "-n", str(new), "-d", depth, "-ub", "1"] for new, depth in depths]
+
+
+class _Crashed(GenerationError):
+    """llama-bench was killed by a signal of its own making (not by the bench's timeout)."""
 
 
 class _LlamaCppWorker:
@@ -812,6 +822,7 @@ class _LlamaCppWorker:
         self.rounds: list[dict] = []
         self.peak_rss = 0
         self.version = None  # llama-bench's build number and commit, once it has run
+        self.note = None  # why prefill and TTFT are missing, when they are
         self.loaded = {"load_s": None, "size_bytes": gguf.path.stat().st_size}
 
     def ask(self, request: dict) -> dict:
@@ -824,8 +835,15 @@ class _LlamaCppWorker:
             self.version = f"{tests[0].get('build_number')} ({tests[0].get('build_commit')})"
             return {"ok": True}
         if request["cmd"] == "round":
-            tests = [t for command in llama_bench_commands(self.bench, self.gguf.path, self.threads, request["spec"])
-                     for t in self._run(command)]
+            prompts_run, decode_runs = llama_bench_commands(self.bench, self.gguf.path, self.threads, request["spec"])
+            tests = []
+            if self.note is None:
+                try:
+                    tests += self._run(prompts_run)
+                except _Crashed as crash:  # the decodes can still be measured: said in one line, not tried again
+                    self.note = (f"{self.name} prefill and TTFT: {crash.message.splitlines()[0]} on a prompt (ggml's "
+                                 "AMX path does on batches in VMs: a build without AMX measures them)")
+            tests += [t for command in decode_runs for t in self._run(command)]
             return {**llama_bench_figures(tests, request["spec"]), "tests": tests}
         return {"peak_rss_bytes": self.peak_rss}
 
@@ -839,22 +857,24 @@ class _LlamaCppWorker:
             while process.poll() is None and time.monotonic() < deadline:
                 self.peak_rss = max(self.peak_rss, _vm_hwm(process.pid))
                 time.sleep(0.05)
-            if process.poll() is None:
+            timed_out = process.poll() is None
+            if timed_out:
                 process.kill()
             process.wait()
             out = reader.text()
             log.write(out)  # its JSON too: the log holds every figure llama-bench gave
-        if process.returncode != 0:
+        code = process.returncode
+        if code != 0:
             import signal
 
-            code = process.returncode
-            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"failed (exit code {code})"
+            how = (f"took over {self.timeout} s" if timed_out else f"was killed by {signal.Signals(-code).name}"
+                   if code < 0 else f"failed (exit code {code})")
             tail = self.log.read_text()[-1500:]
-            raise GenerationError(f"llama-bench {how} on {self.gguf.path.name}; its log ({self.log}) ends with:\n"
-                                  f"{tail}",
-                                  hint="run the command in the log by hand; in VMs whose CPU has AMX, a llama.cpp "
-                                       "built with AMX can crash on batches (build it without: -mno-amx-tile "
-                                       "-mno-amx-int8 -mno-amx-bf16), or leave llama.cpp out (--only)")
+            error = _Crashed if code < 0 and not timed_out else GenerationError
+            raise error(f"llama-bench {how} on {self.gguf.path.name}\nits log ({self.log}) ends with:\n{tail}",
+                        hint="run the command in the log by hand; in VMs whose CPU has AMX, a llama.cpp built with "
+                             "AMX can crash on batches (build it without: -mno-amx-tile -mno-amx-int8 -mno-amx-bf16), "
+                             "or leave llama.cpp out (--only)")
         return parse_llama_bench(out)
 
     def figures(self, timings: dict, options: BenchOptions) -> dict:
@@ -990,7 +1010,7 @@ def write_chart(report: dict, path: Path) -> Path | None:
               (axes[1, 0], "batch", f"{w['batch']} sampled continuations, tokens/s"),
               (axes[1, 1], "peak_rss_mb", "peak RSS, MB")]
     for ax, key, title in panels:
-        ax.barh(y, [r[key] for r in results], 0.6, color="tab:gray" if key == "peak_rss_mb" else "tab:green")
+        ax.barh(y, [r.get(key, 0) for r in results], 0.6, color="tab:gray" if key == "peak_rss_mb" else "tab:green")
         ax.set_title(title)
     for ax in axes.flat:
         ax.set_yticks(y, names)

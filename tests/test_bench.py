@@ -251,7 +251,23 @@ def test_ctranslate2_runner_callback_times_each_new_token(trained_dir, tmp_path)
 
 # `llama-bench -m gpt2-q8_0.gguf -t 2 -r 1 -o json -p 0 -n 128 -d 8,768` on the Xeon of
 # benchmarks/results/2026-12-08-llamacpp.md (the first of its two tests, cut after the fields the bench reads)
-LLAMA_BENCH_SAMPLE = "SAMPLE"
+# llama-bench -m gpt2-q8_0.gguf -t 2 -o json -p 0 -n 128 -d 8,768 -ub 1 on this project's machine (2026-12-08),
+# its first test, trimmed to the fields the bench reads and a few more
+LLAMA_BENCH_SAMPLE = '''[
+ {
+  "cpu_info": "Intel(R) Xeon(R) Processor",
+  "model_type": "gpt2 0.1B Q8_0",
+  "n_threads": 2,
+  "n_prompt": 0,
+  "n_gen": 128,
+  "n_depth": 8,
+  "test_time": "2026-12-08T02:06:44Z",
+  "avg_ns": 843846125,
+  "stddev_ns": 0,
+  "avg_ts": 151.686423,
+  "stddev_ts": 0.0
+ }
+]'''
 
 
 def write_gguf(path, *, file_type: int, kind: int, layers: int = 2, width: int = 64, vocab: int = 100,
@@ -321,7 +337,7 @@ def test_llamacpp_absent_is_one_line_and_the_rest_runs(fake_workers, tmp_path, m
     assert note.startswith("llama.cpp: llama-bench not found") and "\n" not in note
     assert "convert_hf_to_gguf.py" in note and "benchmarks/README.md" in note
     assert f"skipping {note}" in messages and f"skipped: {note}" in bench.format_table(report).splitlines()
-    # a folder without GGUF files of the asked types is the same single line
+    # a folder without GGUF files of the asked types is the same single line (by the variable, or by the flags)
     (tmp_path / "bin").mkdir()
     program = tmp_path / "bin" / "llama-bench"
     program.write_text("#!/bin/sh\n")
@@ -329,6 +345,11 @@ def test_llamacpp_absent_is_one_line_and_the_rest_runs(fake_workers, tmp_path, m
     monkeypatch.setenv(bench.LLAMACPP_ENV, str(tmp_path))
     [note] = bench.run_bench(options, progress=messages.append)["skipped"]
     assert note.startswith(f"llama.cpp: no GGUF file of type f32 in {tmp_path}") and "\n" not in note
+    monkeypatch.delenv(bench.LLAMACPP_ENV)
+    report = bench.run_bench(replace(options, llamacpp_bin=tmp_path / "bin", llamacpp_gguf=tmp_path),
+                             progress=messages.append)
+    assert report["skipped"] == [note]
+    json.dumps(report)  # the report is written as JSON, the folders in it too
 
 
 def test_ggufs_are_found_by_their_file_type_and_counted(tmp_path):
@@ -417,7 +438,7 @@ def test_bandwidth_share_is_rate_times_bytes_over_bandwidth():
     assert bench.read_bandwidth(2, size=2**22, passes=2) > 1e8  # 4 MB read faster than 0.1 GB/s, anywhere
 
 
-def test_the_table_sets_ours_beside_llama_cpp_per_precision():
+def test_the_table_sets_ours_beside_llama_cpp_per_precision(tmp_path):
     def result(framework, precision, decode, ttft, share):
         return {"name": f"{framework} {precision}", "framework": framework, "precision": precision,
                 "decode_short": decode, "decode_long": decode / 2, "prefill": 1000.0, "ttft_ms": ttft,
@@ -436,11 +457,14 @@ def test_the_table_sets_ours_beside_llama_cpp_per_precision():
                        "10.0 / 20.0 = 2.00× | 80% / 70% |")
     assert not peer[1].startswith("|")  # int4+kv32 has no Q4_0 to face
     assert any(x.startswith("read bandwidth 30.0 GB/s (numpy; rounds: 29.0, 30.0)") for x in lines)
+    bench.write_chart(report, tmp_path / "bench.png")  # llama.cpp has no batch-5 figure, and may lack prefill
 
 
 FAKE_LLAMA_BENCH = '''
-import json, sys, time
+import json, os, signal, sys, time
 args, tests = sys.argv[1:], []
+if args[args.index("-n") + 1] == "0" and os.path.exists(os.path.join(os.path.dirname(sys.argv[0]), "crash-on-batches")):
+    os.kill(os.getpid(), signal.SIGSEGV)  # what ggml's AMX path did on batches in VMs
 value = lambda flag, default: [int(x) for x in args[args.index(flag) + 1].split(",")] if flag in args else default
 for depth in value("-d", [0]):
     tests += [{"n_prompt": p, "n_gen": 0, "n_depth": depth, "avg_ns": p * 1e6, "avg_ts": 1000.0}
@@ -467,8 +491,18 @@ def test_the_llama_cpp_worker_runs_llama_bench_on_the_workload(tmp_path):
     figures = worker.figures(worker.ask({"cmd": "round", "spec": SPEC}), OPTIONS)
     assert figures == {"decode_short": 100.0, "decode_long": 40.0, "prefill": 1000.0, "ttft_ms": 4.0}
     log = worker.log.read_text()
-    assert "-t 3 -r 1 -o json -p 4,24 -n 0" in log and "-p 0 -n 12 -d 4" in log and "-p 0 -n 9 -d 40" in log
+    assert "-t 3 -r 1 -o json -p 4,24 -n 0\n" in log
+    assert "-p 0 -n 12 -d 4 -ub 1\n" in log and "-p 0 -n 9 -d 40 -ub 1\n" in log
     assert worker.ask({"cmd": "exit"})["peak_rss_bytes"] > 0
+    # a build that crashes on batches: the decodes are measured (their cache filled a token at a time), prefill
+    # and TTFT are left out with one line saying why, and not tried again
+    (tmp_path / "crash-on-batches").touch()
+    assert worker.figures(worker.ask({"cmd": "round", "spec": SPEC}), OPTIONS) == {"decode_short": 100.0,
+                                                                                  "decode_long": 40.0}
+    assert worker.note.startswith("llama.cpp q8_0 prefill and TTFT: llama-bench was killed by SIGSEGV")
+    runs = worker.log.read_text().count("$ ")
+    worker.ask({"cmd": "round", "spec": SPEC})
+    assert worker.log.read_text().count("$ ") == runs + 2  # the two decode runs only
     program.write_text("#!/bin/sh\necho crashed >&2\nexit 3\n")
     with pytest.raises(bench.GenerationError, match="exit code 3"):
         worker.ask({"cmd": "round", "spec": SPEC})
