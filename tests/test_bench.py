@@ -316,6 +316,9 @@ def test_llama_bench_json_gives_the_bench_figures():
     tg768 = {**tests[0], "n_depth": 768, "avg_ts": 50.0}
     figures = bench.llama_bench_figures(tests[:1] + [tg768] + pp, spec)
     assert figures == {"decode_short": tests[0]["avg_ts"], "decode_long": 50.0, "prefill": 1024.0, "ttft_ms": 4.0}
+    # the same test with other settings (-fa on,off): the faster one counts
+    slower = {**tg768, "flash_attn": 1 - tg768.get("flash_attn", 0), "avg_ns": 2 * tg768["avg_ns"], "avg_ts": 25.0}
+    assert bench.llama_bench_figures(tests[:1] + [slower, tg768] + pp, spec)["decode_long"] == 50.0
     with pytest.raises(bench.GenerationError, match="depth 768"):
         bench.llama_bench_figures(tests[:1] + pp, spec)
     with pytest.raises(bench.GenerationError, match="JSON list"):
@@ -491,7 +494,7 @@ def test_the_llama_cpp_worker_runs_llama_bench_on_the_workload(tmp_path):
     figures = worker.figures(worker.ask({"cmd": "round", "spec": SPEC}), OPTIONS)
     assert figures == {"decode_short": 100.0, "decode_long": 40.0, "prefill": 1000.0, "ttft_ms": 4.0}
     log = worker.log.read_text()
-    assert "-t 3 -r 1 -o json -p 4,24 -n 0\n" in log
+    assert "-t 3 -r 1 -o json -fa on,off -p 4,24 -n 0\n" in log
     assert "-p 0 -n 12 -d 4 -ub 1\n" in log and "-p 0 -n 9 -d 40 -ub 1\n" in log
     assert worker.ask({"cmd": "exit"})["peak_rss_bytes"] > 0
     # a build that crashes on batches: the decodes are measured (their cache filled a token at a time), prefill

@@ -12,8 +12,6 @@ the bearer key); a test checks that /openapi.json is that schema, and the fuzzer
 
 import collections
 import json
-import socket
-import threading
 import time
 import warnings
 
@@ -21,7 +19,6 @@ import httpx
 import hypothesis
 import pytest
 import schemathesis
-import uvicorn
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -32,6 +29,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
     unsupported_method,
 )
+from test_server import LiveServer  # uvicorn in a thread of this process
 
 from gpt2onnx.generation.engine import Engine, EngineOptions
 from gpt2onnx.serving.openai_api import Completion
@@ -46,30 +44,6 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 
 
 # --- the server -------------------------------------------------------------------------------------------------
-
-
-class LiveServer:
-    """uvicorn serving `app` on 127.0.0.1 in a thread of this process (as in test_server.py)."""
-
-    def __init__(self, app):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="module")
